@@ -1,0 +1,28 @@
+"""amapo_kernels: exact, fused preference-optimization losses as PyTorch ops (CPU and CUDA).
+
+    import amapo_kernels
+    logps = amapo_kernels.sequence_logps(logits, labels, shift=True)        # [B], length-normalized
+    loss = amapo_kernels.amapo_loss_from_logits(logits, labels, beta=2.0, shift=True)
+    loss = amapo_kernels.preference_loss(lc, lr, method="dpo", ref_chosen_logps=rc, ref_rejected_logps=rr)
+"""
+
+from amapo_kernels import reference
+from amapo_kernels._ops import has_cuda_kernels
+from amapo_kernels.amapo import ABLATIONS, VARIANTS, AMaPOLoss, amapo_loss, amapo_loss_from_logits
+from amapo_kernels.preference import METHODS, preference_loss
+from amapo_kernels.sequence_logps import sequence_logps
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ABLATIONS",
+    "AMaPOLoss",
+    "METHODS",
+    "VARIANTS",
+    "amapo_loss",
+    "amapo_loss_from_logits",
+    "has_cuda_kernels",
+    "preference_loss",
+    "reference",
+    "sequence_logps",
+]

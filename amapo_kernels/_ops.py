@@ -1,0 +1,84 @@
+"""Loads the compiled ops and gives them what torch.compile and autograd need: fake kernels and
+backward formulas. The kernels themselves (CPU and CUDA) are registered by the C++ library."""
+
+import torch
+
+try:
+    from amapo_kernels import _C  # noqa: F401  (loading it registers torch.ops.amapo_kernels.*)
+except ImportError as error:  # pragma: no cover - exercised only by a broken install
+    raise ImportError(
+        "amapo_kernels: the compiled extension amapo_kernels._C could not be loaded "
+        f"({error}). Rebuild it from the repository root with "
+        "`pip install --no-build-isolation -e .` (or run `bash scripts/test.sh`, which sets up everything)."
+    ) from error
+
+ops = torch.ops.amapo_kernels
+
+
+def has_cuda_kernels() -> bool:
+    """Whether this build compiled the CUDA kernels (False on a CPU-only install)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("amapo_kernels::sequence_logps_fwd", "CUDA")
+
+
+def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("amapo_kernels::sequence_logps_fwd")
+def _sequence_logps_fwd_fake(logits, labels, ignore_index, average, shift):
+    batch, steps = labels.shape
+    dtype = _acc_dtype(logits)
+    seq = logits.new_empty((batch,), dtype=dtype)
+    softmax_stats = logits.new_empty((batch, steps - 1 if shift else steps, 2), dtype=dtype)
+    return seq, softmax_stats
+
+
+@torch.library.register_fake("amapo_kernels::sequence_logps_bwd")
+def _sequence_logps_bwd_fake(grad, logits, labels, softmax_stats, ignore_index, average, shift):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.register_fake("amapo_kernels::amapo_loss_fwd")
+def _amapo_loss_fwd_fake(chosen_logps, rejected_logps, batch_sums, beta, label_smoothing, variant, ablation):
+    loss = chosen_logps.new_empty(())
+    margins = chosen_logps.new_empty(chosen_logps.shape)
+    return loss, margins, batch_sums.new_empty((2,))
+
+
+@torch.library.register_fake("amapo_kernels::amapo_loss_bwd")
+def _amapo_loss_bwd_fake(grad, chosen_logps, rejected_logps, margins, beta, label_smoothing):
+    return chosen_logps.new_empty(chosen_logps.shape), rejected_logps.new_empty(rejected_logps.shape)
+
+
+def _sequence_logps_setup(ctx, inputs, output):
+    logits, labels, ignore_index, average, shift = inputs
+    ctx.save_for_backward(logits, labels, output[1])
+    ctx.options = (ignore_index, average, shift)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _sequence_logps_backward(ctx, grad_seq, grad_softmax_stats):
+    logits, labels, softmax_stats = ctx.saved_tensors
+    grad_logits = ops.sequence_logps_bwd(grad_seq, logits, labels, softmax_stats, *ctx.options)
+    return grad_logits, None, None, None, None
+
+
+torch.library.register_autograd(
+    "amapo_kernels::sequence_logps_fwd", _sequence_logps_backward, setup_context=_sequence_logps_setup
+)
+
+
+def _amapo_loss_setup(ctx, inputs, output):
+    chosen, rejected, _, beta, label_smoothing, _, _ = inputs
+    ctx.save_for_backward(chosen, rejected, output[1])
+    ctx.hparams = (beta, label_smoothing)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _amapo_loss_backward(ctx, grad_loss, grad_margins, grad_stats):
+    chosen, rejected, margins = ctx.saved_tensors
+    grad_chosen, grad_rejected = ops.amapo_loss_bwd(grad_loss, chosen, rejected, margins, *ctx.hparams)
+    return grad_chosen, grad_rejected, None, None, None, None, None
+
+
+torch.library.register_autograd("amapo_kernels::amapo_loss_fwd", _amapo_loss_backward, setup_context=_amapo_loss_setup)

@@ -1,0 +1,6 @@
+"""One module per baseline loss. Each defines:
+    DEFAULTS: hyperparameters and their defaults (from the method's own paper or official code)
+    LOGPS: "sum" or "mean", the log-probs the method is defined on (sequence_logps(average=...))
+    needs_reference(hparams): whether ref_chosen_logps / ref_rejected_logps are required
+    pair_losses(chosen, rejected, ref_chosen, ref_rejected, **hparams) -> per-pair loss [B]
+amapo_kernels.reference holds the textbook form of each, which the tests compare against."""

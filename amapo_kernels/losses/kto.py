@@ -1,0 +1,28 @@
+"""KTO (Ethayarajh et al. 2024), paired form: each chosen response is a desirable example and each
+rejected one an undesirable example; the reference point z is the detached batch-mean log-ratio of the
+other half, clamped at 0 (as the paired variant of the KTO and alpha-DPO trainers)."""
+
+import torch
+import torch.nn.functional as F
+
+DEFAULTS = {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0}
+LOGPS = "sum"
+
+
+def needs_reference(hparams) -> bool:
+    return True
+
+
+def _one_minus_sigmoid(x):
+    # exp(logsigmoid(-x)): value and gradient stay accurate in both tails (sigmoid's own backward,
+    # y * (1 - y), cancels once y nears 1)
+    return torch.exp(F.logsigmoid(-x))
+
+
+def pair_losses(chosen, rejected, ref_chosen, ref_rejected, *, beta, desirable_weight, undesirable_weight):
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    z_chosen = chosen_ratio.detach().mean().clamp(min=0)
+    z_rejected = rejected_ratio.detach().mean().clamp(min=0)
+    desirable = _one_minus_sigmoid(beta * (chosen_ratio - z_rejected))
+    undesirable = _one_minus_sigmoid(beta * (z_chosen - rejected_ratio))
+    return desirable_weight * desirable + undesirable_weight * undesirable

@@ -1,0 +1,65 @@
+"""preference_loss: every method of the AMaPO paper's Table 6 behind one call."""
+
+import torch
+
+from amapo_kernels._checks import check_choice, check_pair_logps, check_tensor
+from amapo_kernels.amapo import amapo_loss
+from amapo_kernels.losses import alpha_dpo, cpo, dpo, focalpo, ipo, kto, odpo, simpo, slic
+
+BASELINES = {
+    "dpo": dpo,
+    "ipo": ipo,
+    "slic": slic,
+    "cpo": cpo,
+    "odpo": odpo,
+    "kto": kto,
+    "simpo": simpo,
+    "focalpo": focalpo,
+    "alpha_dpo": alpha_dpo,
+}
+METHODS = (*BASELINES, "amapo")
+
+
+def preference_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    *,
+    method: str,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    **hparams,
+) -> torch.Tensor:
+    """Mean loss over pairs for `method`; hyperparameters default to the method's paper (README table).
+
+    Log-probs are summed over response tokens for dpo, ipo, slic, cpo, odpo, kto, focalpo and
+    length-normalized for simpo, alpha_dpo, amapo (sequence_logps(average=False / True)).
+    method="amapo" takes amapo_loss's keywords (beta, label_smoothing, variant, ablation, group).
+    """
+    check_choice("method", method, METHODS)
+    if method == "amapo":
+        return amapo_loss(chosen_logps, rejected_logps, **hparams)
+    module = BASELINES[method]
+    unknown = sorted(set(hparams) - set(module.DEFAULTS))
+    if unknown:
+        raise TypeError(f"method={method!r} has no hyperparameter {unknown}; it takes {sorted(module.DEFAULTS)}")
+    hparams = {**module.DEFAULTS, **hparams}
+    references = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+    check_pair_logps(chosen_logps, rejected_logps, **references)
+    if module.needs_reference(hparams):
+        for name, value in references.items():
+            if value is None:
+                raise ValueError(f"method={method!r} needs {name} (reference-model log-probs)")
+    for name in getattr(module, "REQUIRED", ()):
+        if hparams[name] is None:
+            raise ValueError(f"method={method!r} needs {name}")
+        check_tensor(name, hparams[name], dims=1)
+        if hparams[name].shape != chosen_logps.shape:
+            raise ValueError(f"{name} must have the shape of chosen_logps {tuple(chosen_logps.shape)}")
+    if method == "slic":
+        check_choice("form", hparams["form"], slic.FORMS)
+    dtype = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
+    cast = {name: value.to(dtype) if value is not None else None for name, value in references.items()}
+    losses = module.pair_losses(
+        chosen_logps.to(dtype), rejected_logps.to(dtype), cast["ref_chosen_logps"], cast["ref_rejected_logps"], **hparams
+    )
+    return losses.mean()

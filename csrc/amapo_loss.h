@@ -1,0 +1,37 @@
+// AMaPO margin + loss ops: argument parsing and checks shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <string>
+
+#include "amapo_margin.h"
+
+namespace amapo {
+
+inline Variant parse_variant(const std::string& name) {
+  if (name == "code") return Variant::Code;
+  if (name == "paper") return Variant::Paper;
+  TORCH_CHECK_VALUE(false, "variant must be 'code' or 'paper', got '", name, "'");
+}
+
+inline Ablation parse_ablation(const std::string& name) {
+  if (name == "none") return Ablation::None;
+  if (name == "no_znorm") return Ablation::NoZnorm;
+  if (name == "no_exp") return Ablation::NoExp;
+  if (name == "no_adaptive") return Ablation::NoAdaptive;
+  if (name == "no_zero") return Ablation::NoZero;
+  TORCH_CHECK_VALUE(false, "ablation must be one of none, no_znorm, no_exp, no_adaptive, no_zero; got '", name, "'");
+}
+
+inline void check_pairs(const at::Tensor& chosen, const at::Tensor& rejected, const at::Tensor& batch_sums) {
+  TORCH_CHECK_VALUE(chosen.dim() == 1, "chosen_logps must be 1-D [B]");
+  TORCH_CHECK_VALUE(rejected.sizes() == chosen.sizes(), "rejected_logps must have the shape of chosen_logps");
+  TORCH_CHECK_TYPE(chosen.scalar_type() == at::kFloat || chosen.scalar_type() == at::kDouble,
+                   "chosen_logps must be float32 or float64");
+  TORCH_CHECK_TYPE(rejected.scalar_type() == chosen.scalar_type(), "rejected_logps must have chosen_logps' dtype");
+  TORCH_CHECK_VALUE(batch_sums.dim() == 1 && batch_sums.size(0) == 3 && batch_sums.scalar_type() == at::kDouble,
+                    "batch_sums must be float64 [sum, sum of squares, count]");
+  TORCH_CHECK_VALUE(rejected.device() == chosen.device() && batch_sums.device() == chosen.device(),
+                    "chosen_logps, rejected_logps and batch_sums must be on one device");
+}
+
+}  // namespace amapo

@@ -1,0 +1,77 @@
+// CPU kernels of amapo_kernels::amapo_loss_{fwd,bwd}: the batch margin and loss over B pairs.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "amapo_loss.h"
+
+namespace amapo {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> amapo_loss_fwd_cpu(const at::Tensor& chosen, const at::Tensor& rejected,
+                                                                  const at::Tensor& batch_sums, double beta,
+                                                                  double label_smoothing, c10::string_view variant,
+                                                                  c10::string_view ablation) {
+  check_pairs(chosen, rejected, batch_sums);
+  const Variant var = parse_variant(std::string(variant));
+  const Ablation abl = parse_ablation(std::string(ablation));
+  const auto sums = batch_sums.contiguous();
+  const double* s = sums.const_data_ptr<double>();
+  const BatchStats stats = batch_stats_from_sums(s[0], s[1], s[2]);
+  const int64_t n = chosen.size(0);
+  auto margins = at::empty_like(chosen, at::MemoryFormat::Contiguous);
+  auto loss = at::empty({}, chosen.options());
+  auto stats_out = at::empty({2}, sums.options());
+  stats_out[0] = stats.mean;
+  stats_out[1] = stats.std;
+  AT_DISPATCH_FLOATING_TYPES(chosen.scalar_type(), "amapo_loss_fwd_cpu", [&] {
+    const auto c = chosen.contiguous(), r = rejected.contiguous();
+    const scalar_t* cp = c.const_data_ptr<scalar_t>();
+    const scalar_t* rp = r.const_data_ptr<scalar_t>();
+    scalar_t* mp = margins.mutable_data_ptr<scalar_t>();
+    double total = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double d = double(cp[i]) - double(rp[i]);
+      const double m = adaptive_margin(d, stats, beta, var, abl);
+      mp[i] = static_cast<scalar_t>(m);
+      total += pair_loss(beta * d - m, label_smoothing);
+    }
+    loss.fill_(n > 0 ? total / double(n) : 0.0);
+  });
+  return {loss, margins, stats_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> amapo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& chosen,
+                                                      const at::Tensor& rejected, const at::Tensor& margins,
+                                                      double beta, double label_smoothing) {
+  TORCH_CHECK_VALUE(margins.sizes() == chosen.sizes() && rejected.sizes() == chosen.sizes(),
+                    "margins, chosen_logps and rejected_logps must all be [B]");
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad must be a scalar");
+  const int64_t n = chosen.size(0);
+  auto grad_chosen = at::empty_like(chosen, at::MemoryFormat::Contiguous);
+  auto grad_rejected = at::empty_like(chosen, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(chosen.scalar_type(), "amapo_loss_bwd_cpu", [&] {
+    const auto c = chosen.contiguous(), r = rejected.contiguous(), m = margins.contiguous().to(chosen.scalar_type());
+    const scalar_t* cp = c.const_data_ptr<scalar_t>();
+    const scalar_t* rp = r.const_data_ptr<scalar_t>();
+    const scalar_t* mp = m.const_data_ptr<scalar_t>();
+    const double scale = grad_loss.item<double>() * beta / double(std::max<int64_t>(n, 1));
+    scalar_t* gc = grad_chosen.mutable_data_ptr<scalar_t>();
+    scalar_t* gr = grad_rejected.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      const double x = beta * (double(cp[i]) - double(rp[i])) - double(mp[i]);
+      const double g = scale * pair_loss_grad(x, label_smoothing);
+      gc[i] = static_cast<scalar_t>(g);
+      gr[i] = static_cast<scalar_t>(-g);
+    }
+  });
+  return {grad_chosen, grad_rejected};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(amapo_kernels, CPU, m) {
+  m.impl("amapo_loss_fwd", &amapo_loss_fwd_cpu);
+  m.impl("amapo_loss_bwd", &amapo_loss_bwd_cpu);
+}
+
+}  // namespace amapo

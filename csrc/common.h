@@ -1,0 +1,63 @@
+// Helpers shared by the CPU and CUDA kernels of every op family.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#if defined(__CUDACC__)
+#define AMAPO_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define AMAPO_HOST_DEVICE inline
+#endif
+
+namespace amapo {
+
+// Accumulation type: fp32 for half/bf16/fp32, fp64 for fp64 (used by gradcheck).
+template <typename scalar_t>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename scalar_t>
+using acc_t = typename AccType<scalar_t>::type;
+
+// Logits may be [B, T, V] with any batch/time strides; the vocabulary dim must be dense.
+// These checks guard direct calls of the ops; the Python wrappers give friendlier messages first.
+inline void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels, bool shift) {
+  TORCH_CHECK_VALUE(logits.dim() == 3, "logits must be [B, T, V], got ", logits.dim(), " dims");
+  TORCH_CHECK_VALUE(labels.dim() == 2, "labels must be [B, T], got ", labels.dim(), " dims");
+  TORCH_CHECK_VALUE(logits.size(0) == labels.size(0) && logits.size(1) == labels.size(1),
+                    "logits [B, T, V] and labels [B, T] disagree on B or T");
+  TORCH_CHECK_VALUE(logits.size(2) > 0, "logits has an empty vocabulary (V = 0)");
+  TORCH_CHECK_VALUE(logits.size(2) == 1 || logits.stride(2) == 1, "logits must have a contiguous vocabulary dimension");
+  TORCH_CHECK_VALUE(!shift || logits.size(1) >= 1, "shift=True needs T >= 1");
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels must be int64");
+  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()) &&
+                       (logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble ||
+                        logits.scalar_type() == at::kHalf || logits.scalar_type() == at::kBFloat16),
+                   "logits must be float32, float64, float16 or bfloat16");
+  TORCH_CHECK_VALUE(logits.device() == labels.device(), "logits and labels must be on the same device");
+}
+
+// The labels scored by each logits row: labels[:, 1:] with shift, else labels.
+inline at::Tensor scored_labels(const at::Tensor& labels, bool shift) {
+  return (shift ? labels.slice(1, 1) : labels).contiguous();
+}
+
+// Data-dependent check, done before any kernel of ours reads memory with these labels.
+inline void check_label_range(const at::Tensor& used_labels, int64_t vocab, int64_t ignore_index) {
+  if (used_labels.numel() == 0) return;
+  auto bad = used_labels.ne(ignore_index).logical_and(used_labels.lt(0).logical_or(used_labels.ge(vocab)));
+  TORCH_CHECK_VALUE(!bad.any().item<bool>(), "labels must lie in [0, V=", vocab, ") or equal ignore_index=",
+                    ignore_index);
+}
+
+// Per-sequence count of scored labels (int64 [B]).
+inline at::Tensor label_counts(const at::Tensor& used_labels, int64_t ignore_index) {
+  return used_labels.ne(ignore_index).sum(1);
+}
+
+}  // namespace amapo

@@ -1,0 +1,24 @@
+// Op schemas of amapo_kernels. Kernels register per device in the *_cpu.cpp / *_cuda.cu files;
+// fake (meta) kernels and autograd live in amapo_kernels/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(amapo_kernels, m) {
+  // Per-sequence log-probs of labels under log_softmax(logits). softmax_stats [B, T - shift, 2] holds each
+  // row's (max, log sum exp(x - max)) for the backward; both are kept for log_softmax's precision.
+  m.def("sequence_logps_fwd(Tensor logits, Tensor labels, int ignore_index, bool average, bool shift)"
+        " -> (Tensor seq_logps, Tensor softmax_stats)");
+  m.def("sequence_logps_bwd(Tensor grad, Tensor logits, Tensor labels, Tensor softmax_stats, int ignore_index,"
+        " bool average, bool shift) -> Tensor");
+  // AMaPO loss over B pairs given the all-reduced (sum, sum of squares, count) of d = chosen - rejected.
+  m.def("amapo_loss_fwd(Tensor chosen_logps, Tensor rejected_logps, Tensor batch_sums, float beta,"
+        " float label_smoothing, str variant, str ablation) -> (Tensor loss, Tensor margins, Tensor batch_stats)");
+  m.def("amapo_loss_bwd(Tensor grad, Tensor chosen_logps, Tensor rejected_logps, Tensor margins, float beta,"
+        " float label_smoothing) -> (Tensor, Tensor)");
+}
+
+// An importable module whose import loads the library and runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

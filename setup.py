@@ -1,0 +1,122 @@
+"""Builds amapo_kernels._C through CMake (CMakeLists.txt), as vLLM and sgl-kernel do.
+
+The CPU kernels are always built. The CUDA kernels are built when a CUDA toolkit is found
+(CUDA_HOME, or nvcc on PATH), for TORCH_CUDA_ARCH_LIST or else this machine's GPU or else 9.0.
+Environment:
+  AMAPO_CUDA=0   never build the CUDA kernels
+  AMAPO_CUDA=1   require them: a missing toolkit is an error (CI sets this)
+  MAX_JOBS=N     parallel compile jobs
+Build with `pip install --no-build-isolation .` so the extension compiles against the installed torch.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CUDA_ARCH = "9.0"
+
+
+def cuda_toolkit_root() -> Path | None:
+    """The toolkit root, asked of nvcc itself: on some machines `nvcc` on PATH is a wrapper script."""
+    candidates = []
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc")
+    if shutil.which("nvcc"):
+        candidates.append(Path(shutil.which("nvcc")))
+    for nvcc in candidates:
+        if not nvcc.exists():
+            continue
+        dryrun = subprocess.run(
+            [str(nvcc), "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+        )
+        match = re.search(r"^#\$ TOP=(.+)$", dryrun.stdout + dryrun.stderr, re.MULTILINE)
+        if match:
+            return Path(match.group(1).strip()).resolve()
+    return None
+
+
+def want_cuda() -> Path | None:
+    choice = os.environ.get("AMAPO_CUDA", "auto").lower()
+    if choice in ("0", "off", "false"):
+        return None
+    root = cuda_toolkit_root()
+    if root is None and choice in ("1", "on", "true"):
+        sys.exit("AMAPO_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME or put nvcc on PATH)")
+    return root
+
+
+def cuda_architectures() -> str:
+    """TORCH_CUDA_ARCH_LIST ('9.0;8.0', '9.0a', '8.6+PTX') as CMAKE_CUDA_ARCHITECTURES ('90;80')."""
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not arch_list:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            arch_list = f"{major}.{minor}"
+        else:
+            arch_list = DEFAULT_CUDA_ARCH
+    archs = []
+    for arch in re.split(r"[;\s,]+", arch_list.strip()):
+        if not arch:
+            continue
+        number = arch.removesuffix("+PTX").replace(".", "")
+        archs.append(number if arch.endswith("+PTX") else f"{number}-real")
+    return ";".join(archs)
+
+
+def python_env_tool(module_name: str, attribute: str, program: str) -> str | None:
+    """A build tool installed as a Python package (cmake, ninja) beside this interpreter, else PATH's."""
+    try:
+        module = __import__(module_name)
+        path = Path(getattr(module, attribute)) / program
+        if path.exists():
+            return str(path)
+    except ImportError:
+        pass
+    return shutil.which(program)
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / ext.name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cuda_root = want_cuda()
+        args = [
+            f"-DPython3_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DAMAPO_WITH_CUDA={'ON' if cuda_root else 'OFF'}",
+        ]
+        if cuda_root:
+            args += [
+                f"-DCMAKE_CUDA_COMPILER={cuda_root / 'bin' / 'nvcc'}",
+                f"-DAMAPO_CUDA_ARCHITECTURES={cuda_architectures()}",
+            ]
+        ninja = python_env_tool("ninja", "BIN_DIR", "ninja")
+        if ninja:
+            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        cmake = python_env_tool("cmake", "CMAKE_BIN_DIR", "cmake")
+        if cmake is None:
+            sys.exit("amapo_kernels: cmake >= 3.26 is needed to build (pip install cmake)")
+        print(f"amapo_kernels: building the CPU kernels{' and the CUDA kernels with ' + str(cuda_root) if cuda_root else ''}")
+        subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True)
+
+
+setup(ext_modules=[CMakeExtension("amapo_kernels._C")], cmdclass={"build_ext": CMakeBuild})

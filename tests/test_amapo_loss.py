@@ -1,0 +1,172 @@
+"""amapo_loss / amapo_loss_from_logits / AMaPOLoss against the fp64 reference."""
+
+import math
+
+import pytest
+import torch
+from helpers import assert_within_rule, peaked_logits, random_labels
+from hypothesis import given
+from hypothesis import strategies as st
+
+import amapo_kernels as ak
+from amapo_kernels import reference as ref
+
+
+def pair_logps(batch, generator, *, spread=1.0, device="cpu", dtype=torch.float32):
+    """Length-normalized log-probs as a policy gives them: negative, chosen a little above rejected."""
+    chosen = -1.5 + spread * torch.randn(batch, generator=generator, dtype=torch.float64)
+    rejected = -1.7 + spread * torch.randn(batch, generator=generator, dtype=torch.float64)
+    return chosen.to(dtype).to(device), rejected.to(dtype).to(device)
+
+
+def check_loss_against_reference(chosen, rejected, **hparams):
+    """Loss and gradients of amapo_loss vs the fp64 reference and vs the reference in the inputs' dtype."""
+    results = {}
+    for name, fn, dtype in (
+        ("kernel", ak.amapo_loss, chosen.dtype),
+        ("fp64", ref.amapo_loss, torch.float64),
+        ("same", ref.amapo_loss, chosen.dtype),
+    ):
+        c = chosen.detach().to(dtype).requires_grad_()
+        r = rejected.detach().to(dtype).requires_grad_()
+        loss = fn(c, r, **hparams)
+        results[name] = (loss, *torch.autograd.grad(loss, (c, r)))
+    kernel, fp64, same = results["kernel"], results["fp64"], results["same"]
+    assert kernel[0].dtype == chosen.dtype and kernel[0].dim() == 0
+    assert_within_rule(kernel[0], fp64[0], same[0], k=2, dtype=chosen.dtype, what="loss")
+    assert_within_rule(kernel[1], fp64[1], same[1], k=3, dtype=chosen.dtype, what="grad chosen")
+    assert_within_rule(kernel[2], fp64[2], same[2], k=3, dtype=chosen.dtype, what="grad rejected")
+    return kernel
+
+
+@given(
+    batch=st.integers(1, 64),
+    beta=st.sampled_from([0.5, 2.0, 3.0]),
+    label_smoothing=st.sampled_from([0.0, 0.1]),
+    variant=st.sampled_from(ak.VARIANTS),
+    ablation=st.sampled_from(ak.ABLATIONS),
+    spread=st.sampled_from([0.05, 1.0, 5.0]),
+    seed=st.integers(0, 2**20),
+)
+def test_matches_reference(device, batch, beta, label_smoothing, variant, ablation, spread, seed):
+    generator = torch.Generator().manual_seed(seed)
+    chosen, rejected = pair_logps(batch, generator, spread=spread, device=device)
+    check_loss_against_reference(
+        chosen, rejected, beta=beta, label_smoothing=label_smoothing, variant=variant, ablation=ablation
+    )
+
+
+@pytest.mark.parametrize("variant", ak.VARIANTS)
+@pytest.mark.parametrize("ablation", ak.ABLATIONS)
+def test_float64_inputs(device, variant, ablation):
+    """fp64 in, fp64 out: nothing finer to compare with, so a tight relative tolerance instead of the rule."""
+    generator = torch.Generator().manual_seed(6)
+    chosen, rejected = pair_logps(32, generator, device=device, dtype=torch.float64)
+    c, r = chosen.clone().requires_grad_(), rejected.clone().requires_grad_()
+    c64, r64 = chosen.clone().requires_grad_(), rejected.clone().requires_grad_()
+    loss = ak.amapo_loss(c, r, variant=variant, ablation=ablation, label_smoothing=0.1)
+    expected = ref.amapo_loss(c64, r64, variant=variant, ablation=ablation, label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-14)
+    for grad, grad64 in zip(torch.autograd.grad(loss, (c, r)), torch.autograd.grad(expected, (c64, r64))):
+        torch.testing.assert_close(grad, grad64, rtol=1e-12, atol=1e-14)
+
+
+def test_margin_by_hand():
+    """Two pairs, d = (1, 3): mu = 2, sd = sqrt(2); only the first is below the mean.
+    code: m_1 = beta * exp(((2 - 1) / sqrt 2) * 2);  paper: m_1 = beta * exp(((2 - 1) / sqrt 2) * beta * 2)."""
+    chosen = torch.tensor([0.0, 0.0], dtype=torch.float64)
+    rejected = torch.tensor([-1.0, -3.0], dtype=torch.float64)
+    beta = 2.0
+    _, stats = ak.amapo_loss(chosen, rejected, beta=beta, return_stats=True)
+    expected = beta * math.exp(2 / math.sqrt(2))
+    torch.testing.assert_close(stats["adaptive_margin"], torch.tensor([expected, 0.0], dtype=torch.float64))
+    assert stats["batch_margin_mean"].item() == pytest.approx(2.0)
+    assert stats["batch_margin_std"].item() == pytest.approx(math.sqrt(2))
+    loss = ak.amapo_loss(chosen, rejected, beta=beta)
+    by_hand = (math.log1p(math.exp(-(beta * 1 - expected))) + math.log1p(math.exp(-beta * 3))) / 2
+    assert loss.item() == pytest.approx(by_hand, rel=1e-12)
+    _, paper = ak.amapo_loss(chosen, rejected, beta=beta, variant="paper", return_stats=True)
+    assert paper["adaptive_margin"][0].item() == pytest.approx(beta * math.exp(2 / math.sqrt(2) * beta))
+
+
+def test_one_pair_and_zero_spread_give_zero_margin(device):
+    for chosen, rejected in (([-1.0], [-2.0]), ([-1.0, -3.0, 0.5], [-2.0, -4.0, -0.5])):
+        c = torch.tensor(chosen, device=device, requires_grad=True)
+        r = torch.tensor(rejected, device=device)
+        for variant in ak.VARIANTS:
+            for ablation in ak.ABLATIONS:
+                loss, stats = ak.amapo_loss(c, r, variant=variant, ablation=ablation, return_stats=True)
+                assert torch.count_nonzero(stats["adaptive_margin"]) == 0
+                assert stats["batch_margin_std"].item() == 0.0
+                expected = torch.nn.functional.softplus(-2.0 * (c - r)).mean()
+                torch.testing.assert_close(loss, expected)
+                (grad,) = torch.autograd.grad(loss, c)
+                assert torch.isfinite(grad).all()
+
+
+def test_exponent_is_clamped(device):
+    """One pair far below a large mean: z * mu is in the thousands; the margin caps at beta * e^50."""
+    chosen = torch.tensor([-0.1] * 7 + [-400.0], device=device, requires_grad=True)
+    rejected = torch.tensor([-100.0] * 7 + [-0.1], device=device)
+    loss, stats = ak.amapo_loss(chosen, rejected, beta=2.0, return_stats=True)
+    assert stats["adaptive_margin"][-1].item() == pytest.approx(2.0 * math.exp(50.0), rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, chosen)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    check_loss_against_reference(chosen.detach(), rejected, beta=2.0)
+
+
+def test_return_stats_names_and_values(device):
+    generator = torch.Generator().manual_seed(4)
+    chosen, rejected = pair_logps(8, generator, device=device)
+    loss, stats = ak.amapo_loss(chosen, rejected, beta=2.5, return_stats=True)
+    assert set(stats) == {
+        "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+        "batch_margin_mean", "batch_margin_std", "adaptive_margin",
+    }
+    assert all(not value.requires_grad for value in stats.values())
+    torch.testing.assert_close(stats["rewards/chosen"], 2.5 * chosen.mean())
+    torch.testing.assert_close(stats["rewards/margins"], 2.5 * (chosen - rejected).mean())
+    torch.testing.assert_close(stats["rewards/accuracies"], (chosen > rejected).float().mean())
+    d = chosen.double() - rejected.double()
+    assert stats["batch_margin_mean"].item() == pytest.approx(d.mean().item(), rel=1e-12)
+    assert stats["batch_margin_std"].item() == pytest.approx(d.std().item(), rel=1e-9)
+    torch.testing.assert_close(stats["adaptive_margin"], ref.amapo_margin(chosen.double(), rejected.double(),
+                                                                          beta=2.5).float())
+
+
+@given(
+    pairs=st.integers(1, 3),
+    steps=st.integers(1, 7),
+    vocab=st.sampled_from([3, 50, 257]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    shift=st.booleans(),
+    variant=st.sampled_from(ak.VARIANTS),
+    ignore_prob=st.sampled_from([0.0, 0.4]),
+    seed=st.integers(0, 2**20),
+)
+def test_from_logits_matches_reference(device, pairs, steps, vocab, dtype, shift, variant, ignore_prob, seed):
+    generator = torch.Generator().manual_seed(seed)
+    logits = peaked_logits(2 * pairs, steps, vocab, dtype=dtype, generator=generator, device=device)
+    labels = random_labels(2 * pairs, steps, vocab, ignore_prob=ignore_prob, generator=generator, device=device,
+                           all_ignored_rows=[1] if pairs > 1 else ())
+    kwargs = dict(beta=2.0, shift=shift, variant=variant, label_smoothing=0.05)
+    leaves = [logits.detach().requires_grad_(), logits.detach().double().requires_grad_(),
+              logits.detach().requires_grad_()]
+    # torch in the logits' dtype for the token log-probs, then fp32 (the API's log-prob dtype) for the loss
+    same_logps = ref.sequence_logps(leaves[2], labels, shift=shift).float()
+    losses = [ak.amapo_loss_from_logits(leaves[0], labels, **kwargs),
+              ref.amapo_loss_from_logits(leaves[1], labels, **kwargs),
+              ref.amapo_loss(same_logps[:pairs], same_logps[pairs:], beta=2.0, variant=variant, label_smoothing=0.05)]
+    grads = [torch.autograd.grad(loss, leaf)[0] for loss, leaf in zip(losses, leaves)]
+    assert_within_rule(losses[0], losses[1], losses[2], k=2, dtype=torch.float32, what="loss")
+    assert_within_rule(grads[0], grads[1], grads[2], k=3, dtype=dtype, what="grad logits")
+
+
+def test_module_matches_function(device):
+    generator = torch.Generator().manual_seed(5)
+    logits = peaked_logits(4, 6, 40, dtype=torch.float32, generator=generator, device=device)
+    labels = random_labels(4, 6, 40, ignore_prob=0.2, generator=generator, device=device)
+    module = ak.AMaPOLoss(beta=3.0, shift=True, variant="paper")
+    expected = ak.amapo_loss_from_logits(logits, labels, beta=3.0, shift=True, variant="paper")
+    assert torch.equal(module(logits, labels), expected)
+    assert "beta=3.0" in repr(module)

@@ -1,0 +1,89 @@
+"""AMaPO's batch statistics over ranks: 2 CPU processes (gloo) give the loss and gradients of the same
+pairs on one process. Shards of unequal size: the global mean loss is sum_r (B_r / B) * loss_r and
+each pair's global gradient is (B_r / B) times its rank-local one."""
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import peaked_logits, random_labels
+
+import amapo_kernels as ak
+
+SHARDS = (3, 5)  # pairs per rank
+STEPS, VOCAB = 6, 29
+
+
+def global_batch():
+    generator = torch.Generator().manual_seed(21)
+    pairs = sum(SHARDS)
+    chosen = torch.randn(pairs, generator=generator, dtype=torch.float64) - 1.0
+    rejected = torch.randn(pairs, generator=generator, dtype=torch.float64) - 1.4
+    logits = peaked_logits(2 * pairs, STEPS, VOCAB, dtype=torch.float32, generator=generator)
+    labels = random_labels(2 * pairs, STEPS, VOCAB, ignore_prob=0.2, generator=generator)
+    return chosen.float(), rejected.float(), logits, labels
+
+
+def shard(rank):
+    start = sum(SHARDS[:rank])
+    return slice(start, start + SHARDS[rank])
+
+
+def concatenated(logits, labels, pairs):
+    """Rows of the chosen and rejected responses of `pairs`, chosen first (TRL's concatenated layout)."""
+    half = logits.shape[0] // 2
+    rows = torch.cat([torch.arange(half)[pairs], half + torch.arange(half)[pairs]])
+    return logits[rows], labels[rows]
+
+
+def losses_and_grads(chosen, rejected, logits, labels):
+    c, r = chosen.clone().requires_grad_(), rejected.clone().requires_grad_()
+    loss = ak.amapo_loss(c, r, beta=2.0, label_smoothing=0.1)
+    grads = torch.autograd.grad(loss, (c, r))
+    x = logits.clone().requires_grad_()
+    logits_loss = ak.amapo_loss_from_logits(x, labels, beta=2.0, shift=True, variant="paper")
+    (logits_grad,) = torch.autograd.grad(logits_loss, x)
+    return {"loss": loss, "grads": grads, "logits_loss": logits_loss, "logits_grad": logits_grad}
+
+
+def worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        chosen, rejected, logits, labels = global_batch()
+        pairs = shard(rank)
+        result = losses_and_grads(chosen[pairs], rejected[pairs], *concatenated(logits, labels, pairs))
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_match_one(tmp_path):
+    world = len(SHARDS)
+    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
+    chosen, rejected, logits, labels = global_batch()
+    single = losses_and_grads(chosen, rejected, logits, labels)
+    total = sum(SHARDS)
+    weights = [pairs / total for pairs in SHARDS]
+
+    for key in ("loss", "logits_loss"):
+        combined = sum(w * result[key] for w, result in zip(weights, ranks))
+        torch.testing.assert_close(combined, single[key], rtol=1e-6, atol=1e-7)
+    for side in (0, 1):
+        combined = torch.cat([w * result["grads"][side] for w, result in zip(weights, ranks)])
+        torch.testing.assert_close(combined, single["grads"][side], rtol=1e-6, atol=1e-9)
+    for rank, (w, result) in enumerate(zip(weights, ranks)):
+        expected, _ = concatenated(single["logits_grad"], labels, shard(rank))
+        torch.testing.assert_close(w * result["logits_grad"], expected, rtol=1e-5, atol=1e-9)
+
+
+def test_statistics_are_global_not_local():
+    """Guard against a test that cannot fail: per-rank statistics would give a different loss here."""
+    chosen, rejected, _, _ = global_batch()
+    local = [ak.amapo_loss(chosen[shard(rank)], rejected[shard(rank)], beta=2.0, label_smoothing=0.1)
+             for rank in range(len(SHARDS))]
+    weights = [pairs / sum(SHARDS) for pairs in SHARDS]
+    combined_local = sum(w * loss for w, loss in zip(weights, local))
+    single = ak.amapo_loss(chosen, rejected, beta=2.0, label_smoothing=0.1)
+    assert abs(combined_local.item() - single.item()) > 1e-4

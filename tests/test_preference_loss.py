@@ -1,0 +1,113 @@
+"""preference_loss: every method against the textbook reference, values and gradients."""
+
+import math
+
+import pytest
+import torch
+from helpers import assert_within_rule
+from hypothesis import given
+from hypothesis import strategies as st
+
+import amapo_kernels as ak
+from amapo_kernels import reference as ref
+from amapo_kernels.preference import BASELINES
+
+# A second hyperparameter setting per method, away from the defaults.
+OTHER_HPARAMS = {
+    "dpo": {"beta": 0.5, "label_smoothing": 0.1},
+    "ipo": {"tau": 0.5},
+    "slic": {"delta": 0.5, "nll_weight": 1.0},
+    "cpo": {"beta": 0.05, "nll_weight": 0.5},
+    "odpo": {"beta": 0.3, "alpha": 0.5},
+    "kto": {"beta": 0.05, "desirable_weight": 1.33, "undesirable_weight": 1.0},
+    "simpo": {"beta": 2.5, "gamma": 1.4},
+    "focalpo": {"beta": 0.2, "gamma": 0.5},
+    "alpha_dpo": {"beta": 10.0, "gamma": 4.0, "alpha": 0.05},
+    "amapo": {"beta": 3.0, "variant": "paper"},
+}
+
+
+def make_inputs(method, batch, generator, dtype):
+    mean = LOGPS_MEAN[getattr(BASELINES.get(method), "LOGPS", "mean")]
+    tensors = [mean + mean / 4 * torch.randn(batch, generator=generator, dtype=torch.float64) for _ in range(4)]
+    extra = {}
+    if method == "odpo":
+        rejected_scores = torch.rand(batch, generator=generator, dtype=torch.float64)
+        extra = {"chosen_scores": rejected_scores + 0.1 + torch.rand(batch, generator=generator, dtype=torch.float64),
+                 "rejected_scores": rejected_scores}
+    return [t.to(dtype) for t in tensors], extra
+
+
+LOGPS_MEAN = {"sum": -120.0, "mean": -1.5}
+
+
+def losses_and_grads(fn, tensors, dtype, **kwargs):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in tensors]
+    loss = fn(leaves[0], leaves[1], ref_chosen_logps=leaves[2], ref_rejected_logps=leaves[3], **kwargs)
+    return loss, torch.autograd.grad(loss, leaves[:2])
+
+
+@given(
+    method=st.sampled_from(ak.METHODS),
+    batch=st.integers(1, 32),
+    other=st.booleans(),
+    seed=st.integers(0, 2**20),
+)
+def test_matches_reference(method, batch, other, seed):
+    generator = torch.Generator().manual_seed(seed)
+    tensors, extra = make_inputs(method, batch, generator, torch.float32)
+    kwargs = {**(OTHER_HPARAMS[method] if other else {}), **extra}
+    loss, grads = losses_and_grads(ak.preference_loss, tensors, torch.float32, method=method, **kwargs)
+    loss64, grads64 = losses_and_grads(ref.preference_loss, tensors, torch.float64, method=method, **kwargs)
+    loss32, grads32 = losses_and_grads(ref.preference_loss, tensors, torch.float32, method=method, **kwargs)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert_within_rule(loss, loss64, loss32, k=2, dtype=torch.float32, what=f"{method} loss")
+    for grad, grad64, grad32 in zip(grads, grads64, grads32):
+        assert_within_rule(grad, grad64, grad32, k=3, dtype=torch.float32, what=f"{method} grad")
+
+
+@pytest.mark.parametrize("method", ak.METHODS)
+def test_float64(method):
+    generator = torch.Generator().manual_seed(7)
+    tensors, extra = make_inputs(method, 16, generator, torch.float64)
+    loss, grads = losses_and_grads(ak.preference_loss, tensors, torch.float64, method=method, **extra)
+    loss64, grads64 = losses_and_grads(ref.preference_loss, tensors, torch.float64, method=method, **extra)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, loss64, rtol=1e-12, atol=1e-14)
+    for grad, grad64 in zip(grads, grads64):
+        torch.testing.assert_close(grad, grad64, rtol=1e-10, atol=1e-14)
+
+
+def test_values_by_hand():
+    zero = torch.zeros(3, dtype=torch.float64)
+    ones = torch.ones(3, dtype=torch.float64)
+    refs = dict(ref_chosen_logps=zero, ref_rejected_logps=zero)
+    # h = 0: DPO = log 2; IPO = (1 / (2 tau))^2; FocalPO = 0.5**gamma * log 2
+    assert ak.preference_loss(zero, zero, method="dpo", **refs).item() == pytest.approx(math.log(2))
+    assert ak.preference_loss(zero, zero, method="ipo", **refs).item() == pytest.approx(25.0)
+    assert ak.preference_loss(zero, zero, method="focalpo", **refs).item() == pytest.approx(0.5**0.05 * math.log(2))
+    # SimPO with gap 1, beta 2, gamma 1: -logsigmoid(1); SLiC rank: max(0, 1 - 1) - 0.1 * lc
+    assert ak.preference_loss(ones, zero, method="simpo").item() == pytest.approx(math.log1p(math.exp(-1)))
+    assert ak.preference_loss(ones, zero, method="slic").item() == pytest.approx(-0.1)
+    assert ak.preference_loss(ones, zero, method="cpo").item() == pytest.approx(math.log1p(math.exp(-0.1)) - 1)
+    # KTO at zero log-ratios: z = 0, each term (1 - sigmoid(0)) = 0.5
+    assert ak.preference_loss(zero, zero, method="kto", **refs).item() == pytest.approx(1.0)
+    # ODPO with score gap e: offset alpha * 1
+    scores = dict(chosen_scores=torch.full((3,), math.e), rejected_scores=torch.zeros(3))
+    assert ak.preference_loss(zero, zero, method="odpo", **refs, **scores).item() == pytest.approx(math.log1p(math.e))
+
+
+def test_amapo_method_is_amapo_loss():
+    generator = torch.Generator().manual_seed(8)
+    chosen, rejected = torch.randn(10, generator=generator) - 1, torch.randn(10, generator=generator) - 1.2
+    assert torch.equal(ak.preference_loss(chosen, rejected, method="amapo", beta=3.0),
+                       ak.amapo_loss(chosen, rejected, beta=3.0))
+
+
+def test_slic_hinge_form_needs_reference():
+    chosen, rejected = torch.zeros(2), torch.zeros(2)
+    with pytest.raises(ValueError, match="ref_chosen_logps"):
+        ak.preference_loss(chosen, rejected, method="slic", form="hinge")
+    loss = ak.preference_loss(chosen, rejected, method="slic", form="hinge", tau=2.0,
+                              ref_chosen_logps=torch.full((2,), -0.25), ref_rejected_logps=torch.zeros(2))
+    assert loss.item() == pytest.approx(max(0.0, 1 - 2.0 * 0.25))

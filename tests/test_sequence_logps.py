@@ -1,0 +1,114 @@
+"""sequence_logps (CPU and CUDA op) against the fp64 reference: values and gradients."""
+
+import pytest
+import torch
+from helpers import assert_within_rule, peaked_logits, random_labels
+from hypothesis import given
+from hypothesis import strategies as st
+
+import amapo_kernels as ak
+from amapo_kernels import reference as ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_logits(batch, steps, vocab, dtype, layout, generator, device):
+    """Logits in a given memory layout; every layout keeps the vocabulary dimension dense."""
+    if layout == "padded_vocab":  # a slice of a wider buffer: time/batch strides are not V
+        wide = peaked_logits(batch, steps, vocab + 3, dtype=dtype, generator=generator, device=device)
+        return wide[..., :vocab]
+    if layout == "time_major":  # [T, B, V] transposed to [B, T, V]
+        return peaked_logits(steps, batch, vocab, dtype=dtype, generator=generator, device=device).transpose(0, 1)
+    return peaked_logits(batch, steps, vocab, dtype=dtype, generator=generator, device=device)
+
+
+def check_against_reference(logits, labels, *, average, shift, generator):
+    kwargs = dict(ignore_index=-100, average=average, shift=shift)
+    leaf = logits.detach().requires_grad_()
+    leaf64 = logits.detach().double().requires_grad_()
+    leaf_same = logits.detach().requires_grad_()
+    out = ak.sequence_logps(leaf, labels, **kwargs)
+    out64 = ref.sequence_logps(leaf64, labels, **kwargs)
+    out_same = ref.sequence_logps(leaf_same, labels, **kwargs)
+    assert out.dtype == torch.float32 and out.shape == (logits.shape[0],)
+    assert_within_rule(out, out64, out_same, k=2, dtype=torch.float32, what="sequence_logps")
+
+    upstream = torch.randn(logits.shape[0], generator=generator, dtype=torch.float64).to(logits.device)
+    (grad,) = torch.autograd.grad(out, leaf, upstream.float())
+    (grad64,) = torch.autograd.grad(out64, leaf64, upstream)
+    (grad_same,) = torch.autograd.grad(out_same, leaf_same, upstream.to(out_same.dtype))
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape
+    assert_within_rule(grad, grad64, grad_same, k=3, dtype=logits.dtype, what="grad logits")
+
+
+@given(
+    batch=st.integers(1, 4),
+    steps=st.integers(1, 9),
+    vocab=st.sampled_from([1, 2, 7, 33, 130, 1000]),
+    dtype=st.sampled_from(DTYPES),
+    ignore_prob=st.sampled_from([0.0, 0.3, 1.0]),
+    shift=st.booleans(),
+    average=st.booleans(),
+    layout=st.sampled_from(["contiguous", "padded_vocab", "time_major"]),
+    seed=st.integers(0, 2**20),
+)
+def test_matches_reference(device, batch, steps, vocab, dtype, ignore_prob, shift, average, layout, seed):
+    generator = torch.Generator().manual_seed(seed)
+    logits = make_logits(batch, steps, vocab, dtype, layout, generator, device)
+    labels = random_labels(batch, steps, vocab, ignore_prob=ignore_prob, generator=generator, device=device,
+                           all_ignored_rows=[0] if batch > 1 else ())
+    check_against_reference(logits, labels, average=average, shift=shift, generator=generator)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shift_on_noncontiguous_view(device, dtype):
+    generator = torch.Generator().manual_seed(1)
+    logits = make_logits(3, 6, 50, dtype, "time_major", generator, device)[:, 1:]  # a strided view of a view
+    assert not logits.is_contiguous()
+    labels = random_labels(3, 5, 50, ignore_prob=0.2, generator=generator, device=device)
+    check_against_reference(logits, labels, average=True, shift=True, generator=generator)
+
+
+def test_one_pair_one_step(device):
+    generator = torch.Generator().manual_seed(2)
+    logits = peaked_logits(2, 1, 11, dtype=torch.float32, generator=generator, device=device)
+    labels = random_labels(2, 1, 11, ignore_prob=0.0, generator=generator, device=device)
+    check_against_reference(logits, labels, average=True, shift=False, generator=generator)
+
+
+def test_all_ignored_row_is_zero_with_zero_gradient(device):
+    logits = torch.randn(2, 4, 9, device=device, requires_grad=True)
+    labels = torch.tensor([[-100] * 4, [1, 2, -100, 3]], device=device)
+    out = ak.sequence_logps(logits, labels, average=True)
+    assert out[0].item() == 0.0 and torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.count_nonzero(logits.grad[0]) == 0
+    assert torch.count_nonzero(logits.grad[1, 2]) == 0
+
+
+def test_shift_leaves_last_step_without_gradient(device):
+    logits = torch.randn(2, 5, 9, device=device, requires_grad=True)
+    labels = torch.randint(0, 9, (2, 5), device=device)
+    ak.sequence_logps(logits, labels, shift=True).sum().backward()
+    assert torch.count_nonzero(logits.grad[:, -1]) == 0
+    assert torch.count_nonzero(logits.grad[:, :-1]) > 0
+
+
+def test_deterministic(device):
+    generator = torch.Generator().manual_seed(3)
+    logits = peaked_logits(4, 16, 3000, dtype=torch.bfloat16, generator=generator, device=device).requires_grad_()
+    labels = random_labels(4, 16, 3000, ignore_prob=0.1, generator=generator, device=device)
+    runs = []
+    for _ in range(2):
+        out = ak.sequence_logps(logits, labels, shift=True)
+        (grad,) = torch.autograd.grad(out.sum(), logits)
+        runs.append((out, grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_float64_logits_give_float64(device):
+    logits = torch.randn(2, 3, 5, dtype=torch.float64, device=device)
+    labels = torch.randint(0, 5, (2, 3), device=device)
+    out = ak.sequence_logps(logits, labels)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref.sequence_logps(logits, labels), rtol=1e-13, atol=1e-13)
