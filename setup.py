@@ -94,9 +94,11 @@ class CMakeExtension(Extension):
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / ext.name
-        build_dir.mkdir(parents=True, exist_ok=True)
         cuda_root = want_cuda()
+        # A persistent build tree, so that rebuilds (pip install -e . again) are incremental.
+        flavour = "cuda" if cuda_root else "cpu"
+        build_dir = ROOT / "build" / f"{ext.name}-{sys.implementation.cache_tag}-{flavour}"
+        build_dir.mkdir(parents=True, exist_ok=True)
         args = [
             f"-DPython3_EXECUTABLE={sys.executable}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
