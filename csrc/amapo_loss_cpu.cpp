@@ -20,9 +20,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> amapo_loss_fwd_cpu(const at::Tens
   const int64_t n = chosen.size(0);
   auto margins = at::empty_like(chosen, at::MemoryFormat::Contiguous);
   auto loss = at::empty({}, chosen.options());
-  auto stats_out = at::empty({2}, sums.options());
-  stats_out[0] = stats.mean;
-  stats_out[1] = stats.std;
+  auto stats_out = at::tensor({stats.mean, stats.std}, sums.options());
   AT_DISPATCH_FLOATING_TYPES(chosen.scalar_type(), "amapo_loss_fwd_cpu", [&] {
     const auto c = chosen.contiguous(), r = rejected.contiguous();
     const scalar_t* cp = c.const_data_ptr<scalar_t>();
