@@ -1,0 +1,51 @@
+"""Models and tokenizers: any AutoModelForCausalLM by name or path, or the built-in tiny default
+(a random Llama with a byte-level BPE tokenizer trained on the bundled data, no download)."""
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from amapo_train.data import load_records
+
+TINY = "tiny"
+SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
+
+
+def train_tiny_tokenizer(texts, vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `texts`; every prompt starts with <|bos|>."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    bos = SPECIAL_TOKENS["bos_token"]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    """A ~0.4M-parameter Llama: 2 layers, hidden 64, 4 heads (no dropout, so reruns are exact)."""
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def load_model_and_tokenizer(config):
+    """(model, tokenizer) for a TrainConfig: the tiny default, or from_pretrained(config.model)."""
+    if config.model == TINY:
+        records = load_records(config.dataset, config.train_split) if config.dataset.startswith("bundled:") else \
+            load_records("bundled:hh-rlhf", "train")
+        texts = [record[side] for record in records for side in ("chosen", "rejected")]
+        tokenizer = train_tiny_tokenizer(texts)
+        return tiny_llama(len(tokenizer), seed=config.seed), tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
+    return model, tokenizer

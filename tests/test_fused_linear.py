@@ -1,0 +1,412 @@
+"""Losses from hidden states (amapo_kernels.fused_linear) against the fp64 reference on materialized logits.
+
+The rule of the project: max|fused - fp64| <= k * max|torch - fp64| + floor, where torch materializes
+logits = hidden @ W^T + b in the tested dtype and runs amapo_kernels.reference on them (k = 2 values,
+3 gradients of hidden, weight and bias)."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_within_rule
+from hypothesis import given
+from hypothesis import strategies as st
+
+import amapo_kernels as ak
+from amapo_kernels.profiling import LargestTensor
+from amapo_kernels import reference as ref
+from amapo_kernels.fused_linear import (
+    amapo_loss_from_hidden,
+    preference_loss_from_hidden,
+    sequence_logps_from_hidden,
+)
+from amapo_kernels.preference import BASELINES
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and the two references
+# ---------------------------------------------------------------------------------------------
+
+
+def make_batch(batch, steps, width, vocab, *, generator, with_bias=True, ignore_prob=0.25, all_ignored_rows=()):
+    """fp64 hidden [B, T, H], head [V, H], bias [V] with logits of a few nats' spread, and labels."""
+    hidden = torch.randn(batch, steps, width, generator=generator, dtype=torch.float64)
+    weight = 2.5 * torch.randn(vocab, width, generator=generator, dtype=torch.float64) / width**0.5
+    bias = 0.5 * torch.randn(vocab, generator=generator, dtype=torch.float64) if with_bias else None
+    labels = torch.randint(0, vocab, (batch, steps), generator=generator)
+    labels[torch.rand(batch, steps, generator=generator) < ignore_prob] = -100
+    for row in all_ignored_rows:
+        labels[row] = -100
+    return hidden, weight, bias, labels
+
+
+def materialized_logits(hidden, weight, bias, softcap):
+    """What the eager reference does: all [B, T, V] logits in the inputs' dtype."""
+    logits = F.linear(hidden, weight, bias)
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def quantized(tensors, dtype):
+    """The inputs rounded to the tested dtype, kept in fp64: all three computations start from these values."""
+    return tuple(None if t is None else t.to(dtype).double() for t in tensors)
+
+
+def leaves(tensors, dtype):
+    return [None if t is None else t.detach().to(dtype).requires_grad_() for t in tensors]
+
+
+def fused_run(loss_fn, tensors, dtype, labels, **kwargs):
+    """Loss and gradients (hidden, weight[, bias]) of the fused path with inputs in `dtype`."""
+    hidden, weight, bias = leaves(tensors, dtype)
+    loss = loss_fn(hidden, weight, labels, bias=bias, **kwargs)
+    return loss, torch.autograd.grad(loss, [t for t in (hidden, weight, bias) if t is not None])
+
+
+def reference_run(loss_of_logps, tensors, dtype, labels, *, average, shift=False, softcap=None):
+    """The reference chain in `dtype` for logits and token log-probs, then the loss in fp32 (the API's
+    log-prob dtype; fp64 for the fp64 reference)."""
+    hidden, weight, bias = leaves(tensors, dtype)
+    logits = materialized_logits(hidden, weight, bias, softcap)
+    logps = ref.sequence_logps(logits, labels, average=average, shift=shift)
+    logps = logps.double() if dtype == torch.float64 else logps.float()
+    half = logps.shape[0] // 2
+    loss = loss_of_logps(logps[:half], logps[half:])
+    return loss, torch.autograd.grad(loss, [t for t in (hidden, weight, bias) if t is not None])
+
+
+def assert_rule(fused, fp64, same, dtype, what):
+    assert_within_rule(fused[0], fp64[0], same[0], k=2, dtype=torch.float32, what=f"{what} loss")
+    names = ("hidden", "weight", "bias")
+    for name, grad, grad64, grad_same in zip(names, fused[1], fp64[1], same[1]):
+        assert grad.dtype == dtype, (name, grad.dtype)
+        assert_within_rule(grad, grad64, grad_same, k=3, dtype=dtype, what=f"{what} grad {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel: per-sequence log-probs over shapes, tilings, dtypes, shift, bias, softcap, ignored rows
+# ---------------------------------------------------------------------------------------------
+
+
+@given(
+    batch=st.integers(1, 5),
+    steps=st.integers(1, 6),
+    width=st.sampled_from([3, 8]),
+    vocab=st.sampled_from([5, 37, 67]),
+    token_chunk=st.integers(1, 5),
+    vocab_chunk=st.sampled_from([4, 16, 64]),
+    dtype=st.sampled_from(DTYPES),
+    shift=st.booleans(),
+    average=st.booleans(),
+    with_bias=st.booleans(),
+    softcap=st.sampled_from([None, 4.0]),
+    seed=st.integers(0, 2**20),
+)
+def test_logps_match_reference(batch, steps, width, vocab, token_chunk, vocab_chunk, dtype, shift, average,
+                               with_bias, softcap, seed):
+    """Values of the [B] log-probs and gradients of sum_b u_b * logps_b for a fixed random u (a loss's
+    upstream gradient) in hidden, weight and bias."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden, weight, bias, labels = make_batch(batch, steps, width, vocab, generator=generator, with_bias=with_bias,
+                                              all_ignored_rows=[1] if batch > 2 else ())
+    hidden, weight, bias = quantized((hidden, weight, bias), dtype)
+    upstream = torch.randn(batch, generator=generator, dtype=torch.float64)
+    options = dict(average=average, shift=shift)
+
+    def fused(h, w, labels, bias):
+        logps = sequence_logps_from_hidden(h, w, labels, bias=bias, logit_softcap=softcap, token_chunk=token_chunk,
+                                           vocab_chunk=vocab_chunk, **options)
+        return logps, (logps * upstream.to(logps.dtype)).sum()
+
+    def reference(dtype_):
+        h, w, b = leaves((hidden, weight, bias), dtype_)
+        logps = ref.sequence_logps(materialized_logits(h, w, b, softcap), labels, **options)
+        logps = logps.double() if dtype_ == torch.float64 else logps.float()
+        return logps, torch.autograd.grad((logps * upstream.to(logps.dtype)).sum(), [t for t in (h, w, b) if t is not None])
+
+    h, w, b = leaves((hidden, weight, bias), dtype)
+    logps, total = fused(h, w, labels, b)
+    grads = torch.autograd.grad(total, [t for t in (h, w, b) if t is not None])
+    assert logps.dtype == torch.float32
+    assert_rule((logps, grads), reference(torch.float64), reference(dtype), dtype, "logps")
+
+
+# ---------------------------------------------------------------------------------------------
+# AMaPO end to end
+# ---------------------------------------------------------------------------------------------
+
+
+@given(
+    pairs=st.integers(2, 4),
+    steps=st.integers(3, 6),
+    vocab=st.sampled_from([37, 67]),
+    token_chunk=st.integers(1, 7),
+    vocab_chunk=st.sampled_from([4, 16, 64]),
+    dtype=st.sampled_from(DTYPES),
+    shift=st.booleans(),
+    softcap=st.sampled_from([None, 4.0]),
+    variant=st.sampled_from(ak.VARIANTS),
+    label_smoothing=st.sampled_from([0.0, 0.05]),
+    seed=st.integers(0, 2**20),
+)
+def test_amapo_matches_reference(pairs, steps, vocab, token_chunk, vocab_chunk, dtype, shift, softcap, variant,
+                                 label_smoothing, seed):
+    generator = torch.Generator().manual_seed(seed)
+    hidden, weight, bias, labels = make_batch(2 * pairs, steps, 8, vocab, generator=generator, ignore_prob=0.1)
+    hidden, weight, bias = quantized((hidden, weight, bias), dtype)
+    hp = dict(beta=2.0, variant=variant, label_smoothing=label_smoothing)
+    fused = fused_run(amapo_loss_from_hidden, (hidden, weight, bias), dtype, labels, shift=shift,
+                      logit_softcap=softcap, token_chunk=token_chunk, vocab_chunk=vocab_chunk, **hp)
+    runs = [reference_run(lambda c, r: ref.amapo_loss(c, r, **hp), (hidden, weight, bias), d, labels,
+                          average=True, shift=shift, softcap=softcap) for d in (torch.float64, dtype)]
+    assert_rule(fused, *runs, dtype, "amapo")
+
+
+# ---------------------------------------------------------------------------------------------
+# Every method of METHODS through preference_loss_from_hidden
+# ---------------------------------------------------------------------------------------------
+
+
+def method_extras(method, pairs, generator):
+    """Reference-model log-probs (all methods accept them) and ODPO's scores."""
+    average = method == "amapo" or BASELINES[method].LOGPS == "mean"
+    scale = 1.5 if average else 12.0
+    extras = {"ref_chosen_logps": -scale + 0.3 * torch.randn(pairs, generator=generator),
+              "ref_rejected_logps": -scale - 0.2 + 0.3 * torch.randn(pairs, generator=generator)}
+    if method == "amapo":
+        extras = {}
+    if method == "odpo":
+        rejected_scores = torch.rand(pairs, generator=generator)
+        extras.update(chosen_scores=rejected_scores + 0.5, rejected_scores=rejected_scores)
+    return extras, average
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ak.METHODS)
+def test_every_method_matches_reference(method, dtype):
+    generator = torch.Generator().manual_seed(11)
+    pairs = 3
+    hidden, weight, bias, labels = make_batch(2 * pairs, 6, 8, 41, generator=generator, all_ignored_rows=[4])
+    extras, average = method_extras(method, pairs, generator)
+    hidden, weight, bias = quantized((hidden, weight, bias), dtype)
+    fused = fused_run(preference_loss_from_hidden, (hidden, weight, bias), dtype, labels, method=method,
+                      shift=True, token_chunk=4, vocab_chunk=16, **extras)
+
+    def loss_of_logps(chosen, rejected):
+        cast = {k: v.to(chosen.dtype) if isinstance(v, torch.Tensor) else v for k, v in extras.items()}
+        return ref.preference_loss(chosen, rejected, method=method, **cast)
+
+    runs = [reference_run(loss_of_logps, (hidden, weight, bias), d, labels, average=average, shift=True)
+            for d in (torch.float64, dtype)]
+    assert_rule(fused, *runs, dtype, method)
+
+
+@pytest.mark.parametrize("method", ["dpo", "simpo", "amapo"])
+def test_method_equals_logps_then_preference_loss(method):
+    """The fused call is exactly sequence_logps_from_hidden followed by the existing preference_loss."""
+    generator = torch.Generator().manual_seed(12)
+    hidden, weight, bias, labels = make_batch(4, 5, 6, 23, generator=generator)
+    extras, average = method_extras(method, 2, generator)
+    fused = preference_loss_from_hidden(hidden.float(), weight.float(), labels, method=method, bias=bias.float(),
+                                        **extras)
+    logps = sequence_logps_from_hidden(hidden.float(), weight.float(), labels, bias=bias.float(), average=average)
+    assert torch.equal(fused, ak.preference_loss(logps[:2], logps[2:], method=method, **extras))
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge cases
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fp64_is_the_reference():
+    generator = torch.Generator().manual_seed(13)
+    hidden, weight, bias, labels = make_batch(4, 5, 6, 29, generator=generator, all_ignored_rows=[2])
+    for shift in (False, True):
+        for softcap in (None, 3.0):
+            for average in (False, True):
+                fused = sequence_logps_from_hidden(hidden, weight, labels, bias=bias, shift=shift, average=average,
+                                                   logit_softcap=softcap, token_chunk=3, vocab_chunk=7)
+                expected = ref.sequence_logps(materialized_logits(hidden, weight, bias, softcap), labels,
+                                              shift=shift, average=average)
+                assert fused.dtype == torch.float64
+                torch.testing.assert_close(fused, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_chunking_does_not_change_the_result():
+    """Any tiling, including tiles larger than the batch or the vocabulary, gives the same log-probs."""
+    generator = torch.Generator().manual_seed(14)
+    hidden, weight, bias, labels = make_batch(4, 7, 8, 50, generator=generator)
+    args = (hidden.float(), weight.float(), labels)
+    results = [sequence_logps_from_hidden(*args, bias=bias.float(), token_chunk=tc, vocab_chunk=vc)
+               for tc, vc in ((1, 1), (3, 7), (5, 49), (28, 50), (1000, 4096))]
+    for result in results[1:]:
+        torch.testing.assert_close(result, results[0], rtol=1e-6, atol=1e-6)
+
+
+def test_all_ignored_rows_give_zero_and_no_gradient():
+    generator = torch.Generator().manual_seed(15)
+    hidden, weight, bias, labels = make_batch(4, 5, 6, 19, generator=generator, all_ignored_rows=[0, 3])
+    labels[1, 1:] = -100  # with shift, row 1 scores nothing either
+    h = hidden.float().requires_grad_()
+    for average in (True, False):
+        logps = sequence_logps_from_hidden(h, weight.float(), labels, average=average, shift=True)
+        assert torch.isfinite(logps).all()
+        assert logps[0].item() == 0.0 and logps[1].item() == 0.0 and logps[3].item() == 0.0
+        (grad,) = torch.autograd.grad(logps.sum(), h)
+        assert torch.count_nonzero(grad[[0, 1, 3]]) == 0
+        assert torch.count_nonzero(grad[2, :-1]) > 0 and torch.count_nonzero(grad[:, -1]) == 0  # shift: last unused
+
+
+def test_no_scored_position_at_all():
+    """T = 1 with shift: nothing is scored; log-probs 0, loss finite, gradients zero."""
+    hidden = torch.randn(2, 1, 4, requires_grad=True)
+    weight = torch.randn(9, 4, requires_grad=True)
+    loss = amapo_loss_from_hidden(hidden, weight, torch.zeros(2, 1, dtype=torch.long), shift=True)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    assert torch.isfinite(loss) and all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_strided_hidden_and_mixed_dtypes():
+    """A non-contiguous hidden view, bf16 activations with an fp32 head (autocast's layout): gradients come
+    back in each input's dtype and match the fp32 computation on the same values."""
+    generator = torch.Generator().manual_seed(16)
+    hidden, weight, bias, labels = make_batch(4, 6, 8, 33, generator=generator)
+    strided = hidden.float().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    assert not strided.is_contiguous()
+    dense = hidden.float().requires_grad_()
+    a = sequence_logps_from_hidden(strided, weight.float(), labels, shift=True, token_chunk=5)
+    b = sequence_logps_from_hidden(dense, weight.float(), labels, shift=True, token_chunk=5)
+    assert torch.equal(a, b)
+    assert torch.equal(torch.autograd.grad(a.sum(), strided)[0], torch.autograd.grad(b.sum(), dense)[0])
+
+    h16, w32 = hidden.bfloat16().requires_grad_(), weight.float().requires_grad_()
+    mixed = sequence_logps_from_hidden(h16, w32, labels)
+    upcast = sequence_logps_from_hidden(h16.float(), w32, labels)
+    torch.testing.assert_close(mixed, upcast, rtol=0, atol=0)
+    grad_h, grad_w = torch.autograd.grad(mixed.sum(), (h16, w32))
+    assert grad_h.dtype == torch.bfloat16 and grad_w.dtype == torch.float32
+
+
+def test_frozen_head_and_return_stats():
+    generator = torch.Generator().manual_seed(17)
+    hidden, weight, bias, labels = make_batch(4, 5, 6, 21, generator=generator)
+    h = hidden.float().requires_grad_()
+    loss, stats = amapo_loss_from_hidden(h, weight.float(), labels, bias=bias.float(), return_stats=True)
+    expected, expected_stats = ak.amapo_loss_from_logits(
+        materialized_logits(hidden.float(), weight.float(), bias.float(), None), labels, return_stats=True)
+    torch.testing.assert_close(loss, expected)
+    assert set(stats) == set(expected_stats)
+    loss.backward()
+    assert h.grad is not None and h.grad.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# gradcheck in fp64 (AMaPO's margin is a stop-gradient: one pair makes it 0, so the loss is smooth)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["logps", "simpo", "dpo", "amapo_one_pair"])
+def test_gradcheck(case):
+    generator = torch.Generator().manual_seed(18)
+    hidden, weight, bias, labels = make_batch(2, 4, 3, 7, generator=generator)
+    labels[0, 2] = -100
+    inputs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    chunks = dict(token_chunk=2, vocab_chunk=3)
+    refs = dict(ref_chosen_logps=torch.tensor([-4.0], dtype=torch.float64),
+                ref_rejected_logps=torch.tensor([-5.0], dtype=torch.float64))
+
+    def fn(h, w, b):
+        if case == "logps":
+            return sequence_logps_from_hidden(h, w, labels, bias=b, shift=True, logit_softcap=2.0, **chunks)
+        if case == "amapo_one_pair":
+            return amapo_loss_from_hidden(h, w, labels, bias=b, logit_softcap=2.0, **chunks)
+        return preference_loss_from_hidden(h, w, labels, method=case, bias=b, shift=True, **chunks, **refs)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: no [B*T, V] tensor, ever
+# ---------------------------------------------------------------------------------------------
+
+
+def test_never_materializes_logits():
+    batch, steps, width, vocab, token_chunk, vocab_chunk = 4, 32, 8, 1000, 16, 64
+    generator = torch.Generator().manual_seed(19)
+    hidden, weight, bias, labels = make_batch(batch, steps, width, vocab, generator=generator)
+    h, w, b = (t.float().requires_grad_() for t in (hidden, weight, bias))
+    with LargestTensor() as fused:
+        amapo_loss_from_hidden(h, w, labels, bias=b, shift=True, token_chunk=token_chunk,
+                               vocab_chunk=vocab_chunk).backward()
+    with LargestTensor() as eager:
+        ak.amapo_loss_from_logits(F.linear(h, w, b), labels, shift=True).backward()
+    # the bound: one logits tile, or the size of an input / its gradient (weight [V, H], hidden [B, T, H])
+    bound = max(token_chunk * vocab_chunk, vocab * width, batch * steps * width)
+    assert fused.largest_numel <= bound < batch * steps * vocab
+    assert eager.largest_numel >= batch * steps * vocab  # the tracker does see the materialized logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+# ---------------------------------------------------------------------------------------------
+
+H, V = 4, 7
+
+
+def good():
+    return dict(hidden=torch.randn(2, 3, H), lm_head_weight=torch.randn(V, H), labels=torch.randint(0, V, (2, 3)))
+
+
+BAD = [
+    ("hidden 2-D", dict(hidden=torch.randn(2, H)), ValueError, "hidden must have 3 dims"),
+    ("hidden int", dict(hidden=torch.zeros(2, 3, H, dtype=torch.long)), TypeError, "hidden must have dtype"),
+    ("hidden list", dict(hidden=[[0.0]]), TypeError, "hidden must be a torch.Tensor"),
+    ("odd batch", dict(hidden=torch.randn(3, 3, H), labels=torch.zeros(3, 3, dtype=torch.long)), ValueError,
+     "hidden must hold an even batch"),
+    ("weight 1-D", dict(lm_head_weight=torch.randn(V)), ValueError, "lm_head_weight must have 2 dims"),
+    ("H mismatch", dict(lm_head_weight=torch.randn(V, H + 1)), ValueError, "lm_head_weight must be [V, H] with H = "),
+    ("empty vocabulary", dict(lm_head_weight=torch.randn(0, H)), ValueError, "empty vocabulary"),
+    ("bias shape", dict(bias=torch.randn(V + 1)), ValueError, "bias must be [V] = [7]"),
+    ("bias 2-D", dict(bias=torch.randn(1, V)), ValueError, "bias must have 1 dims"),
+    ("labels int32", dict(labels=torch.zeros(2, 3, dtype=torch.int32)), TypeError, "labels must have dtype"),
+    ("labels T mismatch", dict(labels=torch.zeros(2, 4, dtype=torch.long)), ValueError, "labels must be [B, T]"),
+    ("label >= V", dict(labels=torch.full((2, 3), V)), ValueError, "labels must lie in [0, V=7)"),
+    ("negative label", dict(labels=torch.full((2, 3), -1)), ValueError, "labels must lie in [0, V=7)"),
+    ("weight on meta", dict(lm_head_weight=torch.randn(V, H, device="meta")), ValueError, "one device"),
+    ("softcap 0", dict(logit_softcap=0.0), ValueError, "logit_softcap must be None or a positive number"),
+    ("token_chunk 0", dict(token_chunk=0), ValueError, "token_chunk must be a positive int"),
+    ("vocab_chunk float", dict(vocab_chunk=2.5), ValueError, "vocab_chunk must be a positive int"),
+    ("ignore_index float", dict(ignore_index=-100.0), TypeError, "ignore_index must be an int"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[case[0] for case in BAD])
+@pytest.mark.parametrize("api", ["amapo", "preference"])
+def test_bad_inputs(case, api):
+    _, override, error, fragment = case
+    kwargs = {**good(), **override}
+    args = (kwargs.pop("hidden"), kwargs.pop("lm_head_weight"), kwargs.pop("labels"))
+    fn = amapo_loss_from_hidden if api == "amapo" else preference_loss_from_hidden
+    if api == "preference":
+        kwargs["method"] = "simpo"
+    with pytest.raises(error, match=re.escape(fragment)):
+        fn(*args, **kwargs)
+
+
+def test_bad_method_and_hparams():
+    kwargs = good()
+    args = (kwargs.pop("hidden"), kwargs.pop("lm_head_weight"), kwargs.pop("labels"))
+    with pytest.raises(ValueError, match="method must be one of"):
+        preference_loss_from_hidden(*args, method="nope")
+    with pytest.raises(ValueError, match="ref_chosen_logps"):
+        preference_loss_from_hidden(*args, method="dpo")
+    with pytest.raises(TypeError, match="has no hyperparameter"):
+        preference_loss_from_hidden(*args, method="simpo", tau=1.0)
+
+
+def test_shift_checks_only_scored_labels():
+    kwargs = good()
+    kwargs["labels"][:, 0] = 999  # never scored with shift=True
+    amapo_loss_from_hidden(kwargs["hidden"], kwargs["lm_head_weight"], kwargs["labels"], shift=True)

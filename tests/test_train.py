@@ -1,0 +1,162 @@
+"""The training driver: a short run of the tiny default, exact resume, recipes, data formats."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from amapo_train import data
+from amapo_train.config import RECIPES, TrainConfig
+from amapo_train.train import dry_run, main
+
+SHORT = ["--max-train-pairs", "96", "--max-test-pairs", "32", "--log-with", "none", "--device", "cpu",
+         "--total-batch-size", "16", "--per-device-batch-size", "8"]
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_default_runs_end_to_end(tmp_path):
+    """A shorter version of README command 1: metrics, a loadable checkpoint, held-out accuracy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    result = main([*SHORT, "--max-steps", "3", "--save-steps", "2", "--output-dir", str(out)])
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "batch_margin_mean", "tokens_per_s", "learning_rate"):
+        assert all(key in r and r[key] == r[key] for r in records), key
+    assert (out / "checkpoint-2" / "trainer_state.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert model.config.vocab_size == len(tokenizer)
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert evaluation == result["eval"]
+    assert evaluation["n_pairs"] == 32
+    assert 0.0 <= evaluation["normalized"]["ci_low"] <= evaluation["normalized"]["accuracy"] <= 1.0
+
+
+def test_resume_gives_the_same_losses(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = [*SHORT, "--max-steps", "6", "--loss", "dpo"]  # dpo: reference log-probs are precomputed too
+    main([*common, "--output-dir", str(straight)])
+    first = main([*common, "--output-dir", str(split), "--stop-after-steps", "3"])
+    assert first["steps"] == 3
+    main([*common, "--output-dir", str(split), "--resume", first["checkpoint"]])
+    expected, resumed = read_metrics(straight), read_metrics(split)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(expected, resumed):
+        for key in ("loss", "rewards/margins", "learning_rate"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+
+
+PAPER = {  # AMaPO paper, Table 9: beta and learning rate per setting
+    "llama3-8b-base": (3.0, 6e-7),
+    "llama3-8b-instruct": (3.0, 1e-6),
+    "mistral-7b-base": (2.0, 4e-7),
+    "mistral-7b-instruct": (2.0, 6e-7),
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@pytest.mark.parametrize("recipe", sorted(PAPER))
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+def test_paper_recipes_dry_run(recipe, world_size):
+    config = TrainConfig.from_recipe(recipe)
+    plan = dry_run(config, world_size)
+    assert plan["effective_batch_size"] == 128
+    assert plan["gradient_accumulation_steps"] * world_size * config.per_device_batch_size == 128
+    assert (plan["hparams"].get("beta"), config.learning_rate) == PAPER[recipe]
+    assert config.loss == "amapo" and config.epochs == 1 and config.warmup_ratio == 0.1
+    assert HUB_ID.match(config.model) and HUB_ID.match(config.dataset)
+    assert plan["deepspeed_config"].endswith("ds_zero3.json")
+    assert json.loads(open(plan["deepspeed_config"]).read())["zero_optimization"]["stage"] == 3
+
+
+def test_every_recipe_file_parses():
+    for path in RECIPES.glob("*.yaml"):
+        TrainConfig.from_recipe(path).validate(world_size=1)
+
+
+def test_bad_batch_arithmetic():
+    config = TrainConfig(total_batch_size=128, per_device_batch_size=3)
+    with pytest.raises(ValueError, match="not a multiple"):
+        config.validate(world_size=1)
+
+
+class CharTokenizer:
+    """Just enough of a tokenizer for the data functions: one id per character, bos "<s>" 1, eos 2."""
+
+    bos_token, bos_token_id, eos_token_id, chat_template = "<s>", 1, 2, None
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [1] if add_special_tokens else []
+        if text.startswith(self.bos_token):
+            ids, text = ids + [1], text[len(self.bos_token):]
+        return {"input_ids": ids + [3 + (ord(c) % 50) for c in text]}
+
+
+def test_formats_and_truncation():
+    tokenizer = CharTokenizer()
+    hh = {"chosen": "\n\nHuman: hi\n\nAssistant: yes", "rejected": "\n\nHuman: hi\n\nAssistant: no"}
+    assert data.detect_format(hh) == "hh-rlhf"
+    assert data.record_texts(hh, tokenizer) == ("\n\nHuman: hi\n\nAssistant:", " yes", " no")
+    uf = {"prompt": "hi", "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}],
+          "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "no"}]}
+    assert data.detect_format(uf) == "ultrafeedback"
+    assert data.record_texts(uf, tokenizer) == ("\n\nUser: hi\n\nAssistant:", " yes", " no")
+    pairs = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    assert data.detect_format(pairs) == "pairs"
+    with pytest.raises(ValueError, match="no column 'rejected'"):
+        data.detect_format({"chosen": "x", "prompt": "p"})
+
+    pair = data.tokenize_pair(tokenizer, "abcdef", "xyz", "uv", max_length=6, max_prompt_length=3)
+    prompt_ids = [1] + tokenizer("abcdef")["input_ids"][-2:]  # truncated from the left, BOS kept
+    assert pair["chosen_input_ids"][:3] == prompt_ids and len(pair["chosen_input_ids"]) == 6
+    assert pair["chosen_labels"][:3] == [-100] * 3 and pair["chosen_labels"][3:] == pair["chosen_input_ids"][3:]
+    assert pair["rejected_input_ids"][3:] == tokenizer("uv", add_special_tokens=False)["input_ids"] + [2]
+    assert data.tokenize_pair(tokenizer, "abc", "  ", "no", max_length=10, max_prompt_length=5) is None
+    # A prompt already starting with the BOS text (a rendered chat template) gets no second BOS.
+    templated = data.tokenize_pair(tokenizer, "<s>ab", "x", "y", max_length=10, max_prompt_length=5)
+    assert templated["chosen_input_ids"][:3] == [1] + tokenizer("ab", add_special_tokens=False)["input_ids"]
+
+    dataset = data.PreferenceDataset([pairs, {**pairs, "chosen": " "}, hh], tokenizer, max_length=20,
+                                     max_prompt_length=10)
+    assert (len(dataset), dataset.dropped, dataset.record_index) == (2, 1, [0, 2])
+    assert [dataset[i]["index"] for i in range(2)] == [0, 1]
+
+
+def test_collate_pads_both_sides_to_one_length():
+    pairs = [{"chosen_input_ids": [1, 5, 6], "chosen_labels": [-100, 5, 6], "rejected_input_ids": [1, 7],
+              "rejected_labels": [-100, 7], "index": 4}]
+    batch = data.collate(pairs, pad_token_id=0)
+    assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape == (1, 3)
+    assert batch["index"].tolist() == [4]
+    assert batch["rejected_labels"].tolist() == [[-100, 7, -100]]
+    assert batch["rejected_attention_mask"].tolist() == [[1, 1, 0]]
+    ids, mask, labels = data.concatenated(batch)
+    assert ids.shape == (2, 3) and torch.equal(labels[0], batch["chosen_labels"][0])
+
+
+def test_deepspeed_zero3_on_cpu(tmp_path):
+    """The driver under DeepSpeed ZeRO-3 (one CPU process, gloo): it trains and checkpoints."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "amapo_train.train", *SHORT, "--deepspeed", "zero3", "--max-steps", "2",
+               "--output-dir", str(out)]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "accelerate: DEEPSPEED" in run.stdout + run.stderr
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert (out / "final" / "config.json").exists()
