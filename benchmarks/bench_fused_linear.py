@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import amapo_kernels as ak  # noqa: E402
 from amapo_kernels import reference as ref  # noqa: E402
 from amapo_kernels.fused_linear import TOKEN_CHUNK, VOCAB_CHUNK, amapo_loss_from_hidden  # noqa: E402
-from amapo_kernels.profiling import LargestTensor  # noqa: E402
+from amapo_kernels.testing import LargestTensor  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SIZES = {"cpu": "2x128x128x4096,4x256x256x8192", "cuda": "8x1024x4096x32000,8x2048x4096x128256"}

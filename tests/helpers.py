@@ -2,6 +2,8 @@
 
 import torch
 
+from amapo_kernels.testing import peaked_logits  # noqa: F401  (re-exported for the tests)
+
 ULPS = 4  # the floor: a few units in the last place of the output dtype
 
 
@@ -23,18 +25,6 @@ def assert_within_rule(actual, fp64, same_dtype, *, k, dtype, what="value"):
         f"{what}: max|actual - fp64| = {err:.3e} > {k} * max|torch {dtype} - fp64| ({torch_err:.3e}) "
         f"+ floor ({floor:.3e}); scale {scale:.3e}"
     )
-
-
-def peaked_logits(batch, steps, vocab, *, dtype, generator, device="cpu", temperature=1.0):
-    """Logits like a trained LM's: a low-rank hidden state times a head, a few nats of entropy,
-    plus a strong preferred token per position."""
-    rank = 16
-    hidden = torch.randn(batch, steps, rank, generator=generator, dtype=torch.float64)
-    head = torch.randn(rank, vocab, generator=generator, dtype=torch.float64) / rank**0.5
-    logits = 3.0 * hidden @ head
-    top = torch.randint(0, vocab, (batch, steps, 1), generator=generator)
-    logits.scatter_add_(-1, top, torch.full((batch, steps, 1), 6.0, dtype=torch.float64))
-    return (logits / temperature).to(dtype).to(device)
 
 
 def random_labels(batch, steps, vocab, *, ignore_prob, generator, device="cpu", ignore_index=-100,

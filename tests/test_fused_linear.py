@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import amapo_kernels as ak
-from amapo_kernels.profiling import LargestTensor
+from amapo_kernels.testing import LargestTensor
 from amapo_kernels import reference as ref
 from amapo_kernels.fused_linear import (
     amapo_loss_from_hidden,

@@ -54,16 +54,16 @@ class StudyConfig:
     response_len: tuple = (5, 10)
     train_models: int = 4
     ood_models: int = 2
-    train_pairs: int = 4096
+    train_pairs: int = 8192
     eval_pairs: int = 1024
-    sft_steps: int = 200
-    pref_steps: int = 200
+    sft_steps: int = 300
+    pref_steps: int = 400
     batch_pairs: int = 64
     sft_lr: float = 2e-3
     pref_lr: float = 5e-4
-    seeds: tuple = (0, 1, 2)
+    seeds: tuple = (0, 1, 2, 3, 4)
     hh_pairs: int | None = None  # HH-RLHF part: train pairs (None: all of the bundled train split)
-    hh_methods: tuple = ("DPO", "SimPO", "AMaPO")
+    hh_methods: tuple = tuple(name for name, _, _ in METHODS)
     device: str = "cpu"
 
 
