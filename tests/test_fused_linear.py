@@ -410,3 +410,21 @@ def test_shift_checks_only_scored_labels():
     kwargs = good()
     kwargs["labels"][:, 0] = 999  # never scored with shift=True
     amapo_loss_from_hidden(kwargs["hidden"], kwargs["lm_head_weight"], kwargs["labels"], shift=True)
+
+
+def test_torch_compile_of_the_caller_matches_eager():
+    """Under torch.compile of the surrounding code (graph breaks allowed), the same loss and gradients."""
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(31)
+    hidden = torch.randn(4, 9, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(37, 16, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 37, (4, 9), generator=generator)
+
+    def loss_fn(h, w):
+        return ak.amapo_loss_from_hidden(h, w, labels, shift=True, token_chunk=8, vocab_chunk=16)
+
+    compiled_loss, eager_loss = torch.compile(loss_fn)(hidden, weight), loss_fn(hidden, weight)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for compiled, eager in zip(torch.autograd.grad(compiled_loss, (hidden, weight)),
+                               torch.autograd.grad(eager_loss, (hidden, weight))):
+        torch.testing.assert_close(compiled, eager)

@@ -160,3 +160,12 @@ def test_deepspeed_zero3_on_cpu(tmp_path):
     assert "accelerate: DEEPSPEED" in run.stdout + run.stderr
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
     assert (out / "final" / "config.json").exists()
+
+
+def test_console_script_exits_zero(monkeypatch, capsys):
+    """`amapo-train` is train.cli: exit status 0 (a returned dict would make sys.exit report failure)."""
+    from amapo_train.train import cli
+
+    monkeypatch.setattr("sys.argv", ["amapo-train", "--recipe", "llama3-8b-base", "--dry-run"])
+    assert cli() == 0
+    assert json.loads(capsys.readouterr().out)["effective_batch_size"] == 128

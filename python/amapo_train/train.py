@@ -339,7 +339,14 @@ def _number_or_text(value: str):
         return value
 
 
+def cli() -> int:
+    """The `amapo-train` console script: exit status 0 on success."""
+    main()
+    return 0
+
+
 def main(argv=None):
+    """Runs the command line `argv`; returns train()'s result (None for --dry-run)."""
     args = parse_args(argv)
     config = config_from_args(args)
     if args.dry_run:
