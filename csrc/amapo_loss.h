@@ -34,4 +34,14 @@ inline void check_pairs(const at::Tensor& chosen, const at::Tensor& rejected, co
                     "chosen_logps, rejected_logps and batch_sums must be on one device");
 }
 
+inline void check_pair_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& chosen, const at::Tensor& rejected,
+                                       const at::Tensor& margins) {
+  TORCH_CHECK_VALUE(chosen.dim() == 1 && margins.sizes() == chosen.sizes() && rejected.sizes() == chosen.sizes(),
+                    "margins, chosen_logps and rejected_logps must all be [B]");
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad must be a scalar");
+  TORCH_CHECK_VALUE(rejected.device() == chosen.device() && margins.device() == chosen.device() &&
+                        grad_loss.device() == chosen.device(),
+                    "grad, chosen_logps, rejected_logps and margins must be on one device");
+}
+
 }  // namespace amapo

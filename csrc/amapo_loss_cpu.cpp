@@ -41,9 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> amapo_loss_fwd_cpu(const at::Tens
 std::tuple<at::Tensor, at::Tensor> amapo_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& chosen,
                                                       const at::Tensor& rejected, const at::Tensor& margins,
                                                       double beta, double label_smoothing) {
-  TORCH_CHECK_VALUE(margins.sizes() == chosen.sizes() && rejected.sizes() == chosen.sizes(),
-                    "margins, chosen_logps and rejected_logps must all be [B]");
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad must be a scalar");
+  check_pair_backward_inputs(grad_loss, chosen, rejected, margins);
   const int64_t n = chosen.size(0);
   auto grad_chosen = at::empty_like(chosen, at::MemoryFormat::Contiguous);
   auto grad_rejected = at::empty_like(chosen, at::MemoryFormat::Contiguous);

@@ -81,9 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> amapo_loss_fwd_cuda(const at::Ten
 std::tuple<at::Tensor, at::Tensor> amapo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& chosen,
                                                        const at::Tensor& rejected, const at::Tensor& margins,
                                                        double beta, double label_smoothing) {
-  TORCH_CHECK_VALUE(margins.sizes() == chosen.sizes() && rejected.sizes() == chosen.sizes(),
-                    "margins, chosen_logps and rejected_logps must all be [B]");
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad must be a scalar");
+  check_pair_backward_inputs(grad_loss, chosen, rejected, margins);
   const c10::cuda::CUDAGuard guard(chosen.device());
   const auto c = chosen.contiguous(), r = rejected.contiguous();
   const auto m = margins.to(c.scalar_type()).contiguous(), g = grad_loss.to(c.scalar_type()).contiguous();

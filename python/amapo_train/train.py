@@ -291,7 +291,10 @@ def evaluate(accelerator, model, test_set, config) -> dict:
     model.eval()
     result = evaluate_ranking(accelerator.unwrap_model(model), loader, progress=accelerator.is_main_process)
     model.train()
-    accelerator.print("held-out ranking accuracy: " + json.dumps(result))
+    accelerator.print(f"held-out ranking accuracy ({result['n_pairs']} pairs, 95% bootstrap interval): "
+                      + ", ".join(f"{kind} {100 * result[kind]['accuracy']:.1f}% "
+                                  f"[{100 * result[kind]['ci_low']:.1f}, {100 * result[kind]['ci_high']:.1f}]"
+                                  for kind in ("normalized", "summed")))
     if accelerator.is_main_process:
         (Path(config.output_dir) / "eval.json").write_text(json.dumps(result, indent=2))
     return result
