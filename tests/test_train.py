@@ -169,3 +169,27 @@ def test_console_script_exits_zero(monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["amapo-train", "--recipe", "llama3-8b-base", "--dry-run"])
     assert cli() == 0
     assert json.loads(capsys.readouterr().out)["effective_batch_size"] == 128
+
+
+def test_two_cpu_processes(tmp_path):
+    """Data parallel on 2 CPU processes (torchrun, gloo): trains, and the held-out evaluation gathers
+    every process's pairs (20 pairs, not one shard of them)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               "-m", "amapo_train.train", "--max-train-pairs", "64", "--max-test-pairs", "20", "--log-with", "none",
+               "--device", "cpu", "--total-batch-size", "16", "--per-device-batch-size", "4", "--max-steps", "2",
+               "--output-dir", str(out)]
+    run = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "2 process(es)" in run.stdout
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert json.loads((out / "eval.json").read_text())["n_pairs"] == 20

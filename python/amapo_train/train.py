@@ -288,9 +288,10 @@ def evaluate(accelerator, model, test_set, config) -> dict:
 
     loader = accelerator.prepare(DataLoader(test_set, batch_size=config.eval_batch_size,
                                             collate_fn=partial(collate, pad_token_id=test_set.pad_token_id)))
-    model.eval()
-    result = evaluate_ranking(accelerator.unwrap_model(model), loader, progress=accelerator.is_main_process)
-    model.train()
+    def gather(tensors):
+        return accelerator.gather_for_metrics(tuple(t.to(accelerator.device) for t in tensors))
+
+    result = evaluate_ranking(model, loader, progress=accelerator.is_main_process, gather=gather)
     accelerator.print(f"held-out ranking accuracy ({result['n_pairs']} pairs, 95% bootstrap interval): "
                       + ", ".join(f"{kind} {100 * result[kind]['accuracy']:.1f}% "
                                   f"[{100 * result[kind]['ci_low']:.1f}, {100 * result[kind]['ci_high']:.1f}]"

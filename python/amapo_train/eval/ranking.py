@@ -120,6 +120,7 @@ def evaluate_ranking(
     seed: int = 0,
     confidence: float = 0.95,
     return_logps: bool = False,
+    gather=None,
 ) -> dict:
     """Ranking accuracy of ``model`` over ``batches`` (each in the format of the module docstring).
 
@@ -129,6 +130,9 @@ def evaluate_ranking(
     ``return_logps=True`` adds ``"logps"``: per-pair lists ``chosen_sum``, ``rejected_sum``,
     ``chosen_mean``, ``rejected_mean`` in batch order, and ``index`` when the batches carry one
     (``make_batches``' record index, to map rows back to the input). The model is put in eval mode and restored.
+    ``gather(tensors) -> tensors``: under data parallelism, collects every process's rows of a batch
+    (e.g. ``accelerator.gather_for_metrics``), so that each process scores its shard and all report on
+    every pair.
     """
     from tqdm.auto import tqdm
 
@@ -139,10 +143,15 @@ def evaluate_ranking(
     try:
         total = len(batches) if hasattr(batches, "__len__") else None
         for batch in tqdm(batches, total=total, desc="ranking", unit="batch", disable=not progress):
-            for key, value in zip(parts, pair_logps(model, batch)):
+            values = pair_logps(model, batch)
+            if "index" in batch:
+                values = (*values, batch["index"].reshape(-1))
+            if gather is not None:  # data-parallel evaluation: every process's pairs, in order
+                values = [value.cpu() for value in gather(values)]
+            for key, value in zip(parts, values):
                 parts[key].append(value)
             if "index" in batch:
-                indices.append(batch["index"].reshape(-1).cpu())
+                indices.append(values[-1].cpu())
     finally:
         if was_training:
             model.train()
