@@ -38,6 +38,11 @@ def _sequence_logps_bwd_fake(grad, logits, labels, softmax_stats, ignore_index, 
     return logits.new_empty(logits.shape)
 
 
+@torch.library.register_fake("amapo_kernels::sequence_logps_bwd_inplace")
+def _sequence_logps_bwd_inplace_fake(grad, logits, labels, softmax_stats, ignore_index, average, shift):
+    return None
+
+
 @torch.library.register_fake("amapo_kernels::amapo_loss_fwd")
 def _amapo_loss_fwd_fake(chosen_logps, rejected_logps, batch_sums, beta, label_smoothing, variant, ablation):
     loss = chosen_logps.new_empty(())

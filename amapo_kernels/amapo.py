@@ -123,12 +123,15 @@ def amapo_loss_from_logits(
     ablation: str | None = None,
     group=None,
     return_stats: bool = False,
+    inplace_backward: bool = False,
 ):
     """AMaPO from the logits of a concatenated batch: rows [0, B/2) chosen, rows [B/2, B) rejected,
-    as TRL's concatenated forward builds them. Log-probs are length-normalized over non-ignored labels."""
+    as TRL's concatenated forward builds them. Log-probs are length-normalized over non-ignored labels.
+    inplace_backward: see sequence_logps (the logits' gradient overwrites the logits)."""
     check_logits_labels(logits, labels)
     check_even_batch(logits)
-    logps = sequence_logps(logits, labels, ignore_index=ignore_index, average=True, shift=shift)
+    logps = sequence_logps(logits, labels, ignore_index=ignore_index, average=True, shift=shift,
+                           inplace_backward=inplace_backward)
     half = logits.shape[0] // 2
     return amapo_loss(
         logps[:half],

@@ -2,11 +2,13 @@
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 class LargestTensor(TorchDispatchMode):
-    """While active, records the largest tensor any op returns (forward and backward alike):
-    `largest_numel` elements and `largest_bytes` bytes."""
+    """While active, records the largest tensor any op allocates (forward and backward alike):
+    `largest_numel` elements and `largest_bytes` bytes. Views of an op's inputs allocate nothing and
+    are not counted."""
 
     def __init__(self):
         super().__init__()
@@ -15,11 +17,16 @@ class LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
+        inputs = {_storage(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and _storage(t) not in inputs:
                 self.largest_numel = max(self.largest_numel, t.numel())
                 self.largest_bytes = max(self.largest_bytes, t.numel() * t.element_size())
         return out
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
 
 
 def peaked_logits(batch, steps, vocab, *, dtype, generator, device="cpu", temperature=1.0):

@@ -10,6 +10,9 @@ TORCH_LIBRARY(amapo_kernels, m) {
         " -> (Tensor seq_logps, Tensor softmax_stats)");
   m.def("sequence_logps_bwd(Tensor grad, Tensor logits, Tensor labels, Tensor softmax_stats, int ignore_index,"
         " bool average, bool shift) -> Tensor");
+  // The same gradient written over the logits themselves (opt-in: sequence_logps(inplace_backward=True)).
+  m.def("sequence_logps_bwd_inplace(Tensor grad, Tensor(a!) logits, Tensor labels, Tensor softmax_stats,"
+        " int ignore_index, bool average, bool shift) -> ()");
   // AMaPO loss over B pairs given the all-reduced (sum, sum of squares, count) of d = chosen - rejected.
   m.def("amapo_loss_fwd(Tensor chosen_logps, Tensor rejected_logps, Tensor batch_sums, float beta,"
         " float label_smoothing, str variant, str ablation) -> (Tensor loss, Tensor margins, Tensor batch_stats)");

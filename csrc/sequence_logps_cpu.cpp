@@ -55,11 +55,13 @@ void backward_rows(const at::Tensor& logits, const at::Tensor& labels, const at:
   const int64_t* label_ptr = labels.const_data_ptr<int64_t>();
   const acc* stats_ptr = softmax_stats.const_data_ptr<acc>();
   const acc* coef_ptr = coef.const_data_ptr<acc>();
+  // grad may be logits itself (in-place backward): each element is read before it is written.
   scalar_t* grad_base = grad.mutable_data_ptr<scalar_t>();
+  const int64_t grad_stride_b = grad.stride(0), grad_stride_t = grad.stride(1);
   at::parallel_for(0, logits.size(0) * steps, grain_rows(vocab), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / steps, t = row % steps;
-      scalar_t* g = grad_base + row * vocab;
+      scalar_t* g = grad_base + b * grad_stride_b + t * grad_stride_t;
       const int64_t scored_row = b * scored + t;
       const int64_t label = t < scored ? label_ptr[scored_row] : ignore_index;
       if (label == ignore_index) {
@@ -91,18 +93,29 @@ std::tuple<at::Tensor, at::Tensor> sequence_logps_fwd_cpu(const at::Tensor& logi
   return {sequence_sums(token_logps, label_counts(used, ignore_index), average), softmax_stats};
 }
 
-at::Tensor sequence_logps_bwd_cpu(const at::Tensor& grad_seq, const at::Tensor& logits, const at::Tensor& labels,
-                                  const at::Tensor& softmax_stats, int64_t ignore_index, bool average, bool shift) {
+// Writes d(sum of seq_logps * grad_seq) / d logits into `grad` (a new tensor, or logits itself).
+void backward_into(const at::Tensor& grad_seq, const at::Tensor& logits, const at::Tensor& labels,
+                   const at::Tensor& softmax_stats, int64_t ignore_index, bool average, bool shift, at::Tensor& grad) {
   check_logits_labels(logits, labels, shift);
   const auto used = scored_labels(labels, shift);
   check_backward_inputs(grad_seq, logits, used, softmax_stats);
   const auto coef = row_coefficients(grad_seq, label_counts(used, ignore_index), average, acc_dtype(logits));
-  auto grad = at::empty(logits.sizes(), logits.options());
   const auto stats_c = softmax_stats.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sequence_logps_bwd_cpu", [&] {
     backward_rows<scalar_t>(logits, used, stats_c, coef, ignore_index, grad);
   });
+}
+
+at::Tensor sequence_logps_bwd_cpu(const at::Tensor& grad_seq, const at::Tensor& logits, const at::Tensor& labels,
+                                  const at::Tensor& softmax_stats, int64_t ignore_index, bool average, bool shift) {
+  auto grad = at::empty(logits.sizes(), logits.options());
+  backward_into(grad_seq, logits, labels, softmax_stats, ignore_index, average, shift, grad);
   return grad;
+}
+
+void sequence_logps_bwd_inplace_cpu(const at::Tensor& grad_seq, at::Tensor& logits, const at::Tensor& labels,
+                                    const at::Tensor& softmax_stats, int64_t ignore_index, bool average, bool shift) {
+  backward_into(grad_seq, logits, labels, softmax_stats, ignore_index, average, shift, logits);
 }
 
 }  // namespace
@@ -110,6 +123,7 @@ at::Tensor sequence_logps_bwd_cpu(const at::Tensor& grad_seq, const at::Tensor& 
 TORCH_LIBRARY_IMPL(amapo_kernels, CPU, m) {
   m.impl("sequence_logps_fwd", &sequence_logps_fwd_cpu);
   m.impl("sequence_logps_bwd", &sequence_logps_bwd_cpu);
+  m.impl("sequence_logps_bwd_inplace", &sequence_logps_bwd_inplace_cpu);
 }
 
 }  // namespace amapo

@@ -85,13 +85,15 @@ __global__ void forward_rows_kernel(const scalar_t* __restrict__ logits, int64_t
 }
 
 template <typename scalar_t, typename acc>
-__global__ void backward_rows_kernel(const scalar_t* __restrict__ logits, int64_t stride_b, int64_t stride_t,
+// No __restrict__ on logits and grad: the in-place backward passes the same buffer for both.
+__global__ void backward_rows_kernel(const scalar_t* logits, int64_t stride_b, int64_t stride_t,
                                      const int64_t* __restrict__ labels, const acc* __restrict__ softmax_stats,
                                      const acc* __restrict__ coef, int64_t rows, int64_t steps, int64_t scored,
-                                     int64_t vocab, int64_t ignore_index, scalar_t* __restrict__ grad) {
+                                     int64_t vocab, int64_t ignore_index, scalar_t* grad, int64_t grad_stride_b,
+                                     int64_t grad_stride_t) {
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t b = row / steps, t = row % steps;
-    scalar_t* g = grad + row * vocab;
+    scalar_t* g = grad + b * grad_stride_b + t * grad_stride_t;
     const int64_t scored_row = b * scored + t;
     const int64_t label = t < scored ? labels[scored_row] : ignore_index;
     if (label == ignore_index) {
@@ -133,28 +135,38 @@ std::tuple<at::Tensor, at::Tensor> sequence_logps_fwd_cuda(const at::Tensor& log
   return {sequence_sums(token_logps, label_counts(used, ignore_index), average), softmax_stats};
 }
 
-at::Tensor sequence_logps_bwd_cuda(const at::Tensor& grad_seq, const at::Tensor& logits, const at::Tensor& labels,
-                                   const at::Tensor& softmax_stats, int64_t ignore_index, bool average, bool shift) {
+// Writes d(sum of seq_logps * grad_seq) / d logits into `grad` (a new tensor, or logits itself).
+void backward_into(const at::Tensor& grad_seq, const at::Tensor& logits, const at::Tensor& labels,
+                   const at::Tensor& softmax_stats, int64_t ignore_index, bool average, bool shift, at::Tensor& grad) {
   check_logits_labels(logits, labels, shift);
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto used = scored_labels(labels, shift);
   check_backward_inputs(grad_seq, logits, used, softmax_stats);
   const auto coef = row_coefficients(grad_seq, label_counts(used, ignore_index), average, acc_dtype(logits));
   const auto stats_c = softmax_stats.contiguous();
-  auto grad = at::empty(logits.sizes(), logits.options());
   const int64_t rows = logits.size(0) * logits.size(1);
-  if (rows > 0) {
-    const auto stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sequence_logps_bwd_cuda", [&] {
-      using acc = acc_t<scalar_t>;
-      backward_rows_kernel<scalar_t, acc><<<grid_for(rows), kThreads, 0, stream>>>(
-          logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1), used.const_data_ptr<int64_t>(),
-          stats_c.const_data_ptr<acc>(), coef.const_data_ptr<acc>(), rows, logits.size(1), used.size(1),
-          logits.size(2), ignore_index, grad.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
+  if (rows == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sequence_logps_bwd_cuda", [&] {
+    using acc = acc_t<scalar_t>;
+    backward_rows_kernel<scalar_t, acc><<<grid_for(rows), kThreads, 0, stream>>>(
+        logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1), used.const_data_ptr<int64_t>(),
+        stats_c.const_data_ptr<acc>(), coef.const_data_ptr<acc>(), rows, logits.size(1), used.size(1),
+        logits.size(2), ignore_index, grad.mutable_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor sequence_logps_bwd_cuda(const at::Tensor& grad_seq, const at::Tensor& logits, const at::Tensor& labels,
+                                   const at::Tensor& softmax_stats, int64_t ignore_index, bool average, bool shift) {
+  auto grad = at::empty(logits.sizes(), logits.options());
+  backward_into(grad_seq, logits, labels, softmax_stats, ignore_index, average, shift, grad);
   return grad;
+}
+
+void sequence_logps_bwd_inplace_cuda(const at::Tensor& grad_seq, at::Tensor& logits, const at::Tensor& labels,
+                                     const at::Tensor& softmax_stats, int64_t ignore_index, bool average, bool shift) {
+  backward_into(grad_seq, logits, labels, softmax_stats, ignore_index, average, shift, logits);
 }
 
 }  // namespace
@@ -162,6 +174,7 @@ at::Tensor sequence_logps_bwd_cuda(const at::Tensor& grad_seq, const at::Tensor&
 TORCH_LIBRARY_IMPL(amapo_kernels, CUDA, m) {
   m.impl("sequence_logps_fwd", &sequence_logps_fwd_cuda);
   m.impl("sequence_logps_bwd", &sequence_logps_bwd_cuda);
+  m.impl("sequence_logps_bwd_inplace", &sequence_logps_bwd_inplace_cuda);
 }
 
 }  // namespace amapo
