@@ -3,6 +3,7 @@
 // a fixed reduction order (bit-identical reruns), 64-bit offsets throughout.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -78,7 +79,10 @@ __global__ void forward_rows_kernel(const scalar_t* __restrict__ logits, int64_t
       const acc log_sum = log(total.sum_exp);
       softmax_stats[2 * row] = total.max_x;
       softmax_stats[2 * row + 1] = log_sum;
-      token_logps[row] = (static_cast<acc>(x[label]) - total.max_x) - log_sum;
+      // Labels are range-checked on the host before launch, except during CUDA-graph capture (no host
+      // sync there): an out-of-range label then gives NaN, never an out-of-bounds read.
+      const bool in_range = label >= 0 && label < vocab;
+      token_logps[row] = in_range ? (static_cast<acc>(x[label]) - total.max_x) - log_sum : acc(NAN);
     }
     __syncthreads();  // shared scratch is reused by the next row
   }
@@ -116,7 +120,9 @@ std::tuple<at::Tensor, at::Tensor> sequence_logps_fwd_cuda(const at::Tensor& log
   check_logits_labels(logits, labels, shift);
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto used = scored_labels(labels, shift);
-  check_label_range(used, logits.size(2), ignore_index);
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+    check_label_range(used, logits.size(2), ignore_index);  // a host sync: not allowed while capturing
+  }
   const auto opts = logits.options().dtype(acc_dtype(logits));
   auto token_logps = at::empty(used.sizes(), opts);
   auto softmax_stats = at::empty({used.size(0), used.size(1), 2}, opts);

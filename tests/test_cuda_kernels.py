@@ -1,0 +1,105 @@
+"""GPU-only checks of the CUDA kernels (`bash scripts/test.sh -m cuda` on a GPU machine; skipped elsewhere):
+vocabulary sizes that are not a multiple of anything, offsets beyond 2^31 elements, bit-identical reruns,
+CUDA-graph capture of forward + backward. The cross-device property tests live in the other files."""
+
+import pytest
+import torch
+from helpers import assert_within_rule, peaked_logits, random_labels
+
+import amapo_kernels as ak
+from amapo_kernels import reference as ref
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not (torch.cuda.is_available() and ak.has_cuda_kernels()), reason="needs a CUDA device"),
+]
+
+
+def compare(logits, labels, shift):
+    leaf, leaf64, same = (logits.detach().clone().requires_grad_(), logits.detach().double().requires_grad_(),
+                          logits.detach().clone().requires_grad_())
+    out = ak.amapo_loss_from_logits(leaf, labels, shift=shift)
+    out64 = ref.amapo_loss_from_logits(leaf64, labels, shift=shift)
+    same_logps = ref.sequence_logps(same, labels, shift=shift).float()
+    half = same_logps.shape[0] // 2
+    out_same = ref.amapo_loss(same_logps[:half], same_logps[half:])
+    assert_within_rule(out, out64, out_same, k=2, dtype=torch.float32, what="loss")
+    grads = [torch.autograd.grad(o, x)[0] for o, x in ((out, leaf), (out64, leaf64), (out_same, same))]
+    assert_within_rule(*grads, k=3, dtype=logits.dtype, what="grad logits")
+
+
+@pytest.mark.parametrize("vocab", [1, 31, 32001, 128256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vocab_sizes(vocab, dtype):
+    generator = torch.Generator().manual_seed(vocab)
+    logits = peaked_logits(4, 33, vocab, dtype=dtype, generator=generator, device="cuda")
+    labels = random_labels(4, 33, vocab, ignore_prob=0.2, generator=generator, device="cuda", all_ignored_rows=[3])
+    compare(logits, labels, shift=True)
+
+
+def test_noncontiguous_batch_strides():
+    generator = torch.Generator().manual_seed(1)
+    wide = peaked_logits(8, 17, 5003, dtype=torch.bfloat16, generator=generator, device="cuda")
+    logits = wide[::2, :, :5000]  # every other row, a slice of the vocabulary buffer
+    labels = random_labels(4, 17, 5000, ignore_prob=0.1, generator=generator, device="cuda")
+    compare(logits, labels, shift=True)
+
+
+def test_offsets_beyond_int32():
+    """B*T*V = 2 * 8500 * 128256 > 2^31 elements (4.4 GB of bf16 logits): the last rows must be right."""
+    batch, steps, vocab = 2, 8500, 128256
+    assert batch * steps * vocab > 2**31
+    torch.manual_seed(0)
+    logits = torch.randn(batch, steps, vocab, device="cuda", dtype=torch.bfloat16)
+    labels = torch.randint(0, vocab, (batch, steps), device="cuda")
+    labels[:, : steps - 4] = -100  # only the last positions, beyond 2^31 elements for row 1, are scored
+    leaf = logits.requires_grad_()
+    out = ak.sequence_logps(leaf, labels, average=False)
+    (grad,) = torch.autograd.grad(out.sum(), leaf)
+    tail = logits[:, -4:].detach().double()
+    expected = torch.log_softmax(tail, -1).gather(-1, labels[:, -4:, None]).squeeze(-1).sum(1)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+    expected_grad = torch.nn.functional.one_hot(labels[:, -4:], vocab).double() - torch.softmax(tail, -1)
+    torch.testing.assert_close(grad[:, -4:].double(), expected_grad, rtol=2e-2, atol=2e-3)
+    assert torch.count_nonzero(grad[:, : steps - 4]) == 0
+
+
+def test_bit_identical_reruns():
+    generator = torch.Generator().manual_seed(2)
+    logits = peaked_logits(8, 256, 32000, dtype=torch.bfloat16, generator=generator, device="cuda")
+    labels = random_labels(8, 256, 32000, ignore_prob=0.2, generator=generator, device="cuda")
+    runs = []
+    for _ in range(2):
+        leaf = logits.detach().clone().requires_grad_()
+        loss = ak.amapo_loss_from_logits(leaf, labels, shift=True)
+        runs.append((loss, torch.autograd.grad(loss, leaf)[0]))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_cuda_graph_capture_of_forward_and_backward():
+    generator = torch.Generator().manual_seed(3)
+    logits = peaked_logits(8, 128, 32000, dtype=torch.bfloat16, generator=generator, device="cuda")
+    labels = random_labels(8, 128, 32000, ignore_prob=0.2, generator=generator, device="cuda")
+    static = logits.detach().clone().requires_grad_()
+
+    def step():
+        static.grad = None
+        loss = ak.amapo_loss_from_logits(static, labels, shift=True)
+        loss.backward()
+        return loss
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up outside the graph
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured_loss = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = logits.detach().clone().requires_grad_()
+    eager_loss = ak.amapo_loss_from_logits(eager, labels, shift=True)
+    eager_loss.backward()
+    assert torch.equal(captured_loss, eager_loss) and torch.equal(static.grad, eager.grad)
