@@ -54,6 +54,7 @@ def worker(rank, world, init_file, out_dir):
         pairs = shard(rank)
         result = losses_and_grads(chosen[pairs], rejected[pairs], *concatenated(logits, labels, pairs))
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 

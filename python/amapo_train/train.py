@@ -265,6 +265,7 @@ def train(config: TrainConfig, resume: str | None = None, stop_after_steps: int 
         result["eval"] = evaluate(accelerator, model, test_set, config)
     elif stop_after_steps:
         result["checkpoint"] = str(save_checkpoint(accelerator, model, tokenizer, config, step, f"checkpoint-{step}"))
+    accelerator.wait_for_everyone()  # every process done before any tears the process group down
     accelerator.end_training()
     return result
 
