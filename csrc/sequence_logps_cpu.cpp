@@ -1,82 +1,36 @@
-// CPU kernels of amapo_kernels::sequence_logps_{fwd,bwd}: one row of logits per task.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+// CPU kernels of amapo_kernels::sequence_logps_{fwd,bwd,bwd_inplace}.
+// Blocks of about a million logits go through ATen's vectorized, multithreaded CPU ops (Sleef exp,
+// cascade sums): faster than scalar loops, as accurate as torch's own log_softmax, and never more
+// than one block of temporaries. Accumulation is fp32 (fp64 for fp64 logits).
 #include <torch/library.h>
-
-#include <cmath>
-#include <limits>
 
 #include "sequence_logps.h"
 
 namespace amapo {
 namespace {
 
-// Rows a thread takes at once: about 64k logits of work.
-int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, (1 << 16) / vocab); }
+constexpr int64_t kBlockElements = 1 << 20;
 
-template <typename scalar_t>
-void forward_rows(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
-                  at::Tensor& token_logps, at::Tensor& softmax_stats) {
-  using acc = acc_t<scalar_t>;
-  const int64_t steps = labels.size(1), vocab = logits.size(2);
-  const int64_t stride_b = logits.stride(0), stride_t = logits.stride(1);
-  const scalar_t* base = logits.const_data_ptr<scalar_t>();
-  const int64_t* label_ptr = labels.const_data_ptr<int64_t>();
-  acc* tok_ptr = token_logps.mutable_data_ptr<acc>();
-  acc* stats_ptr = softmax_stats.mutable_data_ptr<acc>();
-  at::parallel_for(0, labels.numel(), grain_rows(vocab), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t label = label_ptr[row];
-      if (label == ignore_index) {
-        tok_ptr[row] = stats_ptr[2 * row] = stats_ptr[2 * row + 1] = 0;
-        continue;
-      }
-      const scalar_t* x = base + (row / steps) * stride_b + (row % steps) * stride_t;
-      acc max_x = -std::numeric_limits<acc>::infinity();
-      for (int64_t v = 0; v < vocab; ++v) max_x = std::max(max_x, static_cast<acc>(x[v]));
-      // fp64 running sum: a long fp32 sum would drift by ~sqrt(V) ulps, more than log_softmax's own error.
-      double sum_exp = 0;
-      for (int64_t v = 0; v < vocab; ++v) sum_exp += std::exp(static_cast<acc>(x[v]) - max_x);
-      const acc log_sum = static_cast<acc>(std::log(sum_exp));
-      stats_ptr[2 * row] = max_x;
-      stats_ptr[2 * row + 1] = log_sum;
-      tok_ptr[row] = (static_cast<acc>(x[label]) - max_x) - log_sum;
-    }
-  });
+int64_t block_rows(int64_t vocab) { return std::max<int64_t>(1, kBlockElements / vocab); }
+
+// Calls fn(b, t0, t1) for row blocks of each sequence's scored steps.
+template <typename Fn>
+void for_each_block(int64_t batch, int64_t steps, int64_t vocab, Fn fn) {
+  const int64_t rows = block_rows(vocab);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t t0 = 0; t0 < steps; t0 += rows) fn(b, t0, std::min(steps, t0 + rows));
+  }
 }
 
-template <typename scalar_t>
-void backward_rows(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& softmax_stats,
-                   const at::Tensor& coef, int64_t ignore_index, at::Tensor& grad) {
-  using acc = acc_t<scalar_t>;
-  const int64_t steps = logits.size(1), scored = labels.size(1), vocab = logits.size(2);
-  const int64_t stride_b = logits.stride(0), stride_t = logits.stride(1);
-  const scalar_t* base = logits.const_data_ptr<scalar_t>();
-  const int64_t* label_ptr = labels.const_data_ptr<int64_t>();
-  const acc* stats_ptr = softmax_stats.const_data_ptr<acc>();
-  const acc* coef_ptr = coef.const_data_ptr<acc>();
-  // grad may be logits itself (in-place backward): each element is read before it is written.
-  scalar_t* grad_base = grad.mutable_data_ptr<scalar_t>();
-  const int64_t grad_stride_b = grad.stride(0), grad_stride_t = grad.stride(1);
-  at::parallel_for(0, logits.size(0) * steps, grain_rows(vocab), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / steps, t = row % steps;
-      scalar_t* g = grad_base + b * grad_stride_b + t * grad_stride_t;
-      const int64_t scored_row = b * scored + t;
-      const int64_t label = t < scored ? label_ptr[scored_row] : ignore_index;
-      if (label == ignore_index) {
-        std::fill(g, g + vocab, scalar_t(0));
-        continue;
-      }
-      const scalar_t* x = base + b * stride_b + t * stride_t;
-      const acc max_x = stats_ptr[2 * scored_row], log_sum = stats_ptr[2 * scored_row + 1], c = coef_ptr[b];
-      // d log_softmax(x)[label] / dx_v = [v == label] - softmax(x)_v
-      for (int64_t v = 0; v < vocab; ++v) {
-        const acc p = std::exp((static_cast<acc>(x[v]) - max_x) - log_sum);
-        g[v] = static_cast<scalar_t>(c * ((v == label ? acc(1) : acc(0)) - p));
-      }
-    }
-  });
+struct BlockLabels {
+  at::Tensor valid;  // [n] bool: scored
+  at::Tensor index;  // [n, 1] int64: the label, 0 where ignored (safe to gather)
+};
+
+BlockLabels block_labels(const at::Tensor& used, int64_t b, int64_t t0, int64_t t1, int64_t ignore_index) {
+  const auto labels = used.select(0, b).slice(0, t0, t1);
+  const auto valid = labels.ne(ignore_index);
+  return {valid, at::where(valid, labels, at::zeros_like(labels)).unsqueeze(1)};
 }
 
 std::tuple<at::Tensor, at::Tensor> sequence_logps_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
@@ -84,26 +38,46 @@ std::tuple<at::Tensor, at::Tensor> sequence_logps_fwd_cpu(const at::Tensor& logi
   check_logits_labels(logits, labels, shift);
   const auto used = scored_labels(labels, shift);
   check_label_range(used, logits.size(2), ignore_index);
-  const auto opts = logits.options().dtype(acc_dtype(logits));
+  const auto dtype = acc_dtype(logits);
+  const auto opts = logits.options().dtype(dtype);
   auto token_logps = at::empty(used.sizes(), opts);
   auto softmax_stats = at::empty({used.size(0), used.size(1), 2}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sequence_logps_fwd_cpu", [&] {
-    forward_rows<scalar_t>(logits, used, ignore_index, token_logps, softmax_stats);
+  for_each_block(used.size(0), used.size(1), logits.size(2), [&](int64_t b, int64_t t0, int64_t t1) {
+    const auto x = logits.select(0, b).slice(0, t0, t1).to(dtype);  // [n, V]
+    const auto max_x = x.amax(1, /*keepdim=*/true);
+    const auto log_sum = (x - max_x).exp_().sum(1, /*keepdim=*/true).log_();
+    const auto labels_b = block_labels(used, b, t0, t1, ignore_index);
+    // (x - max) - log(sum) keeps the precision of log_softmax; max + log(sum) would round at |max|.
+    const auto token = (x.gather(1, labels_b.index) - max_x).sub_(log_sum).squeeze(1);
+    token_logps.select(0, b).slice(0, t0, t1).copy_(at::where(labels_b.valid, token, at::zeros_like(token)));
+    auto stats = softmax_stats.select(0, b).slice(0, t0, t1);
+    stats.select(1, 0).copy_(max_x.squeeze(1));
+    stats.select(1, 1).copy_(log_sum.squeeze(1));
   });
   return {sequence_sums(token_logps, label_counts(used, ignore_index), average), softmax_stats};
 }
 
-// Writes d(sum of seq_logps * grad_seq) / d logits into `grad` (a new tensor, or logits itself).
+// Writes d(sum of seq_logps * grad_seq) / d logits into `grad` (a new tensor, or logits itself: each
+// block is read into a temporary before its gradient is written back).
 void backward_into(const at::Tensor& grad_seq, const at::Tensor& logits, const at::Tensor& labels,
                    const at::Tensor& softmax_stats, int64_t ignore_index, bool average, bool shift, at::Tensor& grad) {
   check_logits_labels(logits, labels, shift);
   const auto used = scored_labels(labels, shift);
   check_backward_inputs(grad_seq, logits, used, softmax_stats);
-  const auto coef = row_coefficients(grad_seq, label_counts(used, ignore_index), average, acc_dtype(logits));
-  const auto stats_c = softmax_stats.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sequence_logps_bwd_cpu", [&] {
-    backward_rows<scalar_t>(logits, used, stats_c, coef, ignore_index, grad);
+  const auto dtype = acc_dtype(logits);
+  const auto coef = row_coefficients(grad_seq, label_counts(used, ignore_index), average, dtype);
+  for_each_block(used.size(0), used.size(1), logits.size(2), [&](int64_t b, int64_t t0, int64_t t1) {
+    const auto stats = softmax_stats.select(0, b).slice(0, t0, t1);
+    const auto labels_b = block_labels(used, b, t0, t1, ignore_index);
+    // d log_softmax(x)[label] / dx_v = [v == label] - softmax(x)_v, scaled by the row's coefficient
+    const auto token_coef = at::where(labels_b.valid, coef[b], at::zeros({}, coef.options())).unsqueeze(1);
+    auto g = logits.select(0, b).slice(0, t0, t1).to(dtype).sub(stats.select(1, 0).unsqueeze(1));
+    g.sub_(stats.select(1, 1).unsqueeze(1)).exp_().mul_(token_coef.neg());
+    g.scatter_add_(1, labels_b.index, token_coef);
+    g.masked_fill_(labels_b.valid.logical_not().unsqueeze(1), 0);  // exact zeros, even for inf logits
+    grad.select(0, b).slice(0, t0, t1).copy_(g);
   });
+  if (shift) grad.select(1, logits.size(1) - 1).zero_();  // the last step scores nothing
 }
 
 at::Tensor sequence_logps_bwd_cpu(const at::Tensor& grad_seq, const at::Tensor& logits, const at::Tensor& labels,
