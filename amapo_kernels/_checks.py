@@ -62,8 +62,8 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {sorted(c for c in choices if c is not None)}, got {value!r}")
 
 
-def check_even_batch(logits) -> None:
-    if logits.shape[0] % 2:
+def check_even_batch(name: str, batch) -> None:
+    if batch.shape[0] % 2:
         raise ValueError(
-            f"logits must hold an even batch (chosen rows first, then rejected), got B = {logits.shape[0]}"
+            f"{name} must hold an even batch (chosen rows first, then rejected), got B = {batch.shape[0]}"
         )

@@ -129,7 +129,7 @@ def amapo_loss_from_logits(
     as TRL's concatenated forward builds them. Log-probs are length-normalized over non-ignored labels.
     inplace_backward: see sequence_logps (the logits' gradient overwrites the logits)."""
     check_logits_labels(logits, labels)
-    check_even_batch(logits)
+    check_even_batch("logits", logits)
     logps = sequence_logps(logits, labels, ignore_index=ignore_index, average=True, shift=shift,
                            inplace_backward=inplace_backward)
     half = logits.shape[0] // 2

@@ -12,7 +12,7 @@ import torch
 
 import amapo_kernels as ak
 from amapo_kernels import reference
-from amapo_kernels.preference import BASELINES
+from amapo_kernels.preference import uses_mean_logps
 
 IGNORE = -100
 
@@ -48,7 +48,7 @@ def timed(fn, repeats):
 
 def run_method(method, logits, ref_logits, labels, extras, impl, repeats):
     """Loss and d loss / d logits of one method, from logits, through `impl` (ak or reference)."""
-    average = method == "amapo" or BASELINES[method].LOGPS == "mean"
+    average = uses_mean_logps(method)
     half = logits.shape[0] // 2
     kwargs = extras if method == "odpo" else {}
     with torch.no_grad():

@@ -27,9 +27,8 @@ gradient reaches its accumulation hook as it would from nn.Linear (see tests/tes
 import torch
 from torch.autograd.function import once_differentiable
 
-from amapo_kernels._checks import LOGITS_DTYPES, check_choice, check_same_device, check_tensor
-from amapo_kernels.amapo import amapo_loss
-from amapo_kernels.preference import BASELINES, METHODS, preference_loss
+from amapo_kernels._checks import LOGITS_DTYPES, check_even_batch, check_same_device, check_tensor
+from amapo_kernels.preference import preference_loss, uses_mean_logps
 
 TOKEN_CHUNK = 1024  # rows of a tile; fp32 tile = TOKEN_CHUNK * VOCAB_CHUNK * 4 bytes = 16 MiB
 VOCAB_CHUNK = 4096
@@ -271,8 +270,7 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, logit_softcap, tok
 
 def _check_pair_batch(hidden) -> None:
     check_tensor("hidden", hidden, dims=3, dtypes=LOGITS_DTYPES)
-    if hidden.shape[0] % 2:
-        raise ValueError(f"hidden must hold an even batch (chosen rows first, then rejected), got B = {hidden.shape[0]}")
+    check_even_batch("hidden", hidden)
 
 
 def sequence_logps_from_hidden(
@@ -327,15 +325,10 @@ def amapo_loss_from_hidden(
     Rows [0, B/2) of the batch are the chosen responses, [B/2, B) the rejected ones; log-probs are
     length-normalized. Every other keyword is amapo_loss_from_logits's (see amapo_kernels.amapo).
     """
-    _check_pair_batch(hidden)
-    logps = sequence_logps_from_hidden(
-        hidden, lm_head_weight, labels, bias=bias, ignore_index=ignore_index, average=True, shift=shift,
-        logit_softcap=logit_softcap, token_chunk=token_chunk, vocab_chunk=vocab_chunk,
-    )
-    half = hidden.shape[0] // 2
-    return amapo_loss(
-        logps[:half], logps[half:], beta=beta, label_smoothing=label_smoothing, variant=variant,
-        ablation=ablation, group=group, return_stats=return_stats,
+    return preference_loss_from_hidden(
+        hidden, lm_head_weight, labels, method="amapo", bias=bias, ignore_index=ignore_index, shift=shift,
+        logit_softcap=logit_softcap, token_chunk=token_chunk, vocab_chunk=vocab_chunk, beta=beta,
+        label_smoothing=label_smoothing, variant=variant, ablation=ablation, group=group, return_stats=return_stats,
     )
 
 
@@ -358,9 +351,8 @@ def preference_loss_from_hidden(
     """preference_loss(logps[:B/2], logps[B/2:], method=method, ...) with logps computed from hidden
     states (chosen rows first), summed or length-normalized as the method defines
     (amapo_kernels.preference.BASELINES[method].LOGPS; amapo: length-normalized). hparams go to the method."""
-    check_choice("method", method, METHODS)
     _check_pair_batch(hidden)
-    average = method == "amapo" or BASELINES[method].LOGPS == "mean"
+    average = uses_mean_logps(method)
     logps = sequence_logps_from_hidden(
         hidden, lm_head_weight, labels, bias=bias, ignore_index=ignore_index, average=average, shift=shift,
         logit_softcap=logit_softcap, token_chunk=token_chunk, vocab_chunk=vocab_chunk,

@@ -20,6 +20,12 @@ BASELINES = {
 METHODS = (*BASELINES, "amapo")
 
 
+def uses_mean_logps(method: str) -> bool:
+    """Whether `method` is defined on length-normalized log-probs (else summed ones)."""
+    check_choice("method", method, METHODS)
+    return method == "amapo" or BASELINES[method].LOGPS == "mean"
+
+
 def preference_loss(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,

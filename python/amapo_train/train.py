@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 import amapo_kernels as ak
 from amapo_kernels import reference
-from amapo_kernels.preference import BASELINES
+from amapo_kernels.preference import BASELINES, uses_mean_logps
 from amapo_train.config import TrainConfig
 from amapo_train.data import PreferenceDataset, collate, concatenated, load_records
 from amapo_train.model import load_model_and_tokenizer
@@ -34,10 +34,6 @@ STATE_FILE = "trainer_state.json"
 # ----------------------------------------------------------------------------------------------------
 # The loss of one micro-batch
 # ----------------------------------------------------------------------------------------------------
-
-
-def uses_mean_logps(method: str) -> bool:
-    return method == "amapo" or BASELINES[method].LOGPS == "mean"
 
 
 def needs_reference(method: str, hparams: dict) -> bool:
