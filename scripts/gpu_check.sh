@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Proves the CUDA ops on a GPU machine (H100/H200, torch preinstalled, no network), in two calls that each
 # fit in 10 minutes on 16 cores:
-#   bash scripts/gpu_check.sh part1   # ~6 min: environment, build (-Xptxas -v), kernels registered,
+#   bash scripts/gpu_check.sh part1   # ~6 min (an estimate: no GPU run yet): environment, build (-Xptxas -v), kernels registered,
 #                                     #   every CUDA test, compute-sanitizer memcheck/racecheck/synccheck/initcheck
-#   bash scripts/gpu_check.sh part2   # ~8 min: both benchmarks at the paper size with every peer
+#   bash scripts/gpu_check.sh part2   # ~8 min (an estimate): both benchmarks at the paper size with every peer
 #   bash scripts/gpu_check.sh all     # both, one after the other
 # Everything lands in one results folder, RESULTS (default $OUT when set, else results/gpu_check): logs,
 # JSON, markdown tables and summary_<part>.md, a table of each step's status and time.
 # Peers and the test dependencies the image lacks travel as wheels: run `bash scripts/fetch_peer_wheels.sh`
 # on a machine with PyPI first, and carry .whl/. part2 rebuilds only if the extension is missing (a
 # fresh machine); carry part1's _C*.so in .gpu_so/ to skip that.
+# BUDGET (seconds, default 570) bounds the whole invocation, so that it returns inside one device call of
+# 10 minutes: each step's time limit is cut to what is left, and a step that cannot start in time is
+# recorded as SKIPPED (out of time) instead of the call being killed with its results unreturned.
+# Under the device tool ($OUT set, 8 files at most come back) the logs are packed into logs.tar.gz
+# when the folder holds more than 8 files.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,6 +26,8 @@ PY="${AMAPO_PYTHON:-python3}"
 SITE=/tmp/amapo_site
 export PYTHONPATH="$ROOT:$ROOT/python:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 FAILED=0
+BUDGET="${BUDGET:-570}"
+RESERVE=15  # seconds kept for the summary and the packing after the last step
 
 # One row of the summary table per step: name, status (ok / FAILED / see log), seconds, detail.
 summary_row() { echo "| $1 | $2 | $3 | $4 |" >>"$SUMMARY"; }
@@ -29,9 +36,15 @@ start_summary() {
   printf '# gpu_check %s, %s\n\n| step | status | s | detail |\n|---|---|---|---|\n' "$1" "$(date -u +%FT%TZ)" >"$SUMMARY"
 }
 run_step() {  # run_step NAME LOG TIMEOUT CMD...: runs CMD with a time limit, logs it, records a row
-  local name=$1 log=$2 limit=$3 start=$SECONDS rc
+  local name=$1 log=$2 limit=$3 start=$SECONDS rc left
   shift 3
-  echo "== $name"
+  left=$((BUDGET - SECONDS - RESERVE))
+  if [ "$left" -lt 30 ]; then
+    FAILED=1; summary_row "$name" "SKIPPED (out of time: BUDGET=$BUDGET s)" 0 -
+    echo "== $name: skipped, ${left} s of the budget left"; return 1
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (limit ${limit} s)"
   timeout "$limit" "$@" >>"$log" 2>&1
   rc=$?
   if [ $rc -eq 0 ]; then summary_row "$name" ok $((SECONDS - start)) "$(basename "$log")"
@@ -117,5 +130,10 @@ case "$PART" in
   all) part1; part2 ;;
   *) echo "usage: bash scripts/gpu_check.sh part1|part2|all" >&2; exit 2 ;;
 esac
-echo "== results in $RESULTS"; cat "$RESULTS"/summary_*.md
+# The device tool returns at most 8 files from $OUT: past that, one archive of the logs.
+if [ -n "${OUT:-}" ] && [ "$RESULTS" = "$OUT" ] && [ "$(find "$RESULTS" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then
+  (cd "$RESULTS" && tar -czf logs.tar.gz -- *.log *.txt && rm -f -- *.log *.txt) \
+    && echo "== logs packed into $RESULTS/logs.tar.gz (more than 8 files)"
+fi
+echo "== results in $RESULTS ($SECONDS s of BUDGET=$BUDGET)"; cat "$RESULTS"/summary_*.md
 exit $FAILED
