@@ -66,6 +66,13 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {sorted(c for c in choices if c is not None)}, got {value!r}")
 
 
+def check_bool(name: str, value) -> bool:
+    """A switch given as True/False (a string such as "false" would silently mean True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_even_batch(name: str, batch) -> None:
     if batch.shape[0] % 2:
         raise ValueError(

@@ -21,7 +21,7 @@ def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
 
 
 @torch.library.register_fake("amapo_kernels::sequence_logps_fwd")
-def _sequence_logps_fwd_fake(logits, labels, ignore_index, average, shift):
+def _sequence_logps_fwd_fake(logits, labels, ignore_index, average, shift, check_labels=True):
     batch, steps = labels.shape
     dtype = _acc_dtype(logits)
     seq = logits.new_empty((batch,), dtype=dtype)
@@ -52,16 +52,17 @@ def _amapo_loss_bwd_fake(grad, chosen_logps, rejected_logps, margins, beta, labe
 
 
 def _sequence_logps_setup(ctx, inputs, output):
-    logits, labels, ignore_index, average, shift = inputs
+    logits, labels, ignore_index, average, shift = inputs[:5]  # and check_labels, which the backward needs not
     ctx.save_for_backward(logits, labels, output[1])
     ctx.options = (ignore_index, average, shift)
+    ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(output[1])
 
 
 def _sequence_logps_backward(ctx, grad_seq, grad_softmax_stats):
     logits, labels, softmax_stats = ctx.saved_tensors
     grad_logits = ops.sequence_logps_bwd(grad_seq, logits, labels, softmax_stats, *ctx.options)
-    return grad_logits, None, None, None, None
+    return (grad_logits,) + (None,) * (ctx.num_inputs - 1)
 
 
 torch.library.register_autograd(

@@ -159,14 +159,16 @@ def amapo_loss_from_logits(
     group=None,
     return_stats: bool = False,
     inplace_backward: bool = False,
+    check_labels: bool = True,
 ):
     """AMaPO from the logits of a concatenated batch: rows [0, B/2) chosen, rows [B/2, B) rejected,
     as TRL's concatenated forward builds them. Log-probs are length-normalized over non-ignored labels.
-    inplace_backward: see sequence_logps (the logits' gradient overwrites the logits)."""
+    inplace_backward, check_labels: see sequence_logps (the logits' gradient overwrites the logits; the
+    label-range check and its host sync on CUDA)."""
     check_logits_labels(logits, labels)
     check_even_batch("logits", logits)
     logps = sequence_logps(logits, labels, ignore_index=ignore_index, average=True, shift=shift,
-                           inplace_backward=inplace_backward)
+                           inplace_backward=inplace_backward, check_labels=check_labels)
     half = logits.shape[0] // 2
     return amapo_loss(
         logps[:half],

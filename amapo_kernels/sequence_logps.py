@@ -2,7 +2,7 @@
 
 import torch
 
-from amapo_kernels._checks import check_ignore_index, check_logits_labels
+from amapo_kernels._checks import check_bool, check_ignore_index, check_logits_labels
 from amapo_kernels._ops import ops, refuse_unsupported_transforms
 
 
@@ -14,6 +14,7 @@ def sequence_logps(
     average: bool = True,
     shift: bool = False,
     inplace_backward: bool = False,
+    check_labels: bool = True,
 ) -> torch.Tensor:
     """Sum (or mean) over each row of log_softmax(logits)[t, labels[t]], skipping ignore_index.
 
@@ -28,15 +29,20 @@ def sequence_logps(
         overwritten values. Eager mode only: under torch.compile the ordinary backward is used. Refused
         (errors, never a wrong gradient): logits whose elements share memory (expand, overlapping
         as_strided), and a backward with create_graph=True.
+    check_labels: on CUDA, check before any kernel runs that every scored label lies in [0, V) (a clear
+        ValueError). The check costs one host sync per call; False skips it for users who validated their
+        data once (and it is skipped anyway while a CUDA graph is captured): an out-of-range label then gives
+        a NaN log-prob for its sequence, never an out-of-bounds read. On the CPU the check always runs.
     Forward-mode AD, torch.func.grad/jvp/vjp and double backward raise errors naming this op; vmap works.
     """
     check_logits_labels(logits, labels)
     options = (check_ignore_index(ignore_index), bool(average), bool(shift))
+    check_labels = check_bool("check_labels", check_labels)
     refuse_unsupported_transforms("amapo_kernels.sequence_logps", logits)
     if inplace_backward and not torch.compiler.is_compiling():
         _check_no_internal_overlap(logits)
-        return _InplaceBackward.apply(logits, labels, *options)
-    seq_logps, _ = ops.sequence_logps_fwd(logits, labels, *options)
+        return _InplaceBackward.apply(logits, labels, *options, check_labels)
+    seq_logps, _ = ops.sequence_logps_fwd(logits, labels, *options, check_labels)
     return seq_logps
 
 
@@ -54,8 +60,8 @@ class _InplaceBackward(torch.autograd.Function):
     """sequence_logps whose backward overwrites the logits with their gradient."""
 
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, average, shift):
-        seq_logps, softmax_stats = ops.sequence_logps_fwd(logits, labels, ignore_index, average, shift)
+    def forward(ctx, logits, labels, ignore_index, average, shift, check_labels):
+        seq_logps, softmax_stats = ops.sequence_logps_fwd(logits, labels, ignore_index, average, shift, check_labels)
         ctx.save_for_backward(logits, labels, softmax_stats)
         ctx.options = (ignore_index, average, shift)
         ctx.mark_non_differentiable(softmax_stats)
@@ -73,4 +79,4 @@ class _InplaceBackward(torch.autograd.Function):
         ops.sequence_logps_bwd_inplace(grad_seq.contiguous(), logits, labels, softmax_stats, *ctx.options)
         if logits._version == version:  # make every other saved copy of the logits fail loudly
             torch.autograd.graph.increment_version(logits)
-        return logits.detach(), None, None, None, None
+        return logits.detach(), None, None, None, None, None

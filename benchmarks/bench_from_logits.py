@@ -3,14 +3,18 @@
     python benchmarks/bench_from_logits.py                         # CPU rows (small sizes)
     python benchmarks/bench_from_logits.py --device cuda --sizes 4x2048x128256 --dtypes bf16 \\
         --json from_logits.json --markdown from_logits.md         # the paper size (scripts/gpu_check.sh)
-    ncu --clock-control none -k regex:'rows_kernel' --launch-skip 4 --launch-count 2 --section SpeedOfLight \\
+    ncu --clock-control none -k regex:'(forward|backward)_rows_kernel' --launch-skip 4 --launch-count 2 \\
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \\
         python benchmarks/bench_from_logits.py --device cuda --sizes 4x2048x128256 --dtypes bf16 --peers ours
+    (achieved DRAM throughput and issue-slot use of the forward and backward kernels)
 
 Workload: logits [B, T, V] of a concatenated batch (chosen rows first), labels with the first quarter
 (the prompt) ignored, `shift=True`; the time of the loss plus d loss / d logits. Logits are realistic
 (peaked, a few nats of entropy: amapo_kernels.testing.peaked_logits), not uniform noise. Peers:
   ours          amapo_kernels.amapo_loss_from_logits (a separate logits-sized gradient)
   ours_inplace  the same with inplace_backward=True (the gradient written over the logits)
+  ours_unchecked  the same with check_labels=False (no label-range check, so no host sync; CUDA only:
+                on the CPU the check always runs)
   eager         log_softmax over fp32 logits, gather, masked mean (amapo_kernels.reference), AMaPO loss
   compile       torch.compile of eager
   liger         Liger-Kernel's LigerCrossEntropyLoss(reduction="none") as its users call it: the contiguous
@@ -47,7 +51,7 @@ from amapo_kernels.testing import LargestTensor, peaked_logits  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SIZES = {"cpu": "2x512x32000,4x1024x32000", "cuda": "4x512x32000,4x2048x32000,8x2048x32000,"
                  "4x512x128256,4x2048x128256,8x2048x128256"}
-PEERS = ["ours", "ours_inplace", "eager", "compile", "liger", "liger_pref", "trl"]
+PEERS = ["ours", "ours_inplace", "ours_unchecked", "eager", "compile", "liger", "liger_pref", "trl"]
 OVERWRITES_LOGITS = {"ours_inplace", "liger"}
 IGNORE = -100
 
@@ -107,11 +111,18 @@ def trl_loss(logits, labels):
     return pair_loss(masked_mean(token_logps.float(), mask))
 
 
+def ours_unchecked(logits, labels):
+    if logits.device.type != "cuda":
+        raise PeerUnavailable("check_labels=False saves a host sync on CUDA; on the CPU the check always runs")
+    return ak.amapo_loss_from_logits(logits, labels, shift=True, check_labels=False)
+
+
 def peer_fns(device):
     fns = {
         "ours": lambda logits, labels: ak.amapo_loss_from_logits(logits, labels, shift=True),
         "ours_inplace": lambda logits, labels: ak.amapo_loss_from_logits(logits, labels, shift=True,
                                                                          inplace_backward=True),
+        "ours_unchecked": ours_unchecked,
         "eager": eager_loss,
         "compile": torch.compile(eager_loss),
         "liger": liger_loss,

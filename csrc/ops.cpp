@@ -6,8 +6,9 @@
 TORCH_LIBRARY(amapo_kernels, m) {
   // Per-sequence log-probs of labels under log_softmax(logits). softmax_stats [B, T - shift, 2] holds each
   // row's (max, log sum exp(x - max)) for the backward; both are kept for log_softmax's precision.
-  m.def("sequence_logps_fwd(Tensor logits, Tensor labels, int ignore_index, bool average, bool shift)"
-        " -> (Tensor seq_logps, Tensor softmax_stats)");
+  // check_labels=False skips the label-range check (a host sync on CUDA): an out-of-range label then gives NaN.
+  m.def("sequence_logps_fwd(Tensor logits, Tensor labels, int ignore_index, bool average, bool shift,"
+        " bool check_labels=True) -> (Tensor seq_logps, Tensor softmax_stats)");
   m.def("sequence_logps_bwd(Tensor grad, Tensor logits, Tensor labels, Tensor softmax_stats, int ignore_index,"
         " bool average, bool shift) -> Tensor");
   // The same gradient written over the logits themselves (opt-in: sequence_logps(inplace_backward=True)).

@@ -58,8 +58,11 @@ BlockLabels block_labels(const at::Tensor& used, int64_t b, int64_t t0, int64_t 
   return {valid, at::where(valid, labels, at::zeros_like(labels)).unsqueeze(1)};
 }
 
+// check_labels is not read: on the CPU the range check costs no device sync, so it always runs (an
+// out-of-range label is an error here, NaN on CUDA with check_labels=False).
 std::tuple<at::Tensor, at::Tensor> sequence_logps_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
-                                                          int64_t ignore_index, bool average, bool shift) {
+                                                          int64_t ignore_index, bool average, bool shift,
+                                                          bool /*check_labels*/) {
   check_logits_labels(logits, labels, shift);
   const auto used = scored_labels(labels, shift);
   check_label_range(used, logits.size(2), ignore_index);

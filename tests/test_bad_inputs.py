@@ -54,6 +54,17 @@ def test_label_out_of_range_with_shift_is_caught_in_the_scored_part():
         ak.sequence_logps(logits, labels, shift=True)
 
 
+@pytest.mark.parametrize("api", ["sequence_logps", "amapo_loss_from_logits"])
+def test_check_labels_false_still_checks_on_the_cpu(api):
+    """check_labels=False removes a host sync on CUDA; on the CPU the check costs none and always runs."""
+    logits, labels = logits_labels()
+    labels[1, 2] = V
+    with pytest.raises(ValueError, match=re.escape("labels must lie in [0, V=7)")):
+        getattr(ak, api)(logits, labels, check_labels=False)
+    with pytest.raises(TypeError, match="check_labels must be True or False, got 'false'"):
+        ak.sequence_logps(logits, labels, check_labels="false")
+
+
 def test_custom_ignore_index_is_not_out_of_range():
     logits, labels = logits_labels()
     labels[0, 0] = -1

@@ -37,6 +37,51 @@ def test_vocab_sizes(vocab, dtype):
     compare(logits, labels, shift=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_rows_split_the_vocabulary(dtype):
+    """B*T = 6 rows cannot fill the GPU: each row's vocabulary is split across blocks and merged in order."""
+    generator = torch.Generator().manual_seed(5)
+    logits = peaked_logits(2, 4, 128256, dtype=dtype, generator=generator, device="cuda")
+    labels = random_labels(2, 4, 128256, ignore_prob=0.2, generator=generator, device="cuda")
+    compare(logits, labels, shift=True)
+
+
+@pytest.mark.parametrize("steps", [4, 600])  # split rows, and one block per row
+def test_float64_is_exact(steps):
+    """fp64 logits accumulate in fp64 with the exact exp: log-probs and gradients to fp64 rounding."""
+    generator = torch.Generator().manual_seed(7)
+    logits = peaked_logits(2, steps, 32001, dtype=torch.float64, generator=generator, device="cuda")
+    labels = random_labels(2, steps, 32001, ignore_prob=0.2, generator=generator, device="cuda")
+    leaf, leaf64 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    out, out64 = ak.sequence_logps(leaf, labels, shift=True), ref.sequence_logps(leaf64, labels, shift=True)
+    torch.testing.assert_close(out, out64, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(2, dtype=torch.float64, device="cuda")
+    grad, grad64 = (torch.autograd.grad((o * weights).sum(), x)[0] for o, x in ((out, leaf), (out64, leaf64)))
+    torch.testing.assert_close(grad, grad64, rtol=1e-12, atol=1e-15)
+
+
+def test_check_labels_false_has_no_host_sync_and_gives_nan():
+    """check_labels=False: no synchronizing call in forward or backward, and an out-of-range label makes its
+    sequence NaN (never an out-of-bounds read); the other sequences are untouched."""
+    generator = torch.Generator().manual_seed(6)
+    logits = peaked_logits(4, 16, 32001, dtype=torch.bfloat16, generator=generator, device="cuda")
+    labels = random_labels(4, 16, 32001, ignore_prob=0.1, generator=generator, device="cuda")
+    expected = ak.sequence_logps(logits, labels, shift=True)
+    labels[1, 5] = 32001
+    leaf = logits.detach().clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ak.sequence_logps(leaf, labels, shift=True, check_labels=False)
+        (grad,) = torch.autograd.grad(out.sum(), leaf)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out[1].isnan() and torch.equal(out[[0, 2, 3]], expected[[0, 2, 3]])
+    assert grad[[0, 2, 3]].isfinite().all()
+    with pytest.raises(ValueError, match="labels must lie"):
+        ak.sequence_logps(leaf, labels, shift=True)
+
+
 def test_noncontiguous_batch_strides():
     generator = torch.Generator().manual_seed(1)
     wide = peaked_logits(8, 17, 5003, dtype=torch.bfloat16, generator=generator, device="cuda")
@@ -77,6 +122,7 @@ def test_bit_identical_reruns():
 
 
 def test_cuda_graph_capture_of_forward_and_backward():
+    """With check_labels=False (no host sync): the captured step replays to the eager result, bit for bit."""
     generator = torch.Generator().manual_seed(3)
     logits = peaked_logits(8, 128, 32000, dtype=torch.bfloat16, generator=generator, device="cuda")
     labels = random_labels(8, 128, 32000, ignore_prob=0.2, generator=generator, device="cuda")
@@ -84,7 +130,7 @@ def test_cuda_graph_capture_of_forward_and_backward():
 
     def step():
         static.grad = None
-        loss = ak.amapo_loss_from_logits(static, labels, shift=True)
+        loss = ak.amapo_loss_from_logits(static, labels, shift=True, check_labels=False)
         loss.backward()
         return loss
 

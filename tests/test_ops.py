@@ -37,6 +37,7 @@ def sequence_inputs(device, dtype=torch.float32, shift=False, requires_grad=True
 def test_opcheck_sequence_logps(device, shift, average):
     logits, labels = sequence_inputs(device, shift=shift)
     torch.library.opcheck(ops.sequence_logps_fwd.default, (logits, labels, -100, average, shift))
+    torch.library.opcheck(ops.sequence_logps_fwd.default, (logits, labels, -100, average, shift, False))
     seq, stats = ops.sequence_logps_fwd(logits.detach(), labels, -100, average, shift)
     grad = torch.randn_like(seq)
     torch.library.opcheck(ops.sequence_logps_bwd.default, (grad, logits.detach(), labels, stats, -100, average, shift))

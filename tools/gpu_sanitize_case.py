@@ -2,7 +2,8 @@
 scripts/gpu_check.sh runs it under each tool with PYTORCH_NO_CUDA_MEMORY_CACHING=1, so that each tensor is
 its own allocation (memcheck then sees an out-of-bounds access instead of a neighbour's bytes).
 Layouts: V below one block of threads, V = 1, odd V, a strided vocabulary slice, time-major strides, the
-in-place backward, T = 1 with shift, and the AMaPO pair op at 1, 3 and 300 pairs.
+in-place backward, T = 1 with shift, rows split across blocks (few rows, large V), out-of-range labels with
+check_labels=False, and the AMaPO pair op at 1, 3 and 300 pairs.
 Prints one line per case; exits non-zero when a case disagrees with the fp64 reference (a loose smoke
 check: the tolerance rule itself is tested by pytest)."""
 import sys
@@ -55,6 +56,18 @@ for b, t, v, dtype, layout, shift, inplace in cases:
     bad += not ok
     print(f"{'ok ' if ok else 'BAD'} B={b} T={t} V={v} {str(dtype)[6:]} {layout} shift={shift} inplace={inplace}"
           f" err={err:.2e} grad_err={gerr:.2e}")
+# check_labels=False with labels just outside [0, V) (in a split row and in a row of its own block): NaN for
+# those sequences and, under memcheck, no read outside the logits
+if dev == "cuda":
+    for b, t, v in ((2, 3, 32001), (2, 300, 257)):
+        x = peaked_logits(b, t, v, dtype=torch.bfloat16, generator=g, device=dev).requires_grad_()
+        lab = labels_for(b, t, v)
+        lab[0, 1], lab[1, t - 1] = v, -2
+        out = ak.sequence_logps(x, lab, shift=True, check_labels=False)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        ok = bool(out.isnan().all()) and not bool(torch.isnan(grad).any())
+        bad += not ok
+        print(f"{'ok ' if ok else 'BAD'} B={b} T={t} V={v} check_labels=False, labels V and -2: NaN log-probs")
 # the AMaPO pair op, B = 1 (zero spread), 3 and 300 pairs (> one block of threads)
 for n in (1, 3, 300):
     c = (torch.randn(n, generator=g) - 1).to(dev).requires_grad_()
