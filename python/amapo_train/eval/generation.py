@@ -1,9 +1,9 @@
 """Batched generation for AlpacaEval 2 and MT-Bench, with the decoding settings of the AMaPO paper.
 
 Presets (``PRESETS``, ``amapo-eval generate --preset NAME``) are the per-setting AlpacaEval 2 decoding of
-the authors' ``eval/alpacaeval2/configs/*.yaml``, which follow SimPO's (princeton-nlp/SimPO,
-``eval/alpacaeval2/configs/``: ``Llama-3-Base-8B-SFT-SimPO.yaml``, ``Llama-3-Instruct-8B-SimPO.yaml``,
-``Mistral-7B-Base-SFT-SimPO.yaml``, ``Mistral-7B-Instruct-SimPO.yaml``): sampling with temperature 0.9
+the authors' files (github Shiroha-Offical/AMaPO, ``eval/alpacaeval2/configs/``: ``Llama-3-Base-8B-AMaPO.yaml``,
+``Llama-3-Instruct-8B-AMaPO.yaml``, ``Mistral-7B-Base-SFT-AMaPO.yaml``, ``Mistral-7B-Instruct-AMaPO.yaml``,
+the same settings as SimPO's files of those settings): sampling with temperature 0.9
 and 4096 new tokens for both Llama-3 settings, 0.7 / 2048 for Mistral-Base, 0.5 / 2048 for
 Mistral-Instruct, top-p 1.0 (the Mistral-Instruct file names no top-p: vLLM's default, 1.0). The Llama-3
 files also stop at token ids 128001 and 128009, i.e. ``<|end_of_text|>`` and ``<|eot_id|>``
@@ -32,14 +32,14 @@ from amapo_train.data import prompt_needs_special_tokens
 PRESETS = {
     "llama3-8b-base": {"temperature": 0.9, "max_new_tokens": 4096, "top_p": 1.0,
                        "stop_tokens": ["<|end_of_text|>", "<|eot_id|>"],
-                       "source": "princeton-nlp/SimPO eval/alpacaeval2/configs/Llama-3-Base-8B-SFT-SimPO.yaml"},
+                       "source": "Shiroha-Offical/AMaPO eval/alpacaeval2/configs/Llama-3-Base-8B-AMaPO.yaml"},
     "llama3-8b-instruct": {"temperature": 0.9, "max_new_tokens": 4096, "top_p": 1.0,
                            "stop_tokens": ["<|end_of_text|>", "<|eot_id|>"],
-                           "source": "princeton-nlp/SimPO eval/alpacaeval2/configs/Llama-3-Instruct-8B-SimPO.yaml"},
+                           "source": "Shiroha-Offical/AMaPO eval/alpacaeval2/configs/Llama-3-Instruct-8B-AMaPO.yaml"},
     "mistral-7b-base": {"temperature": 0.7, "max_new_tokens": 2048, "top_p": 1.0, "stop_tokens": [],
-                        "source": "princeton-nlp/SimPO eval/alpacaeval2/configs/Mistral-7B-Base-SFT-SimPO.yaml"},
+                        "source": "Shiroha-Offical/AMaPO eval/alpacaeval2/configs/Mistral-7B-Base-SFT-AMaPO.yaml"},
     "mistral-7b-instruct": {"temperature": 0.5, "max_new_tokens": 2048, "top_p": 1.0, "stop_tokens": [],
-                            "source": "princeton-nlp/SimPO eval/alpacaeval2/configs/Mistral-7B-Instruct-SimPO.yaml"},
+                            "source": "Shiroha-Offical/AMaPO eval/alpacaeval2/configs/Mistral-7B-Instruct-AMaPO.yaml"},
 }
 # Without a preset: the earlier defaults of `amapo-eval generate`.
 DEFAULT_DECODING = {"temperature": 0.7, "max_new_tokens": 512, "top_p": 1.0, "stop_tokens": []}
