@@ -239,6 +239,13 @@ VocabSplit vocab_split(int64_t rows, int64_t vocab) {
   return {chunk, (vocab + chunk - 1) / chunk};
 }
 
+// Row `row` of the [B, T'] scored rows in logits with batch/time strides (64-bit offsets).
+template <typename scalar_t>
+__device__ __forceinline__ const scalar_t* scored_row(const scalar_t* logits, int64_t row, int64_t steps,
+                                                      int64_t stride_b, int64_t stride_t) {
+  return logits + (row / steps) * stride_b + (row % steps) * stride_t;
+}
+
 unsigned grid_for(int64_t items) { return static_cast<unsigned>(std::max<int64_t>(1, std::min(items, kMaxBlocks))); }
 
 // Forward, one block per (scored row, vocabulary chunk). With one chunk per row the block finishes the row
@@ -258,7 +265,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       continue;  // uniform across the block: no barrier is skipped by some threads only
     }
-    const scalar_t* x = logits + (row / steps) * stride_b + (row % steps) * stride_t;
+    const scalar_t* x = scored_row(logits, row, steps, stride_b, stride_t);
     const int64_t begin = part * split.chunk, end = min(vocab, begin + split.chunk);
     const SoftmaxState<acc> total = row_softmax_state<scalar_t, acc>(x + begin, end - begin);
     if (threadIdx.x == 0) {
@@ -289,7 +296,7 @@ __global__ void merge_splits_kernel(const scalar_t* __restrict__ logits, int64_t
     const acc* mine = partials + 2 * row * splits;
     SoftmaxState<acc> total{mine[0], mine[1]};
     for (int64_t s = 1; s < splits; ++s) total.merge(mine[2 * s], mine[2 * s + 1]);
-    const scalar_t* x = logits + (row / steps) * stride_b + (row % steps) * stride_t;
+    const scalar_t* x = scored_row(logits, row, steps, stride_b, stride_t);
     finish_row(total, x, label, vocab, token_logps + row, softmax_stats + 2 * row);
   }
 }
@@ -339,17 +346,17 @@ __device__ void row_gradient(const scalar_t* x, scalar_t* grad, int64_t n, int64
   constexpr int vec = kVec<scalar_t>;
   const RowLayout layout = row_layout(x, n);
   const bool vector_stores = (reinterpret_cast<uintptr_t>(grad) - reinterpret_cast<uintptr_t>(x)) % 16 == 0;
-  auto gradient = [&](acc value, int64_t v) {
-    const acc p = softmax_exp((value - max_x) - log_sum);
-    return static_cast<scalar_t>(c * ((v == label ? acc(1) : acc(0)) - p));
+  auto gradient = [&](scalar_t value, bool is_label) {
+    const acc p = softmax_exp((static_cast<acc>(value) - max_x) - log_sum);
+    return static_cast<scalar_t>(c * ((is_label ? acc(1) : acc(0)) - p));
   };
   if (threadIdx.x < layout.head) {
     const int64_t v = threadIdx.x;
-    grad[v] = gradient(static_cast<acc>(x[v]), v);
+    grad[v] = gradient(x[v], v == label);
   }
   if (threadIdx.x < n - layout.tail_begin) {
     const int64_t v = layout.tail_begin + threadIdx.x;
-    grad[v] = gradient(static_cast<acc>(x[v]), v);
+    grad[v] = gradient(x[v], v == label);
   }
   // The label's pack and lane within the aligned part (none: -1), so the loop compares once per pack.
   const int64_t label_offset = label - layout.head;
@@ -371,10 +378,7 @@ __device__ void row_gradient(const scalar_t* x, scalar_t* grad, int64_t n, int64
       const int lane_of_label = v == label_pack ? label_lane : -1;
       Pack<scalar_t> out;
 #pragma unroll
-      for (int i = 0; i < vec; ++i) {
-        const acc p = softmax_exp((static_cast<acc>(packs[u].v[i]) - max_x) - log_sum);
-        out.v[i] = static_cast<scalar_t>(c * ((i == lane_of_label ? acc(1) : acc(0)) - p));
-      }
+      for (int i = 0; i < vec; ++i) out.v[i] = gradient(packs[u].v[i], i == lane_of_label);
       if (vector_stores) {
         store_pack(g_aligned + v * vec, out);
       } else {
