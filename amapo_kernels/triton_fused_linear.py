@@ -1,23 +1,38 @@
 """Triton kernels of the fused lm_head (amapo_kernels.fused_linear, backend="triton"): the per-token
-softmax statistics of softcap(hidden @ W^T + b) and the three gradients, with no logits tile in memory.
+softmax statistics of softcap(hidden @ W^T + b) and the three gradients, with no logits in memory beyond
+one bounded gradient tile.
 
 Tokens are the flat scored positions n = b * Ts + t (Ts = T - 1 with shift), read in place from any
 strided hidden / labels (64-bit offsets throughout).
 
-forward   grid (token blocks, vocabulary splits). A program computes a [BN, BV] tile of logits by a
-          K-loop of tl.dot, applies bias and softcap in registers, folds it into per-token running
-          (max, sum of exp) and picks the label's logit; it walks the BV-blocks of its split, then
+forward   _stats_kernel, grid (token blocks, vocabulary splits). A program computes [BN, BV] tiles of
+          logits by a K-loop of tl.dot, applies bias and softcap in registers, folds them into per-token
+          running (max, sum of exp) and picks the label's logit; it walks the BV-blocks of its split, then
           stores one (max, sum) per token. A small fp64 pass (token_stats) merges the splits.
-backward  grid (token blocks, vocabulary blocks). A program recomputes its tile, forms
-          g = coef * (onehot - softmax) * softcap'  in registers and atomically adds g @ W_blk into
-          grad_hidden, g^T @ hidden_blk into grad_weight and sum_n g into grad_bias (fp32 buffers).
+backward  by vocabulary chunks of at most GRAD_TILE_BYTES: _grad_logits_kernel recomputes the chunk's
+          tiles in the matmul and writes g = coef * (onehot - softmax) * softcap' (rounded to the input
+          dtype, as eager autograd rounds grad_logits) for every position b * T + t; then two cuBLAS
+          products finish the chunk: grad_hidden += g @ W_chunk (into one fp32 accumulator) and
+          grad_W[chunk] = g^T @ hidden (its rows are owned by the chunk: no accumulation, cast once).
+          grad_b is summed from the unrounded g in the kernel (fp32 atomics of [BV] vectors).
+          Why not accumulate both products inside the kernel, as Cut Cross-Entropy does: at B*T = 8192,
+          H = 4096, V = 128256 every (token block x vocabulary block) program would add a [BN + BV, H]
+          fp32 slab, about 400 GB of atomic traffic in all, against 2.1 GB for writing g once and two
+          reads of it by cuBLAS. That kernel is kept for the gradient filter, which skips most of it.
 
-Matmul precision: bf16/fp16 operands go through tensor cores with fp32 accumulation (g is rounded to the
-input dtype first, as eager autograd in bf16 does); fp32 operands use tf32 only when
-torch.backends.cuda.matmul.allow_tf32 is set, else exact fp32 ("ieee"); mixed dtypes are upcast to fp32.
+Tile sizes: on a GPU each kernel is autotuned (once per (V, H, dtypes) key; the number of tokens is not
+in the key, so a new batch shape does not tune again) over a few Hopper configurations (TUNING), or runs
+the one that AMAPO_TRITON_CONFIG=<index> pins; the interpreter gets the smallest tl.dot tiles, so small
+test shapes already span several blocks, splits and chunks.
+
+Matmul precision: bf16/fp16 operands go through tensor cores with fp32 accumulation; fp32 operands use tf32
+only when torch.backends.cuda.matmul.allow_tf32 is set, else exact fp32 ("ieee"); mixed dtypes are upcast
+to fp32. The cuBLAS products follow torch's own settings, as eager autograd would.
 
 Positions whose label is ignore_index read hidden as 0 and get g = 0, so a non-finite hidden state there
-reaches neither the statistics nor any gradient.
+reaches neither the statistics nor any gradient (for grad_W = g^T @ hidden, hidden is copied with those
+rows zeroed when it holds a non-finite value; a finite hidden is used in place). Token blocks with no
+scored position skip their matmuls.
 
 Gradient filter (opt-in, off by default): a backward tile whose softmax entries are all below `eps` (the
 resolution of the gradients' dtype, finfo(dtype).eps, the coarser of hidden's and the weight's) and that
@@ -27,14 +42,18 @@ is -coef_n * p_nv * softcap' with p_nv < eps and |softcap'| <= 1, so the error i
     |d grad_weight[v, k]| <= sum_{n dropped} |coef_n| p_nv |hidden[n, k]|
     |d grad_bias[v]|      <= sum_{n dropped} |coef_n| p_nv
 (each at most eps times the number of dropped entries; tests/test_triton_fused_linear.py checks it).
-Values (the forward) are never filtered.
+Values (the forward) are never filtered. The filter runs on _accumulating_backward_kernel (in-kernel fp32
+accumulation into buffers of the gradients' size), where a skipped tile saves its two products.
 
 The interpreter: with TRITON_INTERPRET=1 in the environment before this module is imported, the same
 kernels run on CPU tensors (numpy); tl.dot of bf16 blocks is wrong there (Triton 3.8), so test in fp32.
 
 torch.compile: the entry points are torch.compiler.disable'd, so a compiled caller takes a graph break
-around them and runs them eagerly (the statistics pass has a host-side grid, the backward atomics).
+around them and runs them eagerly (host-side grids and chunk loops, autotuning, the backward atomics).
 """
+
+import functools
+import os
 
 import torch
 import triton
@@ -44,6 +63,10 @@ from triton import knobs
 INTERPRETED = bool(knobs.runtime.interpret)  # decided when the kernels below are decorated
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _HALF = (torch.bfloat16, torch.float16)
+# The backward's g chunk [B * T, chunk]. With grad_hidden's fp32 accumulator (128 MiB at B*T = 8192,
+# H = 4096) the working memory is 192 MiB there, under 0.25 GiB; its 4096 columns keep cuBLAS efficient.
+GRAD_TILE_BYTES = 64 * 2**20
+VOCAB_GRANULE = 256  # splits and chunks are multiples of every autotuned BV
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,7 +80,7 @@ def _tile_logits(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, strid
                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
                  PRECISION: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
     """softcap(hidden @ W^T + b) of a [BN, BV] tile in fp32; rows not live read hidden as 0, vocabulary
-    columns outside [0, V) are -inf."""
+    columns not live are -inf."""
     h_rows = h_ptr + batch_row.to(tl.int64) * stride_hb + step.to(tl.int64) * stride_ht
     w_cols = w_ptr + offs_v.to(tl.int64) * stride_wv
     acc = tl.zeros((BN, BV), dtype=tl.float32)
@@ -85,9 +108,28 @@ def _tile_logits(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, strid
 
 
 @triton.jit
+def _softmax_of_tile(s, live, stats_ptr, token):
+    """softmax of a tile of logits s from the forward's per-token (max, log sum exp(s - max))."""
+    row_max = tl.load(stats_ptr + token.to(tl.int64) * 2, mask=live, other=0.0)
+    row_log_sum = tl.load(stats_ptr + token.to(tl.int64) * 2 + 1, mask=live, other=0.0)
+    # (s - max) is exact near the max (Sterbenz), so p keeps its relative accuracy at any logit scale
+    return tl.exp((s - row_max[:, None]) - row_log_sum[:, None])
+
+
+@triton.jit
+def _grad_of_tile(s, p, hit, coef, live, vocab_live, softcap, SOFTCAP: tl.constexpr):
+    """coef * (onehot - softmax) * softcap' of a tile of logits s, 0 outside live rows and columns."""
+    g = coef[:, None] * (hit.to(tl.float32) - p)
+    if SOFTCAP:
+        capped = tl.where(vocab_live[None, :], s, 0.0) / softcap  # not -inf: 0 * inf would be NaN
+        g = g * (1.0 - capped * capped)
+    return tl.where(live[:, None] & vocab_live[None, :], g, 0.0)
+
+
+@triton.jit
 def _stats_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stride_wk, bias_ptr,
                   labels_ptr, stride_lb, stride_lt, max_ptr, sum_ptr, label_logit_ptr,
-                  tokens, steps, vocab, width, shift, ignore_index, softcap, blocks_per_split,
+                  tokens, steps, vocab, width, shift, ignore_index, softcap, split_width,
                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
                   PRECISION: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -99,36 +141,81 @@ def _stats_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stri
     labels = tl.load(labels_ptr + batch_row.to(tl.int64) * stride_lb + (step + shift).to(tl.int64) * stride_lt,
                      mask=in_range, other=ignore_index)
     live = in_range & (labels != ignore_index)
-    running_max = tl.full((BN,), float("-inf"), dtype=tl.float32)
-    running_sum = tl.zeros((BN,), dtype=tl.float32)
-    for j in range(0, blocks_per_split):
-        v0 = (split * blocks_per_split + j) * BV
-        offs_v = v0 + tl.arange(0, BV)
-        vocab_live = offs_v < vocab
-        s = _tile_logits(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stride_wk, bias_ptr,
-                         batch_row, step, live, offs_v, vocab_live, width, softcap,
-                         HAS_BIAS, SOFTCAP, DOT_F32, PRECISION, BN, BV, BK)
-        # the first block of a split is never empty (host side), so new_max is finite from then on
-        new_max = tl.maximum(running_max, tl.max(s, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
-        running_max = new_max
-        hit = offs_v[None, :] == labels[:, None]
-        label_logit = tl.sum(tl.where(hit, s, 0.0), axis=1)
-        tl.store(label_logit_ptr + offs_n, label_logit, mask=live & (labels >= v0) & (labels < v0 + BV))
+    # a block with no scored position (a prompt) stores (0, 1): finite statistics that nothing reads
+    running_max = tl.zeros((BN,), dtype=tl.float32)
+    running_sum = tl.full((BN,), 1.0, dtype=tl.float32)
+    if tl.max(live.to(tl.int32), axis=0) > 0:
+        running_max = tl.full((BN,), float("-inf"), dtype=tl.float32)
+        running_sum = tl.zeros((BN,), dtype=tl.float32)
+        v_begin = split * split_width
+        v_end = tl.minimum(v_begin + split_width, vocab)
+        for v0 in range(v_begin, v_end, BV):
+            offs_v = v0 + tl.arange(0, BV)
+            vocab_live = offs_v < v_end
+            s = _tile_logits(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stride_wk, bias_ptr,
+                             batch_row, step, live, offs_v, vocab_live, width, softcap,
+                             HAS_BIAS, SOFTCAP, DOT_F32, PRECISION, BN, BV, BK)
+            # a split starts inside the vocabulary (host side), so new_max is finite from its first block on
+            new_max = tl.maximum(running_max, tl.max(s, axis=1))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
+            running_max = new_max
+            hit = offs_v[None, :] == labels[:, None]
+            label_logit = tl.sum(tl.where(hit, s, 0.0), axis=1)
+            tl.store(label_logit_ptr + offs_n, label_logit, mask=live & (labels >= v0) & (labels < v0 + BV))
     out = split.to(tl.int64) * tokens + offs_n
     tl.store(max_ptr + out, running_max, mask=in_range)
     tl.store(sum_ptr + out, running_sum, mask=in_range)
 
 
 @triton.jit
-def _backward_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stride_wk, bias_ptr,
-                     labels_ptr, stride_lb, stride_lt, stats_ptr, coef_ptr,
-                     grad_h_ptr, grad_w_ptr, grad_b_ptr,
-                     tokens, steps, vocab, width, shift, ignore_index, softcap, filter_eps,
-                     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
-                     PRECISION: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr,
-                     NEED_B: tl.constexpr, FILTER: tl.constexpr,
-                     BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+def _grad_logits_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stride_wk, bias_ptr,
+                        labels_ptr, stride_lb, stride_lt, stats_ptr, coef_ptr, g_ptr, stride_g, grad_b_ptr,
+                        positions, seq_len, steps, vocab, width, shift, ignore_index, softcap, v_start, chunk,
+                        HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
+                        PRECISION: tl.constexpr, NEED_B: tl.constexpr,
+                        BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+    """g[r, j] = d loss / d z[r, v_start + j] for every position r = b * T + t of the batch (0 where t is
+    not scored, e.g. the last position with shift), columns j < chunk; grad_b[j] += sum_r g[r, j]."""
+    pid_r = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_r = pid_r * BN + tl.arange(0, BN)
+    offs_j = pid_v * BV + tl.arange(0, BV)
+    offs_v = v_start + offs_j
+    vocab_live = offs_j < chunk
+    batch_row = offs_r // seq_len
+    step = offs_r % seq_len
+    scored_step = (offs_r < positions) & (step < steps)
+    token = batch_row * steps + step  # the index of the statistics and coefficients
+    labels = tl.load(labels_ptr + batch_row.to(tl.int64) * stride_lb + (step + shift).to(tl.int64) * stride_lt,
+                     mask=scored_step, other=ignore_index)
+    coef = tl.load(coef_ptr + token, mask=scored_step, other=0.0)
+    live = scored_step & (labels != ignore_index) & (coef != 0.0)
+    g = tl.zeros((BN, BV), dtype=tl.float32)
+    if tl.max(live.to(tl.int32), axis=0) > 0:
+        s = _tile_logits(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stride_wk, bias_ptr,
+                         batch_row, step, live, offs_v, vocab_live, width, softcap,
+                         HAS_BIAS, SOFTCAP, DOT_F32, PRECISION, BN, BV, BK)
+        p = _softmax_of_tile(s, live, stats_ptr, token)
+        hit = (offs_v[None, :] == labels[:, None]) & live[:, None]
+        g = _grad_of_tile(s, p, hit, coef, live, vocab_live, softcap, SOFTCAP)
+        if NEED_B:
+            tl.atomic_add(grad_b_ptr + offs_j, tl.sum(g, axis=0), mask=vocab_live)
+    tl.store(g_ptr + offs_r.to(tl.int64)[:, None] * stride_g + offs_j[None, :], g.to(g_ptr.dtype.element_ty),
+             mask=(offs_r < positions)[:, None] & vocab_live[None, :])
+
+
+@triton.jit
+def _accumulating_backward_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stride_wk, bias_ptr,
+                                  labels_ptr, stride_lb, stride_lt, stats_ptr, coef_ptr,
+                                  grad_h_ptr, grad_w_ptr, grad_b_ptr,
+                                  tokens, steps, vocab, width, shift, ignore_index, softcap, filter_eps,
+                                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
+                                  PRECISION: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr,
+                                  NEED_B: tl.constexpr, FILTER: tl.constexpr,
+                                  BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+    """grid (token blocks, vocabulary blocks): recomputes a tile and atomically adds g @ W_blk into
+    grad_hidden, g^T @ hidden_blk into grad_weight and sum_n g into grad_bias (fp32 buffers); with FILTER a
+    tile of negligible softmax and no label is skipped."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -144,21 +231,14 @@ def _backward_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, s
     s = _tile_logits(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stride_wk, bias_ptr,
                      batch_row, step, live, offs_v, vocab_live, width, softcap,
                      HAS_BIAS, SOFTCAP, DOT_F32, PRECISION, BN, BV, BK)
-    row_max = tl.load(stats_ptr + offs_n.to(tl.int64) * 2, mask=in_range, other=0.0)
-    row_log_sum = tl.load(stats_ptr + offs_n.to(tl.int64) * 2 + 1, mask=in_range, other=0.0)
-    # (s - max) is exact near the max (Sterbenz), so p keeps its relative accuracy at any logit scale
-    p = tl.exp((s - row_max[:, None]) - row_log_sum[:, None])
+    p = _softmax_of_tile(s, live, stats_ptr, offs_n)
     hit = (offs_v[None, :] == labels[:, None]) & live[:, None]
-    keep = True
+    keep = tl.max(live.to(tl.int32), axis=0) > 0
     if FILTER:
         largest = tl.max(tl.where(live[:, None], p, 0.0))
-        keep = (largest >= filter_eps) | (tl.max(hit.to(tl.int32)) > 0)
+        keep = keep & ((largest >= filter_eps) | (tl.max(hit.to(tl.int32)) > 0))
     if keep:
-        g = coef[:, None] * (hit.to(tl.float32) - p)
-        if SOFTCAP:
-            capped = tl.where(vocab_live[None, :], s, 0.0) / softcap  # not -inf: 0 * inf would be NaN
-            g = g * (1.0 - capped * capped)
-        g = tl.where(live[:, None] & vocab_live[None, :], g, 0.0)
+        g = _grad_of_tile(s, p, hit, coef, live, vocab_live, softcap, SOFTCAP)
         if NEED_B:
             tl.atomic_add(grad_b_ptr + offs_v, tl.sum(g, axis=0), mask=vocab_live)
         if DOT_F32:
@@ -194,26 +274,86 @@ def _backward_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, s
 # Launch configuration
 # ---------------------------------------------------------------------------------------------
 
-
-def _blocks(device: torch.device) -> dict:
-    """Tile sizes. The interpreter gets the smallest tl.dot tiles, so small test shapes already span
-    several token and vocabulary blocks. The GPU sizes are a first choice, not yet tuned."""
-    if device.type != "cuda":
-        return {"BN": 16, "BV": 16, "BK": 16}
-    return {"BN": 64, "BV": 128, "BK": 64, "num_warps": 8}
+INTERPRETER_BLOCKS = {"BN": 16, "BV": 16, "BK": 16}  # tl.dot's smallest tiles
+# the filter's kernel on a GPU, by operands (fp32 with BK = 64 and 3 stages would need 240 KiB of shared memory)
+ACCUMULATING_BLOCKS = {"half": {"BN": 64, "BV": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
+                       "fp32": {"BN": 64, "BV": 128, "BK": 32, "num_warps": 8, "num_stages": 3}}
 
 
-def _splits(token_blocks: int, vocab_blocks: int, device: torch.device) -> tuple[int, int]:
-    """(splits, blocks per split) of the vocabulary for the statistics pass: enough programs to fill the
-    GPU; in the interpreter two blocks per split, so both the in-program and the cross-split merge run.
-    Every split starts inside the vocabulary."""
-    if device.type == "cuda":
-        wanted = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        splits = min(vocab_blocks, max(1, triton.cdiv(wanted, token_blocks)))
+def _config(bn, bv, bk, warps, stages):
+    return triton.Config({"BN": bn, "BV": bv, "BK": bk}, num_warps=warps, num_stages=stages)
+
+
+# Hopper first choices (wgmma tiles for 16-bit operands, smaller ones for fp32's FMA or tf32), from which
+# the autotuner picks by measurement; every BV divides VOCAB_GRANULE. tests/test_triton_fused_linear.py
+# compiles each for sm_90 and checks its shared memory.
+TUNING = {
+    "half": [_config(128, 256, 64, 8, 3), _config(128, 128, 64, 8, 4), _config(128, 128, 64, 4, 4),
+             _config(64, 256, 64, 4, 4)],
+    "fp32": [_config(64, 64, 32, 4, 3), _config(128, 128, 32, 8, 3), _config(64, 128, 32, 4, 4)],
+}
+
+
+@functools.cache
+def _tuned(kernel_name: str, operands: str):
+    """The autotuned launcher of a kernel for 'half' or 'fp32' operands, keyed on (V, H) and the dtypes;
+    the g kernel's bias gradient is reset between trials (its atomics would otherwise add up)."""
+    reset = ["grad_b_ptr"] if kernel_name == "_grad_logits_kernel" else None
+    return triton.autotune(configs=TUNING[operands], key=["vocab", "width"], reset_to_zero=reset)(
+        globals()[kernel_name])
+
+
+CONFIG_VARIABLE = "AMAPO_TRITON_CONFIG"
+
+
+def _pinned_config(operands: str) -> triton.Config | None:
+    """The configuration that AMAPO_TRITON_CONFIG pins, or None to autotune (its default, "auto"). An index
+    into TUNING[operands] skips the tuning trials: reproducible timings, and tests that check each
+    configuration (or a short job that cannot repay the tuning)."""
+    value = os.environ.get(CONFIG_VARIABLE, "auto")
+    if value == "auto":
+        return None
+    configs = TUNING[operands]
+    if not value.isdigit() or int(value) >= len(configs):
+        raise ValueError(f"{CONFIG_VARIABLE} must be 'auto' or an index below {len(configs)} (the {operands} "
+                         f"configurations of TUNING), got {value!r}")
+    return configs[int(value)]
+
+
+def _launch(kernel_name: str, dot_f32: bool, grid, *args, **flags) -> None:
+    """Launches a kernel with grid(meta): autotuned on a GPU (or the pinned configuration), the
+    interpreter's blocks on the CPU."""
+    kernel = globals()[kernel_name]
+    if INTERPRETED:
+        kernel[grid(INTERPRETER_BLOCKS)](*args, **flags, **INTERPRETER_BLOCKS)
+        return
+    operands = "fp32" if dot_f32 else "half"
+    config = _pinned_config(operands)
+    if config is None:
+        _tuned(kernel_name, operands)[grid](*args, **flags)
     else:
-        splits = triton.cdiv(vocab_blocks, 2)
-    per_split = triton.cdiv(vocab_blocks, splits)
-    return triton.cdiv(vocab_blocks, per_split), per_split
+        kernel[grid(config.kwargs)](*args, **flags, **config.kwargs, num_warps=config.num_warps,
+                                    num_stages=config.num_stages)
+
+
+def _stats_splits(tokens: int, vocab: int, device: torch.device) -> int:
+    """Vocabulary entries per split of the statistics pass (a multiple of every BV): enough programs to
+    fill the GPU; in the interpreter two blocks per split, so both the in-program and the cross-split merge
+    run. Every split starts inside the vocabulary."""
+    if INTERPRETED or device.type != "cuda":
+        return 2 * INTERPRETER_BLOCKS["BV"]
+    wanted = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    splits = min(triton.cdiv(vocab, VOCAB_GRANULE), max(1, triton.cdiv(wanted, triton.cdiv(tokens, 128))))
+    return triton.cdiv(triton.cdiv(vocab, splits), VOCAB_GRANULE) * VOCAB_GRANULE
+
+
+def _grad_chunk(positions: int, vocab: int, dtype: torch.dtype) -> int:
+    """Vocabulary columns of one backward g chunk: as many as fit in GRAD_TILE_BYTES (a multiple of every
+    BV); in the interpreter two blocks, so small test vocabularies span several chunks."""
+    if INTERPRETED:
+        return 2 * INTERPRETER_BLOCKS["BV"]
+    fitting = GRAD_TILE_BYTES // max(1, positions * dtype.itemsize) // VOCAB_GRANULE * VOCAB_GRANULE
+    return min(max(VOCAB_GRANULE, fitting), triton.cdiv(vocab, VOCAB_GRANULE) * VOCAB_GRANULE)
 
 
 def _precision(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[bool, str]:
@@ -229,22 +369,25 @@ class _Problem:
 
     def __init__(self, hidden, weight, bias, labels, shift, softcap, ignore_index):
         self.hidden, self.weight, self.bias, self.labels = hidden, weight, bias, labels
-        self.steps = max(hidden.shape[1] - 1, 0) if shift else hidden.shape[1]
+        self.shift, self.ignore_index = int(shift), ignore_index
+        self.seq_len = hidden.shape[1]
+        self.steps = max(self.seq_len - 1, 0) if shift else self.seq_len
         self.tokens = hidden.shape[0] * self.steps
         self.vocab, self.width = weight.shape
-        self.blocks = _blocks(hidden.device)
-        dot_f32, precision = _precision(hidden, weight)
-        self.common = (
+        self.dot_f32, precision = _precision(hidden, weight)
+        self.tensors = (
             hidden, *hidden.stride(), weight, *weight.stride(), bias if bias is not None else weight,
             labels, *labels.stride(),
         )
-        self.sizes = (self.tokens, max(self.steps, 1), self.vocab, self.width, int(shift), ignore_index,
-                      1.0 if softcap is None else softcap)
-        self.flags = {"HAS_BIAS": bias is not None, "SOFTCAP": softcap is not None, "DOT_F32": dot_f32,
+        self.softcap = 1.0 if softcap is None else softcap
+        self.flags = {"HAS_BIAS": bias is not None, "SOFTCAP": softcap is not None, "DOT_F32": self.dot_f32,
                       "PRECISION": precision}
 
-    def grid(self, second: int) -> tuple[int, int]:
-        return triton.cdiv(self.tokens, self.blocks["BN"]), second
+    def scored_positions(self) -> torch.Tensor:
+        """[B, T] bool: position (b, t) scores a label (t < Ts and its label is not ignore_index)."""
+        scored = torch.zeros(self.hidden.shape[:2], dtype=torch.bool, device=self.hidden.device)
+        scored[:, : self.steps] = self.labels[:, self.shift:self.shift + self.steps] != self.ignore_index
+        return scored
 
 
 def check_supported(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -258,6 +401,8 @@ def check_supported(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             f"backend='triton' needs CUDA tensors, got hidden on {hidden.device}; to run the Triton kernels on "
             "the CPU set TRITON_INTERPRET=1 in the environment before amapo_kernels is imported"
         )
+    if not INTERPRETED:
+        _pinned_config("fp32" if _precision(hidden, weight)[0] else "half")  # a bad AMAPO_TRITON_CONFIG
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,14 +419,14 @@ def token_stats(hidden, weight, bias, labels, *, shift, softcap, ignore_index) -
     stats = torch.zeros(tokens, 3, dtype=torch.float64, device=device)
     if tokens == 0:
         return stats
-    token_blocks = triton.cdiv(tokens, problem.blocks["BN"])
-    splits, per_split = _splits(token_blocks, triton.cdiv(problem.vocab, problem.blocks["BV"]), device)
+    split_width = _stats_splits(tokens, problem.vocab, device)
+    splits = triton.cdiv(problem.vocab, split_width)
     maxima = torch.empty(splits, tokens, dtype=torch.float32, device=device)
     sums = torch.empty_like(maxima)
     label_logit = torch.zeros(tokens, dtype=torch.float32, device=device)
-    _stats_kernel[problem.grid(splits)](
-        *problem.common, maxima, sums, label_logit, *problem.sizes, per_split, **problem.flags, **problem.blocks,
-    )
+    _launch("_stats_kernel", problem.dot_f32, lambda meta: (triton.cdiv(tokens, meta["BN"]), splits),
+            *problem.tensors, maxima, sums, label_logit, tokens, max(problem.steps, 1), problem.vocab,
+            problem.width, problem.shift, ignore_index, problem.softcap, split_width, **problem.flags)
     # the merge of the splits in fp64: O(splits * N), rounding that does not grow with the split count
     row_max = maxima.double().amax(dim=0)
     stats[:, 0] = row_max
@@ -292,24 +437,104 @@ def token_stats(hidden, weight, bias, labels, *, shift, softcap, ignore_index) -
 
 @torch.compiler.disable
 def gradients(hidden, weight, bias, labels, softmax_stats, coefs, *, shift, softcap, ignore_index,
-              need_hidden, need_weight, need_bias, gradient_filter=False):
+              need_hidden, need_weight, need_bias, gradient_filter=False, accumulate="auto"):
     """(grad_hidden, grad_weight, grad_bias) of sum_n coefs[n] * lp[n], in the inputs' dtypes (None where
-    not needed). softmax_stats: [N, 2] (max, log sum) of the forward; coefs: [N]."""
+    not needed). softmax_stats: [N, 2] (max, log sum) of the forward; coefs: [N].
+    accumulate: "matmul" (g chunks and cuBLAS), "in_kernel" (the accumulating kernel), "auto" (in_kernel
+    exactly when the gradient filter is on, which only that kernel implements)."""
+    if accumulate not in ("auto", "matmul", "in_kernel"):
+        raise ValueError(f"accumulate must be 'auto', 'matmul' or 'in_kernel', got {accumulate!r}")
+    if gradient_filter and accumulate == "matmul":
+        raise ValueError("gradient_filter=True runs on the in-kernel accumulation (accumulate='in_kernel')")
     problem = _Problem(hidden, weight, bias, labels, shift, softcap, ignore_index)
+    if problem.tokens == 0 or not (need_hidden or need_weight or need_bias):
+        grads = (torch.zeros_like(hidden), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias))
+        return tuple(g if need else None for g, need in zip(grads, (need_hidden, need_weight, need_bias)))
+    stats, coefs = softmax_stats.float().contiguous(), coefs.float().contiguous()
+    if gradient_filter or accumulate == "in_kernel":
+        return _accumulated_gradients(problem, stats, coefs, need_hidden, need_weight, need_bias, gradient_filter)
+    return _chunked_gradients(problem, stats, coefs, need_hidden, need_weight, need_bias)
+
+
+def _rows_for_weight_grad(problem: _Problem, dtype: torch.dtype) -> torch.Tensor:
+    """hidden as [B * T, H] in `dtype` for grad_W = g^T @ hidden: a view when hidden's layout allows and its
+    values are finite (g is 0 on every unscored row, and 0 * finite = 0); else a copy with the unscored rows
+    zeroed, so that a NaN / inf there (padding) cannot reach grad_W. The finiteness test is one reduction
+    (a float32 sum that overflows only for values near float32's range, when the copy is still correct)."""
+    hidden = problem.hidden
+    rows = hidden.reshape(-1, problem.width).to(dtype)
+    if torch.isfinite(rows.sum(dtype=torch.float32)):
+        return rows
+    return torch.where(problem.scored_positions().reshape(-1, 1), rows, torch.zeros((), dtype=dtype,
+                                                                                    device=rows.device))
+
+
+def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with acc float32: cuBLAS accumulates 16-bit products into the fp32 output directly."""
+    if a.is_cuda and a.dtype in _HALF:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def _chunked_gradients(problem: _Problem, stats, coefs, need_hidden, need_weight, need_bias):
+    """Vocabulary chunks: the g kernel writes the chunk's [B * T, chunk] gradient of the logits, then
+    grad_hidden += g @ W_chunk (fp32 accumulator) and grad_W[chunk] = g^T @ hidden (cast once)."""
+    hidden, weight, bias = problem.hidden, problem.weight, problem.bias
+    batch, seq_len, width = hidden.shape
+    positions, vocab, device = batch * seq_len, problem.vocab, hidden.device
+    g_dtype = torch.float32 if problem.dot_f32 else hidden.dtype  # as eager autograd rounds grad_logits
+    chunk = _grad_chunk(positions, vocab, g_dtype)
+    g_chunk = torch.empty(positions, chunk, dtype=g_dtype, device=device)
+    grad_rows = torch.zeros(positions, width, dtype=torch.float32, device=device) if need_hidden else None
+    rows = _rows_for_weight_grad(problem, g_dtype) if need_weight else None
+    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=device) if need_weight else None
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias else None
+    unused = torch.zeros(1, dtype=torch.float32, device=device)
+    for v0 in range(0, vocab, chunk):
+        v1 = min(v0 + chunk, vocab)
+        g = g_chunk[:, : v1 - v0]
+        # without a bias gradient the kernel still takes a pointer, one the autotuner's reset may zero
+        bias_part = grad_bias[v0:v1] if need_bias else unused
+        _launch("_grad_logits_kernel", problem.dot_f32,
+                lambda meta, columns=v1 - v0: (triton.cdiv(positions, meta["BN"]), triton.cdiv(columns, meta["BV"])),
+                *problem.tensors, stats, coefs, g, g.stride(0), bias_part, positions, seq_len,
+                max(problem.steps, 1), vocab, width, problem.shift, problem.ignore_index, problem.softcap, v0,
+                v1 - v0, NEED_B=bool(need_bias), **problem.flags)
+        if need_hidden:
+            _add_product_fp32(grad_rows, g, weight[v0:v1].to(g_dtype))
+        if need_weight:
+            if weight.dtype == g_dtype:
+                torch.mm(g.t(), rows, out=grad_weight[v0:v1])
+            else:
+                grad_weight[v0:v1] = torch.mm(g.t(), rows)
+    del g, g_chunk, rows  # before grad_hidden's cast, which allocates the gradient itself
+    return (
+        grad_rows.view(batch, seq_len, width).to(hidden.dtype) if need_hidden else None,
+        grad_weight,
+        grad_bias.to(bias.dtype) if need_bias else None,
+    )
+
+
+def _accumulated_gradients(problem: _Problem, stats, coefs, need_hidden, need_weight, need_bias, gradient_filter):
+    """The accumulating kernel over (token block x vocabulary block) tiles into fp32 buffers."""
+    hidden, weight, bias = problem.hidden, problem.weight, problem.bias
     tokens, width, device = problem.tokens, problem.width, hidden.device
     grad_rows = torch.zeros(tokens, width, dtype=torch.float32, device=device) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_weight else None
     grad_bias = torch.zeros(problem.vocab, dtype=torch.float32, device=device) if need_bias else None
-    if tokens > 0 and (need_hidden or need_weight or need_bias):
-        coarsest = max(torch.finfo(hidden.dtype).eps, torch.finfo(weight.dtype).eps)
-        placeholder = softmax_stats  # a valid pointer for the gradients that are not needed
-        _backward_kernel[problem.grid(triton.cdiv(problem.vocab, problem.blocks["BV"]))](
-            *problem.common, softmax_stats.float().contiguous(), coefs.float().contiguous(),
-            grad_rows if need_hidden else placeholder, grad_weight if need_weight else placeholder,
-            grad_bias if need_bias else placeholder, *problem.sizes, coarsest,
-            NEED_H=need_hidden, NEED_W=need_weight, NEED_B=need_bias, FILTER=bool(gradient_filter),
-            **problem.flags, **problem.blocks,
-        )
+    coarsest = max(torch.finfo(hidden.dtype).eps, torch.finfo(weight.dtype).eps)
+    blocks = INTERPRETER_BLOCKS if INTERPRETED else ACCUMULATING_BLOCKS["fp32" if problem.dot_f32 else "half"]
+    placeholder = stats  # a valid pointer for the gradients that are not needed
+    grid = (triton.cdiv(tokens, blocks["BN"]), triton.cdiv(problem.vocab, blocks["BV"]))
+    _accumulating_backward_kernel[grid](
+        *problem.tensors, stats, coefs,
+        grad_rows if need_hidden else placeholder, grad_weight if need_weight else placeholder,
+        grad_bias if need_bias else placeholder, tokens, max(problem.steps, 1), problem.vocab, width,
+        problem.shift, problem.ignore_index, problem.softcap, coarsest,
+        NEED_H=bool(need_hidden), NEED_W=bool(need_weight), NEED_B=bool(need_bias), FILTER=bool(gradient_filter),
+        **problem.flags, **blocks,
+    )
     grad_hidden = None
     if need_hidden:
         grad_hidden = torch.zeros_like(hidden)

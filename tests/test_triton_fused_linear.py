@@ -9,6 +9,7 @@ where the `interpreted` tests run. The interpreter's tl.dot of bf16 blocks is wr
 use fp32; the `cuda` tests run the compiled kernels in bf16 and fp32 on a GPU (this process).
 """
 
+import functools
 import os
 import re
 import subprocess
@@ -36,6 +37,7 @@ from amapo_kernels import reference as ref
 from amapo_kernels.fused_linear import preference_loss_from_hidden, sequence_logps_from_hidden
 
 triton = pytest.importorskip("triton")
+from amapo_kernels import triton_fused_linear as kernels  # noqa: E402 (compiled, or interpreted under TRITON_INTERPRET)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available()
@@ -44,10 +46,18 @@ FP32 = torch.float32
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_interpreter_suite's TRITON_INTERPRET=1 process")
 
 
-def cuda(test):
-    """A test of the compiled kernels on a GPU (pytest -m cuda)."""
+@pytest.fixture
+def first_configuration(monkeypatch):
+    """Pins the first autotuning configuration: each new (V, H, dtype) key would otherwise compile and time
+    every configuration; test_cuda_every_configuration and test_cuda_autotuned cover the others."""
+    monkeypatch.setenv("AMAPO_TRITON_CONFIG", "0")
+
+
+def cuda(test, *, autotuned=False):
+    """A test of the compiled kernels on a GPU (pytest -m cuda), on the first configuration unless autotuned."""
     skip = pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs a CUDA device (compiled kernels)")
-    return pytest.mark.cuda(skip(test))
+    test = pytest.mark.cuda(skip(test))
+    return test if autotuned else pytest.mark.usefixtures("first_configuration")(test)
 
 
 def logps_run(tensors, labels, dtype, *, upstream, fused, average, shift, softcap, **kwargs):
@@ -65,6 +75,12 @@ def logps_run(tensors, labels, dtype, *, upstream, fused, average, shift, softca
     return logps, torch.autograd.grad(total, [t for t in (hidden, weight, bias) if t is not None])
 
 
+def accumulating_in_kernel(monkeypatch):
+    """Routes the Triton backward to its in-kernel accumulation (the gradient filter's kernel) for the rest
+    of the test; by default it takes the g-chunk + cuBLAS path unless the filter is on."""
+    monkeypatch.setattr(kernels, "gradients", functools.partial(kernels.gradients, accumulate="in_kernel"))
+
+
 def assert_logps_rule(tensors, labels, dtype, **options):
     generator = torch.Generator().manual_seed(labels.shape[0])
     upstream = torch.randn(labels.shape[0], generator=generator, dtype=torch.float64)
@@ -80,10 +96,40 @@ def assert_logps_rule(tensors, labels, dtype, **options):
 # ---------------------------------------------------------------------------------------------
 
 
+# A loop with a runtime bound, as every kernel here has: Triton 3.6's interpreter cannot run it with
+# numpy >= 2.4 (int() of a 1-element array: triton-lang/triton#9171, fixed after 3.6; measured with
+# Triton 3.6.0 and numpy 2.4.6 / 2.5.5, while numpy 2.3.5 works). Such a machine (the GPU image this project
+# targets has Triton 3.6 and numpy 2.5) skips the interpreter run with that reason; its compiled kernels
+# are tested by the `cuda` tests.
+INTERPRETER_PROBE = """
+import torch, triton, triton.language as tl
+
+@triton.jit
+def count_blocks(out, n, BLOCK: tl.constexpr):
+    total = 0
+    for _ in range(0, n, BLOCK):
+        total += 1
+    tl.store(out, total)
+
+out = torch.zeros(1, dtype=torch.int32)
+count_blocks[(1,)](out, 32, BLOCK=16)
+assert out.item() == 2, out
+"""
+
+
 @pytest.mark.skipif(INTERPRETED, reason="this is the launcher")
-def test_interpreter_suite():
+def test_interpreter_suite(tmp_path):
     """Runs this file's `interpreted` tests in a process with TRITON_INTERPRET=1 (CPU, fp32)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
+    probe = tmp_path / "interpreter_probe.py"
+    probe.write_text(INTERPRETER_PROBE)
+    checked = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=300)
+    if checked.returncode and "only 0-dimensional arrays can be converted to Python scalars" in checked.stderr:
+        import numpy
+
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run loops with numpy {numpy.__version__} "
+                    "(triton-lang/triton#9171)")
+    assert checked.returncode == 0, checked.stderr[-3000:]
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not cuda", __file__]
     begin = time.perf_counter()
     result = subprocess.run(command, env=env, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=900)
@@ -109,6 +155,17 @@ def test_logps_match_reference(batch, steps, width, vocab, shift, average, with_
     hidden, weight, bias, labels = make_batch(batch, steps, width, vocab, generator=generator, with_bias=with_bias,
                                               all_ignored_rows=[1] if batch > 2 else ())
     assert_logps_rule((hidden, weight, bias), labels, FP32, average=average, shift=shift, softcap=softcap)
+
+
+@interpreted
+@pytest.mark.parametrize("shift, with_bias, softcap", [(True, True, 4.0), (False, False, None), (True, False, None)])
+def test_in_kernel_accumulation_matches_reference(monkeypatch, shift, with_bias, softcap):
+    """The accumulating backward (the filter's kernel, filter off): 3 token blocks by 5 vocabulary blocks."""
+    accumulating_in_kernel(monkeypatch)
+    generator = torch.Generator().manual_seed(27)
+    hidden, weight, bias, labels = make_batch(5, 9, 33, 67, generator=generator, with_bias=with_bias,
+                                              all_ignored_rows=[2])
+    assert_logps_rule((hidden, weight, bias), labels, FP32, average=True, shift=shift, softcap=softcap)
 
 
 @interpreted
@@ -146,9 +203,13 @@ def test_amapo_with_return_stats_equals_torch_backend():
 
 
 @interpreted
-def test_ignored_positions_and_rows():
+@pytest.mark.parametrize("accumulate", ["matmul", "in_kernel"])
+def test_ignored_positions_and_rows(monkeypatch, accumulate):
     """All-ignored rows give 0 and no gradient; a NaN hidden state at an ignored position (or at the unused
-    last position under shift) reaches neither the log-probs nor any gradient."""
+    last position under shift) reaches neither the log-probs nor any gradient, on both backward paths (the
+    matmul path's grad_W product reads hidden rows: they must be zeroed there)."""
+    if accumulate == "in_kernel":
+        accumulating_in_kernel(monkeypatch)
     generator = torch.Generator().manual_seed(23)
     hidden, weight, bias, labels = make_batch(4, 6, 20, 37, generator=generator, all_ignored_rows=[0, 3])
     labels[2, 3] = -100
@@ -235,10 +296,10 @@ def filter_bound(tensors, labels, upstream, *, shift, eps):
 
 
 @interpreted
-def test_gradient_filter_bound():
+def test_gradient_filter_bound(monkeypatch):
     """Peaked logits, as a trained LM's: the first vocabulary block holds the likely tokens and most labels,
-    every other entry has p < fp32 eps. The filter changes the gradients (it does skip tiles) by no more
-    than the documented bound plus the rule's tolerance, and never the values; off by default."""
+    every other entry has p < fp32 eps. The filter changes the gradients of its kernel (it does skip tiles)
+    by no more than the documented bound plus the rule's tolerance, and never the values; off by default."""
     generator = torch.Generator().manual_seed(25)
     hidden, weight, bias, labels = make_batch(4, 12, 20, 67, generator=generator, ignore_prob=0.1)
     bias[:16] += 25.0
@@ -247,14 +308,19 @@ def test_gradient_filter_bound():
     tensors = quantized((hidden, weight, bias), FP32)
     upstream = torch.randn(4, generator=generator, dtype=torch.float64)
     options = dict(average=True, shift=True, softcap=None, upstream=upstream)
-    plain = logps_run(tensors, labels, FP32, fused=True, backend="triton", gradient_filter=False, **options)
+    filters_asked = []
+    real_gradients = kernels.gradients
+    monkeypatch.setattr(kernels, "gradients", lambda *args, **kwargs: filters_asked.append(
+        kwargs["gradient_filter"]) or real_gradients(*args, **kwargs))
+    logps_run(tensors, labels, FP32, fused=True, backend="triton", **options)
+    assert filters_asked == [False], "the filter is not off by default"
     filtered = logps_run(tensors, labels, FP32, fused=True, backend="triton", gradient_filter=True, **options)
-    default = logps_run(tensors, labels, FP32, fused=True, backend="triton", **options)
+    accumulating_in_kernel(monkeypatch)
+    plain = logps_run(tensors, labels, FP32, fused=True, backend="triton", **options)  # same kernel, no filter
     fp64 = logps_run(tensors, labels, torch.float64, fused=False, **options)
     same = logps_run(tensors, labels, FP32, fused=False, **options)
     torch.testing.assert_close(filtered[0], plain[0], rtol=0, atol=0)
     assert any(not torch.equal(a, b) for a, b in zip(filtered[1], plain[1])), "the filter skipped no tile"
-    assert all(torch.equal(a, b) for a, b in zip(default[1], plain[1])), "the filter is not off by default"
     bounds = filter_bound(tensors, labels, upstream, shift=True, eps=torch.finfo(FP32).eps)
     for name, grad, grad64, grad_same, bound in zip(("hidden", "weight", "bias"), filtered[1], fp64[1], same[1],
                                                      bounds):
@@ -286,6 +352,34 @@ def small():
 def test_bad_backend_arguments(kwargs, error, fragment):
     with pytest.raises(error, match=re.escape(fragment)):
         sequence_logps_from_hidden(*small(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(accumulate="cublas"), "accumulate must be 'auto', 'matmul' or 'in_kernel', got 'cublas'"),
+        (dict(accumulate="matmul", gradient_filter=True), "gradient_filter=True runs on the in-kernel accumulation"),
+    ],
+)
+def test_bad_accumulate_arguments(kwargs, fragment):
+    hidden, weight, labels = small()
+    stats, coefs = torch.zeros(6, 2), torch.zeros(6)
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        kernels.gradients(hidden, weight, None, labels, stats, coefs, shift=False, softcap=None, ignore_index=-100,
+                          need_hidden=True, need_weight=True, need_bias=False, **kwargs)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter has its own blocks")
+def test_pinned_configuration_variable(monkeypatch):
+    monkeypatch.delenv("AMAPO_TRITON_CONFIG", raising=False)
+    assert kernels._pinned_config("half") is None
+    monkeypatch.setenv("AMAPO_TRITON_CONFIG", "1")
+    assert kernels._pinned_config("half") is kernels.TUNING["half"][1]
+    for bad in ("3", "-1", "first"):
+        monkeypatch.setenv("AMAPO_TRITON_CONFIG", bad)
+        with pytest.raises(ValueError, match=re.escape(f"AMAPO_TRITON_CONFIG must be 'auto' or an index below 3 "
+                                                       f"(the fp32 configurations of TUNING), got {bad!r}")):
+            kernels._pinned_config("fp32")
 
 
 def test_triton_rejects_float64():
@@ -322,7 +416,7 @@ def kernel_signature(kernel, dtype: str) -> dict:
         name = param.name
         if param.is_constexpr:
             signature[name] = "constexpr"
-        elif name in ("h_ptr", "w_ptr", "bias_ptr"):
+        elif name in ("h_ptr", "w_ptr", "bias_ptr", "g_ptr"):
             signature[name] = f"*{dtype}"
         elif name == "labels_ptr":
             signature[name] = "*i64"
@@ -335,24 +429,37 @@ def kernel_signature(kernel, dtype: str) -> dict:
     return signature
 
 
-@pytest.mark.skipif(INTERPRETED, reason="the interpreter does not compile")
-@pytest.mark.parametrize("dtype, precision", [("bf16", "ieee"), ("fp32", "ieee"), ("fp32", "tf32")])
-def test_kernels_compile_for_hopper(dtype, precision):
-    """Compiles (never launches) both kernels to sm_90 machine code with the GPU tile sizes, softcap, bias
-    and the filter on: what the interpreter cannot check (types, layouts, tl.dot operand modes)."""
+HOPPER_SHARED_MEMORY = 232448  # bytes a block may opt into on H100 / H200 (227 KiB)
+
+
+def compile_for_hopper(kernel, dtype, constants, num_warps, num_stages):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from amapo_kernels import triton_fused_linear as kernels
+    source = ASTSource(fn=kernel, signature=kernel_signature(kernel, dtype), constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
-    blocks = kernels._blocks(torch.device("cuda"))
-    flags = {"HAS_BIAS": True, "SOFTCAP": True, "DOT_F32": dtype == "fp32", "PRECISION": precision,
-             "BN": blocks["BN"], "BV": blocks["BV"], "BK": blocks["BK"]}
-    backward_flags = {"NEED_H": True, "NEED_W": True, "NEED_B": True, "FILTER": True}
-    for kernel, constants in ((kernels._stats_kernel, flags), (kernels._backward_kernel, {**flags, **backward_flags})):
-        source = ASTSource(fn=kernel, signature=kernel_signature(kernel, dtype), constexprs=constants)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": blocks["num_warps"]})
-        assert compiled.asm["cubin"], kernel
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter does not compile")
+@pytest.mark.parametrize("dtype, precision", [("bf16", "ieee"), ("fp32", "ieee"), ("fp32", "tf32")])
+def test_kernels_compile_for_hopper(dtype, precision):
+    """Compiles (never launches) every kernel to sm_90 machine code in every autotuned configuration, with
+    softcap, bias and the filter on: what the interpreter cannot check (types, layouts, tl.dot operand
+    modes), and that each configuration fits in a Hopper block's shared memory."""
+    flags = {"HAS_BIAS": True, "SOFTCAP": True, "DOT_F32": dtype == "fp32", "PRECISION": precision}
+    tuned = kernels.TUNING["fp32" if dtype == "fp32" else "half"]
+    for kernel, extra in ((kernels._stats_kernel, {}), (kernels._grad_logits_kernel, {"NEED_B": True})):
+        for config in tuned:
+            compiled = compile_for_hopper(kernel, dtype, {**flags, **extra, **config.kwargs}, config.num_warps,
+                                          config.num_stages)
+            assert compiled.asm["cubin"], (kernel, config)
+            assert compiled.metadata.shared <= HOPPER_SHARED_MEMORY, (kernel, config, compiled.metadata.shared)
+    blocks = dict(kernels.ACCUMULATING_BLOCKS["fp32" if dtype == "fp32" else "half"])
+    warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
+    accumulating = {**flags, **blocks, "NEED_H": True, "NEED_W": True, "NEED_B": True, "FILTER": True}
+    compiled = compile_for_hopper(kernels._accumulating_backward_kernel, dtype, accumulating, warps, stages)
+    assert compiled.asm["cubin"] and compiled.metadata.shared <= HOPPER_SHARED_MEMORY
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,6 +483,31 @@ def test_cuda_logps_match_reference(shape, dtype, softcap):
     torch.backends.cuda.matmul.allow_tf32 = False
     tensors, labels = cuda_batch(*shape, seed=shape[1], dtype=dtype)
     assert_logps_rule(tensors, labels, dtype, average=True, shift=True, softcap=softcap)
+
+
+def operands_of(dtype):
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+@pytest.mark.parametrize("dtype, index", [(d, i) for d in (torch.bfloat16, torch.float32)
+                                          for i in range(len(kernels.TUNING[operands_of(d)]))])
+@cuda
+def test_cuda_every_configuration_matches_reference(monkeypatch, dtype, index):
+    """Each autotuning configuration alone: its masks at V and H not multiples of its blocks, its splits
+    and g chunks."""
+    monkeypatch.setenv("AMAPO_TRITON_CONFIG", str(index))
+    tensors, labels = cuda_batch(3, 150, 320, 5001, seed=index, dtype=dtype)
+    assert_logps_rule(tensors, labels, dtype, average=True, shift=True, softcap=30.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@functools.partial(cuda, autotuned=True)
+def test_cuda_autotuned_matches_reference(dtype):
+    """The autotuner's trials run the kernels several times on the real arguments: the bias gradient's
+    atomics must be reset between them (reset_to_zero), and the tuned launch must equal the reference."""
+    tensors, labels = cuda_batch(3, 150, 320, 5003, seed=9, dtype=dtype)
+    assert tensors[2] is not None
+    assert_logps_rule(tensors, labels, dtype, average=True, shift=True, softcap=None)
 
 
 @pytest.mark.parametrize("method", ["amapo", "dpo", "simpo"])
@@ -413,8 +545,9 @@ def test_cuda_auto_is_triton_and_never_materializes_logits(monkeypatch):
     extra = torch.cuda.max_memory_allocated() - before
     assert calls, "auto did not choose the Triton kernels for CUDA tensors"
     logits_bytes = 4 * 1023 * 32000 * 2
-    # fp32 gradient buffers (hidden- and weight-sized) plus O(B*T) statistics; no [B, T, V] tensor
-    assert extra < 3 * (hidden.numel() + weight.numel()) * 4 + 16 * 2**20 and extra < logits_bytes / 2, extra
+    # the gradients themselves, grad_hidden's fp32 accumulator, one g chunk and O(B*T) statistics; no [B, T, V]
+    allowed = 2 * (hidden.numel() + weight.numel()) + 4 * hidden.numel() + kernels.GRAD_TILE_BYTES + 4 * 2**20
+    assert extra <= allowed and extra < logits_bytes / 2, (extra, allowed)
 
 
 @cuda
