@@ -4,7 +4,9 @@
 #   bash scripts/gpu_check.sh part1   # ~6 min (an estimate: no GPU run yet): environment, build (-Xptxas -v), kernels registered,
 #                                     #   every CUDA test, compute-sanitizer memcheck/racecheck/synccheck/initcheck
 #   bash scripts/gpu_check.sh part2   # ~8 min (an estimate): both benchmarks at the paper size with every peer
-#   bash scripts/gpu_check.sh all     # both, one after the other; with 15 device-minutes in all (machine start
+#   bash scripts/gpu_check.sh part3   # ~4 min (an estimate): amapo-train throughput and peak memory of the fused,
+#                                     #   ops and eager loss paths on a random 1.5B Llama-3 shape (benchmarks/bench_train.py)
+#   bash scripts/gpu_check.sh all     # part1 and part2, one after the other; with 15 device-minutes in all (machine start
 #                                     #   included), one call `BUDGET=560 bash scripts/gpu_check.sh all` runs
 #                                     #   part1 whole and as much of part2 as fits (the rest is SKIPPED rows)
 # Everything lands in one results folder, RESULTS (default $OUT when set, else results/gpu_check): logs,
@@ -111,12 +113,16 @@ print("CUDA kernels registered; built against torch", C.torch_version, "running"
   done
 }
 
+# part2 and part3 on a fresh machine: part1's extension carried in .gpu_so/, else a build.
+ensure_built() {
+  ls amapo_kernels/_C*.so >/dev/null 2>&1 && return 0
+  cp .gpu_so/_C*.so amapo_kernels/ 2>/dev/null || run_step "build" "$RESULTS/build2.log" 420 "${BUILD[@]}"
+}
+
 part2() {
   start_summary part2
   install_wheels >"$RESULTS/bench_env.txt"
-  if ! ls amapo_kernels/_C*.so >/dev/null 2>&1; then
-    cp .gpu_so/_C*.so amapo_kernels/ 2>/dev/null || run_step "build" "$RESULTS/build2.log" 420 "${BUILD[@]}" || return 1
-  fi
+  ensure_built || return 1
   # The paper's size: B=4 (2 pairs), T=2048, V=128256 (Llama 3), H=4096; bf16 as trained, fp32 and V=32000 too.
   run_step "bench_from_logits" "$RESULTS/bench.log" 300 "$PY" benchmarks/bench_from_logits.py --device cuda \
     --sizes 4x2048x128256,4x2048x32000 --dtypes bf16,fp32 \
@@ -127,11 +133,24 @@ part2() {
   cat "$RESULTS/from_logits.md" "$RESULTS/fused_linear.md" 2>/dev/null
 }
 
+part3() {
+  start_summary part3
+  install_wheels >"$RESULTS/train_env.txt"
+  ensure_built || return 1
+  # Issue 13's model run: random:llama3-1b (1.50B parameters, V=128256), seq 2048, 2 pairs a step, ZeRO-3 on
+  # one GPU, bf16, gradient checkpointing, 20 AMaPO steps through amapo-train for fused, ops and eager.
+  run_step "bench_train (llama3-1b, ZeRO-3)" "$RESULTS/train.log" 540 "$PY" benchmarks/bench_train.py --device cuda \
+    --timeout 170 --work-dir /tmp/bench_train --json "$RESULTS/train.json" --markdown "$RESULTS/train.md"
+  cp /tmp/bench_train/*.log "$RESULTS/" 2>/dev/null
+  cat "$RESULTS/train.md" 2>/dev/null
+}
+
 case "$PART" in
   part1) part1 ;;
   part2) part2 ;;
+  part3) part3 ;;
   all) part1; part2 ;;
-  *) echo "usage: bash scripts/gpu_check.sh part1|part2|all" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/gpu_check.sh part1|part2|part3|all" >&2; exit 2 ;;
 esac
 # The device tool returns at most 8 files from $OUT: past that, one archive of the logs.
 if [ -n "${OUT:-}" ] && [ "$RESULTS" = "$OUT" ] && [ "$(find "$RESULTS" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then

@@ -46,3 +46,40 @@ def test_fused_linear_gpu_peers_say_why_they_cannot_run_on_the_cpu(tmp_path):
     rows = {row["method"]: row for row in json.loads(out.read_text())["results"]}
     for name in peers.split(","):
         assert rows[name]["ms"] is not None or rows[name]["note"], rows[name]
+
+
+def test_train_benchmark_trains_every_impl_under_zero3(tmp_path):
+    """bench_train at a CPU size: each loss impl trains through amapo-train (ZeRO-3, random:llama3-vocab-tiny,
+    the full 128256-token vocabulary) and gets a row; every sequence of a step has --seq-len tokens."""
+    import bench_train
+
+    out = tmp_path / "rows.json"
+    status = bench_train.main(["--seq-len", "96", "--steps", "2", "--warmup-steps", "1", "--work-dir", str(tmp_path),
+                               "--json", str(out), "--markdown", str(tmp_path / "rows.md")])
+    rows = json.loads(out.read_text())["rows"]
+    assert status == 0, rows
+    assert [row["impl"] for row in rows] == list(bench_train.IMPLS)
+    for row in rows:
+        assert row["tokens_per_s"] > 0 and row["timed_steps"] == 1 and row["last_loss"] == row["last_loss"], row
+    first_losses = {json.loads((tmp_path / impl / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+                    for impl in bench_train.IMPLS}
+    assert max(first_losses) - min(first_losses) < 1e-3 * max(first_losses), first_losses  # one model, one batch
+    assert not any((tmp_path / impl / "final").exists() for impl in bench_train.IMPLS)  # --save-final off
+    assert "| fused |" in (tmp_path / "rows.md").read_text()
+
+
+def test_long_pairs_fill_every_sequence_to_seq_len():
+    import bench_train
+    from amapo_train.config import TrainConfig
+    from amapo_train.data import PreferenceDataset
+    from amapo_train.model import load_tokenizer
+
+    tokenizer = load_tokenizer(TrainConfig(model="random:llama3-vocab-tiny"))
+    dataset = PreferenceDataset(bench_train.long_pairs(3, 256), tokenizer, fmt="pairs", max_length=256,
+                                max_prompt_length=128)
+    assert len(dataset) == 3
+    for index in range(3):
+        pair = dataset[index]
+        for side in ("chosen", "rejected"):
+            assert len(pair[f"{side}_input_ids"]) == 256
+            assert sum(label != -100 for label in pair[f"{side}_labels"]) == 128

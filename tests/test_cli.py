@@ -19,6 +19,7 @@ MISTAKES = {
     "missing eval file": (["--eval-dataset", "missing.jsonl"], "--eval-dataset missing.jsonl: no such file"),
     "missing resume directory": (["--resume", "/nonexistent/checkpoint-3"], "--resume /nonexistent/checkpoint-3: no such"),
     "missing local model": (["--model", "./no-such-model"], "--model ./no-such-model: no such directory"),
+    "unknown random shape": (["--model", "random:llama9"], "--model random:llama9: unknown shape 'llama9'"),
     "hparam of the wrong type": (["--hparam", "beta=high"], "--hparam beta=high: expected a float"),
     "hparam without a value": (["--hparam", "beta"], "expected NAME=VALUE"),
     "hparam value outside its range": (["--loss", "dpo", "--hparam", "beta=-1"], "beta must be a finite number in (0.0, inf)"),

@@ -227,3 +227,15 @@ def test_metric_names_and_eval_during_training_reach_metrics_and_tensorboard(tmp
         tags |= set(accumulator.Tags()["scalars"])
     missing = [key for key in (*AUTHORS_AND_TRL_METRICS, *held_out) if key not in tags]
     assert not missing, (missing, sorted(tags))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_logs_peak_memory_and_skips_the_final_checkpoint(tmp_path):
+    """On CUDA every step's record has peak_memory_gib (bench_train reads it); --save-final off keeps no model."""
+    out = tmp_path / "run"
+    args = [arg if arg != "cpu" else "cuda" for arg in SHORT]
+    result = main([*args, "--max-steps", "2", "--save-final", "off", "--loss-impl", "fused", "--output-dir", str(out)])
+    records = read_metrics(out)
+    assert all(0 < r["peak_memory_gib"] < torch.cuda.get_device_properties(0).total_memory / 2**30 for r in records)
+    assert "checkpoint" not in result and not (out / "final").exists()

@@ -22,7 +22,8 @@ CHOICES = {"loss": METHODS, "loss_impl": LOSS_IMPLS, "tokenization": TOKENIZATIO
 # The importable module each tracker needs (accelerate's tensorboard tracker: torch.utils.tensorboard).
 TRACKER_MODULES = {"wandb": "wandb", "tensorboard": "tensorboard"}
 HELP = {  # one line per TrainConfig field; a recipe sets the same keys
-    "model": "Hub name or local directory of a causal LM, or 'tiny' (random tiny Llama, no download)",
+    "model": "Hub name or local directory of a causal LM, 'tiny' (random tiny Llama, no download), or "
+             "random:SHAPE (a random model of a real shape: llama3-1b, llama3-vocab-tiny)",
     "dataset": "'bundled:hh-rlhf', a local .json/.jsonl(.gz) file, or a Hub dataset (needs `datasets`)",
     "dataset_format": "record format (README, Data formats); auto: detected per record",
     "eval_dataset": "held-out data from another source (its --test-split); default: see --eval-fraction",
@@ -55,6 +56,7 @@ HELP = {  # one line per TrainConfig field; a recipe sets the same keys
     "deepspeed": "zero2, zero3 or a DeepSpeed JSON config path",
     "output_dir": "checkpoints, metrics.jsonl and eval.json go here",
     "save_steps": "checkpoint every N steps (and at the end)",
+    "save_final": "the final checkpoint (off: a throughput run that keeps no model)",
     "log_with": "experiment tracker",
     "eval_batch_size": "pairs per held-out forward pass",
     "eval_steps": "held-out loss and ranking accuracy every N steps",
@@ -159,6 +161,13 @@ def check_source(flag: str, source: str) -> None:
 
 
 def check_model(model: str) -> None:
+    if model.startswith("random:"):
+        from amapo_train.model import random_shape
+        try:
+            random_shape(model)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        return
     if model == "tiny" or not (Path(model).expanduser().exists() or model.startswith(("/", ".", "~"))):
         return  # the built-in tiny model, or a Hub name
     path = Path(model).expanduser()

@@ -28,7 +28,8 @@ def settable_hparams(method: str) -> dict:
 
 @dataclasses.dataclass
 class TrainConfig:
-    # model: a Hub name or local path, or "tiny" (random Llama, tokenizer trained on the bundled data)
+    # model: a Hub name or local path, "tiny" (random Llama, tokenizer trained on the bundled data), or
+    # "random:SHAPE" (a random model of a real shape, amapo_train.model.RANDOM_SHAPES)
     model: str = "tiny"
     # data: "bundled:hh-rlhf", a Hub dataset name, or a local .json/.jsonl(.gz) file
     dataset: str = "bundled:hh-rlhf"
@@ -74,6 +75,7 @@ class TrainConfig:
     # output
     output_dir: str = "runs/tiny-amapo"
     save_steps: int | None = None  # also at the end
+    save_final: bool = True  # the final checkpoint (off: a throughput run that keeps no model)
     log_with: str = "tensorboard"  # tensorboard | wandb | none
     eval_batch_size: int = 8
     eval_steps: int | None = None  # held-out loss / reward and ranking accuracy every N steps

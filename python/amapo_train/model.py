@@ -1,5 +1,7 @@
-"""Models and tokenizers: any AutoModelForCausalLM by name or path, or the built-in tiny default
-(a random Llama with a byte-level BPE tokenizer trained on the bundled data, no download)."""
+"""Models and tokenizers: any AutoModelForCausalLM by name or path, the built-in tiny default (a random
+Llama with a byte-level BPE tokenizer trained on the bundled data, no download), or `random:SHAPE`, a
+randomly initialized model of a real model's shape (RANDOM_SHAPES) with the tiny tokenizer: throughput
+and memory at that size, offline and without its weights."""
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -8,6 +10,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from amapo_train.data import CHAT_TEMPLATES, load_records
 
 TINY = "tiny"
+RANDOM = "random:"
+# Shapes for `--model random:NAME` (LlamaConfig arguments). lm_head is untied, as in Llama-3-8B, so the
+# fused path's weight is lm_head's own; RoPE keeps transformers' defaults (they do not change the cost).
+RANDOM_SHAPES = {
+    # Llama-3.2-1B's body and Llama-3's vocabulary: 1.50B parameters with the untied lm_head
+    "llama3-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # Llama-3's vocabulary on a 2-layer, hidden-64 body: the loss side of llama3-1b in seconds on a CPU
+    "llama3-vocab-tiny": dict(vocab_size=128256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+                              tie_word_embeddings=False),
+}
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
 
 
@@ -35,11 +50,30 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def random_shape(model: str) -> str | None:
+    """SHAPE of a `random:SHAPE` model spec (a ValueError for an unknown one), else None."""
+    if not model.startswith(RANDOM):
+        return None
+    shape = model[len(RANDOM):]
+    if shape not in RANDOM_SHAPES:
+        raise ValueError(f"--model {model}: unknown shape {shape!r}; shapes: {sorted(RANDOM_SHAPES)}")
+    return shape
+
+
+def random_llama(shape: str, tokenizer_size: int, seed: int) -> LlamaForCausalLM:
+    """A LlamaForCausalLM of RANDOM_SHAPES[shape], seeded, fp32 (the master copy)."""
+    config = LlamaConfig(**RANDOM_SHAPES[shape])
+    if tokenizer_size > config.vocab_size:
+        raise ValueError(f"random:{shape} has {config.vocab_size} logits, fewer than the tokenizer's {tokenizer_size}")
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
 def load_tokenizer(config):
-    """The tokenizer of a TrainConfig: the tiny one (trained on the bundled data), or
+    """The tokenizer of a TrainConfig: the tiny one (trained on the bundled data; also for random:SHAPE), or
     AutoTokenizer.from_pretrained(config.model) with a pad token (its EOS when it has none) and the chat
     template override of `config.chat_template` (the authors' Mistral-Instruct template)."""
-    if config.model == TINY:
+    if config.model == TINY or random_shape(config.model):
         records = load_records(config.dataset, config.train_split) if config.dataset.startswith("bundled:") else \
             load_records("bundled:hh-rlhf", "train")
         return train_tiny_tokenizer([record[side] for record in records for side in ("chosen", "rejected")])
@@ -58,5 +92,7 @@ def load_model_and_tokenizer(config):
     tokenizer = load_tokenizer(config)
     if config.model == TINY:
         return tiny_llama(len(tokenizer), seed=config.seed), tokenizer
+    if random_shape(config.model):
+        return random_llama(random_shape(config.model), len(tokenizer), seed=config.seed), tokenizer
     model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
     return model, tokenizer

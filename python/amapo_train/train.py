@@ -391,7 +391,8 @@ def train(config: TrainConfig, resume: str | None = None, stop_after_steps: int 
     progress.close()
     result = {"steps": step, "output_dir": config.output_dir}
     if step >= total_steps:
-        result["checkpoint"] = str(save_checkpoint(accelerator, model, tokenizer, config, step, "final"))
+        if config.save_final:
+            result["checkpoint"] = str(save_checkpoint(accelerator, model, tokenizer, config, step, "final"))
         result["eval"] = evaluate(accelerator, model, test_set, config)
     elif stop_after_steps:
         result["checkpoint"] = str(save_checkpoint(accelerator, model, tokenizer, config, step, f"checkpoint-{step}"))
@@ -453,6 +454,9 @@ def log_step(accelerator, sums, accumulation, tokens, started, step, epoch, sche
     record = {"step": step, "epoch": epoch, "learning_rate": scheduler.get_last_lr()[0]}
     record.update({key: float(value) for key, value in zip(keys, means)})
     record["tokens_per_s"] = float(total_tokens) / max(time.perf_counter() - started, 1e-9)
+    if accelerator.device.type == "cuda":  # the most any process has held so far (torch's allocator)
+        peak = torch.tensor([torch.cuda.max_memory_allocated(accelerator.device) / 2**30], device=accelerator.device)
+        record["peak_memory_gib"] = float(accelerator.gather(peak).max())
     accelerator.log(record, step=step)
     return record
 

@@ -1,0 +1,207 @@
+"""End-to-end training throughput and peak memory of amapo-train's loss paths (issue 13's model run).
+
+Each --loss-impl trains the same randomly initialized model (`--model random:SHAPE`: llama3-1b is
+Llama-3.2-1B's body with Llama-3's 128256-token vocabulary and an untied lm_head, 1.50B parameters) for
+--steps optimizer steps of AMaPO, in its own `python -m amapo_train.train` process, one after another:
+
+    fused   lm_head fused with the loss, no logits (the Triton kernels on CUDA, torch tiles on the CPU)
+    ops     logits materialized, this library's from-logits op
+    eager   logits materialized, plain torch log-softmax over fp32 logits (as TRL does)
+
+Data: pairs built from the bundled HH-RLHF dialogues, long enough that truncation cuts every sequence to
+exactly --seq-len tokens (the prompt to half of it, each response to the rest), so every step has
+2 x --pairs sequences of --seq-len tokens. The tokenizer is the tiny default's (trained on the bundled
+data), so label ids lie below its vocabulary although the model scores all 128256 logits.
+
+Reported per impl, from the run's metrics.jsonl: tokens/s, the median over the steps after
+--warmup-steps of (prompt + response tokens of the step) / (its wall time), the driver's own
+`tokens_per_s`; peak memory (CUDA), the most torch allocated during the run (`peak_memory_gib`, which
+includes weights, gradients and optimizer state); the last step's loss (finite: the run trained). A run
+that fails gets its row with the last line of its output as the reason.
+
+    python benchmarks/bench_train.py                      # CPU: llama3-vocab-tiny, short sequences
+    python benchmarks/bench_train.py --device cuda        # the issue's run: llama3-1b, seq 2048, ZeRO-3, bf16,
+                                                          #   gradient checkpointing, 20 steps
+"""
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))
+sys.path.insert(0, str(ROOT))
+
+from amapo_train.data import load_records, split_hh_pair  # noqa: E402
+from bench_common import environment, markdown_table  # noqa: E402
+
+IMPLS = ("fused", "ops", "eager")
+DEFAULTS = {  # device -> (shape, seq_len, steps, warmup steps)
+    "cpu": ("llama3-vocab-tiny", 256, 6, 2),
+    "cuda": ("llama3-1b", 2048, 20, 5),
+}
+# Characters per text: well beyond what the tiny tokenizer needs for --seq-len tokens (~3 characters each).
+CHARS_PER_TOKEN = 8
+
+
+def long_pairs(count: int, seq_len: int) -> list[dict]:
+    """`count` records {prompt, chosen, rejected}, each text made of consecutive bundled HH-RLHF dialogues
+    until it has CHARS_PER_TOKEN * seq_len characters."""
+    dialogues = [split_hh_pair(r["chosen"], r["rejected"]) for r in load_records("bundled:hh-rlhf", "train")]
+    target, cursor, records = CHARS_PER_TOKEN * seq_len, 0, []
+
+    def text(part: int) -> str:
+        nonlocal cursor
+        pieces, size = [], 0
+        while size < target:
+            piece = dialogues[cursor % len(dialogues)][part]
+            pieces.append(piece)
+            size += len(piece)
+            cursor += 1
+        return "".join(pieces)
+
+    for _ in range(count):
+        records.append({"prompt": text(0), "chosen": " " + text(1), "rejected": " " + text(2)})
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_command(args, impl: str, data: dict, output_dir: Path) -> list[str]:
+    flags = {
+        "--recipe": "tiny", "--model": f"random:{args.shape}", "--loss": "amapo", "--loss-impl": impl,
+        "--dataset": data["train"], "--eval-dataset": data["test"], "--dataset-format": "pairs",
+        "--max-length": args.seq_len, "--max-prompt-length": args.seq_len // 2,
+        "--per-device-batch-size": args.pairs, "--total-batch-size": args.pairs, "--max-steps": args.steps,
+        "--learning-rate": 6e-7, "--eval-steps": 0, "--save-steps": 0, "--save-final": "off",
+        "--max-test-pairs": args.pairs, "--eval-batch-size": args.pairs, "--log-with": "none",
+        "--bf16": "on" if args.bf16 else "off", "--gradient-checkpointing": "on" if args.checkpointing else "off",
+        "--device": args.device, "--output-dir": output_dir,
+    }
+    if args.deepspeed != "none":
+        flags["--deepspeed"] = args.deepspeed
+    return [sys.executable, "-m", "amapo_train.train", *[str(part) for item in flags.items() for part in item]]
+
+
+def run_env(device: str) -> dict:
+    """One process, launched without a launcher: DeepSpeed reads its rank from the environment."""
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), PYTHONPATH=os.pathsep.join(
+                   [str(ROOT / "python"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    if device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def measure(args, impl: str, data: dict, work: Path) -> dict:
+    output_dir = work / impl
+    command = train_command(args, impl, data, output_dir)
+    started = time.perf_counter()
+    log = output_dir.with_suffix(".log")
+    with log.open("w") as handle:
+        done = subprocess.run(command, env=run_env(args.device), stdout=handle, stderr=subprocess.STDOUT,
+                              cwd=ROOT, timeout=args.timeout)
+    row = {"impl": impl, "wall_s": time.perf_counter() - started, "log": str(log)}
+    metrics = output_dir / "metrics.jsonl"
+    steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    if done.returncode != 0 or len(steps) < args.steps:
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        row["error"] = (lines[-1] if lines else f"exit status {done.returncode}")[:300]
+        return row
+    timed = [step["tokens_per_s"] for step in steps[args.warmup_steps:]]
+    row.update(tokens_per_s=statistics.median(timed), timed_steps=len(timed), last_loss=steps[-1]["loss"],
+               tokens_per_step=args.pairs * 2 * args.seq_len)
+    if "peak_memory_gib" in steps[-1]:
+        row["peak_memory_gib"] = max(step["peak_memory_gib"] for step in steps)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    eager = next((row.get("tokens_per_s") for row in rows if row["impl"] == "eager"), None)
+    cells = []
+    for row in rows:
+        if "error" in row:
+            cells.append([row["impl"], "failed: " + row["error"].replace("|", "/"), "", "", "", ""])
+            continue
+        speedup = f"{row['tokens_per_s'] / eager:.2f}x" if eager else "-"
+        memory = f"{row['peak_memory_gib']:.2f}" if "peak_memory_gib" in row else "-"
+        cells.append([row["impl"], f"{row['tokens_per_s']:.0f}", speedup, memory, row["timed_steps"],
+                      f"{row['last_loss']:.4f}"])
+    return markdown_table(["loss impl", "tokens/s", "vs eager", "peak memory GiB", "steps timed", "last loss"],
+                          cells)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--shape", help="random:SHAPE model (default: llama3-1b on cuda, llama3-vocab-tiny on cpu)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048 on cuda, 256 on cpu)")
+    parser.add_argument("--pairs", type=int, default=2, help="pairs per step (2 x pairs sequences)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per impl (default 20 on cuda, 6 on cpu)")
+    parser.add_argument("--warmup-steps", type=int, help="first steps left out of tokens/s (default 5 / 2)")
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of {IMPLS}")
+    parser.add_argument("--deepspeed", default="zero3", help="zero3, zero2 or none")
+    parser.add_argument("--bf16", type=lambda text: text == "on", default=None, help="on/off (default: on on cuda)")
+    parser.add_argument("--checkpointing", type=lambda text: text == "on", default=True,
+                        help="gradient checkpointing on/off (default on)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per impl")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "results" / "bench_train")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args(argv)
+    shape, seq_len, steps, warmup = DEFAULTS[args.device]
+    args.shape = args.shape or shape
+    args.seq_len = args.seq_len or seq_len
+    args.steps = args.steps or steps
+    args.warmup_steps = warmup if args.warmup_steps is None else args.warmup_steps
+    args.bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
+    args.impls = [impl.strip() for impl in args.impls.split(",")]
+    for impl in args.impls:
+        if impl not in IMPLS:
+            parser.error(f"--impls: {impl!r} is not one of {list(IMPLS)}")
+    if args.warmup_steps >= args.steps:
+        parser.error(f"--warmup-steps {args.warmup_steps} leaves none of --steps {args.steps} to time")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    data = {"train": write_jsonl(args.work_dir / "train.jsonl", long_pairs(args.steps * args.pairs, args.seq_len)),
+            "test": write_jsonl(args.work_dir / "test.jsonl", long_pairs(args.pairs, args.seq_len))}
+    rows = [measure(args, impl, data, args.work_dir) for impl in args.impls]
+    meta = environment(args.device)
+    meta.update(shape=args.shape, seq_len=args.seq_len, pairs=args.pairs, steps=args.steps,
+                warmup_steps=args.warmup_steps, deepspeed=args.deepspeed, bf16=args.bf16,
+                gradient_checkpointing=args.checkpointing, loss="amapo")
+    header = (f"# amapo-train throughput: random:{args.shape}, {2 * args.pairs} x {args.seq_len} tokens per step, "
+              f"DeepSpeed {args.deepspeed}, bf16 {'on' if args.bf16 else 'off'}, gradient checkpointing "
+              f"{'on' if args.checkpointing else 'off'}, {args.steps} steps ({args.warmup_steps} untimed)\n\n"
+              f"{meta.get('gpu', 'CPU')}, torch {meta['torch']}, {meta['date']}; command: `{meta['command']}`\n\n")
+    text = header + table(rows)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    if args.markdown:
+        args.markdown.write_text(text)
+    return 0 if all("error" not in row for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
