@@ -8,7 +8,7 @@
 """
 
 from amapo_kernels import reference
-from amapo_kernels._ops import has_cuda_kernels
+from amapo_kernels._ops import cpu_kernels, has_cuda_kernels
 from amapo_kernels.amapo import ABLATIONS, VARIANTS, AMaPOLoss, amapo_loss, amapo_loss_from_logits
 from amapo_kernels.fused_linear import amapo_loss_from_hidden, preference_loss_from_hidden, sequence_logps_from_hidden
 from amapo_kernels.preference import METHODS, preference_loss
@@ -24,6 +24,7 @@ __all__ = [
     "amapo_loss",
     "amapo_loss_from_hidden",
     "amapo_loss_from_logits",
+    "cpu_kernels",
     "has_cuda_kernels",
     "preference_loss",
     "preference_loss_from_hidden",

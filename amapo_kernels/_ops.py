@@ -6,7 +6,7 @@ import torch.autograd.forward_ad as fwAD
 
 from amapo_kernels import _extension
 
-_extension.load()  # registers torch.ops.amapo_kernels.*; a failure names its cause and fix
+_C = _extension.load()  # registers torch.ops.amapo_kernels.*; a failure names its cause and fix
 
 ops = torch.ops.amapo_kernels
 
@@ -14,6 +14,13 @@ ops = torch.ops.amapo_kernels
 def has_cuda_kernels() -> bool:
     """Whether this build compiled the CUDA kernels (False on a CPU-only install)."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("amapo_kernels::sequence_logps_fwd", "CUDA")
+
+
+def cpu_kernels() -> str:
+    """The CPU kernels of sequence_logps for fp32/bf16/fp16 logits: "avx512" or "avx2" (the row kernels) or
+    "aten" (ATen's ops). Chosen once per process: AMAPO_CPU_KERNELS=auto (default: the widest set the
+    processor has), avx512, avx2 or aten; a set the processor lacks is a RuntimeError, here and in the op."""
+    return _C.cpu_kernels()
 
 
 def _acc_dtype(logits: torch.Tensor) -> torch.dtype:

@@ -10,6 +10,8 @@ import time
 
 import torch
 
+import amapo_kernels
+
 
 def time_ms(run, device, warmup, repeats, prepare=None):
     """Median wall time of run() in ms after `warmup` untimed runs: CUDA events on a GPU, perf_counter on
@@ -73,6 +75,9 @@ def environment(device):
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
+        # the vector sets in use: ATen's (torch.compile's code follows it) and this library's row kernels
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "amapo_cpu_kernels": amapo_kernels.cpu_kernels(),
     }
     if device == "cuda":
         meta["gpu"] = torch.cuda.get_device_name()

@@ -238,7 +238,9 @@ def main(argv=None):
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if args.markdown:
-        header = (f"From logits, fwd+bwd, {meta.get('gpu', 'CPU')} (driver {meta.get('driver', '-')}), torch "
+        where = meta.get("gpu") or (f"CPU, {meta['cpu_threads']} threads, ATen {meta['torch_cpu_capability']}, "
+                                    f"our row kernels {meta['amapo_cpu_kernels']}")
+        header = (f"From logits, fwd+bwd, {where} (driver {meta.get('driver', '-')}), torch "
                   f"{meta['torch']}, {meta['date']}\n\n`{meta['command']}`\n\n")
         args.markdown.write_text(header + markdown_table(COLUMNS, [format_row(row) for row in rows]))
     return rows

@@ -1,11 +1,12 @@
 // CPU kernels of amapo_kernels::sequence_logps_{fwd,bwd,bwd_inplace}. Accumulation is fp32 (fp64 for fp64).
 // Two paths with the same results (NaN and inf included):
-// - row kernels (sequence_logps_cpu_rows.cpp, AVX2 + FMA + F16C) for fp32/bf16/fp16 where the processor has them:
-//   three passes over each row while it is in cache, no temporaries; faster than torch.compile's kernel;
+// - row kernels (sequence_logps_cpu_rows.cpp, built for AVX-512 and for AVX2 + FMA + F16C) for fp32/bf16/fp16,
+//   the widest set the processor has (cpu_rows::selected): three passes over each row while it is in cache, no
+//   temporaries;
 // - otherwise (and for fp64) blocks of about a million logits through ATen's vectorized, multithreaded ops
 //   (Sleef exp, cascade sums), never more than one block of temporaries.
 #include <cstdlib>
-#include <cstring>
+#include <string>
 
 #include <torch/library.h>
 
@@ -15,24 +16,86 @@
 namespace amapo {
 
 namespace cpu_rows {
-bool available() {
+namespace {
+
+// Whether this build has the kernels of `isa` and this processor has its instructions.
+bool can_run(Isa isa) {
 #if defined(AMAPO_CPU_ROWS)
-  static const bool ok = [] {
-    const char* generic = std::getenv("AMAPO_CPU_GENERIC");
-    if (generic != nullptr && std::strcmp(generic, "1") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  return ok;
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (isa == Isa::avx2) return avx2;
+  return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 #else
-  return false;  // not an x86-64 build
+  return false;  // not an x86-64 build: no row kernels
 #endif
 }
+
+Isa select_from_environment() {
+  const char* value = std::getenv("AMAPO_CPU_KERNELS");
+  const std::string wanted = value == nullptr ? "auto" : value;
+  if (wanted == "auto" || wanted.empty()) {
+    for (const Isa isa : {Isa::avx512, Isa::avx2}) {
+      if (can_run(isa)) return isa;
+    }
+    return Isa::aten;
+  }
+  for (const Isa isa : {Isa::avx512, Isa::avx2, Isa::aten}) {
+    if (wanted != isa_name(isa)) continue;
+    TORCH_CHECK(isa == Isa::aten || can_run(isa), "AMAPO_CPU_KERNELS=", wanted, ": this processor (or a non-x86 ",
+                "build) cannot run the ", isa == Isa::avx512 ? "AVX-512 F/BW/VL/DQ" : "AVX2/FMA/F16C",
+                " row kernels; use auto or aten");
+    return isa;
+  }
+  TORCH_CHECK(false, "AMAPO_CPU_KERNELS must be auto, avx512, avx2 or aten, got '", wanted, "'");
+}
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "aten";
+  }
+}
+
+Isa selected() {
+  static const Isa isa = select_from_environment();
+  return isa;
+}
+
 }  // namespace cpu_rows
 
 namespace {
 
-bool use_rows(const at::Tensor& logits) { return logits.scalar_type() != at::kDouble && cpu_rows::available(); }
+// The row kernels to use for these logits, Isa::aten for ATen's ops (always for fp64; AMAPO_CPU_KERNELS is
+// checked for every dtype, so a bad value is an error whatever the logits).
+cpu_rows::Isa row_kernels(const at::Tensor& logits) {
+  const auto isa = cpu_rows::selected();
+  return logits.scalar_type() == at::kDouble ? cpu_rows::Isa::aten : isa;
+}
+
+// The row kernels of `isa` (never Isa::aten); a build without them (not x86-64) never selects them.
+void rows_forward(cpu_rows::Isa isa, const at::Tensor& logits, const at::Tensor& used, int64_t ignore_index,
+                  at::Tensor& token_logps, at::Tensor& softmax_stats) {
+#if defined(AMAPO_CPU_ROWS)
+  (isa == cpu_rows::Isa::avx512 ? cpu_rows::avx512::forward : cpu_rows::avx2::forward)(
+      logits, used, ignore_index, token_logps, softmax_stats);
+#else
+  TORCH_INTERNAL_ASSERT(false, "no CPU row kernels in this build");
+#endif
+}
+
+void rows_backward(cpu_rows::Isa isa, const at::Tensor& logits, const at::Tensor& used,
+                   const at::Tensor& softmax_stats, const at::Tensor& coef, int64_t ignore_index, at::Tensor& grad) {
+#if defined(AMAPO_CPU_ROWS)
+  (isa == cpu_rows::Isa::avx512 ? cpu_rows::avx512::backward : cpu_rows::avx2::backward)(
+      logits, used, softmax_stats, coef, ignore_index, grad);
+#else
+  TORCH_INTERNAL_ASSERT(false, "no CPU row kernels in this build");
+#endif
+}
 
 constexpr int64_t kBlockElements = 1 << 20;
 
@@ -70,8 +133,8 @@ std::tuple<at::Tensor, at::Tensor> sequence_logps_fwd_cpu(const at::Tensor& logi
   const auto opts = logits.options().dtype(dtype);
   auto token_logps = at::empty(used.sizes(), opts);
   auto softmax_stats = at::empty({used.size(0), used.size(1), 2}, opts);
-  if (use_rows(logits)) {
-    cpu_rows::forward(logits, used, ignore_index, token_logps, softmax_stats);
+  if (const auto isa = row_kernels(logits); isa != cpu_rows::Isa::aten) {
+    rows_forward(isa, logits, used, ignore_index, token_logps, softmax_stats);
     return {sequence_sums(token_logps, label_counts(used, ignore_index), average), softmax_stats};
   }
   for_each_block(used.size(0), used.size(1), logits.size(2), [&](int64_t b, int64_t t0, int64_t t1) {
@@ -98,8 +161,8 @@ void backward_into(const at::Tensor& grad_seq, const at::Tensor& logits, const a
   check_backward_inputs(grad_seq, logits, used, softmax_stats);
   const auto dtype = acc_dtype(logits);
   const auto coef = row_coefficients(grad_seq, label_counts(used, ignore_index), average, dtype);
-  if (use_rows(logits)) {
-    cpu_rows::backward(logits, used, softmax_stats.contiguous(), coef, ignore_index, grad);
+  if (const auto isa = row_kernels(logits); isa != cpu_rows::Isa::aten) {
+    rows_backward(isa, logits, used, softmax_stats.contiguous(), coef, ignore_index, grad);
     return;
   }
   for_each_block(used.size(0), used.size(1), logits.size(2), [&](int64_t b, int64_t t0, int64_t t1) {

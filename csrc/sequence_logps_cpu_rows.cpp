@@ -1,6 +1,9 @@
-// Row kernels of the CPU op, compiled with -mavx2 -mfma -mf16c (CMakeLists.txt, this file only) and called only
-// where the processor has all three (cpu_rows::available, in sequence_logps_cpu.cpp). Rows run in parallel
-// (at::parallel_for); each row's arithmetic has a fixed order, so results do not depend on the thread count.
+// Row kernels of the CPU op, one source built for two instruction sets, as ATen builds its kernels per
+// capability: here with -mavx2 -mfma -mf16c and CPU_CAPABILITY_AVX2 (namespace cpu_rows::avx2), and again
+// through sequence_logps_cpu_rows_avx512.cpp with AVX-512 F/BW/VL/DQ and CPU_CAPABILITY_AVX512 (namespace
+// cpu_rows::avx512), where at::vec's vectors are twice as wide. Each is called only where the processor
+// runs it (cpu_rows::selected, in sequence_logps_cpu.cpp). Rows run in parallel (at::parallel_for); each
+// row's arithmetic has a fixed order, so results do not depend on the thread count.
 #include "sequence_logps_cpu_rows.h"
 
 #include <algorithm>
@@ -12,17 +15,25 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
-namespace amapo::cpu_rows {
+#if defined(CPU_CAPABILITY_AVX512)
+#define AMAPO_ROWS_ISA avx512
+#elif defined(CPU_CAPABILITY_AVX2)
+#define AMAPO_ROWS_ISA avx2
+#else
+#error "build with CPU_CAPABILITY_AVX2 or CPU_CAPABILITY_AVX512 (CMakeLists.txt): at::vec would be scalar code"
+#endif
+
+namespace amapo::cpu_rows::AMAPO_ROWS_ISA {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kStep = 2 * Vec::size();  // elements per iteration: one 256-bit load of bf16/fp16
+constexpr int64_t kStep = 2 * Vec::size();  // elements per iteration: one full-width load of bf16/fp16
 // The sum of exp is taken in blocks of kSumBlock elements, then over blocks: about (kSumBlock / kStep +
 // V / kSumBlock) roundings per term instead of V / kStep, as accurate as ATen's cascade sum.
 constexpr int64_t kSumBlock = 1024;
 constexpr int64_t kRowsGrain = 1 << 15;  // elements per parallel task, at least
 
-static_assert(at::vec::Vectorized<at::BFloat16>::size() == kStep, "built for 256-bit vectors (AVX2)");
+static_assert(at::vec::Vectorized<at::BFloat16>::size() == kStep, "a bf16 vector widens to two float vectors");
 
 inline void load(const float* p, Vec& a, Vec& b) {
   a = Vec::loadu(p);
@@ -185,4 +196,4 @@ void backward(const at::Tensor& logits, const at::Tensor& used, const at::Tensor
   });
 }
 
-}  // namespace amapo::cpu_rows
+}  // namespace amapo::cpu_rows::AMAPO_ROWS_ISA

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Proves the CUDA ops on a GPU machine (H100/H200, torch preinstalled, no network), in two calls that each
 # fit in 10 minutes on 16 cores:
-#   bash scripts/gpu_check.sh part1   # ~6 min (an estimate: no GPU run yet): environment, build (-Xptxas -v), kernels registered,
-#                                     #   every CUDA test, compute-sanitizer memcheck/racecheck/synccheck/initcheck
-#   bash scripts/gpu_check.sh part2   # ~8 min (an estimate): both benchmarks at the paper size with every peer
-#   bash scripts/gpu_check.sh part3   # ~4 min (an estimate): amapo-train throughput and peak memory of the fused,
-#                                     #   ops and eager loss paths on a random 1.5B Llama-3 shape (benchmarks/bench_train.py)
-#   bash scripts/gpu_check.sh all     # part1 and part2, one after the other; with 15 device-minutes in all (machine start
-#                                     #   included), one call `BUDGET=560 bash scripts/gpu_check.sh all` runs
-#                                     #   part1 whole and as much of part2 as fits (the rest is SKIPPED rows)
+#   bash scripts/gpu_check.sh part1   # environment, build (-Xptxas -v), kernels registered, every CUDA test,
+#                                     #   compute-sanitizer memcheck/racecheck/synccheck/initcheck; measured on an
+#                                     #   H200 (2026-12-04): build 66 s, tests 10 + 70 s, each sanitizer 7-8 s
+#   bash scripts/gpu_check.sh part2   # both benchmarks at the paper size with every peer; measured: from logits
+#                                     #   29 s for its bf16 row alone, from hidden 68 s (all four rows: not yet run)
+#   bash scripts/gpu_check.sh part3   # amapo-train throughput and peak memory of the fused, ops and eager loss
+#                                     #   paths on a random 1.5B Llama-3 shape (benchmarks/bench_train.py; not yet run)
+#   bash scripts/gpu_check.sh all     # part1 and part2, one after the other; with 15 device-minutes in all (machine
+#                                     #   start included, ~30 s measured), one call `BUDGET=560 bash scripts/gpu_check.sh all`
+#                                     #   fits (about 6 minutes by the steps measured so far); part3 then needs a
+#                                     #   session of its own or a shorter run
 # Everything lands in one results folder, RESULTS (default $OUT when set, else results/gpu_check): logs,
 # JSON, markdown tables and summary_<part>.md, a table of each step's status and time.
 # Peers and the test dependencies the image lacks travel as wheels: run `bash scripts/fetch_peer_wheels.sh`
@@ -97,18 +100,27 @@ print("CUDA kernels registered; built against torch", C.torch_version, "running"
   # failure of this check (the machine has a GPU), so -rs lists the reasons.
   run_step "tests/test_cuda_kernels.py" "$RESULTS/tests.log" 200 \
     "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_cuda_kernels.py
-  # 300 s: the Triton tests compile each autotuning configuration once (~30 kernels) besides their runs
+  # 300 s: the Triton tests compile each autotuning configuration once (~30 kernels) besides their runs;
+  # pytest-xdist (in the GPU image) spreads those compiles over 4 processes sharing the one GPU.
+  local xdist=()
+  "$PY" -c 'import xdist' 2>/dev/null && xdist=(-n 4)
   run_step "pytest -m cuda (all files)" "$RESULTS/tests.log" 300 \
-    "$PY" -m pytest -q -p no:cacheprovider -rfEs -m cuda tests --ignore=tests/test_cuda_kernels.py
+    "$PY" -m pytest -q -p no:cacheprovider -rfEs "${xdist[@]}" -m cuda tests --ignore=tests/test_cuda_kernels.py
   if grep -E "^SKIPPED.*(CUDA|cuda|GPU)" "$RESULTS/tests.log"; then
     summary_row "no CUDA test skipped" FAILED 0 tests.log; FAILED=1
   fi
 
   # compute-sanitizer on small cases of every kernel, caching allocator off: each tensor its own allocation.
+  # memcheck/racecheck/synccheck instrument our kernels only; initcheck must see every kernel's writes
+  # (measured: filtered to ours, it called the labels that torch's copy kernel wrote uninitialized, 99
+  # false reports, and ran past 150 s; unfiltered, 0 errors in 7 s).
+  local filter
   for tool in memcheck racecheck synccheck initcheck; do
     echo "== $tool" >>"$RESULTS/sanitizers.log"
+    filter=(--kernel-name kns=amapo)
+    [ "$tool" = initcheck ] && filter=()
     run_step "compute-sanitizer $tool" "$RESULTS/sanitizers.log" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      compute-sanitizer --tool "$tool" --error-exitcode 9 --kernel-name kns=amapo "$PY" tools/gpu_sanitize_case.py
+      compute-sanitizer --tool "$tool" --error-exitcode 9 "${filter[@]}" "$PY" tools/gpu_sanitize_case.py
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|========= (Invalid|Race|Uninitialized|Barrier)" "$RESULTS/sanitizers.log" | tail -2
   done
 }
@@ -123,9 +135,11 @@ part2() {
   start_summary part2
   install_wheels >"$RESULTS/bench_env.txt"
   ensure_built || return 1
-  # The paper's size: B=4 (2 pairs), T=2048, V=128256 (Llama 3), H=4096; bf16 as trained, fp32 and V=32000 too.
+  # The paper's size first: B=4 (2 pairs), T=2048, V=128256 (Llama 3), H=4096; bf16 as trained, and fp32;
+  # from logits also B*T = 2k and 16k and V=32000 (issue 12's table). One (size, dtype) with every peer took
+  # 29 s on an H200, torch.compile's compile included.
   run_step "bench_from_logits" "$RESULTS/bench.log" 300 "$PY" benchmarks/bench_from_logits.py --device cuda \
-    --sizes 4x2048x128256,4x2048x32000 --dtypes bf16,fp32 \
+    --sizes 4x2048x128256,2x1024x128256,8x2048x128256,4x2048x32000 --dtypes bf16,fp32 \
     --json "$RESULTS/from_logits.json" --markdown "$RESULTS/from_logits.md"
   run_step "bench_fused_linear" "$RESULTS/bench.log" 240 "$PY" benchmarks/bench_fused_linear.py --device cuda \
     --dtype bf16 --sizes 4x2048x4096x128256 \

@@ -1,56 +1,105 @@
-"""The CPU op has two paths (csrc/sequence_logps_cpu.cpp): AVX2 row kernels for fp32/bf16/fp16 where the
-processor has AVX2/FMA/F16C, ATen's ops on row blocks elsewhere and for fp64. The rest of the suite runs the
-path this machine picks; here the generic one (AMAPO_CPU_GENERIC=1, read once per process) runs the kernel
-tests in a subprocess, so that both stay held to the fp64 reference."""
+"""The CPU op has up to three paths (csrc/sequence_logps_cpu.cpp): row kernels built for AVX-512 and for AVX2,
+and ATen's ops on row blocks (everywhere, and always for fp64). AMAPO_CPU_KERNELS (read once per process)
+picks one; the rest of the suite runs the default, the widest set this processor has. Here every other
+path this processor can run passes the kernel tests in a subprocess, so that each stays held to the fp64
+reference, and a bad or unrunnable choice is an error naming the variable."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+import amapo_kernels as ak
+
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ak.cpu_kernels()
+# The sets the processor has: AVX-512 machines have AVX2 too; ATen's ops run everywhere.
+RUNNABLE = {"avx512": ["avx512", "avx2", "aten"], "avx2": ["avx2", "aten"], "aten": ["aten"]}[DEFAULT]
 
 PROBE = """
 import torch, amapo_kernels as ak
 from amapo_kernels.testing import peaked_logits
 g = torch.Generator().manual_seed(0)
-x = peaked_logits(3, 40, 1003, dtype=torch.float32, generator=g).requires_grad_()
-labels = torch.randint(0, 1003, (3, 40), generator=g)
-out = ak.sequence_logps(x, labels, shift=True)
-(grad,) = torch.autograd.grad(out.sum(), x)
-torch.save((out, grad), {path!r})
+results = {{"kernels": ak.cpu_kernels()}}
+for dtype in (torch.float32, torch.bfloat16):
+    x = peaked_logits(3, 40, 1003, dtype=dtype, generator=g).requires_grad_()
+    labels = torch.randint(0, 1003, (3, 40), generator=g)
+    out = ak.sequence_logps(x, labels, shift=True)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    results[str(dtype)] = (out, grad)
+torch.save(results, {path!r})
 """
 
 
-def run_python(code, generic, tmp_path):
-    env = {**os.environ, "AMAPO_CPU_GENERIC": "1" if generic else "0"}
+def run_python(args, kernels, cwd, timeout=300, **extra_env):
+    env = {**os.environ, "AMAPO_CPU_KERNELS": kernels, **extra_env}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "python"), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_generic_switch_selects_another_path(tmp_path):
-    results = []
-    for generic in (False, True):
-        path = tmp_path / f"generic{int(generic)}.pt"
-        done = run_python(PROBE.format(path=str(path)), generic, tmp_path)
+def test_the_variable_selects_each_path_and_the_paths_agree(tmp_path):
+    results = {}
+    for kernels in RUNNABLE:
+        path = tmp_path / f"{kernels}.pt"
+        done = run_python(["-c", PROBE.format(path=str(path))], kernels, tmp_path)
         assert done.returncode == 0, done.stderr
-        results.append(torch.load(path))
-    (out_rows, grad_rows), (out_generic, grad_generic) = results
-    torch.testing.assert_close(out_rows, out_generic, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad_rows, grad_generic, rtol=1e-5, atol=1e-7)
-    # On an AVX2 machine the two paths round differently somewhere: equal bits would mean one path ran twice.
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        assert not (torch.equal(out_rows, out_generic) and torch.equal(grad_rows, grad_generic))
+        results[kernels] = torch.load(path)
+        assert results[kernels]["kernels"] == kernels
+    aten = results["aten"]
+    for kernels in RUNNABLE[:-1]:
+        for dtype in ("torch.float32", "torch.bfloat16"):
+            (out, grad), (out_aten, grad_aten) = results[kernels][dtype], aten[dtype]
+            torch.testing.assert_close(out, out_aten, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(grad.float(), grad_aten.float(), rtol=1e-2, atol=1e-7)
+        # The paths round differently somewhere: equal bits would mean one path ran twice.
+        out, grad = results[kernels]["torch.float32"]
+        assert not (torch.equal(out, aten["torch.float32"][0]) and torch.equal(grad, aten["torch.float32"][1]))
+    if "avx512" in results:  # 16 lanes against 8 group the sums of exp otherwise
+        assert not torch.equal(results["avx512"]["torch.float32"][1], results["avx2"]["torch.float32"][1])
 
 
-def test_generic_path_passes_the_kernel_tests(tmp_path):
+@pytest.mark.parametrize("kernels", [k for k in ("avx2", "aten") if k in RUNNABLE and k != DEFAULT])
+def test_other_path_passes_the_kernel_tests(kernels):
     tests = ["tests/test_sequence_logps.py", "tests/test_nan_propagation.py", "tests/test_inplace_backward.py"]
-    env = {**os.environ, "AMAPO_CPU_GENERIC": "1", "AMAPO_HYPOTHESIS_EXAMPLES": "5"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = run_python(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], kernels, ROOT, timeout=600,
+                      AMAPO_HYPOTHESIS_EXAMPLES="5")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert " passed" in done.stdout
+
+
+def test_a_bad_or_unrunnable_choice_is_an_error_naming_the_variable(tmp_path):
+    probe = ["-c", "import torch, amapo_kernels as ak; ak.sequence_logps(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long))"]
+    done = run_python(probe, "avx1024", tmp_path)
+    assert done.returncode != 0 and "AMAPO_CPU_KERNELS must be auto, avx512, avx2 or aten, got 'avx1024'" in done.stderr
+    done = run_python(["-c", "import amapo_kernels as ak; ak.cpu_kernels()"], "avx1024", tmp_path)
+    assert done.returncode != 0 and "RuntimeError: AMAPO_CPU_KERNELS must be" in done.stderr
+    if "avx512" not in RUNNABLE:
+        done = run_python(probe, "avx512", tmp_path)
+        assert done.returncode != 0 and "AMAPO_CPU_KERNELS=avx512: this processor" in done.stderr
+
+
+# Functions whose code may use 256/512-bit registers: the row kernels' own namespaces and ATen's
+# per-capability vector namespaces (at::vec::AVX2 / AVX512) instantiated in those two files.
+VECTOR_NAMESPACES = ("amapo::cpu_rows::avx2::", "amapo::cpu_rows::avx512::", "at::vec::AVX2::", "at::vec::AVX512::")
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None or sys.platform != "linux", reason="needs objdump (binutils)")
+def test_vector_instructions_stay_in_the_row_kernels():
+    """The two row files compile ATen's headers with -mavx2 / -mavx512f; the linker keeps one copy of each
+    inline function (c10::Half conversions, Tensor accessors, ...), and a copy taken from those files would
+    run AVX-512 code on processors without it (SIGILL). Only the namespaces above may use ymm/zmm."""
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", ak._C.__file__], capture_output=True,
+                             text=True, check=True).stdout
+    leaked, function = set(), None
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            function = header.group(1)
+        elif function and ("%ymm" in line or "%zmm" in line) and not any(n in function for n in VECTOR_NAMESPACES):
+            leaked.add(function)
+    assert not leaked, f"vector code outside the row kernels: {sorted(leaked)[:5]}"

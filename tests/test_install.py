@@ -2,6 +2,8 @@
 was compiled against warns, and an isolated build stops at once with the --no-build-isolation message.
 The end-to-end install paths (fresh venv, other torch) are exercised by scripts/check_install.sh in CI."""
 
+import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -17,6 +19,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_extension_records_the_torch_it_was_built_against():
     assert _C.torch_version == torch.__version__
+
+
+# libstdc++'s own stream and locale symbols (never instantiated from its headers: extern templates).
+RUNTIME_SYMBOL = re.compile(r"_ZNK?St6locale|_ZNK?So|_ZNK?Si|_ZNK?St8ios_base")
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils)")
+def test_module_exports_no_copy_of_the_cpp_runtime():
+    """A toolchain that links parts of libstdc++ statically must not export them (CMakeLists.txt,
+    --exclude-libs): on the GPU image they interposed with the process's libstdc++ and the first error
+    message with a number in it segfaulted."""
+    symbols = subprocess.run(["nm", "-D", "--defined-only", _C.__file__], capture_output=True, text=True,
+                             check=True).stdout
+    exported = [line.split()[-1] for line in symbols.splitlines() if RUNTIME_SYMBOL.search(line)]
+    assert not exported, f"{len(exported)} libstdc++ symbols exported, e.g. {exported[:3]}"
 
 
 def test_torch_mismatch_warns_and_names_both_versions():

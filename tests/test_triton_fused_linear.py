@@ -71,7 +71,7 @@ def logps_run(tensors, labels, dtype, *, upstream, fused, average, shift, softca
         logps = ref.sequence_logps(materialized_logits(hidden, weight, bias, softcap), labels, average=average,
                                    shift=shift)
         logps = logps.double() if dtype == torch.float64 else logps.float()
-    total = (logps * upstream.to(logps.dtype)).sum()
+    total = (logps * upstream.to(logps.device, logps.dtype)).sum()
     return logps, torch.autograd.grad(total, [t for t in (hidden, weight, bias) if t is not None])
 
 
@@ -535,8 +535,8 @@ def test_cuda_auto_is_triton_and_never_materializes_logits(monkeypatch):
     calls = []
     real = fused_linear._triton_kernels
     monkeypatch.setattr(fused_linear, "_triton_kernels", lambda: calls.append(1) or real())
-    (hidden, weight, _), labels = cuda_batch(4, 1024, 256, 32000, seed=5, dtype=torch.bfloat16)
-    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    tensors, labels = cuda_batch(4, 1024, 256, 32000, seed=5, dtype=torch.bfloat16)
+    hidden, weight, _ = leaves(tensors, torch.bfloat16)  # cuda_batch keeps fp64 values, which auto leaves to torch
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
