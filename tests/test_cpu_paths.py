@@ -83,16 +83,18 @@ def test_a_bad_or_unrunnable_choice_is_an_error_naming_the_variable(tmp_path):
         assert done.returncode != 0 and "AMAPO_CPU_KERNELS=avx512: this processor" in done.stderr
 
 
-# Functions whose code may use 256/512-bit registers: the row kernels' own namespaces and ATen's
-# per-capability vector namespaces (at::vec::AVX2 / AVX512) instantiated in those two files.
+# Functions whose code may use AVX instructions: the row kernels' own namespaces and ATen's per-capability
+# vector namespaces (at::vec::AVX2 / AVX512) instantiated in those two files. AVX code: a VEX/EVEX mnemonic
+# (v...), 256/512-bit registers or AVX-512 mask registers.
 VECTOR_NAMESPACES = ("amapo::cpu_rows::avx2::", "amapo::cpu_rows::avx512::", "at::vec::AVX2::", "at::vec::AVX512::")
+AVX_CODE = re.compile(r"^\s*[0-9a-f]+:\s+v[a-z0-9]+\b|%[yz]mm|%k[0-7]")
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None or sys.platform != "linux", reason="needs objdump (binutils)")
 def test_vector_instructions_stay_in_the_row_kernels():
     """The two row files compile ATen's headers with -mavx2 / -mavx512f; the linker keeps one copy of each
     inline function (c10::Half conversions, Tensor accessors, ...), and a copy taken from those files would
-    run AVX-512 code on processors without it (SIGILL). Only the namespaces above may use ymm/zmm."""
+    run AVX-512 code on processors without it (SIGILL). Only the namespaces above may hold AVX code."""
     listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", ak._C.__file__], capture_output=True,
                              text=True, check=True).stdout
     leaked, function = set(), None
@@ -100,6 +102,6 @@ def test_vector_instructions_stay_in_the_row_kernels():
         header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
         if header:
             function = header.group(1)
-        elif function and ("%ymm" in line or "%zmm" in line) and not any(n in function for n in VECTOR_NAMESPACES):
+        elif function and AVX_CODE.search(line) and not any(n in function for n in VECTOR_NAMESPACES):
             leaked.add(function)
     assert not leaked, f"vector code outside the row kernels: {sorted(leaked)[:5]}"
