@@ -4,8 +4,9 @@
 #   bash scripts/gpu_check.sh part1   # environment, build (-Xptxas -v), kernels registered, every CUDA test,
 #                                     #   compute-sanitizer memcheck/racecheck/synccheck/initcheck; measured on an
 #                                     #   H200 (2026-12-04): build 66 s, tests 10 + 70 s, each sanitizer 7-8 s
-#   bash scripts/gpu_check.sh part2   # both benchmarks at the paper size with every peer; measured: from logits
-#                                     #   29 s for its bf16 row alone, from hidden 68 s (all four rows: not yet run)
+#   bash scripts/gpu_check.sh part2   # both benchmarks at the paper size with every peer, then ncu of the
+#                                     #   from-logits kernels; measured: from logits 29 s for its bf16 row alone,
+#                                     #   from hidden 68 s (the full tables and ncu: not yet run)
 #   bash scripts/gpu_check.sh part3   # amapo-train throughput and peak memory of the fused, ops and eager loss
 #                                     #   paths on a random 1.5B Llama-3 shape (benchmarks/bench_train.py; not yet run)
 #   bash scripts/gpu_check.sh all     # part1 and part2, one after the other; with 15 device-minutes in all (machine
@@ -144,6 +145,13 @@ part2() {
   run_step "bench_fused_linear" "$RESULTS/bench.log" 240 "$PY" benchmarks/bench_fused_linear.py --device cuda \
     --dtype bf16 --sizes 4x2048x4096x128256 \
     --json "$RESULTS/fused_linear.json" --markdown "$RESULTS/fused_linear.md"
+  # Nsight Compute on the from-logits kernels at the paper size (bench_from_logits.py's docstring command):
+  # achieved DRAM throughput, occupancy and warp stalls of one forward and one backward launch.
+  run_step "ncu (from-logits kernels)" "$RESULTS/ncu.log" 150 ncu --clock-control none \
+    -k regex:'(forward|backward)_rows_kernel' --launch-skip 4 --launch-count 2 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+    "$PY" benchmarks/bench_from_logits.py --device cuda --sizes 4x2048x128256 --dtypes bf16 --peers ours
+  grep -E "rows_kernel|DRAM Throughput|Duration|Achieved Occupancy" "$RESULTS/ncu.log" | head -12
   cat "$RESULTS/from_logits.md" "$RESULTS/fused_linear.md" 2>/dev/null
 }
 
