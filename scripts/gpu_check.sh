@@ -11,7 +11,7 @@
 #                                     #   paths on a random 1.5B Llama-3 shape (benchmarks/bench_train.py; not yet run)
 #   bash scripts/gpu_check.sh all     # part1 and part2, one after the other; with 15 device-minutes in all (machine
 #                                     #   start included, ~30 s measured), one call `BUDGET=560 bash scripts/gpu_check.sh all`
-#                                     #   fits (about 6 minutes by the steps measured so far); part3 then needs a
+#                                     #   fits (7-8 minutes, estimated from the steps measured); part3 then needs a
 #                                     #   session of its own or a shorter run
 # Everything lands in one results folder, RESULTS (default $OUT when set, else results/gpu_check): logs,
 # JSON, markdown tables and summary_<part>.md, a table of each step's status and time.
