@@ -71,27 +71,22 @@ namespace {
 
 // The row kernels to use for these logits, Isa::aten for ATen's ops (always for fp64; AMAPO_CPU_KERNELS is
 // checked for every dtype, so a bad value is an error whatever the logits).
-cpu_rows::Isa row_kernels(const at::Tensor& logits) {
+cpu_rows::Isa row_isa(const at::Tensor& logits) {
   const auto isa = cpu_rows::selected();
   return logits.scalar_type() == at::kDouble ? cpu_rows::Isa::aten : isa;
 }
 
-// The row kernels of `isa` (never Isa::aten); a build without them (not x86-64) never selects them.
-void rows_forward(cpu_rows::Isa isa, const at::Tensor& logits, const at::Tensor& used, int64_t ignore_index,
-                  at::Tensor& token_logps, at::Tensor& softmax_stats) {
-#if defined(AMAPO_CPU_ROWS)
-  (isa == cpu_rows::Isa::avx512 ? cpu_rows::avx512::forward : cpu_rows::avx2::forward)(
-      logits, used, ignore_index, token_logps, softmax_stats);
-#else
-  TORCH_INTERNAL_ASSERT(false, "no CPU row kernels in this build");
-#endif
-}
+// The forward and backward row kernels of `isa` (never Isa::aten); a build without them (not x86-64) never
+// selects them.
+struct RowKernels {
+  decltype(&cpu_rows::avx2::forward) forward;
+  decltype(&cpu_rows::avx2::backward) backward;
+};
 
-void rows_backward(cpu_rows::Isa isa, const at::Tensor& logits, const at::Tensor& used,
-                   const at::Tensor& softmax_stats, const at::Tensor& coef, int64_t ignore_index, at::Tensor& grad) {
+RowKernels row_kernels_of(cpu_rows::Isa isa) {
 #if defined(AMAPO_CPU_ROWS)
-  (isa == cpu_rows::Isa::avx512 ? cpu_rows::avx512::backward : cpu_rows::avx2::backward)(
-      logits, used, softmax_stats, coef, ignore_index, grad);
+  if (isa == cpu_rows::Isa::avx512) return {cpu_rows::avx512::forward, cpu_rows::avx512::backward};
+  return {cpu_rows::avx2::forward, cpu_rows::avx2::backward};
 #else
   TORCH_INTERNAL_ASSERT(false, "no CPU row kernels in this build");
 #endif
@@ -133,8 +128,8 @@ std::tuple<at::Tensor, at::Tensor> sequence_logps_fwd_cpu(const at::Tensor& logi
   const auto opts = logits.options().dtype(dtype);
   auto token_logps = at::empty(used.sizes(), opts);
   auto softmax_stats = at::empty({used.size(0), used.size(1), 2}, opts);
-  if (const auto isa = row_kernels(logits); isa != cpu_rows::Isa::aten) {
-    rows_forward(isa, logits, used, ignore_index, token_logps, softmax_stats);
+  if (const auto isa = row_isa(logits); isa != cpu_rows::Isa::aten) {
+    row_kernels_of(isa).forward(logits, used, ignore_index, token_logps, softmax_stats);
     return {sequence_sums(token_logps, label_counts(used, ignore_index), average), softmax_stats};
   }
   for_each_block(used.size(0), used.size(1), logits.size(2), [&](int64_t b, int64_t t0, int64_t t1) {
@@ -161,8 +156,8 @@ void backward_into(const at::Tensor& grad_seq, const at::Tensor& logits, const a
   check_backward_inputs(grad_seq, logits, used, softmax_stats);
   const auto dtype = acc_dtype(logits);
   const auto coef = row_coefficients(grad_seq, label_counts(used, ignore_index), average, dtype);
-  if (const auto isa = row_kernels(logits); isa != cpu_rows::Isa::aten) {
-    rows_backward(isa, logits, used, softmax_stats.contiguous(), coef, ignore_index, grad);
+  if (const auto isa = row_isa(logits); isa != cpu_rows::Isa::aten) {
+    row_kernels_of(isa).backward(logits, used, softmax_stats.contiguous(), coef, ignore_index, grad);
     return;
   }
   for_each_block(used.size(0), used.size(1), logits.size(2), [&](int64_t b, int64_t t0, int64_t t1) {
