@@ -64,9 +64,12 @@ def _sequence_logps_setup(ctx, inputs, output):
     ctx.options = (ignore_index, average, shift)
     ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zeros kernel for the unused gradient of softmax_stats
 
 
 def _sequence_logps_backward(ctx, grad_seq, grad_softmax_stats):
+    if grad_seq is None:  # unmaterialized: nothing downstream used seq_logps
+        return (None,) * ctx.num_inputs
     logits, labels, softmax_stats = ctx.saved_tensors
     grad_logits = ops.sequence_logps_bwd(grad_seq, logits, labels, softmax_stats, *ctx.options)
     return (grad_logits,) + (None,) * (ctx.num_inputs - 1)
@@ -82,9 +85,12 @@ def _amapo_loss_setup(ctx, inputs, output):
     ctx.save_for_backward(chosen, rejected, output[1])
     ctx.hparams = (beta, label_smoothing)
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zeros kernels for the unused gradients of margins and stats
 
 
 def _amapo_loss_backward(ctx, grad_loss, grad_margins, grad_stats):
+    if grad_loss is None:  # unmaterialized: nothing downstream used the loss
+        return (None,) * 7
     chosen, rejected, margins = ctx.saved_tensors
     grad_chosen, grad_rejected = ops.amapo_loss_bwd(grad_loss, chosen, rejected, margins, *ctx.hparams)
     return grad_chosen, grad_rejected, None, None, None, None, None

@@ -73,16 +73,16 @@ def _combine_moments(moments: torch.Tensor) -> torch.Tensor:
 
 def batch_moments(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, group=None) -> torch.Tensor:
     """float64 [count, pivot, mean offset, M2] of d = chosen - rejected over the pairs of every rank in
-    `group`: one all-gather of 4 numbers per rank, then Chan's combine (the same on one process).
+    `group`: one all-gather of 4 numbers per rank, then Chan's combine (on one process its row as it is).
     The batch mean is pivot + offset and the unbiased variance M2 / (count - 1)."""
     d = chosen_logps.detach().double() - rejected_logps.detach().double()
-    moments = _local_moments(d)[None]
+    moments = _local_moments(d)
     group = _resolve_group(group)
-    if group is not None:
-        from torch.distributed import _functional_collectives as funcol
+    if group is None:  # one rank: its row is the batch's (the combine would only add 18 tiny kernels)
+        return moments
+    from torch.distributed import _functional_collectives as funcol
 
-        moments = funcol.all_gather_tensor(moments, 0, group)
-    return _combine_moments(moments)
+    return _combine_moments(funcol.all_gather_tensor(moments[None], 0, group))
 
 
 def _pair_dtype(chosen_logps, rejected_logps) -> torch.dtype:
@@ -169,10 +169,10 @@ def amapo_loss_from_logits(
     check_even_batch("logits", logits)
     logps = sequence_logps(logits, labels, ignore_index=ignore_index, average=True, shift=shift,
                            inplace_backward=inplace_backward, check_labels=check_labels)
-    half = logits.shape[0] // 2
+    chosen, rejected = logps.chunk(2)  # its backward is one cat (two slices' would be 5 kernels)
     return amapo_loss(
-        logps[:half],
-        logps[half:],
+        chosen,
+        rejected,
         beta=beta,
         label_smoothing=label_smoothing,
         variant=variant,

@@ -1,8 +1,9 @@
 // CUDA kernels of amapo_kernels::sequence_logps_{fwd,bwd,bwd_inplace}, written for HBM bandwidth: the forward
 // reads each scored row of logits once, the backward reads it once more and writes its gradient once.
 // - 16-byte vector loads (8 bf16/fp16, 4 fp32, 2 fp64 values) after peeling the row's unaligned head, so any V
-//   and any row stride work; kUnroll independent loads in flight per thread; per-vector max, then exp of the
-//   exact difference x - max with the MUFU exponential (__expf) for fp32 accumulation (exact exp for fp64).
+//   and any row stride work; kUnroll (kBackwardUnroll) independent loads in flight per thread; per-vector max,
+//   then exp of the exact difference x - max with the MUFU exponential (ex2.approx.ftz) for fp32 accumulation
+//   (exact exp for fp64).
 // - A fixed reduction order everywhere (no atomics), so reruns are bit-identical.
 // - When B*T rows are too few to fill the GPU, each row's vocabulary is split across blocks and a second small
 //   kernel merges the partial (max, sum of exp) in order; the per-sequence sums, label counts and backward
@@ -25,7 +26,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;               // independent 16-byte loads in flight per thread
+constexpr int kUnroll = 4;               // independent 16-byte loads in flight per thread (forward)
+constexpr int kBackwardUnroll = 2;       // the backward's: 4 blocks per SM with kUnroll spill bf16 registers
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride loops beyond this
 constexpr int64_t kMinChunk = 4096;      // vocabulary elements per block, at least, when a row is split
 
@@ -58,10 +60,16 @@ __device__ __forceinline__ void store_pack(scalar_t* p, const Pack<scalar_t>& pa
   *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&pack);
 }
 
-// exp for the softmax terms: ex2.approx of x * log2(e) for fp32 (2 MUFU-bound instructions instead of the
-// ~10 of expf; its argument is an exact difference x - max, so the relative error stays within a few ulps),
-// the exact exp for fp64 (gradcheck).
-__device__ __forceinline__ float softmax_exp(float x) { return __expf(x); }
+// exp for the softmax terms: ex2.approx.ftz of x * log2(e) for fp32 (an FMUL and a MUFU.EX2 instead of the
+// ~10 instructions of expf; __expf adds 3 more to keep results below 2^-126, which no fp32 sum or 16-bit
+// gradient needs), the exact exp for fp64 (gradcheck). Its argument is an exact difference x - max (or that
+// minus log_sum), not a pre-scaled x * log2(e) - max * log2(e): the rounding of the pre-scaled max would cost
+// the label's gradient c * (1 - p) its precision where p is close to 1.
+__device__ __forceinline__ float softmax_exp(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+}
 __device__ __forceinline__ double softmax_exp(double x) { return exp(x); }
 
 // Elements [0, n) of a row starting at p, split for 16-byte access: `head` scalars up to the first 16-byte
@@ -199,13 +207,18 @@ __device__ SoftmaxState<acc> row_softmax_state(const scalar_t* p, int64_t n) {
   return block_merge(state);
 }
 
+// The label's logit in the row at x. Labels are range-checked on the host before launch unless the caller turned
+// the check off (check_labels=False, or CUDA-graph capture): an out-of-range label then gives NaN, never an
+// out-of-bounds read.
+template <typename scalar_t, typename acc>
+__device__ __forceinline__ acc label_logit(const scalar_t* x, int64_t label, int64_t vocab) {
+  return label >= 0 && label < vocab ? static_cast<acc>(x[label]) : acc(NAN);
+}
+
 // The row's (max, log sum exp(x - max)) as the CPU op computes them with ATen's amax and exp, and the label's
 // log-prob. (x - max) - log(sum) keeps the precision of log_softmax; max + log(sum) would round at |max|.
-// Labels are range-checked on the host before launch unless the caller turned the check off (check_labels=False,
-// or CUDA-graph capture): an out-of-range label then gives NaN, never an out-of-bounds read.
-template <typename scalar_t, typename acc>
-__device__ void finish_row(const SoftmaxState<acc>& total, const scalar_t* x, int64_t label, int64_t vocab,
-                           acc* token_logp, acc* stats) {
+template <typename acc>
+__device__ void finish_row(const SoftmaxState<acc>& total, acc label_x, acc* token_logp, acc* stats) {
   acc max_x = total.max_x;
   acc log_sum = log(total.sum_exp);
   if (isnan(log_sum)) {
@@ -215,8 +228,7 @@ __device__ void finish_row(const SoftmaxState<acc>& total, const scalar_t* x, in
   }
   stats[0] = max_x;
   stats[1] = log_sum;
-  const bool in_range = label >= 0 && label < vocab;
-  *token_logp = in_range ? (static_cast<acc>(x[label]) - max_x) - log_sum : acc(NAN);
+  *token_logp = (label_x - max_x) - log_sum;
 }
 
 // How a row's vocabulary is cut across blocks: chunk elements per block, splits blocks per row.
@@ -250,33 +262,41 @@ unsigned grid_for(int64_t items) { return static_cast<unsigned>(std::max<int64_t
 
 // Forward, one block per (scored row, vocabulary chunk). With one chunk per row the block finishes the row
 // (stats and the label's log-prob); otherwise it writes its partial (max, sum of exp) for merge_splits_kernel.
+// Each item's label is loaded during the item before it (a dependent load less at the start of every row).
 template <typename scalar_t, typename acc>
 __global__ void __launch_bounds__(kThreads)
     forward_rows_kernel(const scalar_t* __restrict__ logits, int64_t stride_b, int64_t stride_t,
                    const int64_t* __restrict__ labels, int64_t rows, int64_t steps, int64_t vocab, VocabSplit split,
                    int64_t ignore_index, acc* __restrict__ token_logps, acc* __restrict__ softmax_stats,
                    acc* __restrict__ partials) {
-  for (int64_t item = blockIdx.x; item < rows * split.splits; item += gridDim.x) {
+  const int64_t items = rows * split.splits;
+  int64_t label = blockIdx.x < items ? labels[blockIdx.x / split.splits] : ignore_index;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t next = item + gridDim.x;
+    const int64_t next_label = next < items ? labels[next / split.splits] : ignore_index;
     const int64_t row = item / split.splits, part = item % split.splits;
-    const int64_t label = labels[row];
-    if (label == ignore_index) {  // skipped: not read at all
+    if (label == ignore_index) {  // skipped: not read at all (uniform across the block, as every branch here)
       if (threadIdx.x == 0 && split.splits == 1) {
         token_logps[row] = softmax_stats[2 * row] = softmax_stats[2 * row + 1] = acc(0);
       }
-      continue;  // uniform across the block: no barrier is skipped by some threads only
-    }
-    const scalar_t* x = scored_row(logits, row, steps, stride_b, stride_t);
-    const int64_t begin = part * split.chunk, end = min(vocab, begin + split.chunk);
-    const SoftmaxState<acc> total = row_softmax_state<scalar_t, acc>(x + begin, end - begin);
-    if (threadIdx.x == 0) {
-      if (split.splits == 1) {
-        finish_row(total, x, label, vocab, token_logps + row, softmax_stats + 2 * row);
-      } else {
-        partials[2 * item] = total.max_x;
-        partials[2 * item + 1] = total.sum_exp;
+    } else {
+      const scalar_t* x = scored_row(logits, row, steps, stride_b, stride_t);
+      const int64_t begin = part * split.chunk, end = min(vocab, begin + split.chunk);
+      // Loaded before the row is streamed, so its latency hides behind the stream instead of following it.
+      const acc label_x =
+          threadIdx.x == 0 && split.splits == 1 ? label_logit<scalar_t, acc>(x, label, vocab) : acc(0);
+      const SoftmaxState<acc> total = row_softmax_state<scalar_t, acc>(x + begin, end - begin);
+      if (threadIdx.x == 0) {
+        if (split.splits == 1) {
+          finish_row(total, label_x, token_logps + row, softmax_stats + 2 * row);
+        } else {
+          partials[2 * item] = total.max_x;
+          partials[2 * item + 1] = total.sum_exp;
+        }
       }
+      __syncthreads();  // block_merge's shared scratch is reused by the next item
     }
-    __syncthreads();  // block_merge's shared scratch is reused by the next item
+    label = next_label;
   }
 }
 
@@ -297,7 +317,7 @@ __global__ void merge_splits_kernel(const scalar_t* __restrict__ logits, int64_t
     SoftmaxState<acc> total{mine[0], mine[1]};
     for (int64_t s = 1; s < splits; ++s) total.merge(mine[2 * s], mine[2 * s + 1]);
     const scalar_t* x = scored_row(logits, row, steps, stride_b, stride_t);
-    finish_row(total, x, label, vocab, token_logps + row, softmax_stats + 2 * row);
+    finish_row(total, label_logit<scalar_t, acc>(x, label, vocab), token_logps + row, softmax_stats + 2 * row);
   }
 }
 
@@ -364,15 +384,15 @@ __device__ void row_gradient(const scalar_t* x, scalar_t* grad, int64_t n, int64
   const int label_lane = label_pack >= 0 ? static_cast<int>(label_offset % vec) : -1;
   const scalar_t* x_aligned = x + layout.head;
   scalar_t* g_aligned = grad + layout.head;
-  for (int64_t first = threadIdx.x; first < layout.vectors; first += int64_t(kThreads) * kUnroll) {
-    Pack<scalar_t> packs[kUnroll];
+  for (int64_t first = threadIdx.x; first < layout.vectors; first += int64_t(kThreads) * kBackwardUnroll) {
+    Pack<scalar_t> packs[kBackwardUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kBackwardUnroll; ++u) {
       const int64_t v = first + int64_t(u) * kThreads;
       if (v < layout.vectors) packs[u] = load_pack(x_aligned + v * vec);
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kBackwardUnroll; ++u) {
       const int64_t v = first + int64_t(u) * kThreads;
       if (v >= layout.vectors) continue;
       const int lane_of_label = v == label_pack ? label_lane : -1;
@@ -405,8 +425,10 @@ __device__ void row_zeros(scalar_t* grad, int64_t n) {
 // Backward, one block per (row of logits, vocabulary chunk); rows that score nothing (ignored labels, the last
 // step with shift) get exact zeros.
 template <typename scalar_t, typename acc>
-// No __restrict__ on logits and grad: the in-place backward passes the same buffer for both.
-__global__ void __launch_bounds__(kThreads)
+// No __restrict__ on logits and grad: the in-place backward passes the same buffer for both. At least 4 blocks
+// per SM (at most 64 registers): unbounded, bf16 took 121 registers, so 2 blocks of 4 loads in flight per thread;
+// now 4 blocks of kBackwardUnroll = 2 (the same bytes in flight, from twice the warps).
+__global__ void __launch_bounds__(kThreads, 4)
     backward_rows_kernel(const scalar_t* logits, int64_t stride_b, int64_t stride_t, const int64_t* __restrict__ labels,
                     const acc* __restrict__ softmax_stats, const acc* __restrict__ coef, int64_t rows, int64_t steps,
                     int64_t scored, int64_t vocab, VocabSplit split, int64_t ignore_index, scalar_t* grad,

@@ -29,8 +29,11 @@ LOGITS_CASES = [
     ("empty vocabulary", torch.randn(2, 3, 0), torch.zeros(2, 3, dtype=torch.long), ValueError, "empty vocabulary"),
     ("strided vocabulary", torch.randn(2, V, 3).transpose(1, 2), torch.zeros(2, 3, dtype=torch.long), ValueError,
      "contiguous vocabulary"),
-    ("label >= V", torch.randn(2, 3, V), torch.full((2, 3), V), ValueError, "labels must lie in [0, V=7)"),
+    ("label >= V", torch.randn(2, 3, V), torch.full((2, 3), V), ValueError,
+     "labels must lie in [0, V=7) or equal ignore_index=-100, got labels from 7 to 7"),
     ("negative label", torch.randn(2, 3, V), torch.full((2, 3), -1), ValueError, "labels must lie in [0, V=7)"),
+    ("label between ignore_index and 0", torch.randn(2, 3, V), torch.tensor([[-100, -5, 2], [0, -100, 6]]),
+     ValueError, "got labels from -5 to 6"),
     ("labels on meta", torch.randn(2, 3, V), torch.zeros(2, 3, dtype=torch.long, device="meta"), ValueError,
      "one device"),
     ("logits not a tensor", [[[0.0] * V]], torch.zeros(1, 1, dtype=torch.long), TypeError, "logits must be a torch.Tensor"),
@@ -65,10 +68,15 @@ def test_check_labels_false_still_checks_on_the_cpu(api):
         ak.sequence_logps(logits, labels, check_labels="false")
 
 
-def test_custom_ignore_index_is_not_out_of_range():
+@pytest.mark.parametrize("ignore_index", [-1, 3, V + 5])
+def test_custom_ignore_index_is_not_out_of_range(ignore_index):
+    """ignore_index below, inside or above [0, V): only the labels that are not it are range-checked."""
     logits, labels = logits_labels()
-    labels[0, 0] = -1
-    ak.sequence_logps(logits, labels, ignore_index=-1)
+    labels[0, 0] = ignore_index
+    ak.sequence_logps(logits, labels, ignore_index=ignore_index)
+    labels[1, 1] = V
+    with pytest.raises(ValueError, match=re.escape(f"ignore_index={ignore_index}, got labels from")):
+        ak.sequence_logps(logits, labels, ignore_index=ignore_index)
 
 
 def test_direct_op_calls_are_guarded():
