@@ -2,18 +2,21 @@
 softmax statistics of softcap(hidden @ W^T + b) and the three gradients, with no logits in memory beyond
 one bounded gradient tile.
 
-Tokens are the flat scored positions n = b * Ts + t (Ts = T - 1 with shift), read in place from any
-strided hidden / labels (64-bit offsets throughout).
+Tokens are the flat positions n = b * Ts + t (Ts = T - 1 with shift); every kernel runs over the compact
+list of the S tokens that score a label (ignored ones: a prompt, padding), reading their hidden rows and
+labels in place from any strided hidden / labels (64-bit offsets throughout), so unscored positions cost
+no matmul, no g row and no row of the cuBLAS products.
 
-forward   _stats_kernel, grid (token blocks, vocabulary splits). A program computes [BN, BV] tiles of
+forward   _stats_kernel, grid (scored token blocks, vocabulary splits). A program computes [BN, BV] tiles of
           logits by a K-loop of tl.dot, applies bias and softcap in registers, folds them into per-token
           running (max, sum of exp) and picks the label's logit; it walks the BV-blocks of its split, then
           stores one (max, sum) per token. A small fp64 pass (token_stats) merges the splits.
 backward  by vocabulary chunks of at most GRAD_TILE_BYTES: _grad_logits_kernel recomputes the chunk's
           tiles in the matmul and writes g = coef * (onehot - softmax) * softcap' (rounded to the input
-          dtype, as eager autograd rounds grad_logits) for every position b * T + t; then two cuBLAS
-          products finish the chunk: grad_hidden += g @ W_chunk (into one fp32 accumulator) and
-          grad_W[chunk] = g^T @ hidden (its rows are owned by the chunk: no accumulation, cast once).
+          dtype, as eager autograd rounds grad_logits) for the S scored tokens; then two cuBLAS products
+          finish the chunk: grad_rows += g @ W_chunk (one [S, H] fp32 accumulator, scattered into
+          grad_hidden at the end) and grad_W[chunk] = g^T @ rows (rows: the scored tokens' hidden rows,
+          one [S, H] copy; grad_W's rows are owned by the chunk: no accumulation, cast once).
           grad_b is summed from the unrounded g in the kernel (fp32 atomics of [BV] vectors).
           Why not accumulate both products inside the kernel, as Cut Cross-Entropy does: at B*T = 8192,
           H = 4096, V = 128256 every (token block x vocabulary block) program would add a [BN + BV, H]
@@ -29,10 +32,8 @@ Matmul precision: bf16/fp16 operands go through tensor cores with fp32 accumulat
 only when torch.backends.cuda.matmul.allow_tf32 is set, else exact fp32 ("ieee"); mixed dtypes are upcast
 to fp32. The cuBLAS products follow torch's own settings, as eager autograd would.
 
-Positions whose label is ignore_index read hidden as 0 and get g = 0, so a non-finite hidden state there
-reaches neither the statistics nor any gradient (for grad_W = g^T @ hidden, hidden is copied with those
-rows zeroed when it holds a non-finite value; a finite hidden is used in place). Token blocks with no
-scored position skip their matmuls.
+Positions whose label is ignore_index are never read, so a non-finite hidden state there (padding) reaches
+neither the statistics nor any gradient, and their rows of grad_hidden are exact zeros.
 
 Gradient filter (opt-in, off by default): a backward tile whose softmax entries are all below `eps` (the
 resolution of the gradients' dtype, finfo(dtype).eps, the coarser of hidden's and the weight's) and that
@@ -63,8 +64,9 @@ from triton import knobs
 INTERPRETED = bool(knobs.runtime.interpret)  # decided when the kernels below are decorated
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _HALF = (torch.bfloat16, torch.float16)
-# The backward's g chunk [B * T, chunk]. With grad_hidden's fp32 accumulator (128 MiB at B*T = 8192,
-# H = 4096) the working memory is 192 MiB there, under 0.25 GiB; its 4096 columns keep cuBLAS efficient.
+# The backward's g chunk [S, chunk] (S scored tokens). With the [S, H] fp32 accumulator and the [S, H] copy
+# of the scored rows (96 + 48 MiB at S = 6144 of B*T = 8192, H = 4096, bf16) the working memory is 208 MiB
+# there, under 0.25 GiB; its ~5000 columns keep cuBLAS efficient and the g kernel's grid 7 waves deep.
 GRAD_TILE_BYTES = 64 * 2**20
 VOCAB_GRANULE = 256  # splits and chunks are multiples of every autotuned BV
 
@@ -127,19 +129,31 @@ def _grad_of_tile(s, p, hit, coef, live, vocab_live, softcap, SOFTCAP: tl.conste
 
 
 @triton.jit
+def _scored_rows(token_ptr, offs, rows, steps, labels_ptr, stride_lb, stride_lt, shift, ignore_index):
+    """(batch row, step, label, in range) of the scored tokens offs < rows: token_ptr holds their flat indices
+    n = b * Ts + t."""
+    in_range = offs < rows
+    token = tl.load(token_ptr + offs, mask=in_range, other=0)
+    batch_row = token // steps
+    step = token % steps
+    labels = tl.load(labels_ptr + batch_row * stride_lb + (step + shift) * stride_lt, mask=in_range,
+                     other=ignore_index)
+    return batch_row, step, labels, in_range
+
+
+@triton.jit
 def _stats_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stride_wk, bias_ptr,
-                  labels_ptr, stride_lb, stride_lt, max_ptr, sum_ptr, label_logit_ptr,
-                  tokens, steps, vocab, width, shift, ignore_index, softcap, split_width,
+                  labels_ptr, stride_lb, stride_lt, token_ptr, max_ptr, sum_ptr, label_logit_ptr,
+                  rows, steps, vocab, width, shift, ignore_index, softcap, split_width,
                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
                   PRECISION: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+    """Per scored token i < rows (a compact list): the (max, sum of exp) of its logits in this program's
+    vocabulary split, and its label's logit."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    in_range = offs_n < tokens
-    batch_row = offs_n // steps
-    step = offs_n % steps
-    labels = tl.load(labels_ptr + batch_row.to(tl.int64) * stride_lb + (step + shift).to(tl.int64) * stride_lt,
-                     mask=in_range, other=ignore_index)
+    batch_row, step, labels, in_range = _scored_rows(token_ptr, offs_n, rows, steps, labels_ptr, stride_lb,
+                                                     stride_lt, shift, ignore_index)
     live = in_range & (labels != ignore_index)
     # a block with no scored position (a prompt) stores (0, 1): finite statistics that nothing reads
     running_max = tl.zeros((BN,), dtype=tl.float32)
@@ -162,70 +176,63 @@ def _stats_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stri
             hit = offs_v[None, :] == labels[:, None]
             label_logit = tl.sum(tl.where(hit, s, 0.0), axis=1)
             tl.store(label_logit_ptr + offs_n, label_logit, mask=live & (labels >= v0) & (labels < v0 + BV))
-    out = split.to(tl.int64) * tokens + offs_n
+    out = split.to(tl.int64) * rows + offs_n
     tl.store(max_ptr + out, running_max, mask=in_range)
     tl.store(sum_ptr + out, running_sum, mask=in_range)
 
 
 @triton.jit
 def _grad_logits_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stride_wk, bias_ptr,
-                        labels_ptr, stride_lb, stride_lt, stats_ptr, coef_ptr, g_ptr, stride_g, grad_b_ptr,
-                        positions, seq_len, steps, vocab, width, shift, ignore_index, softcap, v_start, chunk,
+                        labels_ptr, stride_lb, stride_lt, token_ptr, stats_ptr, coef_ptr, g_ptr, stride_g,
+                        grad_b_ptr, rows, steps, vocab, width, shift, ignore_index, softcap, v_start, chunk,
                         HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
                         PRECISION: tl.constexpr, NEED_B: tl.constexpr,
                         BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
-    """g[r, j] = d loss / d z[r, v_start + j] for every position r = b * T + t of the batch (0 where t is
-    not scored, e.g. the last position with shift), columns j < chunk; grad_b[j] += sum_r g[r, j]."""
+    """g[i, j] = d loss / d z[token i, v_start + j] for the scored tokens i < rows (a compact list; statistics
+    and coefficients indexed by i), columns j < chunk; grad_b[j] += sum_i g[i, j]."""
     pid_r = tl.program_id(0)
     pid_v = tl.program_id(1)
     offs_r = pid_r * BN + tl.arange(0, BN)
     offs_j = pid_v * BV + tl.arange(0, BV)
     offs_v = v_start + offs_j
     vocab_live = offs_j < chunk
-    batch_row = offs_r // seq_len
-    step = offs_r % seq_len
-    scored_step = (offs_r < positions) & (step < steps)
-    token = batch_row * steps + step  # the index of the statistics and coefficients
-    labels = tl.load(labels_ptr + batch_row.to(tl.int64) * stride_lb + (step + shift).to(tl.int64) * stride_lt,
-                     mask=scored_step, other=ignore_index)
-    coef = tl.load(coef_ptr + token, mask=scored_step, other=0.0)
-    live = scored_step & (labels != ignore_index) & (coef != 0.0)
+    batch_row, step, labels, in_range = _scored_rows(token_ptr, offs_r, rows, steps, labels_ptr, stride_lb,
+                                                     stride_lt, shift, ignore_index)
+    coef = tl.load(coef_ptr + offs_r, mask=in_range, other=0.0)
+    live = in_range & (labels != ignore_index) & (coef != 0.0)
     g = tl.zeros((BN, BV), dtype=tl.float32)
     if tl.max(live.to(tl.int32), axis=0) > 0:
         s = _tile_logits(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stride_wk, bias_ptr,
                          batch_row, step, live, offs_v, vocab_live, width, softcap,
                          HAS_BIAS, SOFTCAP, DOT_F32, PRECISION, BN, BV, BK)
-        p = _softmax_of_tile(s, live, stats_ptr, token)
+        p = _softmax_of_tile(s, live, stats_ptr, offs_r)
         hit = (offs_v[None, :] == labels[:, None]) & live[:, None]
         g = _grad_of_tile(s, p, hit, coef, live, vocab_live, softcap, SOFTCAP)
         if NEED_B:
             tl.atomic_add(grad_b_ptr + offs_j, tl.sum(g, axis=0), mask=vocab_live)
     tl.store(g_ptr + offs_r.to(tl.int64)[:, None] * stride_g + offs_j[None, :], g.to(g_ptr.dtype.element_ty),
-             mask=(offs_r < positions)[:, None] & vocab_live[None, :])
+             mask=in_range[:, None] & vocab_live[None, :])
 
 
 @triton.jit
 def _accumulating_backward_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stride_wk, bias_ptr,
-                                  labels_ptr, stride_lb, stride_lt, stats_ptr, coef_ptr,
+                                  labels_ptr, stride_lb, stride_lt, token_ptr, stats_ptr, coef_ptr,
                                   grad_h_ptr, grad_w_ptr, grad_b_ptr,
-                                  tokens, steps, vocab, width, shift, ignore_index, softcap, filter_eps,
+                                  rows, steps, vocab, width, shift, ignore_index, softcap, filter_eps,
                                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
                                   PRECISION: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr,
                                   NEED_B: tl.constexpr, FILTER: tl.constexpr,
                                   BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
-    """grid (token blocks, vocabulary blocks): recomputes a tile and atomically adds g @ W_blk into
-    grad_hidden, g^T @ hidden_blk into grad_weight and sum_n g into grad_bias (fp32 buffers); with FILTER a
-    tile of negligible softmax and no label is skipped."""
+    """grid (blocks of scored tokens, vocabulary blocks): recomputes a tile and atomically adds g @ W_blk into
+    grad_hidden's rows of the scored tokens ([rows, H]), g^T @ hidden_blk into grad_weight and sum_n g into
+    grad_bias (fp32 buffers); with FILTER a tile of negligible softmax and no label is skipped."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_v = pid_v * BV + tl.arange(0, BV)
-    in_range = offs_n < tokens
     vocab_live = offs_v < vocab
-    batch_row = offs_n // steps
-    step = offs_n % steps
-    labels = tl.load(labels_ptr + batch_row.to(tl.int64) * stride_lb + (step + shift).to(tl.int64) * stride_lt,
-                     mask=in_range, other=ignore_index)
+    batch_row, step, labels, in_range = _scored_rows(token_ptr, offs_n, rows, steps, labels_ptr, stride_lb,
+                                                     stride_lt, shift, ignore_index)
     coef = tl.load(coef_ptr + offs_n, mask=in_range, other=0.0)
     live = in_range & (labels != ignore_index) & (coef != 0.0)
     s = _tile_logits(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stride_wk, bias_ptr,
@@ -383,11 +390,16 @@ class _Problem:
         self.flags = {"HAS_BIAS": bias is not None, "SOFTCAP": softcap is not None, "DOT_F32": self.dot_f32,
                       "PRECISION": precision}
 
-    def scored_positions(self) -> torch.Tensor:
-        """[B, T] bool: position (b, t) scores a label (t < Ts and its label is not ignore_index)."""
-        scored = torch.zeros(self.hidden.shape[:2], dtype=torch.bool, device=self.hidden.device)
-        scored[:, : self.steps] = self.labels[:, self.shift:self.shift + self.steps] != self.ignore_index
-        return scored
+    def scored_tokens(self) -> torch.Tensor:
+        """int64 [S]: the flat indices n = b * Ts + t of the tokens that score a label, in order (one host
+        sync). The kernels and the cuBLAS products run over these S rows only: a prompt costs nothing."""
+        used = self.labels[:, self.shift:self.shift + self.steps]
+        return (used != self.ignore_index).reshape(-1).nonzero().squeeze(1)
+
+    def coordinates(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, t) of the tokens n = b * Ts + t: their rows in hidden [B, T, H]."""
+        steps = max(self.steps, 1)
+        return tokens // steps, tokens % steps
 
 
 def check_supported(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -415,23 +427,24 @@ def token_stats(hidden, weight, bias, labels, *, shift, softcap, ignore_index) -
     """[N, 3] fp64 (max, log sum exp(s - max), label logit) per scored position, as the torch backend's;
     positions whose label is ignore_index have finite, meaningless statistics."""
     problem = _Problem(hidden, weight, bias, labels, shift, softcap, ignore_index)
-    tokens, device = problem.tokens, hidden.device
-    stats = torch.zeros(tokens, 3, dtype=torch.float64, device=device)
-    if tokens == 0:
+    device = hidden.device
+    stats = torch.zeros(problem.tokens, 3, dtype=torch.float64, device=device)
+    scored = problem.scored_tokens()
+    rows = scored.numel()
+    if rows == 0:
         return stats
-    split_width = _stats_splits(tokens, problem.vocab, device)
+    split_width = _stats_splits(rows, problem.vocab, device)
     splits = triton.cdiv(problem.vocab, split_width)
-    maxima = torch.empty(splits, tokens, dtype=torch.float32, device=device)
+    maxima = torch.empty(splits, rows, dtype=torch.float32, device=device)
     sums = torch.empty_like(maxima)
-    label_logit = torch.zeros(tokens, dtype=torch.float32, device=device)
-    _launch("_stats_kernel", problem.dot_f32, lambda meta: (triton.cdiv(tokens, meta["BN"]), splits),
-            *problem.tensors, maxima, sums, label_logit, tokens, max(problem.steps, 1), problem.vocab,
+    label_logit = torch.zeros(rows, dtype=torch.float32, device=device)
+    _launch("_stats_kernel", problem.dot_f32, lambda meta: (triton.cdiv(rows, meta["BN"]), splits),
+            *problem.tensors, scored, maxima, sums, label_logit, rows, max(problem.steps, 1), problem.vocab,
             problem.width, problem.shift, ignore_index, problem.softcap, split_width, **problem.flags)
     # the merge of the splits in fp64: O(splits * N), rounding that does not grow with the split count
     row_max = maxima.double().amax(dim=0)
-    stats[:, 0] = row_max
-    stats[:, 1] = (sums.double() * torch.exp(maxima.double() - row_max)).sum(dim=0).log()
-    stats[:, 2] = label_logit.double()
+    log_sum = (sums.double() * torch.exp(maxima.double() - row_max)).sum(dim=0).log()
+    stats[scored] = torch.stack([row_max, log_sum, label_logit.double()], dim=1)
     return stats
 
 
@@ -447,26 +460,34 @@ def gradients(hidden, weight, bias, labels, softmax_stats, coefs, *, shift, soft
     if gradient_filter and accumulate == "matmul":
         raise ValueError("gradient_filter=True runs on the in-kernel accumulation (accumulate='in_kernel')")
     problem = _Problem(hidden, weight, bias, labels, shift, softcap, ignore_index)
-    if problem.tokens == 0 or not (need_hidden or need_weight or need_bias):
+    scored = problem.scored_tokens() if problem.tokens else None
+    if scored is None or scored.numel() == 0 or not (need_hidden or need_weight or need_bias):
         grads = (torch.zeros_like(hidden), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias))
         return tuple(g if need else None for g, need in zip(grads, (need_hidden, need_weight, need_bias)))
-    stats, coefs = softmax_stats.float().contiguous(), coefs.float().contiguous()
+    # the scored tokens' rows only, in order
+    stats, coefs = softmax_stats[scored].float().contiguous(), coefs[scored].float().contiguous()
     if gradient_filter or accumulate == "in_kernel":
-        return _accumulated_gradients(problem, stats, coefs, need_hidden, need_weight, need_bias, gradient_filter)
-    return _chunked_gradients(problem, stats, coefs, need_hidden, need_weight, need_bias)
+        grad_rows, grad_weight, grad_bias = _accumulated_gradients(problem, scored, stats, coefs, need_hidden,
+                                                                   need_weight, need_bias, gradient_filter)
+    else:
+        grad_rows, grad_weight, grad_bias = _chunked_gradients(problem, scored, stats, coefs, need_hidden,
+                                                               need_weight, need_bias)
+    grad_hidden = _scatter_rows(problem, scored, grad_rows) if need_hidden else None
+    return grad_hidden, grad_weight, grad_bias
 
 
-def _rows_for_weight_grad(problem: _Problem, dtype: torch.dtype) -> torch.Tensor:
-    """hidden as [B * T, H] in `dtype` for grad_W = g^T @ hidden: a view when hidden's layout allows and its
-    values are finite (g is 0 on every unscored row, and 0 * finite = 0); else a copy with the unscored rows
-    zeroed, so that a NaN / inf there (padding) cannot reach grad_W. The finiteness test is one reduction
-    (a float32 sum that overflows only for values near float32's range, when the copy is still correct)."""
+def _scored_hidden_rows(problem: _Problem, scored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[S, H] copy of hidden's rows of the scored tokens in `dtype`, for grad_W = g^T @ rows: the rows of
+    unscored positions (padding, whose NaN / inf must not reach grad_W) are never read."""
+    return problem.hidden[problem.coordinates(scored)].to(dtype)
+
+
+def _scatter_rows(problem: _Problem, scored: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
+    """grad_hidden [B, T, H] in hidden's dtype: the scored tokens' rows of grad_rows [S, H], zeros elsewhere."""
     hidden = problem.hidden
-    rows = hidden.reshape(-1, problem.width).to(dtype)
-    if torch.isfinite(rows.sum(dtype=torch.float32)):
-        return rows
-    return torch.where(problem.scored_positions().reshape(-1, 1), rows, torch.zeros((), dtype=dtype,
-                                                                                    device=rows.device))
+    grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    grad_hidden[problem.coordinates(scored)] = grad_rows.to(hidden.dtype)
+    return grad_hidden
 
 
 def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -477,17 +498,18 @@ def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> No
         acc.addmm_(a.float(), b.float())
 
 
-def _chunked_gradients(problem: _Problem, stats, coefs, need_hidden, need_weight, need_bias):
-    """Vocabulary chunks: the g kernel writes the chunk's [B * T, chunk] gradient of the logits, then
-    grad_hidden += g @ W_chunk (fp32 accumulator) and grad_W[chunk] = g^T @ hidden (cast once)."""
+def _chunked_gradients(problem: _Problem, scored, stats, coefs, need_hidden, need_weight, need_bias):
+    """Vocabulary chunks: the g kernel writes the chunk's [S, chunk] gradient of the logits of the S scored
+    tokens, then grad_rows += g @ W_chunk (an [S, H] fp32 accumulator) and grad_W[chunk] = g^T @ rows (the
+    scored tokens' hidden rows; cast once). Returns (grad_rows, grad_weight, grad_bias)."""
     hidden, weight, bias = problem.hidden, problem.weight, problem.bias
-    batch, seq_len, width = hidden.shape
-    positions, vocab, device = batch * seq_len, problem.vocab, hidden.device
+    width, vocab, device = problem.width, problem.vocab, hidden.device
+    positions = scored.numel()
     g_dtype = torch.float32 if problem.dot_f32 else hidden.dtype  # as eager autograd rounds grad_logits
     chunk = _grad_chunk(positions, vocab, g_dtype)
     g_chunk = torch.empty(positions, chunk, dtype=g_dtype, device=device)
     grad_rows = torch.zeros(positions, width, dtype=torch.float32, device=device) if need_hidden else None
-    rows = _rows_for_weight_grad(problem, g_dtype) if need_weight else None
+    rows = _scored_hidden_rows(problem, scored, g_dtype) if need_weight else None
     grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=device) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias else None
     unused = torch.zeros(1, dtype=torch.float32, device=device)
@@ -498,7 +520,7 @@ def _chunked_gradients(problem: _Problem, stats, coefs, need_hidden, need_weight
         bias_part = grad_bias[v0:v1] if need_bias else unused
         _launch("_grad_logits_kernel", problem.dot_f32,
                 lambda meta, columns=v1 - v0: (triton.cdiv(positions, meta["BN"]), triton.cdiv(columns, meta["BV"])),
-                *problem.tensors, stats, coefs, g, g.stride(0), bias_part, positions, seq_len,
+                *problem.tensors, scored, stats, coefs, g, g.stride(0), bias_part, positions,
                 max(problem.steps, 1), vocab, width, problem.shift, problem.ignore_index, problem.softcap, v0,
                 v1 - v0, NEED_B=bool(need_bias), **problem.flags)
         if need_hidden:
@@ -508,18 +530,16 @@ def _chunked_gradients(problem: _Problem, stats, coefs, need_hidden, need_weight
                 torch.mm(g.t(), rows, out=grad_weight[v0:v1])
             else:
                 grad_weight[v0:v1] = torch.mm(g.t(), rows)
-    del g, g_chunk, rows  # before grad_hidden's cast, which allocates the gradient itself
-    return (
-        grad_rows.view(batch, seq_len, width).to(hidden.dtype) if need_hidden else None,
-        grad_weight,
-        grad_bias.to(bias.dtype) if need_bias else None,
-    )
+    del g, g_chunk, rows  # before grad_hidden's scatter, which allocates the gradient itself
+    return grad_rows, grad_weight, grad_bias.to(bias.dtype) if need_bias else None
 
 
-def _accumulated_gradients(problem: _Problem, stats, coefs, need_hidden, need_weight, need_bias, gradient_filter):
-    """The accumulating kernel over (token block x vocabulary block) tiles into fp32 buffers."""
+def _accumulated_gradients(problem: _Problem, scored, stats, coefs, need_hidden, need_weight, need_bias,
+                           gradient_filter):
+    """The accumulating kernel over (scored token block x vocabulary block) tiles into fp32 buffers.
+    Returns (grad_rows [S, H] fp32, grad_weight, grad_bias)."""
     hidden, weight, bias = problem.hidden, problem.weight, problem.bias
-    tokens, width, device = problem.tokens, problem.width, hidden.device
+    tokens, width, device = scored.numel(), problem.width, hidden.device
     grad_rows = torch.zeros(tokens, width, dtype=torch.float32, device=device) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_weight else None
     grad_bias = torch.zeros(problem.vocab, dtype=torch.float32, device=device) if need_bias else None
@@ -528,19 +548,15 @@ def _accumulated_gradients(problem: _Problem, stats, coefs, need_hidden, need_we
     placeholder = stats  # a valid pointer for the gradients that are not needed
     grid = (triton.cdiv(tokens, blocks["BN"]), triton.cdiv(problem.vocab, blocks["BV"]))
     _accumulating_backward_kernel[grid](
-        *problem.tensors, stats, coefs,
+        *problem.tensors, scored, stats, coefs,
         grad_rows if need_hidden else placeholder, grad_weight if need_weight else placeholder,
         grad_bias if need_bias else placeholder, tokens, max(problem.steps, 1), problem.vocab, width,
         problem.shift, problem.ignore_index, problem.softcap, coarsest,
         NEED_H=bool(need_hidden), NEED_W=bool(need_weight), NEED_B=bool(need_bias), FILTER=bool(gradient_filter),
         **problem.flags, **blocks,
     )
-    grad_hidden = None
-    if need_hidden:
-        grad_hidden = torch.zeros_like(hidden)
-        grad_hidden[:, : problem.steps] = grad_rows.view(hidden.shape[0], problem.steps, width)
     return (
-        grad_hidden,
+        grad_rows,
         grad_weight.to(weight.dtype) if need_weight else None,
         grad_bias.to(bias.dtype) if need_bias else None,
     )

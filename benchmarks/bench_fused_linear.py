@@ -114,10 +114,10 @@ def trl_chunked_loss(hidden, weight, labels):
 
 
 def four_matmuls(hidden, weight, labels):
-    """The floor: logits, their recompute, grad hidden, grad weight, over the scored positions."""
+    """The floor: logits, their recompute, grad hidden, grad weight, over the scored positions (four
+    matmuls: until 2026-12-04 this ran the logits matmul twice, five in all; see benchmarks/results/)."""
     with torch.no_grad():
         x = hidden[:, :-1][labels[:, 1:] != -100]
-        logits = x @ weight.t()
         logits = x @ weight.t()
         x @ weight.t()  # noqa: B018 - the recompute of the backward
         logits @ weight  # grad hidden

@@ -38,6 +38,24 @@ def test_fused_linear_default_cpu_methods_run(tmp_path):
     assert all(row["ms"] > 0 and row["note"] is None for row in rows), rows
 
 
+def test_the_floor_is_four_matmuls():
+    """The fused-linear floor times exactly the four products an exact method needs (it once timed five)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Matmuls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Matmuls.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
+            return func(*args, **(kwargs or {}))
+
+    hidden, weight, labels = bench_fused_linear.make_inputs(2, 8, 16, 64, torch.float32, "cpu")
+    with Matmuls():
+        bench_fused_linear.four_matmuls(hidden, weight, labels)
+    assert Matmuls.count == 4
+
+
 def test_fused_linear_gpu_peers_say_why_they_cannot_run_on_the_cpu(tmp_path):
     out = tmp_path / "rows.json"
     peers = "cce_filter,cce_nofilter,liger_simpo,trl_chunked"
