@@ -43,7 +43,8 @@ TOKEN_CHUNK = 1024  # rows of a tile; fp32 tile = TOKEN_CHUNK * VOCAB_CHUNK * 4 
 VOCAB_CHUNK = 4096
 
 _HALF = (torch.bfloat16, torch.float16)
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "cublas", "torch")
+_TRITON_MODULE_BACKENDS = ("triton", "cublas")  # amapo_kernels.triton_fused_linear, with matmuls=backend
 
 
 def _triton_kernels():
@@ -63,10 +64,10 @@ def _resolve_backend(backend, gradient_filter, hidden, weight, bias) -> str:
     if backend == "auto":
         fp64 = any(t is not None and t.dtype == torch.float64 for t in (hidden, weight, bias))
         backend = "triton" if hidden.is_cuda and not fp64 else "torch"
-    if backend == "triton":
-        _triton_kernels().check_supported(hidden, weight, bias)
-    elif gradient_filter:
+    if gradient_filter and backend != "triton":
         raise ValueError("gradient_filter=True needs the Triton backend (backend='triton', or 'auto' on CUDA)")
+    if backend in _TRITON_MODULE_BACKENDS:
+        _triton_kernels().check_supported(hidden, weight, bias, backend)
     return backend
 
 
@@ -243,9 +244,9 @@ class _SequenceLogpsFromHidden(torch.autograd.Function):
                 backend, gradient_filter):
         tiles = _Tiles(hidden, weight, bias, labels, shift, softcap, token_chunk, vocab_chunk, ignore_index)
         # per-token statistics and the row sums in fp64: O(B*T) work, no rounding growth with T or V / vocab_chunk
-        if backend == "triton":
+        if backend in _TRITON_MODULE_BACKENDS:
             stats = _triton_kernels().token_stats(hidden, weight, bias, labels, shift=shift, softcap=softcap,
-                                                  ignore_index=ignore_index)
+                                                  ignore_index=ignore_index, matmuls=backend)
         else:
             stats = torch.zeros(tiles.count, 3, dtype=torch.float64, device=hidden.device)  # max, log sum, label logit
             for n0, n1 in tiles.token_ranges():
@@ -268,11 +269,11 @@ class _SequenceLogpsFromHidden(torch.autograd.Function):
         coefs = _token_coefs(tiles, grad_seq, scored, average)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_bias = need_bias and bias is not None
-        if backend == "triton":
+        if backend in _TRITON_MODULE_BACKENDS:
             grads = _triton_kernels().gradients(
                 hidden, weight, bias, labels, softmax_stats, coefs, shift=shift, softcap=softcap,
                 ignore_index=ignore_index, need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
-                gradient_filter=gradient_filter,
+                gradient_filter=gradient_filter, matmuls=backend,
             )
         else:
             grads = _backward(tiles, softmax_stats, coefs, need_hidden, need_weight, need_bias)
@@ -346,8 +347,10 @@ def sequence_logps_from_hidden(
     labels: [B, T] int64 in [0, V) or ignore_index. shift: hidden[:, t] scores labels[:, t + 1].
     logit_softcap=c: logits c * tanh(z / c). average: divide by the row's scored-label count (0 if none).
     token_chunk x vocab_chunk: the torch backend's largest block of logits (in fp32, or fp64 for fp64 inputs).
-    backend: "triton" (amapo_kernels.triton_fused_linear; CUDA, or the CPU under TRITON_INTERPRET=1), "torch"
-    (tiles in PyTorch), "auto" (triton for CUDA tensors except float64, torch otherwise).
+    backend: "triton" (amapo_kernels.triton_fused_linear; CUDA, or the CPU under TRITON_INTERPRET=1), "cublas"
+    (the same module with every lm_head product on cuBLAS: fp32 logits in bounded chunks, reduced by the
+    from-logits kernels and a Triton g kernel), "torch" (tiles in PyTorch), "auto" (triton for CUDA tensors
+    except float64, torch otherwise).
     gradient_filter: Triton only; skip backward tiles whose softmax is below the gradients' dtype resolution
     (error bound in amapo_kernels.triton_fused_linear). Off by default.
     Returns [B] float32 (float64 if any input is float64); differentiable in hidden, weight and bias.

@@ -23,6 +23,15 @@ backward  by vocabulary chunks of at most GRAD_TILE_BYTES: _grad_logits_kernel r
           fp32 slab, about 400 GB of atomic traffic in all, against 2.1 GB for writing g once and two
           reads of it by cuBLAS. That kernel is kept for the gradient filter, which skips most of it.
 
+matmuls="cublas" (the public backend="cublas"): the same statistics and gradients with every lm_head product
+on cuBLAS, for GPUs where its matmuls outrun these Triton ones by more than the extra traffic costs. The
+forward takes chunks of whole rows of fp32 logits (_forward_chunk tokens, at most 2 * GRAD_TILE_BYTES), adds
+bias and softcap in place and reduces each chunk with the from-logits op's forward kernel (amapo_kernels._ops);
+the backward recomputes each vocabulary chunk's fp32 logits (at most GRAD_TILE_BYTES) with cuBLAS and
+_grad_from_logits_kernel turns them into g (bias and softcap applied as the tile epilogue does), then the
+same two products. The cost is memory traffic the Triton path does not have: each pass writes and reads all
+the fp32 logits once, chunk by chunk, 3.2 GB each way at the paper's size (S = 6144, V = 128256).
+
 Tile sizes: on a GPU each kernel is autotuned (once per (V, H, dtypes) key; the number of tokens is not
 in the key, so a new batch shape does not tune again) over a few Hopper configurations (TUNING), or runs
 the one that AMAPO_TRITON_CONFIG=<index> pins; the interpreter gets the smallest tl.dot tiles, so small
@@ -97,6 +106,12 @@ def _tile_logits(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, strid
             acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(h, w, acc)
+    return _bias_and_softcap(acc, bias_ptr, offs_v, vocab_live, softcap, HAS_BIAS, SOFTCAP)
+
+
+@triton.jit
+def _bias_and_softcap(acc, bias_ptr, offs_v, vocab_live, softcap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """softcap(z + b) of an fp32 tile z of hidden @ W^T; vocabulary columns not live are -inf."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_v, mask=vocab_live, other=0.0).to(tl.float32)[None, :]
     if SOFTCAP:
@@ -205,13 +220,48 @@ def _grad_logits_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv
         s = _tile_logits(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stride_wk, bias_ptr,
                          batch_row, step, live, offs_v, vocab_live, width, softcap,
                          HAS_BIAS, SOFTCAP, DOT_F32, PRECISION, BN, BV, BK)
-        p = _softmax_of_tile(s, live, stats_ptr, offs_r)
-        hit = (offs_v[None, :] == labels[:, None]) & live[:, None]
-        g = _grad_of_tile(s, p, hit, coef, live, vocab_live, softcap, SOFTCAP)
-        if NEED_B:
-            tl.atomic_add(grad_b_ptr + offs_j, tl.sum(g, axis=0), mask=vocab_live)
+        g = _grad_tile(s, labels, coef, live, offs_r, offs_j, offs_v, vocab_live, stats_ptr, grad_b_ptr, softcap,
+                       SOFTCAP, NEED_B)
     tl.store(g_ptr + offs_r.to(tl.int64)[:, None] * stride_g + offs_j[None, :], g.to(g_ptr.dtype.element_ty),
              mask=in_range[:, None] & vocab_live[None, :])
+
+
+@triton.jit
+def _grad_tile(s, labels, coef, live, offs_r, offs_j, offs_v, vocab_live, stats_ptr, grad_b_ptr, softcap,
+               SOFTCAP: tl.constexpr, NEED_B: tl.constexpr):
+    """g of a tile of softcapped logits s of the scored tokens offs_r; grad_b[j] += its column sums."""
+    p = _softmax_of_tile(s, live, stats_ptr, offs_r)
+    hit = (offs_v[None, :] == labels[:, None]) & live[:, None]
+    g = _grad_of_tile(s, p, hit, coef, live, vocab_live, softcap, SOFTCAP)
+    if NEED_B:
+        tl.atomic_add(grad_b_ptr + offs_j, tl.sum(g, axis=0), mask=vocab_live)
+    return g
+
+
+@triton.jit
+def _grad_from_logits_kernel(z_ptr, stride_z, bias_ptr, labels_ptr, stride_lb, stride_lt, token_ptr, stats_ptr,
+                             coef_ptr, g_ptr, stride_g, grad_b_ptr, rows, steps, shift, ignore_index, softcap,
+                             v_start, chunk, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_B: tl.constexpr,
+                             BN: tl.constexpr, BV: tl.constexpr):
+    """_grad_logits_kernel's g for matmuls="cublas": the chunk's logits z = hidden @ W^T (fp32, [rows, chunk],
+    from cuBLAS) are read instead of computed; bias and softcap are applied here, as the tile epilogue does."""
+    pid_r = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_r = pid_r * BN + tl.arange(0, BN)
+    offs_j = pid_v * BV + tl.arange(0, BV)
+    offs_v = v_start + offs_j
+    vocab_live = offs_j < chunk
+    batch_row, step, labels, in_range = _scored_rows(token_ptr, offs_r, rows, steps, labels_ptr, stride_lb,
+                                                     stride_lt, shift, ignore_index)
+    coef = tl.load(coef_ptr + offs_r, mask=in_range, other=0.0)
+    live = in_range & (labels != ignore_index) & (coef != 0.0)
+    tile = in_range[:, None] & vocab_live[None, :]
+    z = tl.load(z_ptr + offs_r.to(tl.int64)[:, None] * stride_z + offs_j[None, :], mask=tile, other=0.0)
+    s = _bias_and_softcap(z, bias_ptr, offs_v, vocab_live, softcap, HAS_BIAS, SOFTCAP)
+    g = _grad_tile(s, labels, coef, live, offs_r, offs_j, offs_v, vocab_live, stats_ptr, grad_b_ptr, softcap,
+                   SOFTCAP, NEED_B)
+    tl.store(g_ptr + offs_r.to(tl.int64)[:, None] * stride_g + offs_j[None, :], g.to(g_ptr.dtype.element_ty),
+             mask=tile)
 
 
 @triton.jit
@@ -282,6 +332,8 @@ def _accumulating_backward_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr,
 # ---------------------------------------------------------------------------------------------
 
 INTERPRETER_BLOCKS = {"BN": 16, "BV": 16, "BK": 16}  # tl.dot's smallest tiles
+# _grad_from_logits_kernel (no tl.dot, bandwidth-bound): [16, 512] fp32 tiles, 32 elements a thread
+ELEMENTWISE_BLOCKS = {"BN": 16, "BV": 512, "num_warps": 8}
 # the filter's kernel on a GPU, by operands (fp32 with BK = 64 and 3 stages would need 240 KiB of shared memory)
 ACCUMULATING_BLOCKS = {"half": {"BN": 64, "BV": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
                        "fp32": {"BN": 64, "BV": 128, "BK": 32, "num_warps": 8, "num_stages": 3}}
@@ -355,12 +407,21 @@ def _stats_splits(tokens: int, vocab: int, device: torch.device) -> int:
 
 
 def _grad_chunk(positions: int, vocab: int, dtype: torch.dtype) -> int:
-    """Vocabulary columns of one backward g chunk: as many as fit in GRAD_TILE_BYTES (a multiple of every
-    BV); in the interpreter two blocks, so small test vocabularies span several chunks."""
+    """Vocabulary columns of one backward chunk: as many as fit in GRAD_TILE_BYTES at `dtype` (g's, or the
+    fp32 logits' with matmuls="cublas"; a multiple of every BV); in the interpreter two blocks, so small
+    test vocabularies span several chunks."""
     if INTERPRETED:
         return 2 * INTERPRETER_BLOCKS["BV"]
     fitting = GRAD_TILE_BYTES // max(1, positions * dtype.itemsize) // VOCAB_GRANULE * VOCAB_GRANULE
     return min(max(VOCAB_GRANULE, fitting), triton.cdiv(vocab, VOCAB_GRANULE) * VOCAB_GRANULE)
+
+
+def _forward_chunk(tokens: int, vocab: int) -> int:
+    """Scored tokens per forward chunk with matmuls="cublas": fp32 logits of at most 2 * GRAD_TILE_BYTES
+    (256 rows at V = 128256: a wide enough product for cuBLAS); in the interpreter a few rows."""
+    if INTERPRETED:
+        return 3
+    return max(1, min(tokens, 2 * GRAD_TILE_BYTES // (4 * vocab) // 64 * 64 or 1))
 
 
 def _precision(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[bool, str]:
@@ -402,15 +463,17 @@ class _Problem:
         return tokens // steps, tokens % steps
 
 
-def check_supported(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Raises if these (already validated) inputs cannot run on the Triton kernels."""
+def check_supported(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    backend: str = "triton") -> None:
+    """Raises if these (already validated) inputs cannot run on this module's kernels (backend 'triton' or
+    'cublas', named in the message)."""
     for name, tensor in (("hidden", hidden), ("lm_head_weight", weight), ("bias", bias)):
         if tensor is not None and tensor.dtype not in DTYPES:
-            raise TypeError(f"backend='triton' supports float32/bfloat16/float16; {name} is {tensor.dtype} "
+            raise TypeError(f"backend={backend!r} supports float32/bfloat16/float16; {name} is {tensor.dtype} "
                             "(use backend='torch' for float64)")
     if not hidden.is_cuda and not INTERPRETED:
         raise ValueError(
-            f"backend='triton' needs CUDA tensors, got hidden on {hidden.device}; to run the Triton kernels on "
+            f"backend={backend!r} needs CUDA tensors, got hidden on {hidden.device}; to run the Triton kernels on "
             "the CPU set TRITON_INTERPRET=1 in the environment before amapo_kernels is imported"
         )
     if not INTERPRETED:
@@ -422,16 +485,29 @@ def check_supported(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 # ---------------------------------------------------------------------------------------------
 
 
+MATMULS = ("triton", "cublas")
+
+
+def _check_matmuls(matmuls: str) -> None:
+    if matmuls not in MATMULS:
+        raise ValueError(f"matmuls must be one of {list(MATMULS)}, got {matmuls!r}")
+
+
 @torch.compiler.disable
-def token_stats(hidden, weight, bias, labels, *, shift, softcap, ignore_index) -> torch.Tensor:
+def token_stats(hidden, weight, bias, labels, *, shift, softcap, ignore_index, matmuls="triton") -> torch.Tensor:
     """[N, 3] fp64 (max, log sum exp(s - max), label logit) per scored position, as the torch backend's;
-    positions whose label is ignore_index have finite, meaningless statistics."""
+    positions whose label is ignore_index get zeros. matmuls: "triton" (the logits in the stats kernel's
+    tile epilogue, never in memory) or "cublas" (see _cublas_token_stats)."""
+    _check_matmuls(matmuls)
     problem = _Problem(hidden, weight, bias, labels, shift, softcap, ignore_index)
     device = hidden.device
     stats = torch.zeros(problem.tokens, 3, dtype=torch.float64, device=device)
     scored = problem.scored_tokens()
     rows = scored.numel()
     if rows == 0:
+        return stats
+    if matmuls == "cublas":
+        stats[scored] = _cublas_token_stats(problem, scored)
         return stats
     split_width = _stats_splits(rows, problem.vocab, device)
     splits = triton.cdiv(problem.vocab, split_width)
@@ -448,17 +524,59 @@ def token_stats(hidden, weight, bias, labels, *, shift, softcap, ignore_index) -
     return stats
 
 
+def _cublas_token_stats(problem: _Problem, scored: torch.Tensor) -> torch.Tensor:
+    """[S, 3] fp64 statistics of the scored tokens with matmuls="cublas": chunks of whole rows of fp32 logits
+    from cuBLAS (bias and softcap applied in place), each reduced by the from-logits op's forward kernel
+    (one pass over the chunk, fp32 accumulation), which gives (max, log sum) and the label's log-prob."""
+    from amapo_kernels._ops import ops  # the from-logits kernels (CPU and CUDA); imported here: no cycle
+
+    hidden, weight, bias = problem.hidden, problem.weight, problem.bias
+    labels = problem.labels[:, problem.shift:problem.shift + problem.steps].reshape(-1)
+    out = torch.empty(scored.numel(), 3, dtype=torch.float64, device=hidden.device)
+    chunk = _forward_chunk(scored.numel(), problem.vocab)
+    operand = torch.float32 if problem.dot_f32 else hidden.dtype
+    weight_t = weight.to(operand).t()
+    for i0 in range(0, scored.numel(), chunk):
+        tokens = scored[i0:i0 + chunk]
+        z = _product_fp32(hidden[problem.coordinates(tokens)].to(operand), weight_t)  # [n, V]
+        if bias is not None:
+            z += bias.to(torch.float32)
+        if problem.flags["SOFTCAP"]:
+            z.div_(problem.softcap).tanh_().mul_(problem.softcap)
+        token_logp, softmax_stats = ops.sequence_logps_fwd(z[:, None], labels[tokens][:, None],
+                                                           problem.ignore_index, False, False, False)
+        max_and_log_sum = softmax_stats[:, 0].double()
+        out[i0:i0 + chunk, :2] = max_and_log_sum
+        out[i0:i0 + chunk, 2] = token_logp.double() + max_and_log_sum.sum(dim=1)  # the label's logit
+        del z
+    return out
+
+
+def _product_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32: cuBLAS accumulates two 16-bit operands into an fp32 output directly; fp32 operands
+    follow torch's tf32 setting, as eager autograd."""
+    if a.is_cuda and a.dtype in _HALF and b.dtype == a.dtype:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
 @torch.compiler.disable
 def gradients(hidden, weight, bias, labels, softmax_stats, coefs, *, shift, softcap, ignore_index,
-              need_hidden, need_weight, need_bias, gradient_filter=False, accumulate="auto"):
+              need_hidden, need_weight, need_bias, gradient_filter=False, accumulate="auto", matmuls="triton"):
     """(grad_hidden, grad_weight, grad_bias) of sum_n coefs[n] * lp[n], in the inputs' dtypes (None where
     not needed). softmax_stats: [N, 2] (max, log sum) of the forward; coefs: [N].
     accumulate: "matmul" (g chunks and cuBLAS), "in_kernel" (the accumulating kernel), "auto" (in_kernel
-    exactly when the gradient filter is on, which only that kernel implements)."""
+    exactly when the gradient filter is on, which only that kernel implements).
+    matmuls: where the g chunks' logits are recomputed: "triton" (in _grad_logits_kernel's matmul) or "cublas"
+    (an fp32 cuBLAS product read by _grad_from_logits_kernel); "cublas" needs accumulate "matmul" / "auto"."""
     if accumulate not in ("auto", "matmul", "in_kernel"):
         raise ValueError(f"accumulate must be 'auto', 'matmul' or 'in_kernel', got {accumulate!r}")
     if gradient_filter and accumulate == "matmul":
         raise ValueError("gradient_filter=True runs on the in-kernel accumulation (accumulate='in_kernel')")
+    _check_matmuls(matmuls)
+    if matmuls == "cublas" and (gradient_filter or accumulate == "in_kernel"):
+        raise ValueError("matmuls='cublas' recomputes the logits with cuBLAS for the g chunks; the gradient filter "
+                         "and accumulate='in_kernel' run on the accumulating Triton kernel (matmuls='triton')")
     problem = _Problem(hidden, weight, bias, labels, shift, softcap, ignore_index)
     scored = problem.scored_tokens() if problem.tokens else None
     if scored is None or scored.numel() == 0 or not (need_hidden or need_weight or need_bias):
@@ -471,7 +589,7 @@ def gradients(hidden, weight, bias, labels, softmax_stats, coefs, *, shift, soft
                                                                    need_weight, need_bias, gradient_filter)
     else:
         grad_rows, grad_weight, grad_bias = _chunked_gradients(problem, scored, stats, coefs, need_hidden,
-                                                               need_weight, need_bias)
+                                                               need_weight, need_bias, matmuls)
     grad_hidden = _scatter_rows(problem, scored, grad_rows) if need_hidden else None
     return grad_hidden, grad_weight, grad_bias
 
@@ -498,7 +616,7 @@ def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> No
         acc.addmm_(a.float(), b.float())
 
 
-def _chunked_gradients(problem: _Problem, scored, stats, coefs, need_hidden, need_weight, need_bias):
+def _chunked_gradients(problem: _Problem, scored, stats, coefs, need_hidden, need_weight, need_bias, matmuls):
     """Vocabulary chunks: the g kernel writes the chunk's [S, chunk] gradient of the logits of the S scored
     tokens, then grad_rows += g @ W_chunk (an [S, H] fp32 accumulator) and grad_W[chunk] = g^T @ rows (the
     scored tokens' hidden rows; cast once). Returns (grad_rows, grad_weight, grad_bias)."""
@@ -506,10 +624,11 @@ def _chunked_gradients(problem: _Problem, scored, stats, coefs, need_hidden, nee
     width, vocab, device = problem.width, problem.vocab, hidden.device
     positions = scored.numel()
     g_dtype = torch.float32 if problem.dot_f32 else hidden.dtype  # as eager autograd rounds grad_logits
-    chunk = _grad_chunk(positions, vocab, g_dtype)
+    # with cuBLAS recomputing them, the chunk's fp32 logits are the larger buffer
+    chunk = _grad_chunk(positions, vocab, torch.float32 if matmuls == "cublas" else g_dtype)
     g_chunk = torch.empty(positions, chunk, dtype=g_dtype, device=device)
     grad_rows = torch.zeros(positions, width, dtype=torch.float32, device=device) if need_hidden else None
-    rows = _scored_hidden_rows(problem, scored, g_dtype) if need_weight else None
+    rows = _scored_hidden_rows(problem, scored, g_dtype) if need_weight or matmuls == "cublas" else None
     grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=device) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias else None
     unused = torch.zeros(1, dtype=torch.float32, device=device)
@@ -518,11 +637,15 @@ def _chunked_gradients(problem: _Problem, scored, stats, coefs, need_hidden, nee
         g = g_chunk[:, : v1 - v0]
         # without a bias gradient the kernel still takes a pointer, one the autotuner's reset may zero
         bias_part = grad_bias[v0:v1] if need_bias else unused
-        _launch("_grad_logits_kernel", problem.dot_f32,
-                lambda meta, columns=v1 - v0: (triton.cdiv(positions, meta["BN"]), triton.cdiv(columns, meta["BV"])),
-                *problem.tensors, scored, stats, coefs, g, g.stride(0), bias_part, positions,
-                max(problem.steps, 1), vocab, width, problem.shift, problem.ignore_index, problem.softcap, v0,
-                v1 - v0, NEED_B=bool(need_bias), **problem.flags)
+        if matmuls == "cublas":
+            _cublas_grad_chunk(problem, scored, stats, coefs, rows, v0, v1, g, bias_part, need_bias)
+        else:
+            _launch("_grad_logits_kernel", problem.dot_f32,
+                    lambda meta, columns=v1 - v0: (triton.cdiv(positions, meta["BN"]),
+                                                   triton.cdiv(columns, meta["BV"])),
+                    *problem.tensors, scored, stats, coefs, g, g.stride(0), bias_part, positions,
+                    max(problem.steps, 1), vocab, width, problem.shift, problem.ignore_index, problem.softcap, v0,
+                    v1 - v0, NEED_B=bool(need_bias), **problem.flags)
         if need_hidden:
             _add_product_fp32(grad_rows, g, weight[v0:v1].to(g_dtype))
         if need_weight:
@@ -532,6 +655,21 @@ def _chunked_gradients(problem: _Problem, scored, stats, coefs, need_hidden, nee
                 grad_weight[v0:v1] = torch.mm(g.t(), rows)
     del g, g_chunk, rows  # before grad_hidden's scatter, which allocates the gradient itself
     return grad_rows, grad_weight, grad_bias.to(bias.dtype) if need_bias else None
+
+
+def _cublas_grad_chunk(problem: _Problem, scored, stats, coefs, rows, v0, v1, g, bias_part, need_bias) -> None:
+    """g [S, v1 - v0] of one chunk with matmuls="cublas": the fp32 logits rows @ W[v0:v1]^T from cuBLAS,
+    then _grad_from_logits_kernel (bias, softcap, softmax from the saved statistics, g in g's dtype)."""
+    z = _product_fp32(rows, problem.weight[v0:v1].to(rows.dtype).t())
+    blocks = INTERPRETER_BLOCKS if INTERPRETED else ELEMENTWISE_BLOCKS
+    grid = (triton.cdiv(scored.numel(), blocks["BN"]), triton.cdiv(v1 - v0, blocks["BV"]))
+    bias = problem.bias if problem.bias is not None else z
+    _grad_from_logits_kernel[grid](
+        z, z.stride(0), bias, problem.labels, *problem.labels.stride(), scored, stats, coefs, g, g.stride(0),
+        bias_part, scored.numel(), max(problem.steps, 1), problem.shift, problem.ignore_index, problem.softcap, v0,
+        v1 - v0, HAS_BIAS=problem.flags["HAS_BIAS"], SOFTCAP=problem.flags["SOFTCAP"], NEED_B=bool(need_bias),
+        BN=blocks["BN"], BV=blocks["BV"], **({} if INTERPRETED else {"num_warps": blocks["num_warps"]}),
+    )
 
 
 def _accumulated_gradients(problem: _Problem, scored, stats, coefs, need_hidden, need_weight, need_bias,

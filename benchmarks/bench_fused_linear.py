@@ -6,6 +6,8 @@ forward + backward of the loss, gradients of hidden and lm_head weight:
     fused      amapo_loss_from_hidden(hidden, weight, labels, backend="torch")  (tiles of logits, PyTorch)
     triton     amapo_loss_from_hidden(..., backend="triton")                 (Triton kernels; CUDA only)
     triton_filter  the same with gradient_filter=True (Cut Cross-Entropy-style tile skipping; CUDA only)
+    cublas     amapo_loss_from_hidden(..., backend="cublas")  (the lm_head products on cuBLAS in fp32 chunks,
+               reduced by the from-logits kernels and a Triton g kernel; CUDA only)
     op_logits  F.linear(hidden, weight) -> amapo_loss_from_logits            (logits materialized, compiled op)
     eager      F.linear(hidden, weight) -> reference.amapo_loss_from_logits  (plain torch, log_softmax copy)
     compile    torch.compile of eager
@@ -52,7 +54,7 @@ from bench_common import cuda_peak_extra_bytes, environment, markdown_table, tim
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SIZES = {"cpu": "2x128x128x4096,4x256x256x8192", "cuda": "8x1024x4096x32000,8x2048x4096x128256"}
 DEFAULT_METHODS = {"cpu": "fused,op_logits,eager",
-                   "cuda": "triton,triton_filter,fused,op_logits,eager,compile,cce_filter,cce_nofilter,liger_simpo,trl_chunked,floor_4mm"}
+                   "cuda": "triton,triton_filter,cublas,fused,op_logits,eager,compile,cce_filter,cce_nofilter,liger_simpo,trl_chunked,floor_4mm"}
 
 
 class PeerUnavailable(Exception):
@@ -146,8 +148,8 @@ def step_fn(name, hidden, weight, labels, token_chunk, vocab_chunk):
         elif name == "fused":
             loss = amapo_loss_from_hidden(hidden, weight, labels, shift=True, token_chunk=token_chunk,
                                           vocab_chunk=vocab_chunk, backend="torch")
-        elif name in ("triton", "triton_filter"):
-            loss = amapo_loss_from_hidden(hidden, weight, labels, shift=True, backend="triton",
+        elif name in ("triton", "triton_filter", "cublas"):
+            loss = amapo_loss_from_hidden(hidden, weight, labels, shift=True, backend=name.split("_")[0],
                                           gradient_filter=name == "triton_filter")
         elif name == "op_logits":
             loss = ak.amapo_loss_from_logits(F.linear(hidden, weight), labels, shift=True)
@@ -221,7 +223,7 @@ def main(argv=None):
                 ms = mem = None
                 note = str(reason)
             except Exception as error:  # noqa: BLE001 - a peer's failure goes in its row; ours raises
-                if name in ("fused", "triton", "triton_filter", "op_logits"):
+                if name in ("fused", "triton", "triton_filter", "cublas", "op_logits"):
                     raise
                 ms = mem = None
                 note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"

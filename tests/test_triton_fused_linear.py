@@ -81,11 +81,14 @@ def accumulating_in_kernel(monkeypatch):
     monkeypatch.setattr(kernels, "gradients", functools.partial(kernels.gradients, accumulate="in_kernel"))
 
 
-def assert_logps_rule(tensors, labels, dtype, **options):
+BACKENDS = ["triton", "cublas"]  # this module's two strategies: logits in the Triton tile epilogues, or on cuBLAS
+
+
+def assert_logps_rule(tensors, labels, dtype, backend="triton", **options):
     generator = torch.Generator().manual_seed(labels.shape[0])
     upstream = torch.randn(labels.shape[0], generator=generator, dtype=torch.float64)
     tensors = quantized(tensors, dtype)
-    fused = logps_run(tensors, labels, dtype, upstream=upstream, fused=True, backend="triton", **options)
+    fused = logps_run(tensors, labels, dtype, upstream=upstream, fused=True, backend=backend, **options)
     runs = [logps_run(tensors, labels, d, upstream=upstream, fused=False, **options) for d in (torch.float64, dtype)]
     assert fused[0].dtype == torch.float32
     assert_rule(fused, *runs, dtype, "logps")
@@ -149,12 +152,13 @@ def test_interpreter_suite(tmp_path):
     with_bias=st.booleans(),
     softcap=st.sampled_from([None, 4.0]),
     seed=st.integers(0, 2**20),
+    backend=st.sampled_from(BACKENDS),
 )
-def test_logps_match_reference(batch, steps, width, vocab, shift, average, with_bias, softcap, seed):
+def test_logps_match_reference(batch, steps, width, vocab, shift, average, with_bias, softcap, seed, backend):
     generator = torch.Generator().manual_seed(seed)
     hidden, weight, bias, labels = make_batch(batch, steps, width, vocab, generator=generator, with_bias=with_bias,
                                               all_ignored_rows=[1] if batch > 2 else ())
-    assert_logps_rule((hidden, weight, bias), labels, FP32, average=average, shift=shift, softcap=softcap)
+    assert_logps_rule((hidden, weight, bias), labels, FP32, backend, average=average, shift=shift, softcap=softcap)
 
 
 @interpreted
@@ -169,8 +173,9 @@ def test_in_kernel_accumulation_matches_reference(monkeypatch, shift, with_bias,
 
 
 @interpreted
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", ak.METHODS)
-def test_every_method_matches_reference(method):
+def test_every_method_matches_reference(method, backend):
     """Each method of preference_loss_from_hidden: shift, bias, softcap, an all-ignored row, 3 token blocks
     by 3 vocabulary blocks (V = 41)."""
     generator = torch.Generator().manual_seed(21)
@@ -179,7 +184,7 @@ def test_every_method_matches_reference(method):
     extras, average = method_extras(method, pairs, generator)
     tensors = quantized((hidden, weight, bias), FP32)
     fused = fused_run(preference_loss_from_hidden, tensors, FP32, labels, method=method, shift=True,
-                      logit_softcap=softcap, backend="triton", **extras)
+                      logit_softcap=softcap, backend=backend, **extras)
 
     def loss_of_logps(chosen, rejected):
         cast = {k: v.to(chosen.dtype) if isinstance(v, torch.Tensor) else v for k, v in extras.items()}
@@ -203,13 +208,14 @@ def test_amapo_with_return_stats_equals_torch_backend():
 
 
 @interpreted
-@pytest.mark.parametrize("accumulate", ["matmul", "in_kernel"])
+@pytest.mark.parametrize("accumulate", ["matmul", "in_kernel", "cublas"])
 def test_ignored_positions_and_rows(monkeypatch, accumulate):
     """All-ignored rows give 0 and no gradient; a NaN hidden state at an ignored position (or at the unused
-    last position under shift) reaches neither the log-probs nor any gradient, on both backward paths (the
-    matmul path's grad_W product reads hidden rows: they must be zeroed there)."""
+    last position under shift) reaches neither the log-probs nor any gradient, on every backward path (the
+    matmul paths' grad_W product reads hidden rows: only the scored ones may enter)."""
     if accumulate == "in_kernel":
         accumulating_in_kernel(monkeypatch)
+    backend = "cublas" if accumulate == "cublas" else "triton"
     generator = torch.Generator().manual_seed(23)
     hidden, weight, bias, labels = make_batch(4, 6, 20, 37, generator=generator, all_ignored_rows=[0, 3])
     labels[2, 3] = -100
@@ -218,7 +224,7 @@ def test_ignored_positions_and_rows(monkeypatch, accumulate):
     poisoned[2, 2] = float("nan")  # scores labels[2, 3] (ignored) with shift
     poisoned[:, -1] = float("nan")  # scores nothing with shift
     leaves_ = [poisoned.requires_grad_(), weight.float().requires_grad_(), bias.float().requires_grad_()]
-    logps = sequence_logps_from_hidden(leaves_[0], leaves_[1], labels, bias=leaves_[2], shift=True, backend="triton")
+    logps = sequence_logps_from_hidden(leaves_[0], leaves_[1], labels, bias=leaves_[2], shift=True, backend=backend)
     grads = torch.autograd.grad(logps.sum(), leaves_)
     assert torch.isfinite(logps).all() and all(torch.isfinite(g).all() for g in grads)
     assert logps[0].item() == 0.0 and logps[3].item() == 0.0
@@ -230,10 +236,11 @@ def test_ignored_positions_and_rows(monkeypatch, accumulate):
 
 
 @interpreted
-def test_no_scored_position_at_all():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_scored_position_at_all(backend):
     hidden = torch.randn(2, 1, 16, requires_grad=True)
     weight = torch.randn(9, 16, requires_grad=True)
-    loss = ak.amapo_loss_from_hidden(hidden, weight, torch.zeros(2, 1, dtype=torch.long), shift=True, backend="triton")
+    loss = ak.amapo_loss_from_hidden(hidden, weight, torch.zeros(2, 1, dtype=torch.long), shift=True, backend=backend)
     grads = torch.autograd.grad(loss, (hidden, weight))
     assert torch.isfinite(loss) and all(torch.count_nonzero(g) == 0 for g in grads)
 
@@ -343,8 +350,9 @@ def small():
 @pytest.mark.parametrize(
     "kwargs, error, fragment",
     [
-        (dict(backend="cuda"), ValueError, "backend must be one of ['auto', 'triton', 'torch']"),
+        (dict(backend="cuda"), ValueError, "backend must be one of ['auto', 'triton', 'cublas', 'torch']"),
         (dict(backend="torch", gradient_filter=True), ValueError, "gradient_filter=True needs the Triton backend"),
+        (dict(backend="cublas", gradient_filter=True), ValueError, "gradient_filter=True needs the Triton backend"),
         (dict(gradient_filter=True), ValueError, "gradient_filter=True needs the Triton backend"),  # auto on CPU
         (dict(gradient_filter=1), TypeError, "gradient_filter must be a bool"),
     ],
@@ -359,6 +367,8 @@ def test_bad_backend_arguments(kwargs, error, fragment):
     [
         (dict(accumulate="cublas"), "accumulate must be 'auto', 'matmul' or 'in_kernel', got 'cublas'"),
         (dict(accumulate="matmul", gradient_filter=True), "gradient_filter=True runs on the in-kernel accumulation"),
+        (dict(matmuls="cuda"), "matmuls must be one of ['triton', 'cublas'], got 'cuda'"),
+        (dict(matmuls="cublas", accumulate="in_kernel"), "matmuls='cublas' recomputes the logits with cuBLAS"),
     ],
 )
 def test_bad_accumulate_arguments(kwargs, fragment):
@@ -382,16 +392,18 @@ def test_pinned_configuration_variable(monkeypatch):
             kernels._pinned_config("fp32")
 
 
-def test_triton_rejects_float64():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_triton_rejects_float64(backend):
     hidden, weight, labels = small()
-    with pytest.raises(TypeError, match=re.escape("backend='triton' supports float32/bfloat16/float16; hidden")):
-        sequence_logps_from_hidden(hidden.double(), weight, labels, backend="triton")
+    with pytest.raises(TypeError, match=re.escape(f"backend={backend!r} supports float32/bfloat16/float16; hidden")):
+        sequence_logps_from_hidden(hidden.double(), weight, labels, backend=backend)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter accepts CPU tensors")
-def test_triton_on_cpu_needs_the_interpreter():
-    with pytest.raises(ValueError, match=re.escape("backend='triton' needs CUDA tensors, got hidden on cpu")):
-        ak.amapo_loss_from_hidden(*small(), backend="triton")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_triton_on_cpu_needs_the_interpreter(backend):
+    with pytest.raises(ValueError, match=re.escape(f"backend={backend!r} needs CUDA tensors, got hidden on cpu")):
+        ak.amapo_loss_from_hidden(*small(), backend=backend)
 
 
 def test_auto_is_torch_on_cpu(monkeypatch):
@@ -460,6 +472,11 @@ def test_kernels_compile_for_hopper(dtype, precision):
     accumulating = {**flags, **blocks, "NEED_H": True, "NEED_W": True, "NEED_B": True, "FILTER": True}
     compiled = compile_for_hopper(kernels._accumulating_backward_kernel, dtype, accumulating, warps, stages)
     assert compiled.asm["cubin"] and compiled.metadata.shared <= HOPPER_SHARED_MEMORY
+    elementwise = dict(kernels.ELEMENTWISE_BLOCKS)
+    warps = elementwise.pop("num_warps")
+    g_flags = {"HAS_BIAS": True, "SOFTCAP": True, "NEED_B": True, **elementwise}
+    compiled = compile_for_hopper(kernels._grad_from_logits_kernel, dtype, g_flags, warps, 1)
+    assert compiled.asm["cubin"] and compiled.metadata.shared <= HOPPER_SHARED_MEMORY
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,11 +495,12 @@ def cuda_batch(batch, steps, width, vocab, seed, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(4, 129, 256, 4097), (2, 300, 1024, 32003)])
 @pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("backend", BACKENDS)
 @cuda
-def test_cuda_logps_match_reference(shape, dtype, softcap):
+def test_cuda_logps_match_reference(shape, dtype, softcap, backend):
     torch.backends.cuda.matmul.allow_tf32 = False
     tensors, labels = cuda_batch(*shape, seed=shape[1], dtype=dtype)
-    assert_logps_rule(tensors, labels, dtype, average=True, shift=True, softcap=softcap)
+    assert_logps_rule(tensors, labels, dtype, backend, average=True, shift=True, softcap=softcap)
 
 
 def operands_of(dtype):
