@@ -70,6 +70,8 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from amapo_kernels._ops import ops  # the from-logits kernels (CPU and CUDA), for matmuls="cublas"
+
 INTERPRETED = bool(knobs.runtime.interpret)  # decided when the kernels below are decorated
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _HALF = (torch.bfloat16, torch.float16)
@@ -197,6 +199,20 @@ def _stats_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stri
 
 
 @triton.jit
+def _g_chunk_tile(token_ptr, labels_ptr, stride_lb, stride_lt, coef_ptr, rows, steps, shift, ignore_index,
+                  v_start, chunk, BN: tl.constexpr, BV: tl.constexpr):
+    """The (scored token block, chunk column block) of this program of a g-chunk kernel: offsets, the tokens'
+    coordinates, labels and coefficients, and which rows are live (scored with a nonzero coefficient)."""
+    offs_r = tl.program_id(0) * BN + tl.arange(0, BN)
+    offs_j = tl.program_id(1) * BV + tl.arange(0, BV)
+    batch_row, step, labels, in_range = _scored_rows(token_ptr, offs_r, rows, steps, labels_ptr, stride_lb,
+                                                     stride_lt, shift, ignore_index)
+    coef = tl.load(coef_ptr + offs_r, mask=in_range, other=0.0)
+    live = in_range & (labels != ignore_index) & (coef != 0.0)
+    return offs_r, offs_j, v_start + offs_j, offs_j < chunk, batch_row, step, labels, in_range, coef, live
+
+
+@triton.jit
 def _grad_logits_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stride_wk, bias_ptr,
                         labels_ptr, stride_lb, stride_lt, token_ptr, stats_ptr, coef_ptr, g_ptr, stride_g,
                         grad_b_ptr, rows, steps, vocab, width, shift, ignore_index, softcap, v_start, chunk,
@@ -205,16 +221,9 @@ def _grad_logits_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv
                         BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
     """g[i, j] = d loss / d z[token i, v_start + j] for the scored tokens i < rows (a compact list; statistics
     and coefficients indexed by i), columns j < chunk; grad_b[j] += sum_i g[i, j]."""
-    pid_r = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    offs_r = pid_r * BN + tl.arange(0, BN)
-    offs_j = pid_v * BV + tl.arange(0, BV)
-    offs_v = v_start + offs_j
-    vocab_live = offs_j < chunk
-    batch_row, step, labels, in_range = _scored_rows(token_ptr, offs_r, rows, steps, labels_ptr, stride_lb,
-                                                     stride_lt, shift, ignore_index)
-    coef = tl.load(coef_ptr + offs_r, mask=in_range, other=0.0)
-    live = in_range & (labels != ignore_index) & (coef != 0.0)
+    offs_r, offs_j, offs_v, vocab_live, batch_row, step, labels, in_range, coef, live = _g_chunk_tile(
+        token_ptr, labels_ptr, stride_lb, stride_lt, coef_ptr, rows, steps, shift, ignore_index, v_start, chunk,
+        BN, BV)
     g = tl.zeros((BN, BV), dtype=tl.float32)
     if tl.max(live.to(tl.int32), axis=0) > 0:
         s = _tile_logits(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stride_wk, bias_ptr,
@@ -245,16 +254,9 @@ def _grad_from_logits_kernel(z_ptr, stride_z, bias_ptr, labels_ptr, stride_lb, s
                              BN: tl.constexpr, BV: tl.constexpr):
     """_grad_logits_kernel's g for matmuls="cublas": the chunk's logits z = hidden @ W^T (fp32, [rows, chunk],
     from cuBLAS) are read instead of computed; bias and softcap are applied here, as the tile epilogue does."""
-    pid_r = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    offs_r = pid_r * BN + tl.arange(0, BN)
-    offs_j = pid_v * BV + tl.arange(0, BV)
-    offs_v = v_start + offs_j
-    vocab_live = offs_j < chunk
-    batch_row, step, labels, in_range = _scored_rows(token_ptr, offs_r, rows, steps, labels_ptr, stride_lb,
-                                                     stride_lt, shift, ignore_index)
-    coef = tl.load(coef_ptr + offs_r, mask=in_range, other=0.0)
-    live = in_range & (labels != ignore_index) & (coef != 0.0)
+    offs_r, offs_j, offs_v, vocab_live, batch_row, step, labels, in_range, coef, live = _g_chunk_tile(
+        token_ptr, labels_ptr, stride_lb, stride_lt, coef_ptr, rows, steps, shift, ignore_index, v_start, chunk,
+        BN, BV)
     tile = in_range[:, None] & vocab_live[None, :]
     z = tl.load(z_ptr + offs_r.to(tl.int64)[:, None] * stride_z + offs_j[None, :], mask=tile, other=0.0)
     s = _bias_and_softcap(z, bias_ptr, offs_v, vocab_live, softcap, HAS_BIAS, SOFTCAP)
@@ -528,8 +530,6 @@ def _cublas_token_stats(problem: _Problem, scored: torch.Tensor) -> torch.Tensor
     """[S, 3] fp64 statistics of the scored tokens with matmuls="cublas": chunks of whole rows of fp32 logits
     from cuBLAS (bias and softcap applied in place), each reduced by the from-logits op's forward kernel
     (one pass over the chunk, fp32 accumulation), which gives (max, log sum) and the label's log-prob."""
-    from amapo_kernels._ops import ops  # the from-logits kernels (CPU and CUDA); imported here: no cycle
-
     hidden, weight, bias = problem.hidden, problem.weight, problem.bias
     labels = problem.labels[:, problem.shift:problem.shift + problem.steps].reshape(-1)
     out = torch.empty(scored.numel(), 3, dtype=torch.float64, device=hidden.device)

@@ -4,15 +4,16 @@
 #   bash scripts/gpu_check.sh part1   # environment, build (-Xptxas -v), kernels registered, every CUDA test,
 #                                     #   compute-sanitizer memcheck/racecheck/synccheck/initcheck; measured on an
 #                                     #   H200 (2026-12-04): build 66 s, tests 10 + 70 s, each sanitizer 7-8 s
-#   bash scripts/gpu_check.sh part2   # both benchmarks at the paper size with every peer, then ncu of the
-#                                     #   from-logits kernels; measured: from logits 29 s for its bf16 row alone,
-#                                     #   from hidden 68 s (the full tables and ncu: not yet run)
+#   bash scripts/gpu_check.sh part2   # both benchmarks at the paper size with every peer, ncu of the
+#                                     #   from-logits kernels, then profile_step.py's kernel tables of one step;
+#                                     #   measured: from logits 29 s for its bf16 row alone, from hidden 68 s
+#                                     #   (the full tables, ncu and the profiles: not yet run; ~7 minutes est.)
 #   bash scripts/gpu_check.sh part3   # amapo-train throughput and peak memory of the fused, ops and eager loss
 #                                     #   paths on a random 1.5B Llama-3 shape (benchmarks/bench_train.py; not yet run)
-#   bash scripts/gpu_check.sh all     # part1 and part2, one after the other; with 15 device-minutes in all (machine
-#                                     #   start included, ~30 s measured), one call `BUDGET=560 bash scripts/gpu_check.sh all`
-#                                     #   fits (7-8 minutes, estimated from the steps measured); part3 then needs a
-#                                     #   session of its own or a shorter run
+#   bash scripts/gpu_check.sh all     # part1 and part2, one after the other, where one call may run longer than
+#                                     #   10 minutes; with the device tool's 10-minute calls run part1 (~3.5 minutes)
+#                                     #   and part2 as two calls (15 device-minutes in all, machine start ~30 s);
+#                                     #   part3 then needs a session of its own
 # Everything lands in one results folder, RESULTS (default $OUT when set, else results/gpu_check): logs,
 # JSON, markdown tables and summary_<part>.md, a table of each step's status and time.
 # Peers and the test dependencies the image lacks travel as wheels: run `bash scripts/fetch_peer_wheels.sh`
@@ -152,6 +153,15 @@ part2() {
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
     "$PY" benchmarks/bench_from_logits.py --device cuda --sizes 4x2048x128256 --dtypes bf16 --peers ours
   grep -E "rows_kernel|DRAM Throughput|Duration|Achieved Occupancy" "$RESULTS/ncu.log" | head -12
+  # Where a step's time goes, kernel by kernel, against its wall time (the gap: launches, syncs, idle GPU):
+  # the from-logits step and the from-hidden step on both Triton-module backends, at the paper's size.
+  local what
+  for what in "from_logits --size 4x2048x128256" "from_hidden --backend triton --size 4x2048x4096x128256" \
+              "from_hidden --backend cublas --size 4x2048x4096x128256"; do
+    # shellcheck disable=SC2086  # $what is the arguments, split on purpose
+    run_step "profile_step $what" "$RESULTS/profile.log" 90 "$PY" benchmarks/profile_step.py --device cuda \
+      --dtype bf16 --path $what
+  done
   cat "$RESULTS/from_logits.md" "$RESULTS/fused_linear.md" 2>/dev/null
 }
 

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_from_logits  # noqa: E402
 import bench_fused_linear  # noqa: E402
+import profile_step  # noqa: E402
 
 
 def test_from_logits_every_peer_has_a_row(tmp_path):
@@ -36,6 +37,26 @@ def test_fused_linear_default_cpu_methods_run(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [row["method"] for row in rows] == bench_fused_linear.DEFAULT_METHODS["cpu"].split(",")
     assert all(row["ms"] > 0 and row["note"] is None for row in rows), rows
+
+
+@pytest.mark.parametrize("args", [["--path", "from_logits", "--size", "2x16x64"],
+                                  ["--path", "from_logits", "--size", "2x16x64", "--inplace"],
+                                  ["--path", "from_hidden", "--backend", "torch", "--size", "2x8x16x64"]])
+def test_profile_step_tables_a_step(tmp_path, args):
+    """gpu_check.sh part2's profile commands, at a CPU size: a wall time and ops that account for it."""
+    out = tmp_path / "profile.json"
+    wall_ms, kernels = profile_step.main([*args, "--dtype", "fp32", "--warmup", "1", "--steps", "1",
+                                         "--json", str(out)])
+    assert wall_ms > 0 and kernels and all(ms >= 0 for _, _, ms in kernels)
+    assert any(name.startswith("amapo_kernels::") for name, _, _ in kernels)
+    assert json.loads(out.read_text())["wall_ms"] == wall_ms
+
+
+def test_profile_step_rejects_a_size_of_the_other_path(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        profile_step.main(["--path", "from_hidden", "--size", "2x16x64"])
+    assert exit_info.value.code == 2
+    assert "--size for from_hidden must be BxTxHxV, got '2x16x64'" in capsys.readouterr().err
 
 
 def test_the_floor_is_four_matmuls():

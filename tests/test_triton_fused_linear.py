@@ -570,6 +570,23 @@ def test_cuda_auto_is_triton_and_never_materializes_logits(monkeypatch):
 
 
 @cuda
+def test_cuda_cublas_backend_holds_bounded_chunks_of_logits():
+    """backend="cublas" writes fp32 logits, but never more than one chunk of them at a time: at most
+    2 * GRAD_TILE_BYTES in the forward, GRAD_TILE_BYTES (and g's half) in the backward."""
+    tensors, labels = cuda_batch(4, 1024, 256, 32000, seed=7, dtype=torch.bfloat16)
+    hidden, weight, _ = leaves(tensors, torch.bfloat16)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    ak.amapo_loss_from_hidden(hidden, weight, labels, shift=True, backend="cublas").backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    fp32_logits_bytes = 4 * 1023 * 32000 * 4
+    allowed = 2 * (hidden.numel() + weight.numel()) + 6 * hidden.numel() + 2 * kernels.GRAD_TILE_BYTES + 4 * 2**20
+    assert extra <= allowed and extra < fp32_logits_bytes / 2, (extra, allowed)
+
+
+@cuda
 def test_cuda_gradient_filter_bound():
     dtype = torch.bfloat16
     generator = torch.Generator().manual_seed(6)
