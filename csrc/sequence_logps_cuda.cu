@@ -427,8 +427,9 @@ __device__ void row_zeros(scalar_t* grad, int64_t n) {
 template <typename scalar_t, typename acc>
 // No __restrict__ on logits and grad: the in-place backward passes the same buffer for both. At least 4 blocks
 // per SM (at most 64 registers): unbounded, bf16 took 121 registers, so 2 blocks of 4 loads in flight per thread;
-// now 4 blocks of kBackwardUnroll = 2 (the same bytes in flight, from twice the warps).
-__global__ void __launch_bounds__(kThreads, 4)
+// now 4 blocks of kBackwardUnroll = 2 (the same bytes in flight, from twice the warps). fp64 (gradcheck) asks
+// for 3: at 4 (64 registers) it spilled 12 bytes.
+__global__ void __launch_bounds__(kThreads, sizeof(scalar_t) == 8 ? 3 : 4)
     backward_rows_kernel(const scalar_t* logits, int64_t stride_b, int64_t stride_t, const int64_t* __restrict__ labels,
                     const acc* __restrict__ softmax_stats, const acc* __restrict__ coef, int64_t rows, int64_t steps,
                     int64_t scored, int64_t vocab, VocabSplit split, int64_t ignore_index, scalar_t* grad,
