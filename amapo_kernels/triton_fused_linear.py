@@ -172,7 +172,7 @@ def _stats_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stri
     batch_row, step, labels, in_range = _scored_rows(token_ptr, offs_n, rows, steps, labels_ptr, stride_lb,
                                                      stride_lt, shift, ignore_index)
     live = in_range & (labels != ignore_index)
-    # a block with no scored position (a prompt) stores (0, 1): finite statistics that nothing reads
+    # a block with no live token (none, in a compact list of scored tokens, but cheap to keep) stores (0, 1)
     running_max = tl.zeros((BN,), dtype=tl.float32)
     running_sum = tl.full((BN,), 1.0, dtype=tl.float32)
     if tl.max(live.to(tl.int32), axis=0) > 0:
@@ -578,8 +578,8 @@ def gradients(hidden, weight, bias, labels, softmax_stats, coefs, *, shift, soft
         raise ValueError("matmuls='cublas' recomputes the logits with cuBLAS for the g chunks; the gradient filter "
                          "and accumulate='in_kernel' run on the accumulating Triton kernel (matmuls='triton')")
     problem = _Problem(hidden, weight, bias, labels, shift, softcap, ignore_index)
-    scored = problem.scored_tokens() if problem.tokens else None
-    if scored is None or scored.numel() == 0 or not (need_hidden or need_weight or need_bias):
+    scored = problem.scored_tokens() if need_hidden or need_weight or need_bias else None
+    if scored is None or scored.numel() == 0:
         grads = (torch.zeros_like(hidden), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias))
         return tuple(g if need else None for g, need in zip(grads, (need_hidden, need_weight, need_bias)))
     # the scored tokens' rows only, in order
@@ -637,8 +637,9 @@ def _chunked_gradients(problem: _Problem, scored, stats, coefs, need_hidden, nee
         g = g_chunk[:, : v1 - v0]
         # without a bias gradient the kernel still takes a pointer, one the autotuner's reset may zero
         bias_part = grad_bias[v0:v1] if need_bias else unused
+        weight_chunk = weight[v0:v1].to(g_dtype)  # a view unless the dtypes are mixed
         if matmuls == "cublas":
-            _cublas_grad_chunk(problem, scored, stats, coefs, rows, v0, v1, g, bias_part, need_bias)
+            _cublas_grad_chunk(problem, scored, stats, coefs, rows, weight_chunk, v0, g, bias_part, need_bias)
         else:
             _launch("_grad_logits_kernel", problem.dot_f32,
                     lambda meta, columns=v1 - v0: (triton.cdiv(positions, meta["BN"]),
@@ -647,7 +648,7 @@ def _chunked_gradients(problem: _Problem, scored, stats, coefs, need_hidden, nee
                     max(problem.steps, 1), vocab, width, problem.shift, problem.ignore_index, problem.softcap, v0,
                     v1 - v0, NEED_B=bool(need_bias), **problem.flags)
         if need_hidden:
-            _add_product_fp32(grad_rows, g, weight[v0:v1].to(g_dtype))
+            _add_product_fp32(grad_rows, g, weight_chunk)
         if need_weight:
             if weight.dtype == g_dtype:
                 torch.mm(g.t(), rows, out=grad_weight[v0:v1])
@@ -657,17 +658,20 @@ def _chunked_gradients(problem: _Problem, scored, stats, coefs, need_hidden, nee
     return grad_rows, grad_weight, grad_bias.to(bias.dtype) if need_bias else None
 
 
-def _cublas_grad_chunk(problem: _Problem, scored, stats, coefs, rows, v0, v1, g, bias_part, need_bias) -> None:
-    """g [S, v1 - v0] of one chunk with matmuls="cublas": the fp32 logits rows @ W[v0:v1]^T from cuBLAS,
-    then _grad_from_logits_kernel (bias, softcap, softmax from the saved statistics, g in g's dtype)."""
-    z = _product_fp32(rows, problem.weight[v0:v1].to(rows.dtype).t())
+def _cublas_grad_chunk(problem: _Problem, scored, stats, coefs, rows, weight_chunk, v0, g, bias_part,
+                       need_bias) -> None:
+    """g [S, chunk] of the chunk of columns starting at v0 with matmuls="cublas": the fp32 logits
+    rows @ weight_chunk^T from cuBLAS, then _grad_from_logits_kernel (bias, softcap, softmax from the saved
+    statistics, g in g's dtype)."""
+    columns = weight_chunk.shape[0]
+    z = _product_fp32(rows, weight_chunk.t())
     blocks = INTERPRETER_BLOCKS if INTERPRETED else ELEMENTWISE_BLOCKS
-    grid = (triton.cdiv(scored.numel(), blocks["BN"]), triton.cdiv(v1 - v0, blocks["BV"]))
+    grid = (triton.cdiv(scored.numel(), blocks["BN"]), triton.cdiv(columns, blocks["BV"]))
     bias = problem.bias if problem.bias is not None else z
     _grad_from_logits_kernel[grid](
         z, z.stride(0), bias, problem.labels, *problem.labels.stride(), scored, stats, coefs, g, g.stride(0),
         bias_part, scored.numel(), max(problem.steps, 1), problem.shift, problem.ignore_index, problem.softcap, v0,
-        v1 - v0, HAS_BIAS=problem.flags["HAS_BIAS"], SOFTCAP=problem.flags["SOFTCAP"], NEED_B=bool(need_bias),
+        columns, HAS_BIAS=problem.flags["HAS_BIAS"], SOFTCAP=problem.flags["SOFTCAP"], NEED_B=bool(need_bias),
         BN=blocks["BN"], BV=blocks["BV"], **({} if INTERPRETED else {"num_warps": blocks["num_warps"]}),
     )
 
