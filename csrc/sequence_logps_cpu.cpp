@@ -5,8 +5,13 @@
 //   temporaries;
 // - otherwise (and for fp64) blocks of about a million logits through ATen's vectorized, multithreaded ops
 //   (Sleef exp, cascade sums), never more than one block of temporaries.
+#include <cstdint>
 #include <cstdlib>
 #include <string>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <torch/library.h>
 
@@ -174,9 +179,25 @@ void backward_into(const at::Tensor& grad_seq, const at::Tensor& logits, const a
   if (shift) grad.select(1, logits.size(1) - 1).zero_();  // the last step scores nothing
 }
 
+// An uninitialized tensor whose 2 MiB-aligned interior is advised onto transparent huge pages (Linux; a hint,
+// without effect where THP is off). The out-of-place gradient is as large as the logits and written once:
+// on 4 KiB pages the kernel spends most of its time in first-touch page faults. torch does the same for every
+// allocation under THP_MEM_ALLOC_ENABLE=1; this is for the one buffer that needs it.
+at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  auto out = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + out.nbytes()) & ~(kHugePage - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // failure: 4 KiB pages
+#endif
+  return out;
+}
+
 at::Tensor sequence_logps_bwd_cpu(const at::Tensor& grad_seq, const at::Tensor& logits, const at::Tensor& labels,
                                   const at::Tensor& softmax_stats, int64_t ignore_index, bool average, bool shift) {
-  auto grad = at::empty(logits.sizes(), logits.options());
+  auto grad = empty_on_huge_pages(logits.sizes(), logits.options());
   backward_into(grad_seq, logits, labels, softmax_stats, ignore_index, average, shift, grad);
   return grad;
 }
