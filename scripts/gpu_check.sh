@@ -11,9 +11,11 @@
 #   bash scripts/gpu_check.sh part3   # amapo-train throughput and peak memory of the fused, ops and eager loss
 #                                     #   paths on a random 1.5B Llama-3 shape (benchmarks/bench_train.py; not yet run)
 #   bash scripts/gpu_check.sh all     # part1 and part2, one after the other, where one call may run longer than
-#                                     #   10 minutes; with the device tool's 10-minute calls run part1 (~3.5 minutes)
-#                                     #   and part2 as two calls (15 device-minutes in all, machine start ~30 s);
-#                                     #   part3 then needs a session of its own
+#                                     #   10 minutes
+# With the device tool (15 device-minutes a session, the machine's start of a minute or more included, calls of
+# at most 10 minutes, the machine given back after 30 s idle): part1 with BUDGET=300 (~3.5 minutes), then at
+# once part2 with BUDGET set to the budget_left_s that `status` reports less 60 s (at most 570), so that the
+# call returns its results before the session's device time ends; part3 needs a session of its own.
 # Everything lands in one results folder, RESULTS (default $OUT when set, else results/gpu_check): logs,
 # JSON, markdown tables and summary_<part>.md, a table of each step's status and time.
 # Peers and the test dependencies the image lacks travel as wheels: run `bash scripts/fetch_peer_wheels.sh`
