@@ -1,6 +1,9 @@
 """The registered ops: kernels per device, torch.library.opcheck, gradcheck, torch.compile."""
 
 import os
+import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -24,6 +27,46 @@ def test_cpu_kernel_registered(name):
 def test_cuda_kernel_registered(name):
     """CI builds with AMAPO_CUDA=1: the CUDA kernels must have compiled and registered."""
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"amapo_kernels::{name}", "CUDA")
+
+
+def cuobjdump() -> str | None:
+    """cuobjdump from the CUDA toolkit, else the one Triton ships (CUDA torch wheels depend on Triton)."""
+    found = shutil.which("cuobjdump")
+    if found is None:
+        try:
+            import triton
+        except ImportError:
+            return None
+        found = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return found if os.path.isfile(found) else None
+
+
+def resource_usage(binary: str) -> dict[str, dict[str, int]]:
+    """{kernel: {"REG": ..., "STACK": ..., "LOCAL": ..., ...}} of a module's device code (cuobjdump -res-usage)."""
+    listing = subprocess.run([cuobjdump(), "-res-usage", binary], capture_output=True, text=True, check=True).stdout
+    usage, kernel = {}, None
+    for line in listing.splitlines():
+        if match := re.match(r"\s*Function (\S+):", line):
+            kernel = match.group(1)
+        elif kernel and "REG:" in line:
+            usage[kernel] = {key: int(value) for key, value in re.findall(r"([A-Z]+(?:\[\d+\])?):(\d+)", line)}
+            kernel = None
+    return usage
+
+
+@pytest.mark.skipif(os.environ.get("AMAPO_CUDA") != "1" or cuobjdump() is None,
+                    reason="only where the build was required to compile CUDA, with cuobjdump at hand")
+def test_cuda_kernels_keep_their_state_in_registers():
+    """No CUDA kernel of ours spills (no stack, no local memory): the backward runs 4 blocks of 256 threads per
+    SM (__launch_bounds__), so 64 registers, and with 4 loads in flight per thread bf16 spilled 86 bytes."""
+    usage = {name: u for name, u in resource_usage(ak._C.__file__).items() if "amapo" in name}
+    for kernel in ("forward_rows_kernel", "backward_rows_kernel", "merge_splits_kernel", "amapo_forward_kernel",
+                   "amapo_backward_kernel"):
+        assert any(kernel in name for name in usage), (kernel, sorted(usage))
+    spilling = {name: u for name, u in usage.items() if u["STACK"] or u["LOCAL"]}
+    assert not spilling, spilling
+    backward = [u["REG"] for name, u in usage.items() if "backward_rows_kernel" in name]
+    assert max(backward) <= 64, backward
 
 
 def sequence_inputs(device, dtype=torch.float32, shift=False, requires_grad=True):
