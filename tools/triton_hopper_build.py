@@ -10,7 +10,7 @@ marked divisible by 16); it is compiled for sm_90a in every autotuned configurat
 
 Why not compile from a signature written by hand: without the run-time specialization Triton cannot prove
 the loads contiguous and aligned, so it neither vectorizes nor pipelines them and allocates one stage of
-shared memory (49 KiB instead of the 147 KiB that the first bf16 configuration takes at run time): checks
+shared memory (48 KiB instead of the 144 KiB that the first bf16 configuration takes at run time): checks
 on that build would pass for a kernel that never runs.
 
 The batch (H and V multiples of 16, as every Llama / Qwen / Gemma / Mistral shape; T - 1 not, as at
