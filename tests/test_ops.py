@@ -1,5 +1,6 @@
 """The registered ops: kernels per device, torch.library.opcheck, gradcheck, torch.compile."""
 
+import functools
 import os
 import re
 import shutil
@@ -67,6 +68,30 @@ def test_cuda_kernels_keep_their_state_in_registers():
     assert not spilling, spilling
     backward = [u["REG"] for name, u in usage.items() if "backward_rows_kernel" in name]
     assert max(backward) <= 64, backward
+
+
+@functools.cache
+def instructions_by_kernel(binary: str) -> dict[str, str]:
+    """{kernel: its SASS} of a module's device code (cuobjdump -sass)."""
+    listing = subprocess.run([cuobjdump(), "-sass", binary], capture_output=True, text=True, check=True).stdout
+    parts = re.split(r"\n\s*Function : (\S+)\n", listing)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+@pytest.mark.skipif(os.environ.get("AMAPO_CUDA") != "1" or cuobjdump() is None,
+                    reason="only where the build was required to compile CUDA, with cuobjdump at hand")
+@pytest.mark.parametrize("dtype", ["c10::BFloat16", "c10::Half", "float"])
+def test_cuda_row_kernels_move_16_bytes_an_access_and_use_the_fast_exp(dtype):
+    """The from-logits kernels as compiled (sm_90 SASS): the forward streams logits with 16-byte
+    read-only loads (LDG.E.128.CONSTANT), the backward reads and writes 16 bytes an access (LDG.E.128,
+    STG.E.128), and both take exp from the MUFU unit (MUFU.EX2), as csrc/sequence_logps_cuda.cu intends."""
+    mangled = {"c10::BFloat16": "IN3c108BFloat16EfE", "c10::Half": "IN3c104HalfEfE", "float": "IffE"}[dtype]
+    kernels = instructions_by_kernel(ak._C.__file__)
+    forward = [sass for name, sass in kernels.items() if "forward_rows_kernel" + mangled in name]
+    backward = [sass for name, sass in kernels.items() if "backward_rows_kernel" + mangled in name]
+    assert len(forward) == 1 and len(backward) == 1, sorted(kernels)
+    assert "LDG.E.128.CONSTANT" in forward[0] and "MUFU.EX2" in forward[0]
+    assert "LDG.E.128 " in backward[0] and "STG.E.128 " in backward[0] and "MUFU.EX2" in backward[0]
 
 
 def sequence_inputs(device, dtype=torch.float32, shift=False, requires_grad=True):
