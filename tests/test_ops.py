@@ -32,14 +32,20 @@ def test_cuda_kernel_registered(name):
 
 def cuobjdump() -> str | None:
     """cuobjdump from the CUDA toolkit, else the one Triton ships (CUDA torch wheels depend on Triton)."""
-    found = shutil.which("cuobjdump")
-    if found is None:
-        try:
-            import triton
-        except ImportError:
-            return None
-        found = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    return found if os.path.isfile(found) else None
+    if found := shutil.which("cuobjdump"):
+        return found
+    try:
+        from triton import knobs
+    except ImportError:
+        return None
+    found = knobs.nvidia.cuobjdump.path
+    return found if found and os.path.isfile(found) else None
+
+
+# The tests that read the compiled CUDA code: where CI requires the CUDA build (AMAPO_CUDA=1).
+needs_cuda_build = pytest.mark.skipif(
+    os.environ.get("AMAPO_CUDA") != "1" or cuobjdump() is None,
+    reason="only where the build was required to compile CUDA, with cuobjdump at hand")
 
 
 def resource_usage(binary: str) -> dict[str, dict[str, int]]:
@@ -55,8 +61,7 @@ def resource_usage(binary: str) -> dict[str, dict[str, int]]:
     return usage
 
 
-@pytest.mark.skipif(os.environ.get("AMAPO_CUDA") != "1" or cuobjdump() is None,
-                    reason="only where the build was required to compile CUDA, with cuobjdump at hand")
+@needs_cuda_build
 def test_cuda_kernels_keep_their_state_in_registers():
     """No CUDA kernel of ours spills (no stack, no local memory): the backward runs 4 blocks of 256 threads per
     SM (__launch_bounds__), so 64 registers, and with 4 loads in flight per thread bf16 spilled 86 bytes."""
@@ -78,8 +83,7 @@ def instructions_by_kernel(binary: str) -> dict[str, str]:
     return dict(zip(parts[1::2], parts[2::2]))
 
 
-@pytest.mark.skipif(os.environ.get("AMAPO_CUDA") != "1" or cuobjdump() is None,
-                    reason="only where the build was required to compile CUDA, with cuobjdump at hand")
+@needs_cuda_build
 @pytest.mark.parametrize("dtype", ["c10::BFloat16", "c10::Half", "float"])
 def test_cuda_row_kernels_move_16_bytes_an_access_and_use_the_fast_exp(dtype):
     """The from-logits kernels as compiled (sm_90 SASS): the forward streams logits with 16-byte

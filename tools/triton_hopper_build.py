@@ -119,19 +119,6 @@ def record_launches(dtype: torch.dtype, config_index: int, epilogue: str) -> lis
     return launches
 
 
-def _ptxas_log(compile_call):
-    """Runs compile_call() with Triton printing its ptxas -v log, and returns (result, log)."""
-    printed = io.StringIO()
-    dump = knobs.nvidia.dump_ptxas_log
-    knobs.nvidia.dump_ptxas_log = True
-    try:
-        with contextlib.redirect_stdout(printed):
-            result = compile_call()
-    finally:
-        knobs.nvidia.dump_ptxas_log = dump
-    return result, printed.getvalue()
-
-
 def build_for_hopper(launch: Launch, operands: str, epilogue: str) -> Build:
     """Compiles one recorded launch for sm_90a as the JIT would at run time, and reads the build."""
     kernel = getattr(kernels, launch.kernel)
@@ -143,10 +130,13 @@ def build_for_hopper(launch: Launch, operands: str, epilogue: str) -> Build:
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     source = ASTSource(kernel, signature, constexprs, attrs)
-    # Triton's own on-disk cache would skip ptxas, and with it the log that gives registers and spills.
-    with knobs.cache.scope(), knobs.compilation.scope():
+    # Triton prints ptxas -v (registers, spills) when asked; its on-disk cache would skip ptxas altogether.
+    printed = io.StringIO()
+    with knobs.cache.scope(), knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(printed):
         knobs.compilation.always_compile = True
-        compiled, log = _ptxas_log(lambda: triton.compile(source, target=HOPPER, options=options.__dict__))
+        knobs.nvidia.dump_ptxas_log = True
+        compiled = triton.compile(source, target=HOPPER, options=options.__dict__)
+    log = printed.getvalue()
     ptx = compiled.asm["ptx"]
     registers = re.search(r"Used (\d+) registers", log)
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
