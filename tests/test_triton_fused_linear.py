@@ -480,6 +480,28 @@ def test_kernels_build_for_hopper_as_at_run_time(operands, epilogue):
         # Measured with Triton 3.8's ptxas: at most 1760 bytes a thread (the g kernel, bf16 with softcap, 4 warps
         # of 128 x 128); a softcap epilogue in fp64 spilled 10 KB.
         assert build.spill_bytes <= 2048, build
+    # the autotuner can always pick a configuration in which an SM overlaps one block's epilogue with
+    # another's matmul: two blocks an SM (measured: every other bf16 configuration holds one)
+    for kernel in tool.TUNED:
+        assert max(b.blocks_per_sm for b in builds if b.kernel == kernel) >= 2, (kernel, builds)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="a check of the build table's arithmetic: once, in the launcher")
+def test_blocks_per_sm_follow_the_hopper_limits():
+    """The occupancy the build table reports: registers (allocated to warps in units of 256, 16K a partition),
+    shared memory (228 KiB an SM, 1 KiB reserved a block) and 64 warps, whichever binds first."""
+    tool = hopper_build()
+
+    def blocks(registers, warps, shared_kib):
+        config = {"num_warps": warps, "num_stages": 3}
+        return tool.Build("k", "bf16", "plain", config, True, True, shared_kib * 1024, registers, 0).blocks_per_sm
+
+    assert blocks(255, 4, 96) == 2  # registers and shared memory both allow two
+    assert blocks(255, 8, 96) == 1  # 255 registers of 8 warps: half the register file
+    assert blocks(255, 4, 128) == 1  # two blocks would need 258 KiB
+    assert blocks(121, 8, 0) == 2  # 121 registers round up to 128 a thread: 16 warps
+    assert blocks(64, 8, 0) == 4  # the from-logits backward's bound
+    assert blocks(32, 4, 0) == 16  # 64 warps
 
 
 # ---------------------------------------------------------------------------------------------

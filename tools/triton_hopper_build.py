@@ -6,7 +6,10 @@ integer equal to 1, a unit stride, becomes a constant; 16-byte-aligned pointers 
 marked divisible by 16); it is compiled for sm_90a in every autotuned configuration; and the build is read:
 - wgmma: Hopper's warpgroup MMA instructions in the PTX (16-bit and tf32 operands use tensor cores);
 - pipelined: cp.async copies in the PTX, i.e. the K-loop is software-pipelined over num_stages buffers;
-- shared memory per block, registers per thread and spill bytes (ptxas -v of that very build).
+- shared memory per block, registers per thread and spill bytes (ptxas -v of that very build);
+- blocks per SM: how many of its blocks an SM holds at once by those registers, that shared memory and its
+  threads (one, and the SM idles its tensor cores through each tile's epilogue and pipeline refill; two,
+  and one block's wgmma runs through the other's).
 
 Why not compile from a signature written by hand: without the run-time specialization Triton cannot prove
 the loads contiguous and aligned, so it neither vectorizes nor pipelines them and allocates one stage of
@@ -39,6 +42,10 @@ from amapo_kernels import triton_fused_linear as kernels
 
 HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SHARED_MEMORY = 232448  # bytes a block may opt into on H100 / H200 (227 KiB)
+# An SM of sm_90 (CUDA C++ Programming Guide, "Compute Capabilities"): 228 KiB of shared memory, of which the
+# system reserves 1 KiB a block; 64K registers in 4 partitions, allocated to warps in units of 256; 64 warps.
+SM_SHARED_MEMORY, SHARED_RESERVED_PER_BLOCK = 233472, 1024
+REGISTERS_PER_PARTITION, PARTITIONS, REGISTER_UNIT, MAX_WARPS = 16384, 4, 256, 64
 KERNELS = ("_stats_kernel", "_grad_logits_kernel", "_grad_from_logits_kernel", "_accumulating_backward_kernel")
 TUNED = ("_stats_kernel", "_grad_logits_kernel")  # the autotuned ones; the other two have one configuration
 OPERANDS = {"bf16": (torch.bfloat16, "ieee"), "fp32": (torch.float32, "ieee"), "tf32": (torch.float32, "tf32")}
@@ -64,6 +71,16 @@ class Build:
     shared: int
     registers: int
     spill_bytes: int
+
+    @property
+    def blocks_per_sm(self) -> int:
+        """The blocks of this build one SM holds at once (the least of its registers', shared memory's and
+        warps' limits)."""
+        warps = self.config["num_warps"]
+        per_warp = -(-self.registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+        by_registers = REGISTERS_PER_PARTITION // per_warp * PARTITIONS // warps
+        by_shared = SM_SHARED_MEMORY // (self.shared + SHARED_RESERVED_PER_BLOCK)
+        return min(by_registers, by_shared, MAX_WARPS // warps)
 
 
 class _Recorder:
@@ -168,14 +185,14 @@ def hopper_builds(operands: str, epilogue: str) -> list[Build]:
 def main() -> None:
     print(f"Triton {triton.__version__}, sm_90a, the run-time specialization of a batch {SHAPE}\n")
     print("| kernel | operands | epilogue | BN x BV x BK | warps | stages | wgmma | pipelined | shared KiB | registers "
-          "| spill bytes |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| spill bytes | blocks / SM |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for operands in OPERANDS:
         for b in (b for epilogue in EPILOGUES for b in hopper_builds(operands, epilogue)):
             tile = " x ".join(str(b.config[key]) for key in ("BN", "BV", "BK") if key in b.config)
             cells = [b.kernel, operands, b.epilogue, tile, b.config["num_warps"], b.config["num_stages"],
                      "yes" if b.wgmma else "no", "yes" if b.pipelined else "no", f"{b.shared / 1024:.0f}", b.registers,
-                     b.spill_bytes]
+                     b.spill_bytes, b.blocks_per_sm]
             print("| " + " | ".join(str(cell) for cell in cells) + " |")
         sys.stdout.flush()
 
