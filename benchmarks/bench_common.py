@@ -1,6 +1,8 @@
 """What both benchmarks share: timing, peak memory, the record of where and how a table was measured."""
 
 import datetime
+import json
+import os
 import platform
 import shlex
 import statistics
@@ -97,6 +99,24 @@ def environment(device):
         except Exception:  # noqa: BLE001 - not installed: recorded as absent
             meta[package] = None
     return meta
+
+
+def write_results(json_path, payload, markdown_path, markdown, complete):
+    """Writes a benchmark's results so far: called after every row, so that a run stopped by a time limit (a
+    device call's budget) keeps each row it measured. payload["meta"]["complete"] and the markdown's last line
+    say whether the run reached its end."""
+    payload["meta"]["complete"] = complete
+    if json_path:
+        _replace(json_path, json.dumps(payload, indent=1))
+    if markdown_path:
+        _replace(markdown_path, markdown + ("" if complete else "\nPartial: the run stopped before its last row.\n"))
+
+
+def _replace(path, text):
+    """path's new text, written beside it and renamed over it: a kill mid-write leaves the previous file whole."""
+    staged = path.with_name(path.name + ".partial")
+    staged.write_text(text)
+    os.replace(staged, path)
 
 
 def markdown_table(columns, rows):

@@ -34,13 +34,13 @@ of logits read twice (forward, backward), the whole gradient written once (ignor
 ignored labels are not read. "% of limit" = limit time / measured time. Ratios are peer time / ours."""
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_common import copy_bandwidth_gbs, cuda_peak_extra_bytes, environment, markdown_table, time_ms
+from bench_common import (copy_bandwidth_gbs, cuda_peak_extra_bytes, environment, markdown_table, time_ms,
+                          write_results)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -229,20 +229,23 @@ def main(argv=None):
     print(f"device {meta.get('gpu', 'cpu')}, torch {torch.__version__}"
           + (f", measured copy bandwidth {bandwidth:.0f} GB/s" if bandwidth else ""))
     print(("{:>16} {:>5} {:>12} {:>10} {:>7} {:>10} {:>10}  {}").format(*COLUMNS))
+    where = meta.get("gpu") or (f"CPU, {meta['cpu_threads']} threads, ATen {meta['torch_cpu_capability']}, "
+                                f"our row kernels {meta['amapo_cpu_kernels']}")
+    header = (f"From logits, fwd+bwd, {where} (driver {meta.get('driver', '-')}), torch "
+              f"{meta['torch']}, {meta['date']}\n\n`{meta['command']}`\n\n")
     rows = []
+
+    def save(complete):
+        write_results(args.json, {"meta": meta, "rows": rows}, args.markdown,
+                      header + markdown_table(COLUMNS, [format_row(row) for row in rows]), complete)
+
     for size in (args.sizes or DEFAULT_SIZES[args.device]).split(","):
         for dtype_name in args.dtypes.split(","):
             for row in bench_size(size, dtype_name, args.device, peers, args.repeats, bandwidth):
                 rows.append(row)
                 print(("{:>16} {:>5} {:>12} {:>10} {:>7} {:>10} {:>10}  {}").format(*format_row(row)), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    if args.markdown:
-        where = meta.get("gpu") or (f"CPU, {meta['cpu_threads']} threads, ATen {meta['torch_cpu_capability']}, "
-                                    f"our row kernels {meta['amapo_cpu_kernels']}")
-        header = (f"From logits, fwd+bwd, {where} (driver {meta.get('driver', '-')}), torch "
-                  f"{meta['torch']}, {meta['date']}\n\n`{meta['command']}`\n\n")
-        args.markdown.write_text(header + markdown_table(COLUMNS, [format_row(row) for row in rows]))
+                save(complete=False)
+    save(complete=True)
     return rows
 
 

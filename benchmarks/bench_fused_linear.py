@@ -33,7 +33,6 @@ what the run must hold at once from below; it is not a peak-RSS measurement.
 """
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -49,7 +48,7 @@ import amapo_kernels as ak  # noqa: E402
 from amapo_kernels import reference as ref  # noqa: E402
 from amapo_kernels.fused_linear import TOKEN_CHUNK, VOCAB_CHUNK, amapo_loss_from_hidden  # noqa: E402
 from amapo_kernels.testing import LargestTensor  # noqa: E402
-from bench_common import cuda_peak_extra_bytes, environment, markdown_table, time_ms  # noqa: E402
+from bench_common import cuda_peak_extra_bytes, environment, markdown_table, time_ms, write_results  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SIZES = {"cpu": "2x128x128x4096,4x256x256x8192", "cuda": "8x1024x4096x32000,8x2048x4096x128256"}
@@ -204,7 +203,18 @@ def main(argv=None):
         parser.error("--device cuda: use --repeats >= 20")
 
     dtype = DTYPES[args.dtype]
+    memory = "cuda_peak_extra_bytes" if args.device == "cuda" else "cpu_largest_tensor_bytes"
+    env = environment(args.device)
+    meta = {"device": args.device, "dtype": args.dtype, "torch": torch.__version__, "memory_metric": memory,
+            "token_chunk": args.token_chunk, "vocab_chunk": args.vocab_chunk, "warmup": args.warmup,
+            "repeats": args.repeats, "timing": "median", "platform": platform.platform(),
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "environment": env}
     rows = []
+
+    def save(complete):
+        write_results(args.json, {"meta": meta, "results": rows}, args.markdown, markdown_report(rows, args, env),
+                      complete)
+
     header = f"{'B x T x H x V':>24} {'method':>12} {'fwd+bwd ms':>11} {'extra MiB' if args.device == 'cuda' else 'largest MiB':>12}"
     print(header)
     for batch, steps, width, vocab in parse_sizes(args.sizes or DEFAULT_SIZES[args.device]):
@@ -232,18 +242,8 @@ def main(argv=None):
             size = f"{batch}x{steps}x{width}x{vocab}"
             shown = (note, "") if ms is None else (f"{ms:.2f}", f"{mem / 2**20:.1f}")
             print(f"{size:>24} {name:>12} {shown[0]:>11} {shown[1]:>12}", flush=True)
-
-    if args.json:
-        memory = "cuda_peak_extra_bytes" if args.device == "cuda" else "cpu_largest_tensor_bytes"
-        meta = {"device": args.device, "dtype": args.dtype, "torch": torch.__version__, "memory_metric": memory,
-                "token_chunk": args.token_chunk, "vocab_chunk": args.vocab_chunk, "warmup": args.warmup,
-                "repeats": args.repeats, "timing": "median", "platform": platform.platform(),
-                "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
-        meta["environment"] = environment(args.device)
-        args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-        print(f"wrote {args.json}")
-    if args.markdown:
-        args.markdown.write_text(markdown_report(rows, args))
+            save(complete=False)
+    save(complete=True)
 
 
 def ours_method(device):
@@ -251,8 +251,7 @@ def ours_method(device):
     return "triton" if device == "cuda" else "fused"
 
 
-def markdown_report(rows, args):
-    env = environment(args.device)
+def markdown_report(rows, args, env):
     ours = ours_method(args.device)  # what amapo_loss_from_hidden runs by default there
     ours_ms = {(r["batch"], r["steps"], r["width"], r["vocab"]): r["ms"] for r in rows if r["method"] == ours}
     cells = []

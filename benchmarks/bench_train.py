@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT))
 
 from amapo_train.data import load_records, split_hh_pair  # noqa: E402
-from bench_common import environment, markdown_table  # noqa: E402
+from bench_common import environment, markdown_table, write_results  # noqa: E402
 
 IMPLS = ("fused", "ops", "eager")
 DEFAULTS = {  # device -> (shape, seq_len, steps, warmup steps)
@@ -114,14 +114,20 @@ def measure(args, impl: str, data: dict, work: Path) -> dict:
     started = time.perf_counter()
     log = output_dir.with_suffix(".log")
     with log.open("w") as handle:
-        done = subprocess.run(command, env=run_env(args.device), stdout=handle, stderr=subprocess.STDOUT,
-                              cwd=ROOT, timeout=args.timeout)
+        try:
+            returncode = subprocess.run(command, env=run_env(args.device), stdout=handle, stderr=subprocess.STDOUT,
+                                        cwd=ROOT, timeout=args.timeout).returncode
+        except subprocess.TimeoutExpired:  # the run is killed; its row says so and the other impls still run
+            returncode = None
     row = {"impl": impl, "wall_s": time.perf_counter() - started, "log": str(log)}
     metrics = output_dir / "metrics.jsonl"
     steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    if done.returncode != 0 or len(steps) < args.steps:
+    if returncode is None:
+        row["error"] = f"timed out after {args.timeout:g} s (--timeout), {len(steps)} of {args.steps} steps logged"
+        return row
+    if returncode != 0 or len(steps) < args.steps:
         lines = [line for line in log.read_text().splitlines() if line.strip()]
-        row["error"] = (lines[-1] if lines else f"exit status {done.returncode}")[:300]
+        row["error"] = (lines[-1] if lines else f"exit status {returncode}")[:300]
         return row
     timed = [step["tokens_per_s"] for step in steps[args.warmup_steps:]]
     row.update(tokens_per_s=statistics.median(timed), timed_steps=len(timed), last_loss=steps[-1]["loss"],
@@ -185,7 +191,6 @@ def main(argv=None):
     args.work_dir.mkdir(parents=True, exist_ok=True)
     data = {"train": write_jsonl(args.work_dir / "train.jsonl", long_pairs(args.steps * args.pairs, args.seq_len)),
             "test": write_jsonl(args.work_dir / "test.jsonl", long_pairs(args.pairs, args.seq_len))}
-    rows = [measure(args, impl, data, args.work_dir) for impl in args.impls]
     meta = environment(args.device)
     meta.update(shape=args.shape, seq_len=args.seq_len, pairs=args.pairs, steps=args.steps,
                 warmup_steps=args.warmup_steps, deepspeed=args.deepspeed, bf16=args.bf16,
@@ -194,12 +199,12 @@ def main(argv=None):
               f"DeepSpeed {args.deepspeed}, bf16 {'on' if args.bf16 else 'off'}, gradient checkpointing "
               f"{'on' if args.checkpointing else 'off'}, {args.steps} steps ({args.warmup_steps} untimed)\n\n"
               f"{meta.get('gpu', 'CPU')}, torch {meta['torch']}, {meta['date']}; command: `{meta['command']}`\n\n")
-    text = header + table(rows)
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    if args.markdown:
-        args.markdown.write_text(text)
+    rows = []
+    for impl in args.impls:
+        rows.append(measure(args, impl, data, args.work_dir))
+        write_results(args.json, {"meta": meta, "rows": rows}, args.markdown, header + table(rows),
+                      complete=len(rows) == len(args.impls))
+    print(header + table(rows))
     return 0 if all("error" not in row for row in rows) else 1
 
 

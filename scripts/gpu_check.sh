@@ -23,7 +23,9 @@
 # fresh machine); carry part1's _C*.so in .gpu_so/ to skip that.
 # BUDGET (seconds, default 570) bounds the whole invocation, so that it returns inside one device call of
 # 10 minutes: each step's time limit is cut to what is left, and a step that cannot start in time is
-# recorded as SKIPPED (out of time) instead of the call being killed with its results unreturned.
+# recorded as SKIPPED (out of time) instead of the call being killed with its results unreturned. The
+# benchmarks write their results files after every row, so a step stopped by its limit keeps its rows
+# (marked partial: "complete": false).
 # Under the device tool ($OUT set, 8 files at most come back) the logs are packed into logs.tar.gz
 # when the folder holds more than 8 files.
 set -uo pipefail

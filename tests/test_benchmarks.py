@@ -26,7 +26,54 @@ def test_from_logits_every_peer_has_a_row(tmp_path):
     assert "CUDA" in by_peer["ours_unchecked"]["note"] and "CUDA" in by_peer["liger"]["note"]
     assert by_peer["ours"]["time_vs_ours"] == pytest.approx(1.0)
     assert len(json.loads(out.read_text())["rows"]) == len(rows)
+    assert json.loads(out.read_text())["meta"]["complete"] is True
     assert "| 2x8x64 | fp32 | ours |" in (tmp_path / "rows.md").read_text()
+    assert "Partial" not in (tmp_path / "rows.md").read_text()
+
+
+def stop_after_first(function):
+    """function, then a stop (as a time limit's) at its second call."""
+    calls = []
+
+    def first_then_stop(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    return first_then_stop
+
+
+def assert_partial(out, md, key, rows):
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["complete"] is False
+    assert saved[key] == rows
+    assert md.read_text().endswith("Partial: the run stopped before its last row.\n")
+
+
+def test_from_logits_stopped_midway_keeps_its_rows(tmp_path, monkeypatch):
+    """gpu_check.sh gives each benchmark a time limit: the (size, dtype) groups measured before it hits it stay
+    in the results files, marked partial."""
+    first_group = bench_from_logits.bench_size("2x8x64", "fp32", "cpu", ["ours", "eager"], 1, None)
+    monkeypatch.setattr(bench_from_logits, "bench_size", stop_after_first(lambda *args: first_group))
+    out, md = tmp_path / "rows.json", tmp_path / "rows.md"
+    with pytest.raises(KeyboardInterrupt):
+        bench_from_logits.main(["--sizes", "2x8x64", "--dtypes", "fp32,bf16", "--peers", "ours,eager", "--repeats",
+                                "1", "--json", str(out), "--markdown", str(md)])
+    assert_partial(out, md, "rows", first_group)
+    assert "| 2x8x64 | fp32 | eager |" in md.read_text() and "bf16" not in md.read_text()
+
+
+def test_fused_linear_stopped_midway_keeps_its_rows(tmp_path, monkeypatch):
+    """The same for the from-hidden benchmark, row by row."""
+    monkeypatch.setattr(bench_fused_linear, "time_ms", stop_after_first(lambda *args, **kwargs: 1.0))
+    out, md = tmp_path / "rows.json", tmp_path / "rows.md"
+    with pytest.raises(KeyboardInterrupt):
+        bench_fused_linear.main(["--sizes", "2x8x16x64", "--repeats", "1", "--json", str(out), "--markdown", str(md)])
+    first = bench_fused_linear.DEFAULT_METHODS["cpu"].split(",")[0]
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["method"], row["ms"]) for row in rows] == [(first, 1.0)]
+    assert_partial(out, md, "results", rows)
 
 
 def test_fused_linear_default_cpu_methods_run(tmp_path):
@@ -126,6 +173,22 @@ def test_train_benchmark_trains_every_impl_under_zero3(tmp_path):
     assert max(first_losses) - min(first_losses) < 1e-3 * max(first_losses), first_losses  # one model, one batch
     assert not any((tmp_path / impl / "final").exists() for impl in bench_train.IMPLS)  # --save-final off
     assert "| fused |" in (tmp_path / "rows.md").read_text()
+
+
+def test_train_benchmark_reports_an_impl_past_its_timeout(tmp_path):
+    """An impl that runs past --timeout is killed and gets a row saying so; the others still run and the
+    results files are written (gpu_check.sh part3 gives each impl a time limit)."""
+    import bench_train
+
+    out = tmp_path / "rows.json"
+    status = bench_train.main(["--seq-len", "96", "--steps", "2", "--warmup-steps", "1", "--timeout", "0.5",
+                               "--work-dir", str(tmp_path), "--json", str(out), "--markdown", str(tmp_path / "rows.md")])
+    saved = json.loads(out.read_text())
+    assert status == 1 and saved["meta"]["complete"] is True
+    assert [row["impl"] for row in saved["rows"]] == list(bench_train.IMPLS)
+    for row in saved["rows"]:
+        assert row["error"] == "timed out after 0.5 s (--timeout), 0 of 2 steps logged", row
+    assert "| fused | failed: timed out after 0.5 s" in (tmp_path / "rows.md").read_text()
 
 
 def test_long_pairs_fill_every_sequence_to_seq_len():
