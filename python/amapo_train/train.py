@@ -296,14 +296,53 @@ def save_checkpoint(accelerator, model, tokenizer, config, step: int, name: str)
     return directory
 
 
+@dataclasses.dataclass
+class TrainingRun:
+    """What a run holds once set up: the prepared model, optimizer, scheduler and loader, the tokenized
+    splits, the length of the schedule and the reference log-prob tables (None for reference-free losses)."""
+
+    accelerator: object
+    model: object
+    tokenizer: object
+    optimizer: object
+    scheduler: object
+    loader: DataLoader
+    train_set: PreferenceDataset
+    test_set: PreferenceDataset
+    steps_per_epoch: int
+    total_steps: int
+    ref_table: torch.Tensor | None = None
+    test_ref_table: torch.Tensor | None = None
+
+
 def train(config: TrainConfig, resume: str | None = None, stop_after_steps: int | None = None) -> dict:
+    run = set_up(config)
+    step = resume_state(run, resume)
+    log_path = start_metrics_log(run, config, step)
+    last = min(run.total_steps, stop_after_steps or run.total_steps)
+    step = train_steps(run, config, step, last, log_path)
+    result = {"steps": step, "output_dir": config.output_dir}
+    if step >= run.total_steps:
+        if config.save_final:
+            result["checkpoint"] = str(save_checkpoint(run.accelerator, run.model, run.tokenizer, config, step,
+                                                       "final"))
+        result["eval"] = evaluate(run.accelerator, run.model, run.test_set, config)
+    elif stop_after_steps:
+        result["checkpoint"] = str(save_checkpoint(run.accelerator, run.model, run.tokenizer, config, step,
+                                                   f"checkpoint-{step}"))
+    run.accelerator.wait_for_everyone()  # every process done before any tears the process group down
+    run.accelerator.end_training()
+    return result
+
+
+def set_up(config: TrainConfig) -> TrainingRun:
+    """Data (checked before the model loads), accelerator, model, optimizer, schedule and reference tables."""
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
     from amapo_train.model import load_model_and_tokenizer
 
-    train_records, test_records, eval_source = load_splits(config)  # checked before the model loads
+    train_records, test_records, eval_source = load_splits(config)
     accelerator = make_accelerator(config)
     warning = stats_pool_warning(config, accelerator.num_processes)
     if warning:
@@ -323,8 +362,7 @@ def train(config: TrainConfig, resume: str | None = None, stop_after_steps: int 
                         collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    accumulation = accelerator.gradient_accumulation_steps
-    steps_per_epoch = len(loader) // accumulation
+    steps_per_epoch = len(loader) // accelerator.gradient_accumulation_steps
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
@@ -333,72 +371,90 @@ def train(config: TrainConfig, resume: str | None = None, stop_after_steps: int 
                          f"{config.total_batch_size}")
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(scheduler)
-    ref_table = test_ref_table = None
+    run = TrainingRun(accelerator, model, tokenizer, optimizer, scheduler, loader, train_set, test_set,
+                      steps_per_epoch, total_steps)
     if needs_reference(config.loss, config.hparams):
-        ref_table = reference_logps_table(accelerator, model, train_set, config)
+        run.ref_table = reference_logps_table(accelerator, model, train_set, config)
         if config.eval_steps:
-            test_ref_table = reference_logps_table(accelerator, model, test_set, config)
+            run.test_ref_table = reference_logps_table(accelerator, model, test_set, config)
+    return run
 
-    step = 0
-    if resume:
-        accelerator.load_state(str(Path(resume) / "state"))
-        step = json.loads((Path(resume) / STATE_FILE).read_text())["step"]
-        accelerator.print(f"resumed from {resume} at step {step}")
+
+def resume_state(run: TrainingRun, resume: str | None) -> int:
+    """The optimizer step to start from: 0, or the checkpoint's, whose state (model, optimizer, scheduler,
+    RNGs) is loaded."""
+    if not resume:
+        return 0
+    run.accelerator.load_state(str(Path(resume) / "state"))
+    step = json.loads((Path(resume) / STATE_FILE).read_text())["step"]
+    run.accelerator.print(f"resumed from {resume} at step {step}")
+    return step
+
+
+def start_metrics_log(run: TrainingRun, config: TrainConfig, step: int) -> Path:
+    """metrics.jsonl (a fresh run starts a fresh log; a resumed one continues it) and the trackers."""
     log_path = Path(config.output_dir) / "metrics.jsonl"
-    if accelerator.is_main_process:
+    if run.accelerator.is_main_process:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        rewrite_metrics(log_path, up_to_step=step)  # a fresh run starts a fresh log; a resumed one continues
-    accelerator.init_trackers("amapo-train", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
-    last = min(total_steps, stop_after_steps or total_steps)
-    progress = tqdm(total=total_steps, initial=step, desc=f"{config.loss} ({config.loss_impl})",
+        rewrite_metrics(log_path, up_to_step=step)
+    run.accelerator.init_trackers("amapo-train", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
+    return log_path
+
+
+def train_steps(run: TrainingRun, config: TrainConfig, step: int, last: int, log_path: Path) -> int:
+    """Optimizer steps from `step` to `last`, epoch by epoch (a resumed epoch skips its done batches): each
+    logged, evaluated and checkpointed as the config asks. Returns the step reached."""
+    from tqdm.auto import tqdm
+
+    accelerator, model = run.accelerator, run.model
+    accumulation = accelerator.gradient_accumulation_steps
+    progress = tqdm(total=run.total_steps, initial=step, desc=f"{config.loss} ({config.loss_impl})",
                     disable=not accelerator.is_main_process)
     model.train()
     while step < last:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        batches = accelerator.skip_first_batches(loader, done_in_epoch * accumulation) if done_in_epoch else loader
+        epoch, done_in_epoch = divmod(step, run.steps_per_epoch)
+        batches = (accelerator.skip_first_batches(run.loader, done_in_epoch * accumulation) if done_in_epoch
+                   else run.loader)
         sums, tokens, started = {}, 0, time.perf_counter()
         for batch in batches:
             # keep_gathered: under ZeRO-3 the fused path's lm_head weight stays gathered through the backward
             with accelerator.accumulate(model), contextlib.ExitStack() as keep_gathered:
-                loss, metrics = pair_loss(model, batch, config, ref_table, keep_gathered)
+                loss, metrics = pair_loss(model, batch, config, run.ref_table, keep_gathered)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+                run.optimizer.step()
+                run.optimizer.zero_grad()
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value.float()
             tokens += int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
             if not accelerator.sync_gradients:
                 continue
-            scheduler.step()
+            run.scheduler.step()
             step += 1
-            record = log_step(accelerator, sums, accumulation, tokens, started, step, epoch, scheduler)
-            if config.eval_steps and step % config.eval_steps == 0:
-                record.update(evaluate_loss(accelerator, model, test_set, config, test_ref_table))
-                accelerator.log({k: v for k, v in record.items() if k.startswith("eval_")}, step=step)
-            if accelerator.is_main_process:
-                with log_path.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
+            record = log_step(accelerator, sums, accumulation, tokens, started, step, epoch, run.scheduler)
+            record_step(run, config, step, record, log_path)
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
                                  tok_s=f"{record['tokens_per_s']:.0f}")
             sums, tokens, started = {}, 0, time.perf_counter()
-            if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-                save_checkpoint(accelerator, model, tokenizer, config, step, f"checkpoint-{step}")
-            if step >= last or step % steps_per_epoch == 0:  # the epoch's last full step
+            if config.save_steps and step % config.save_steps == 0 and step < run.total_steps:
+                save_checkpoint(accelerator, model, run.tokenizer, config, step, f"checkpoint-{step}")
+            if step >= last or step % run.steps_per_epoch == 0:  # the epoch's last full step
                 break
     progress.close()
-    result = {"steps": step, "output_dir": config.output_dir}
-    if step >= total_steps:
-        if config.save_final:
-            result["checkpoint"] = str(save_checkpoint(accelerator, model, tokenizer, config, step, "final"))
-        result["eval"] = evaluate(accelerator, model, test_set, config)
-    elif stop_after_steps:
-        result["checkpoint"] = str(save_checkpoint(accelerator, model, tokenizer, config, step, f"checkpoint-{step}"))
-    accelerator.wait_for_everyone()  # every process done before any tears the process group down
-    accelerator.end_training()
-    return result
+    return step
+
+
+def record_step(run: TrainingRun, config: TrainConfig, step: int, record: dict, log_path: Path) -> None:
+    """The held-out metrics every eval_steps (added to `record`), then the step's line in metrics.jsonl."""
+    accelerator = run.accelerator
+    if config.eval_steps and step % config.eval_steps == 0:
+        record.update(evaluate_loss(accelerator, run.model, run.test_set, config, run.test_ref_table))
+        accelerator.log({k: v for k, v in record.items() if k.startswith("eval_")}, step=step)
+    if accelerator.is_main_process:
+        with log_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
 
 
 def rewrite_metrics(log_path: Path, up_to_step: int) -> None:
