@@ -108,7 +108,8 @@ def run_env(device: str) -> dict:
     return env
 
 
-def measure(args, impl: str, data: dict, work: Path) -> dict:
+def measure(args, impl: str, data: dict, work: Path, limit: float) -> dict:
+    """The row of one impl's run, killed after `limit` seconds."""
     output_dir = work / impl
     command = train_command(args, impl, data, output_dir)
     started = time.perf_counter()
@@ -116,14 +117,14 @@ def measure(args, impl: str, data: dict, work: Path) -> dict:
     with log.open("w") as handle:
         try:
             returncode = subprocess.run(command, env=run_env(args.device), stdout=handle, stderr=subprocess.STDOUT,
-                                        cwd=ROOT, timeout=args.timeout).returncode
+                                        cwd=ROOT, timeout=limit).returncode
         except subprocess.TimeoutExpired:  # the run is killed; its row says so and the other impls still run
             returncode = None
     row = {"impl": impl, "wall_s": time.perf_counter() - started, "log": str(log)}
     metrics = output_dir / "metrics.jsonl"
     steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     if returncode is None:
-        row["error"] = f"timed out after {args.timeout:g} s (--timeout), {len(steps)} of {args.steps} steps logged"
+        row["error"] = f"timed out after {limit:g} s, {len(steps)} of {args.steps} steps logged"
         return row
     if returncode != 0 or len(steps) < args.steps:
         lines = [line for line in log.read_text().splitlines() if line.strip()]
@@ -135,6 +136,12 @@ def measure(args, impl: str, data: dict, work: Path) -> dict:
     if "peak_memory_gib" in steps[-1]:
         row["peak_memory_gib"] = max(step["peak_memory_gib"] for step in steps)
     return row
+
+
+def time_limit(timeout: float, budget: float | None, spent: float) -> float | None:
+    """Seconds the next impl may run: --timeout, cut to what is left of --budget after `spent` (None: nothing)."""
+    limit = timeout if budget is None else min(timeout, budget - spent)
+    return limit if limit > 0 else None
 
 
 def table(rows: list[dict]) -> str:
@@ -166,7 +173,10 @@ def parse_args(argv=None):
     parser.add_argument("--bf16", type=lambda text: text == "on", default=None, help="on/off (default: on on cuda)")
     parser.add_argument("--checkpointing", type=lambda text: text == "on", default=True,
                         help="gradient checkpointing on/off (default on)")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per impl")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per impl, at most")
+    parser.add_argument("--budget", type=float,
+                        help="seconds for all impls together: each may take what the ones before it left, up to "
+                             "--timeout (so list the quick impls first); an impl with nothing left is not run")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "results" / "bench_train")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
@@ -199,9 +209,13 @@ def main(argv=None):
               f"DeepSpeed {args.deepspeed}, bf16 {'on' if args.bf16 else 'off'}, gradient checkpointing "
               f"{'on' if args.checkpointing else 'off'}, {args.steps} steps ({args.warmup_steps} untimed)\n\n"
               f"{meta.get('gpu', 'CPU')}, torch {meta['torch']}, {meta['date']}; command: `{meta['command']}`\n\n")
-    rows = []
+    rows, started = [], time.perf_counter()
     for impl in args.impls:
-        rows.append(measure(args, impl, data, args.work_dir))
+        limit = time_limit(args.timeout, args.budget, spent=time.perf_counter() - started)
+        if limit is None:
+            rows.append({"impl": impl, "error": f"not run: --budget {args.budget:g} s spent by the impls before it"})
+        else:
+            rows.append(measure(args, impl, data, args.work_dir, limit))
         write_results(args.json, {"meta": meta, "rows": rows}, args.markdown, header + table(rows),
                       complete=len(rows) == len(args.impls))
     print(header + table(rows))

@@ -187,8 +187,25 @@ def test_train_benchmark_reports_an_impl_past_its_timeout(tmp_path):
     assert status == 1 and saved["meta"]["complete"] is True
     assert [row["impl"] for row in saved["rows"]] == list(bench_train.IMPLS)
     for row in saved["rows"]:
-        assert row["error"] == "timed out after 0.5 s (--timeout), 0 of 2 steps logged", row
+        assert row["error"] == "timed out after 0.5 s, 0 of 2 steps logged", row
     assert "| fused | failed: timed out after 0.5 s" in (tmp_path / "rows.md").read_text()
+
+
+def test_train_benchmark_shares_its_budget_in_order(tmp_path):
+    """With --budget each impl may take what the ones before it left, at most --timeout; with nothing left it
+    is not run, and says so in its row."""
+    import bench_train
+
+    assert bench_train.time_limit(300, None, spent=1000) == 300
+    assert bench_train.time_limit(300, 520, spent=100) == 300
+    assert bench_train.time_limit(300, 520, spent=400) == 120
+    assert bench_train.time_limit(300, 520, spent=520) is None
+    out = tmp_path / "rows.json"
+    status = bench_train.main(["--seq-len", "96", "--steps", "2", "--warmup-steps", "1", "--budget", "0",
+                               "--work-dir", str(tmp_path), "--json", str(out)])
+    assert status == 1
+    assert json.loads(out.read_text())["rows"] == [
+        {"impl": impl, "error": "not run: --budget 0 s spent by the impls before it"} for impl in bench_train.IMPLS]
 
 
 def test_long_pairs_fill_every_sequence_to_seq_len():
