@@ -64,7 +64,9 @@ def resource_usage(binary: str) -> dict[str, dict[str, int]]:
 @needs_cuda_build
 def test_cuda_kernels_keep_their_state_in_registers():
     """No CUDA kernel of ours spills (no stack, no local memory): the backward runs 4 blocks of 256 threads per
-    SM (__launch_bounds__), so 64 registers, and with 4 loads in flight per thread bf16 spilled 86 bytes."""
+    SM (__launch_bounds__), so 64 registers, and with 4 loads in flight per thread bf16 spilled 86 bytes. The
+    16- and 32-bit forwards fit 4 blocks per SM too (at most 64 registers), as vocab_split counts on; they are
+    left unbounded because a bound changes their code (fp32 then took 64 registers instead of 32)."""
     usage = {name: u for name, u in resource_usage(ak._C.__file__).items() if "amapo" in name}
     for kernel in ("forward_rows_kernel", "backward_rows_kernel", "merge_splits_kernel", "amapo_forward_kernel",
                    "amapo_backward_kernel"):
@@ -73,6 +75,8 @@ def test_cuda_kernels_keep_their_state_in_registers():
     assert not spilling, spilling
     backward = [u["REG"] for name, u in usage.items() if "backward_rows_kernel" in name]
     assert max(backward) <= 64, backward
+    forward = {name: u["REG"] for name, u in usage.items() if "forward_rows_kernel" in name and "IddE" not in name}
+    assert len(forward) == 3 and max(forward.values()) <= 64, forward
 
 
 @functools.cache
