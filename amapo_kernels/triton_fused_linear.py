@@ -387,6 +387,22 @@ def _tuned(kernel_name: str, operands: str):
         globals()[kernel_name])
 
 
+def autotuned_configs() -> dict[str, str]:
+    """The configuration the autotuner chose for each kernel and key so far, with its TUNING index (what
+    AMAPO_TRITON_CONFIG pins), for results files; empty where nothing was tuned (the interpreter, the CPU)."""
+    if INTERPRETED:
+        return {}
+    chosen = {}
+    for kernel in ("_stats_kernel", "_grad_logits_kernel"):
+        for operands, configs in TUNING.items():
+            for key, config in _tuned(kernel, operands).cache.items():
+                tile = " ".join(f"{name}={config.kwargs[name]}" for name in ("BN", "BV", "BK"))
+                chosen[f"{kernel} {operands} V={key[0]} H={key[1]}"] = (
+                    f"{tile}, {config.num_warps} warps, {config.num_stages} stages "
+                    f"(AMAPO_TRITON_CONFIG={configs.index(config)})")
+    return chosen
+
+
 CONFIG_VARIABLE = "AMAPO_TRITON_CONFIG"
 
 

@@ -48,6 +48,7 @@ import amapo_kernels as ak  # noqa: E402
 from amapo_kernels import reference as ref  # noqa: E402
 from amapo_kernels.fused_linear import TOKEN_CHUNK, VOCAB_CHUNK, amapo_loss_from_hidden  # noqa: E402
 from amapo_kernels.testing import LargestTensor  # noqa: E402
+from amapo_kernels.triton_fused_linear import autotuned_configs  # noqa: E402
 from bench_common import cuda_peak_extra_bytes, environment, markdown_table, time_ms, write_results  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -212,8 +213,9 @@ def main(argv=None):
     rows = []
 
     def save(complete):
-        write_results(args.json, {"meta": meta, "results": rows}, args.markdown, markdown_report(rows, args, env),
-                      complete)
+        meta["triton_autotuned"] = autotuned_configs()
+        write_results(args.json, {"meta": meta, "results": rows}, args.markdown,
+                      markdown_report(rows, args, env, meta["triton_autotuned"]), complete)
 
     header = f"{'B x T x H x V':>24} {'method':>12} {'fwd+bwd ms':>11} {'extra MiB' if args.device == 'cuda' else 'largest MiB':>12}"
     print(header)
@@ -251,7 +253,7 @@ def ours_method(device):
     return "triton" if device == "cuda" else "fused"
 
 
-def markdown_report(rows, args, env):
+def markdown_report(rows, args, env, autotuned):
     ours = ours_method(args.device)  # what amapo_loss_from_hidden runs by default there
     ours_ms = {(r["batch"], r["steps"], r["width"], r["vocab"]): r["ms"] for r in rows if r["method"] == ours}
     cells = []
@@ -264,7 +266,9 @@ def markdown_report(rows, args, env):
     header = (f"From hidden states, fwd+bwd, {env.get('gpu', 'CPU')} (driver {env.get('driver', '-')}), torch "
               f"{env['torch']}, {env['date']}\n\n`{env['command']}`\n\n")
     columns = ["B x T x H x V", "dtype", "method", "fwd+bwd ms", f"x {ours}", "extra MiB", "note"]
-    return header + markdown_table(columns, cells)
+    chosen = "".join(f"- {kernel}: {config}\n" for kernel, config in autotuned.items())
+    footer = f"\nTriton tiles the autotuner chose:\n\n{chosen}" if chosen else ""
+    return header + markdown_table(columns, cells) + footer
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@
 # when the folder holds more than 8 files.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+export TRITON_PRINT_AUTOTUNING=1  # each autotuned kernel's choice and tuning time, in the logs
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PART="${1:-all}"

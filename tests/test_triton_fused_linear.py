@@ -421,6 +421,24 @@ def test_pinned_configuration_variable(monkeypatch):
             kernels._pinned_config("fp32")
 
 
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter does not autotune")
+def test_autotuned_configs_name_what_the_autotuner_chose():
+    """For results files: each tuned (kernel, operands, V, H) with its tile and the AMAPO_TRITON_CONFIG index
+    that pins it; nothing where nothing was tuned (a CPU process)."""
+    before = kernels.autotuned_configs()
+    if not CUDA:
+        assert before == {}
+    tuner = kernels._tuned("_stats_kernel", "half")
+    key = (128257, 4096, "torch.bfloat16")  # a vocabulary no other test tunes
+    tuner.cache[key] = kernels.TUNING["half"][4]  # as the autotuner records its choice
+    try:
+        assert kernels.autotuned_configs() == {
+            **before,
+            "_stats_kernel half V=128257 H=4096": "BN=128 BV=128 BK=64, 4 warps, 3 stages (AMAPO_TRITON_CONFIG=4)"}
+    finally:
+        del tuner.cache[key]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_triton_rejects_float64(backend):
     hidden, weight, labels = small()
