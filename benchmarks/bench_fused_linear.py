@@ -48,7 +48,6 @@ import amapo_kernels as ak  # noqa: E402
 from amapo_kernels import reference as ref  # noqa: E402
 from amapo_kernels.fused_linear import TOKEN_CHUNK, VOCAB_CHUNK, amapo_loss_from_hidden  # noqa: E402
 from amapo_kernels.testing import LargestTensor  # noqa: E402
-from amapo_kernels.triton_fused_linear import autotuned_configs  # noqa: E402
 from bench_common import cuda_peak_extra_bytes, environment, markdown_table, time_ms, write_results  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -213,7 +212,7 @@ def main(argv=None):
     rows = []
 
     def save(complete):
-        meta["triton_autotuned"] = autotuned_configs()
+        meta["triton_autotuned"] = triton_autotuned()
         write_results(args.json, {"meta": meta, "results": rows}, args.markdown,
                       markdown_report(rows, args, env, meta["triton_autotuned"]), complete)
 
@@ -246,6 +245,13 @@ def main(argv=None):
             print(f"{size:>24} {name:>12} {shown[0]:>11} {shown[1]:>12}", flush=True)
             save(complete=False)
     save(complete=True)
+
+
+def triton_autotuned() -> dict[str, str]:
+    """The tiles the autotuner chose in this process: none unless the Triton kernels ran (their module is
+    imported on first use; a CPU torch may have no triton at all)."""
+    module = sys.modules.get("amapo_kernels.triton_fused_linear")
+    return module.autotuned_configs() if module else {}
 
 
 def ours_method(device):

@@ -83,6 +83,7 @@ def test_fused_linear_default_cpu_methods_run(tmp_path):
     assert "| 2x8x16x64 | fp32 | fused |" in (tmp_path / "rows.md").read_text()
     rows = json.loads(out.read_text())["results"]
     assert [row["method"] for row in rows] == bench_fused_linear.DEFAULT_METHODS["cpu"].split(",")
+    assert json.loads(out.read_text())["meta"]["triton_autotuned"] == {}  # the CPU methods tune nothing
     assert all(row["ms"] > 0 and row["note"] is None for row in rows), rows
 
 
