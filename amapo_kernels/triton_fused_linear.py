@@ -378,6 +378,9 @@ TUNING = {
 }
 
 
+TUNED_KERNELS = ("_stats_kernel", "_grad_logits_kernel")  # the autotuned ones; the others have one configuration
+
+
 @functools.cache
 def _tuned(kernel_name: str, operands: str):
     """The autotuned launcher of a kernel for 'half' or 'fp32' operands, keyed on (V, H) and the dtypes;
@@ -393,7 +396,7 @@ def autotuned_configs() -> dict[str, str]:
     if INTERPRETED:
         return {}
     chosen = {}
-    for kernel in ("_stats_kernel", "_grad_logits_kernel"):
+    for kernel in TUNED_KERNELS:
         for operands, configs in TUNING.items():
             for key, config in _tuned(kernel, operands).cache.items():
                 tile = " ".join(f"{name}={config.kwargs[name]}" for name in ("BN", "BV", "BK"))
