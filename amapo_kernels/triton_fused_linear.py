@@ -34,8 +34,9 @@ the fp32 logits once, chunk by chunk, 3.2 GB each way at the paper's size (S = 6
 
 Tile sizes: on a GPU each kernel is autotuned (once per (V, H, dtypes) key; the number of tokens is not
 in the key, so a new batch shape does not tune again) over a few Hopper configurations (TUNING), or runs
-the one that AMAPO_TRITON_CONFIG=<index> pins; the interpreter gets the smallest tl.dot tiles, so small
-test shapes already span several blocks, splits and chunks.
+the one that AMAPO_TRITON_CONFIG=<index> pins; the interpreter gets the smallest tl.dot tiles
+(INTERPRETER_BLOCKS), so small test shapes already span several blocks, splits and chunks, and a test swaps
+in each GPU tile there (test_gpu_tiles_match_reference).
 
 Matmul precision: bf16/fp16 operands go through tensor cores with fp32 accumulation; fp32 operands use tf32
 only when torch.backends.cuda.matmul.allow_tf32 is set, else exact fp32 ("ieee"); mixed dtypes are upcast

@@ -174,6 +174,37 @@ def test_in_kernel_accumulation_matches_reference(monkeypatch, shift, with_bias,
     assert_logps_rule((hidden, weight, bias), labels, FP32, average=True, shift=shift, softcap=softcap)
 
 
+def gpu_tiles():
+    """Every (BN, BV, BK) a kernel of this module runs with on a GPU: the autotuned configurations of both
+    operand kinds, the accumulating kernel's blocks and the elementwise g kernel's (which has no K loop)."""
+    tiles = {(c.kwargs["BN"], c.kwargs["BV"], c.kwargs["BK"]) for configs in kernels.TUNING.values() for c in configs}
+    tiles |= {(b["BN"], b["BV"], b["BK"]) for b in kernels.ACCUMULATING_BLOCKS.values()}
+    tiles.add((kernels.ELEMENTWISE_BLOCKS["BN"], kernels.ELEMENTWISE_BLOCKS["BV"], 16))
+    return sorted(tiles)
+
+
+@interpreted
+@pytest.mark.parametrize("accumulate", ["matmul", "in_kernel", "cublas"])
+@pytest.mark.parametrize("tile", gpu_tiles(), ids=lambda tile: "x".join(map(str, tile)))
+def test_gpu_tiles_match_reference(monkeypatch, tile, accumulate):
+    """The kernels with the tiles they run with on a GPU, not the interpreter's smallest ones (num_warps and
+    num_stages do not exist here): two token blocks (the second partial), two K blocks (the second partial),
+    vocabulary splits and backward chunks of two blocks each, the last split and chunk partial; shift, bias,
+    softcap, an all-ignored row; each backward path."""
+    if accumulate == "in_kernel":
+        accumulating_in_kernel(monkeypatch)
+    bn, bv, bk = tile
+    monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", {"BN": bn, "BV": bv, "BK": bk})
+    assert kernels._stats_splits(1, 1, torch.device("cpu")) == kernels._grad_chunk(1, 1, FP32) == 2 * bv
+    batch = 3
+    steps = (bn + bn // 2) // batch + 2  # with shift, batch * (steps - 1) >= 1.5 * BN tokens (some ignored)
+    generator = torch.Generator().manual_seed(bn + bv + bk)
+    hidden, weight, bias, labels = make_batch(batch, steps, bk + 17, 4 * bv + 37, generator=generator,
+                                              all_ignored_rows=[1])
+    backend = "cublas" if accumulate == "cublas" else "triton"
+    assert_logps_rule((hidden, weight, bias), labels, FP32, backend, average=True, shift=True, softcap=4.0)
+
+
 @interpreted
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", ak.METHODS)
