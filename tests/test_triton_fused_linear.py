@@ -535,6 +535,37 @@ def test_kernels_build_for_hopper_as_at_run_time(operands, epilogue):
         assert max(b.blocks_per_sm for b in builds if b.kernel == kernel) >= 2, (kernel, builds)
 
 
+@pytest.mark.skipif(INTERPRETED, reason="the GPU's host-side sizes: once, in the launcher")
+@given(tokens=st.integers(1, 2**17), vocab=st.integers(1, 300_000), sms=st.sampled_from([1, 78, 114, 132]),
+       itemsize=st.sampled_from([2, 4]))
+def test_gpu_splits_and_chunks(monkeypatch, tokens, vocab, sms, itemsize):
+    """The vocabulary splits and chunks the host computes for a GPU (the interpreter uses its own): splits
+    and chunks are whole numbers of every autotuned BV, the last split starts inside the vocabulary (else its
+    running max would stay -inf and the merge read NaN), the statistics pass has programs for at least half
+    of 4 blocks an SM where the vocabulary allows it (splits of equal whole granules: 313 granules for 312
+    wanted splits give 157 splits of two, as fast as 313 programs in two waves), and each buffer stays within
+    its stated bound."""
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"multi_processor_count": sms}))
+    granule = kernels.VOCAB_GRANULE
+    assert all(granule % c.kwargs["BV"] == 0 for configs in kernels.TUNING.values() for c in configs)
+    granules = triton.cdiv(vocab, granule)
+
+    width = kernels._stats_splits(tokens, vocab, torch.device("cuda"))
+    splits = triton.cdiv(vocab, width)
+    assert width % granule == 0 and (splits - 1) * width < vocab
+    token_blocks = triton.cdiv(tokens, 128)
+    assert 2 * token_blocks * splits >= min(4 * sms, token_blocks * granules)
+
+    chunk = kernels._grad_chunk(tokens, vocab, torch.float16 if itemsize == 2 else FP32)
+    assert chunk % granule == 0 and granule <= chunk <= granules * granule
+    assert chunk == granule or tokens * chunk * itemsize <= kernels.GRAD_TILE_BYTES
+
+    rows = kernels._forward_chunk(tokens, vocab)
+    assert 1 <= rows <= tokens
+    assert rows == 1 or rows * vocab * 4 <= 2 * kernels.GRAD_TILE_BYTES
+
+
 @pytest.mark.skipif(INTERPRETED, reason="a check of the build table's arithmetic: once, in the launcher")
 def test_blocks_per_sm_follow_the_hopper_limits():
     """The occupancy the build table reports: registers (allocated to warps in units of 256, 16K a partition),
