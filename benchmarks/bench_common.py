@@ -51,6 +51,40 @@ def cuda_peak_extra_bytes(run, prepare=None):
     return torch.cuda.max_memory_allocated() - before
 
 
+# Each row's loss and gradients are compared with the reference implementation of the same loss (plain
+# PyTorch, amapo_kernels.reference) on the same inputs: a peer wired wrongly (a shift off by one, a prompt
+# scored, another normalization) is off by order 1, a correct one by its dtype's rounding. Beyond this
+# relative error a row is marked as disagreeing.
+AGREEMENT_LIMIT = 0.05
+
+
+def relative_error(actual, expected):
+    """||actual - expected|| / ||expected|| in fp32 (0 if both are 0)."""
+    difference = torch.linalg.vector_norm(actual.float() - expected.float()).item()
+    scale = torch.linalg.vector_norm(expected.float()).item()
+    return difference / scale if scale else (0.0 if difference == 0 else float("inf"))
+
+
+def agreement(loss, grads, expected_loss, expected_grads):
+    """{"loss_error", "grad_error"}: relative errors of a run's loss and of its worst gradient."""
+    return {"loss_error": relative_error(loss.detach(), expected_loss),
+            "grad_error": max(relative_error(g, e) for g, e in zip(grads, expected_grads))}
+
+
+def disagreement(errors):
+    """A note for a row whose loss or gradient is off the reference by more than AGREEMENT_LIMIT, else None."""
+    worst = max(errors.values())
+    if worst <= AGREEMENT_LIMIT:
+        return None
+    return (f"DISAGREES with the reference: loss off by {errors['loss_error']:.2g}, gradient by "
+            f"{errors['grad_error']:.2g} (relative)")
+
+
+def format_error(errors):
+    """The table's cell: the larger of the two relative errors."""
+    return "-" if errors is None else f"{max(errors.values()):.1e}"
+
+
 def copy_bandwidth_gbs():
     """Measured device-to-device copy bandwidth of the current GPU, bytes read + written, GB/s."""
     source = torch.empty(2**30, dtype=torch.uint8, device="cuda")

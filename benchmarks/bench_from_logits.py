@@ -31,7 +31,11 @@ the logits get a fresh copy before each run, untimed. Memory: CUDA: peak bytes a
 (a separate logits-sized gradient counts: that is what in-place saves); CPU: the largest tensor created.
 Limit (CUDA): the bytes the op must move at the copy bandwidth measured in the same run: every scored row
 of logits read twice (forward, backward), the whole gradient written once (ignored rows get zeros); rows of
-ignored labels are not read. "% of limit" = limit time / measured time. Ratios are peer time / ours."""
+ignored labels are not read. "% of limit" = limit time / measured time. Ratios are peer time / ours.
+Agreement: after its timed runs each peer runs once more and its loss and d loss / d logits are compared
+with eager's (the plain-PyTorch reference, amapo_kernels.reference) on the same inputs; "err vs ref" is the
+larger relative error (of the loss, and of the gradient's norm-wise difference), and a row beyond
+bench_common.AGREEMENT_LIMIT says it disagrees: a timing of a wrongly wired peer is worth nothing."""
 
 import argparse
 import sys
@@ -39,8 +43,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_common import (copy_bandwidth_gbs, cuda_peak_extra_bytes, environment, markdown_table, time_ms,
-                          write_results)
+from bench_common import (AGREEMENT_LIMIT, agreement, copy_bandwidth_gbs, cuda_peak_extra_bytes, disagreement,
+                          environment, format_error, markdown_table, time_ms, write_results)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -139,8 +143,17 @@ def must_move_bytes(logits, labels):
     return (2 * scored_rows + logits.shape[0] * logits.shape[1]) * row_bytes
 
 
-def measure(name, fn, logits, labels, device, repeats):
-    """(ms, extra bytes) of one peer; raises PeerUnavailable with the reason it cannot run."""
+def loss_and_gradient(fn, logits, labels):
+    """fn's loss and (d loss / d logits,) for these logits."""
+    leaf = logits.detach().requires_grad_()
+    loss = fn(leaf, labels)
+    loss.backward()
+    return loss.detach(), (leaf.grad,)
+
+
+def measure(name, fn, logits, labels, device, repeats, expected):
+    """(ms, extra bytes, errors against the reference's `expected` (loss, gradients)) of one peer; raises
+    PeerUnavailable with the reason it cannot run."""
     work = logits.clone() if name in OVERWRITES_LOGITS else logits
     prepare = (lambda: work.copy_(logits)) if name in OVERWRITES_LOGITS else None
 
@@ -150,12 +163,16 @@ def measure(name, fn, logits, labels, device, repeats):
 
     ms = time_ms(run, device, warmup=3, repeats=repeats, prepare=prepare)
     if device == "cuda":
-        return ms, cuda_peak_extra_bytes(run, prepare)
+        extra = cuda_peak_extra_bytes(run, prepare)
+    else:
+        if prepare:
+            prepare()
+        with LargestTensor() as tracker:
+            run()
+        extra = tracker.largest_bytes
     if prepare:
         prepare()
-    with LargestTensor() as tracker:
-        run()
-    return ms, tracker.largest_bytes
+    return ms, extra, agreement(*loss_and_gradient(fn, work, labels), *expected)
 
 
 def bench_size(size, dtype_name, device, peers, repeats, bandwidth):
@@ -163,10 +180,11 @@ def bench_size(size, dtype_name, device, peers, repeats, bandwidth):
     logits, labels = make_inputs(batch, steps, vocab, DTYPES[dtype_name], device)
     limit_ms = must_move_bytes(logits, labels) / (bandwidth * 1e9) * 1e3 if bandwidth else None
     fns = peer_fns(device)
+    expected = loss_and_gradient(eager_loss, logits, labels)  # held through the peers' runs, not counted in them
     results = {}
     for name in peers:
         try:
-            results[name] = measure(name, fns[name], logits, labels, device, repeats)
+            results[name] = measure(name, fns[name], logits, labels, device, repeats, expected)
         except PeerUnavailable as reason:
             results[name] = str(reason)
         except Exception as error:  # noqa: BLE001 - a peer's failure is reported in its row, ours is not
@@ -182,23 +200,27 @@ def bench_size(size, dtype_name, device, peers, repeats, bandwidth):
         if isinstance(result, str):
             row["note"] = result
         else:
-            ms, extra = result
+            ms, extra, errors = result
             row.update(ms=ms, extra_bytes=extra, time_vs_ours=ms / ours_ms if ours_ms else None,
-                       fraction_of_limit=limit_ms / ms if limit_ms else None)
+                       fraction_of_limit=limit_ms / ms if limit_ms else None, **errors)
+            if disagreement(errors):
+                row["note"] = disagreement(errors)
         rows.append(row)
     return rows
 
 
 def format_row(row):
     if "ms" not in row:
-        return [row["size"], row["dtype"], row["peer"], "-", "-", "-", "-", row["note"]]
+        return [row["size"], row["dtype"], row["peer"], "-", "-", "-", "-", "-", row["note"]]
     fraction = f"{100 * row['fraction_of_limit']:.0f}%" if row.get("fraction_of_limit") else "-"
     ratio = f"{row['time_vs_ours']:.2f}" if row.get("time_vs_ours") else "-"
+    errors = {key: row[key] for key in ("loss_error", "grad_error")}
     return [row["size"], row["dtype"], row["peer"], f"{row['ms']:.2f}", ratio, f"{row['extra_bytes'] / 2**20:.1f}",
-            fraction, ""]
+            fraction, format_error(errors), row.get("note", "")]
 
 
-COLUMNS = ["B x T x V", "dtype", "peer", "fwd+bwd ms", "x ours", "extra MiB", "% of limit", "note"]
+COLUMNS = ["B x T x V", "dtype", "peer", "fwd+bwd ms", "x ours", "extra MiB", "% of limit", "err vs ref", "note"]
+LINE = "{:>16} {:>5} {:>14} {:>10} {:>7} {:>10} {:>10} {:>10}  {}"  # the printed table
 
 
 def main(argv=None):
@@ -225,10 +247,11 @@ def main(argv=None):
     meta = environment(args.device)
     meta.update(copy_bandwidth_gbs=bandwidth, repeats=args.repeats, timing="median",
                 memory="cuda peak allocated beyond the inputs" if bandwidth else "cpu largest tensor created",
-                limit="scored logits rows read twice + whole gradient written once, at the measured copy bandwidth")
+                limit="scored logits rows read twice + whole gradient written once, at the measured copy bandwidth",
+                agreement=f"loss and gradient against eager's, relative; a row beyond {AGREEMENT_LIMIT} disagrees")
     print(f"device {meta.get('gpu', 'cpu')}, torch {torch.__version__}"
           + (f", measured copy bandwidth {bandwidth:.0f} GB/s" if bandwidth else ""))
-    print(("{:>16} {:>5} {:>12} {:>10} {:>7} {:>10} {:>10}  {}").format(*COLUMNS))
+    print(LINE.format(*COLUMNS))
     where = meta.get("gpu") or (f"CPU, {meta['cpu_threads']} threads, ATen {meta['torch_cpu_capability']}, "
                                 f"our row kernels {meta['amapo_cpu_kernels']}")
     header = (f"From logits, fwd+bwd, {where} (driver {meta.get('driver', '-')}), torch "
@@ -243,7 +266,7 @@ def main(argv=None):
         for dtype_name in args.dtypes.split(","):
             for row in bench_size(size, dtype_name, args.device, peers, args.repeats, bandwidth):
                 rows.append(row)
-                print(("{:>16} {:>5} {:>12} {:>10} {:>7} {:>10} {:>10}  {}").format(*format_row(row)), flush=True)
+                print(LINE.format(*format_row(row)), flush=True)
                 save(complete=False)
     save(complete=True)
     return rows

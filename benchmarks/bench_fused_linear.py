@@ -22,6 +22,10 @@ forward + backward of the loss, gradients of hidden and lm_head weight:
     floor_4mm     the four matmuls any exact method does (logits, their recompute, grad hidden, grad
                   weight), torch/cuBLAS in the input dtype, over the scored positions only
 Logits are peaked like a trained LM's (weight scaled so that logits have std ~4: a few nats of entropy).
+Agreement: after its timed runs each method runs once more and its loss and gradients (hidden, weight) are
+compared with the plain-PyTorch reference of the same loss (eager: AMaPO, or SimPO for liger_simpo) on the
+same inputs; "err vs ref" is the larger relative error, and a row beyond bench_common.AGREEMENT_LIMIT says
+it disagrees (the floor computes no loss).
 
 Time: median over --repeats runs after --warmup (CUDA: torch.cuda.Event pairs; CPU: perf_counter).
 Memory: CUDA: torch.cuda.max_memory_allocated during the run minus the memory held before it (inputs);
@@ -48,7 +52,8 @@ import amapo_kernels as ak  # noqa: E402
 from amapo_kernels import reference as ref  # noqa: E402
 from amapo_kernels.fused_linear import TOKEN_CHUNK, VOCAB_CHUNK, amapo_loss_from_hidden  # noqa: E402
 from amapo_kernels.testing import LargestTensor  # noqa: E402
-from bench_common import cuda_peak_extra_bytes, environment, markdown_table, time_ms, write_results  # noqa: E402
+from bench_common import (AGREEMENT_LIMIT, agreement, cuda_peak_extra_bytes, disagreement, environment,  # noqa: E402
+                          format_error, markdown_table, time_ms, write_results)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SIZES = {"cpu": "2x128x128x4096,4x256x256x8192", "cuda": "8x1024x4096x32000,8x2048x4096x128256"}
@@ -64,6 +69,13 @@ def eager_loss(hidden, weight, labels):
     logps = ref.sequence_logps(F.linear(hidden, weight), labels, shift=True).float()
     half = logps.shape[0] // 2
     return ref.amapo_loss(logps[:half], logps[half:])
+
+
+def eager_simpo_loss(hidden, weight, labels):
+    """The reference of liger_simpo's loss: SimPO with its beta and gamma on eager's log-probs."""
+    logps = ref.sequence_logps(F.linear(hidden, weight), labels, shift=True).float()
+    half = logps.shape[0] // 2
+    return ref.preference_loss(logps[:half], logps[half:], method="simpo", beta=2.0, gamma=1.0)
 
 
 _COMPILED = {}
@@ -82,6 +94,8 @@ def masked_mean_loss(token_logps, mask):
 
 
 def cce_loss(hidden, weight, labels, filter_eps):
+    if not hidden.is_cuda:
+        raise PeerUnavailable("Cut Cross-Entropy's kernels are Triton: CUDA only")
     try:
         from cut_cross_entropy import linear_cross_entropy
     except ImportError as error:
@@ -135,13 +149,13 @@ def make_inputs(batch, steps, width, vocab, dtype, device):
 
 
 def step_fn(name, hidden, weight, labels, token_chunk, vocab_chunk):
-    """One forward + backward of `name`; gradients are cleared first."""
+    """One forward + backward of `name`, returning the loss (None for the floor); gradients are cleared first."""
 
     def run():
         hidden.grad = weight.grad = None
         if name == "floor_4mm":
             four_matmuls(hidden, weight, labels)
-            return
+            return None
         if name in PEER_LOSSES:
             loss = PEER_LOSSES[name](hidden, weight, labels)
         elif name == "fused":
@@ -157,8 +171,31 @@ def step_fn(name, hidden, weight, labels, token_chunk, vocab_chunk):
             half = logps.shape[0] // 2
             loss = ref.amapo_loss(logps[:half], logps[half:])
         loss.backward()
+        return loss.detach()
 
     return run
+
+
+def reference_results(loss_fns, hidden, weight, labels):
+    """{loss_fn: (loss, (grad hidden, grad weight))} of each reference loss on these inputs, computed before
+    the methods run and held through their runs (outside their memory measurements)."""
+    results = {}
+    for loss_fn in loss_fns:
+        hidden.grad = weight.grad = None
+        loss = loss_fn(hidden, weight, labels)
+        loss.backward()
+        results[loss_fn] = (loss.detach(), (hidden.grad, weight.grad))
+    hidden.grad = weight.grad = None
+    return results
+
+
+def errors_against_reference(name, run, hidden, weight, expected):
+    """The agreement of one more run of `name` with its reference loss's results in `expected` (None for the
+    floor, which computes no loss)."""
+    if name == "floor_4mm":
+        return None
+    loss = run()
+    return agreement(loss, (hidden.grad, weight.grad), *expected[REFERENCE_LOSS.get(name, eager_loss)])
 
 
 PEER_LOSSES = {
@@ -168,6 +205,7 @@ PEER_LOSSES = {
     "liger_simpo": liger_simpo_loss,
     "trl_chunked": trl_chunked_loss,
 }
+REFERENCE_LOSS = {"liger_simpo": eager_simpo_loss}  # every other method computes eager_loss's AMaPO
 
 
 def memory_bytes(run, device):
@@ -208,7 +246,9 @@ def main(argv=None):
     meta = {"device": args.device, "dtype": args.dtype, "torch": torch.__version__, "memory_metric": memory,
             "token_chunk": args.token_chunk, "vocab_chunk": args.vocab_chunk, "warmup": args.warmup,
             "repeats": args.repeats, "timing": "median", "platform": platform.platform(),
-            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "environment": env}
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "environment": env,
+            "agreement": f"loss and gradients against the reference's, relative; a row beyond {AGREEMENT_LIMIT} "
+                         "disagrees"}
     rows = []
 
     def save(complete):
@@ -216,35 +256,44 @@ def main(argv=None):
         write_results(args.json, {"meta": meta, "results": rows}, args.markdown,
                       markdown_report(rows, args, env, meta["triton_autotuned"]), complete)
 
-    header = f"{'B x T x H x V':>24} {'method':>12} {'fwd+bwd ms':>11} {'extra MiB' if args.device == 'cuda' else 'largest MiB':>12}"
+    header = (f"{'B x T x H x V':>24} {'method':>12} {'fwd+bwd ms':>11} "
+              f"{'extra MiB' if args.device == 'cuda' else 'largest MiB':>12} {'err vs ref':>10}")
     print(header)
+    methods = (args.methods or DEFAULT_METHODS[args.device]).split(",")
     for batch, steps, width, vocab in parse_sizes(args.sizes or DEFAULT_SIZES[args.device]):
         hidden, weight, labels = make_inputs(batch, steps, width, vocab, dtype, args.device)
-        for name in (args.methods or DEFAULT_METHODS[args.device]).split(","):
-            run = step_fn(name, hidden, weight, labels, args.token_chunk, args.vocab_chunk)
-            try:
-                ms = time_ms(run, args.device, args.warmup, args.repeats)
-                mem = memory_bytes(run, args.device)
-                note = None
-            except torch.OutOfMemoryError:
-                ms = mem = None
-                note = "OOM"
-                torch.cuda.empty_cache()
-            except PeerUnavailable as reason:
-                ms = mem = None
-                note = str(reason)
-            except Exception as error:  # noqa: BLE001 - a peer's failure goes in its row; ours raises
-                if name in ("fused", "triton", "triton_filter", "cublas", "op_logits"):
-                    raise
-                ms = mem = None
-                note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        references = {REFERENCE_LOSS.get(name, eager_loss) for name in methods if name != "floor_4mm"}
+        expected = reference_results(references, hidden, weight, labels)
+        for name in methods:
+            ms, mem, errors, note = measure(name, hidden, weight, labels, expected, args)
             rows.append({"batch": batch, "steps": steps, "width": width, "vocab": vocab, "method": name,
-                         "ms": ms, "memory_bytes": mem, "note": note})
+                         "ms": ms, "memory_bytes": mem, "note": note, **(errors or {})})
             size = f"{batch}x{steps}x{width}x{vocab}"
-            shown = (note, "") if ms is None else (f"{ms:.2f}", f"{mem / 2**20:.1f}")
-            print(f"{size:>24} {name:>12} {shown[0]:>11} {shown[1]:>12}", flush=True)
+            shown = (note, "", "") if ms is None else (f"{ms:.2f}", f"{mem / 2**20:.1f}", format_error(errors))
+            print(f"{size:>24} {name:>12} {shown[0]:>11} {shown[1]:>12} {shown[2]:>10}", flush=True)
             save(complete=False)
+        del expected
     save(complete=True)
+
+
+def measure(name, hidden, weight, labels, expected, args):
+    """(ms, memory bytes, errors against the reference, note) of one method; a peer that cannot run gets
+    Nones and the reason in its note, and a peer's failure is its note (ours raise)."""
+    run = step_fn(name, hidden, weight, labels, args.token_chunk, args.vocab_chunk)
+    try:
+        ms = time_ms(run, args.device, args.warmup, args.repeats)
+        mem = memory_bytes(run, args.device)
+        errors = errors_against_reference(name, run, hidden, weight, expected)
+        return ms, mem, errors, disagreement(errors) if errors else None
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None, None, None, "OOM"
+    except PeerUnavailable as reason:
+        return None, None, None, str(reason)
+    except Exception as error:  # noqa: BLE001 - a peer's failure goes in its row; ours raises
+        if name in ("fused", "triton", "triton_filter", "cublas", "op_logits"):
+            raise
+        return None, None, None, f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
 
 
 def triton_autotuned() -> dict[str, str]:
@@ -266,12 +315,14 @@ def markdown_report(rows, args, env, autotuned):
     for r in rows:
         baseline = ours_ms.get((r["batch"], r["steps"], r["width"], r["vocab"]))
         ratio = f"{r['ms'] / baseline:.2f}" if r["ms"] and baseline else "-"
+        errors = {key: r[key] for key in ("loss_error", "grad_error")} if "grad_error" in r else None
         cells.append([f"{r['batch']}x{r['steps']}x{r['width']}x{r['vocab']}", args.dtype, r["method"],
                       "-" if r["ms"] is None else f"{r['ms']:.2f}", ratio,
-                      "-" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.1f}", r["note"] or ""])
+                      "-" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.1f}", format_error(errors),
+                      r["note"] or ""])
     header = (f"From hidden states, fwd+bwd, {env.get('gpu', 'CPU')} (driver {env.get('driver', '-')}), torch "
               f"{env['torch']}, {env['date']}\n\n`{env['command']}`\n\n")
-    columns = ["B x T x H x V", "dtype", "method", "fwd+bwd ms", f"x {ours}", "extra MiB", "note"]
+    columns = ["B x T x H x V", "dtype", "method", "fwd+bwd ms", f"x {ours}", "extra MiB", "err vs ref", "note"]
     chosen = "".join(f"- {kernel}: {config}\n" for kernel, config in autotuned.items())
     footer = f"\nTriton tiles the autotuner chose:\n\n{chosen}" if chosen else ""
     return header + markdown_table(columns, cells) + footer

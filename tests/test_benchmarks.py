@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from amapo_kernels import reference
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_from_logits  # noqa: E402
+from bench_common import AGREEMENT_LIMIT  # noqa: E402
 import bench_fused_linear  # noqa: E402
 import profile_step  # noqa: E402
 
@@ -23,12 +26,34 @@ def test_from_logits_every_peer_has_a_row(tmp_path):
     by_peer = {row["peer"]: row for row in rows if row["dtype"] == "fp32"}
     for name in ("ours", "ours_inplace", "eager", "compile"):
         assert by_peer[name]["ms"] > 0, by_peer[name]
+    measured = [row for row in rows if "ms" in row]
+    assert {row["peer"] for row in measured} == {"ours", "ours_inplace", "eager", "compile", "trl"}
+    assert all(max(row["loss_error"], row["grad_error"]) <= AGREEMENT_LIMIT and "note" not in row
+               for row in measured), measured
     assert "CUDA" in by_peer["ours_unchecked"]["note"] and "CUDA" in by_peer["liger"]["note"]
     assert by_peer["ours"]["time_vs_ours"] == pytest.approx(1.0)
     assert len(json.loads(out.read_text())["rows"]) == len(rows)
     assert json.loads(out.read_text())["meta"]["complete"] is True
     assert "| 2x8x64 | fp32 | ours |" in (tmp_path / "rows.md").read_text()
+    assert "| err vs ref | note |" in (tmp_path / "rows.md").read_text()
     assert "Partial" not in (tmp_path / "rows.md").read_text()
+
+
+def unshifted_loss(logits, labels):
+    """A peer wired wrongly: logits[:, t] scored against labels[:, t] (the causal shift forgotten)."""
+    return bench_from_logits.pair_loss(reference.sequence_logps(logits.float(), labels, shift=False))
+
+
+def test_from_logits_marks_a_peer_that_disagrees_with_the_reference(tmp_path, monkeypatch):
+    """A timing of a peer that computes something else is worth nothing: its row says so."""
+    peers = bench_from_logits.peer_fns
+    monkeypatch.setattr(bench_from_logits, "peer_fns", lambda device: {**peers(device), "trl": unshifted_loss})
+    rows = bench_from_logits.main(["--sizes", "2x8x64", "--dtypes", "fp32", "--peers", "ours,trl", "--repeats", "1",
+                                   "--markdown", str(tmp_path / "rows.md")])
+    ours, wrong = rows
+    assert "note" not in ours and ours["grad_error"] < 1e-5, ours
+    assert wrong["grad_error"] > 0.5 and wrong["note"].startswith("DISAGREES with the reference"), wrong
+    assert "| trl |" in (tmp_path / "rows.md").read_text() and "DISAGREES" in (tmp_path / "rows.md").read_text()
 
 
 def stop_after_first(function):
@@ -154,6 +179,28 @@ def test_fused_linear_gpu_peers_say_why_they_cannot_run_on_the_cpu(tmp_path):
     rows = {row["method"]: row for row in json.loads(out.read_text())["results"]}
     for name in peers.split(","):
         assert rows[name]["ms"] is not None or rows[name]["note"], rows[name]
+    assert "CUDA only" in rows["cce_filter"]["note"] and "CUDA only" in rows["cce_nofilter"]["note"]
+    assert rows["trl_chunked"]["grad_error"] <= AGREEMENT_LIMIT and rows["trl_chunked"]["note"] is None
+
+
+def test_fused_linear_checks_each_method_against_the_reference_of_its_loss(tmp_path, monkeypatch):
+    """Each row is compared with the reference of the loss it computes: liger_simpo's with SimPO (beta 2,
+    gamma 1), the others with AMaPO; a method computing another loss than its reference is marked."""
+    from amapo_kernels.fused_linear import preference_loss_from_hidden
+
+    def our_simpo(hidden, weight, labels):
+        return preference_loss_from_hidden(hidden, weight, labels, method="simpo", beta=2.0, gamma=1.0, shift=True,
+                                           backend="torch")
+
+    monkeypatch.setitem(bench_fused_linear.PEER_LOSSES, "liger_simpo", our_simpo)
+    monkeypatch.setitem(bench_fused_linear.PEER_LOSSES, "trl_chunked", our_simpo)  # SimPO where AMaPO is due
+    out = tmp_path / "rows.json"
+    bench_fused_linear.main(["--sizes", "2x8x16x64", "--repeats", "1", "--warmup", "1", "--methods",
+                             "fused,liger_simpo,trl_chunked,floor_4mm", "--json", str(out)])
+    rows = {row["method"]: row for row in json.loads(out.read_text())["results"]}
+    assert rows["fused"]["grad_error"] < 1e-5 and rows["liger_simpo"]["grad_error"] < 1e-5, rows
+    assert rows["trl_chunked"]["note"].startswith("DISAGREES with the reference"), rows["trl_chunked"]
+    assert "grad_error" not in rows["floor_4mm"] and rows["floor_4mm"]["note"] is None
 
 
 def test_train_benchmark_trains_every_impl_under_zero3(tmp_path):
