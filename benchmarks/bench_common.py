@@ -80,6 +80,16 @@ def disagreement(errors):
             f"{errors['grad_error']:.2g} (relative)")
 
 
+def reference_or_none(compute):
+    """compute()'s reference results, or None where the device has no memory left for them: the rows then
+    carry no agreement ("-") instead of the benchmark stopping."""
+    try:
+        return compute()
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+
+
 def format_error(errors):
     """The table's cell: the larger of the two relative errors."""
     return "-" if errors is None else f"{max(errors.values()):.1e}"

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from bench_common import (AGREEMENT_LIMIT, agreement, copy_bandwidth_gbs, cuda_peak_extra_bytes, disagreement,
-                          environment, format_error, markdown_table, time_ms, write_results)
+                          environment, format_error, markdown_table, reference_or_none, time_ms, write_results)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -152,8 +152,8 @@ def loss_and_gradient(fn, logits, labels):
 
 
 def measure(name, fn, logits, labels, device, repeats, expected):
-    """(ms, extra bytes, errors against the reference's `expected` (loss, gradients)) of one peer; raises
-    PeerUnavailable with the reason it cannot run."""
+    """(ms, extra bytes, errors against the reference's `expected` (loss, gradients), None without one) of one
+    peer; raises PeerUnavailable with the reason it cannot run."""
     work = logits.clone() if name in OVERWRITES_LOGITS else logits
     prepare = (lambda: work.copy_(logits)) if name in OVERWRITES_LOGITS else None
 
@@ -172,7 +172,7 @@ def measure(name, fn, logits, labels, device, repeats, expected):
         extra = tracker.largest_bytes
     if prepare:
         prepare()
-    return ms, extra, agreement(*loss_and_gradient(fn, work, labels), *expected)
+    return ms, extra, agreement(*loss_and_gradient(fn, work, labels), *expected) if expected else None
 
 
 def bench_size(size, dtype_name, device, peers, repeats, bandwidth):
@@ -180,7 +180,8 @@ def bench_size(size, dtype_name, device, peers, repeats, bandwidth):
     logits, labels = make_inputs(batch, steps, vocab, DTYPES[dtype_name], device)
     limit_ms = must_move_bytes(logits, labels) / (bandwidth * 1e9) * 1e3 if bandwidth else None
     fns = peer_fns(device)
-    expected = loss_and_gradient(eager_loss, logits, labels)  # held through the peers' runs, not counted in them
+    # held through the peers' runs, outside their memory measurements
+    expected = reference_or_none(lambda: loss_and_gradient(eager_loss, logits, labels))
     results = {}
     for name in peers:
         try:
@@ -202,8 +203,8 @@ def bench_size(size, dtype_name, device, peers, repeats, bandwidth):
         else:
             ms, extra, errors = result
             row.update(ms=ms, extra_bytes=extra, time_vs_ours=ms / ours_ms if ours_ms else None,
-                       fraction_of_limit=limit_ms / ms if limit_ms else None, **errors)
-            if disagreement(errors):
+                       fraction_of_limit=limit_ms / ms if limit_ms else None, **(errors or {}))
+            if errors and disagreement(errors):
                 row["note"] = disagreement(errors)
         rows.append(row)
     return rows
@@ -214,7 +215,7 @@ def format_row(row):
         return [row["size"], row["dtype"], row["peer"], "-", "-", "-", "-", "-", row["note"]]
     fraction = f"{100 * row['fraction_of_limit']:.0f}%" if row.get("fraction_of_limit") else "-"
     ratio = f"{row['time_vs_ours']:.2f}" if row.get("time_vs_ours") else "-"
-    errors = {key: row[key] for key in ("loss_error", "grad_error")}
+    errors = {key: row[key] for key in ("loss_error", "grad_error")} if "grad_error" in row else None
     return [row["size"], row["dtype"], row["peer"], f"{row['ms']:.2f}", ratio, f"{row['extra_bytes'] / 2**20:.1f}",
             fraction, format_error(errors), row.get("note", "")]
 

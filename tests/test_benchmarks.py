@@ -271,3 +271,24 @@ def test_long_pairs_fill_every_sequence_to_seq_len():
         for side in ("chosen", "rejected"):
             assert len(pair[f"{side}_input_ids"]) == 256
             assert sum(label != -100 for label in pair[f"{side}_labels"]) == 128
+
+
+def test_a_reference_without_memory_leaves_rows_unchecked(tmp_path, monkeypatch):
+    """A reference that runs out of device memory costs the rows their agreement, not the benchmark."""
+    import torch
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("no memory for the reference")
+
+    monkeypatch.setattr(bench_from_logits, "eager_loss", out_of_memory)
+    monkeypatch.setattr(bench_fused_linear, "reference_results", out_of_memory)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    rows = bench_from_logits.main(["--sizes", "2x8x64", "--dtypes", "fp32", "--peers", "ours", "--repeats", "1",
+                                   "--markdown", str(tmp_path / "logits.md")])
+    assert rows[0]["ms"] > 0 and "grad_error" not in rows[0] and "note" not in rows[0], rows
+    out = tmp_path / "rows.json"
+    bench_fused_linear.main(["--sizes", "2x8x16x64", "--repeats", "1", "--warmup", "1", "--methods", "fused",
+                             "--json", str(out), "--markdown", str(tmp_path / "hidden.md")])
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["ms"] > 0 and "grad_error" not in row and row["note"] is None, row
+    assert "| 2x8x16x64 | fp32 | fused |" in (tmp_path / "hidden.md").read_text()
