@@ -204,8 +204,9 @@ def bench_size(size, dtype_name, device, peers, repeats, bandwidth):
             ms, extra, errors = result
             row.update(ms=ms, extra_bytes=extra, time_vs_ours=ms / ours_ms if ours_ms else None,
                        fraction_of_limit=limit_ms / ms if limit_ms else None, **(errors or {}))
-            if errors and disagreement(errors):
-                row["note"] = disagreement(errors)
+            note = disagreement(errors) if errors else None
+            if note:
+                row["note"] = note
         rows.append(row)
     return rows
 

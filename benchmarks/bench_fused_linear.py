@@ -65,17 +65,18 @@ class PeerUnavailable(Exception):
     """Why a peer has no numbers here (not installed, needs CUDA)."""
 
 
+def eager_pair_logps(hidden, weight, labels):
+    """(chosen, rejected) length-normalized log-probs from all the logits, in plain PyTorch (the reference)."""
+    return ref.sequence_logps(F.linear(hidden, weight), labels, shift=True).float().chunk(2)
+
+
 def eager_loss(hidden, weight, labels):
-    logps = ref.sequence_logps(F.linear(hidden, weight), labels, shift=True).float()
-    half = logps.shape[0] // 2
-    return ref.amapo_loss(logps[:half], logps[half:])
+    return ref.amapo_loss(*eager_pair_logps(hidden, weight, labels))
 
 
 def eager_simpo_loss(hidden, weight, labels):
     """The reference of liger_simpo's loss: SimPO with its beta and gamma on eager's log-probs."""
-    logps = ref.sequence_logps(F.linear(hidden, weight), labels, shift=True).float()
-    half = logps.shape[0] // 2
-    return ref.preference_loss(logps[:half], logps[half:], method="simpo", beta=2.0, gamma=1.0)
+    return ref.preference_loss(*eager_pair_logps(hidden, weight, labels), method="simpo", beta=2.0, gamma=1.0)
 
 
 _COMPILED = {}
@@ -167,9 +168,7 @@ def step_fn(name, hidden, weight, labels, token_chunk, vocab_chunk):
         elif name == "op_logits":
             loss = ak.amapo_loss_from_logits(F.linear(hidden, weight), labels, shift=True)
         else:
-            logps = ref.sequence_logps(F.linear(hidden, weight), labels, shift=True).float()
-            half = logps.shape[0] // 2
-            loss = ref.amapo_loss(logps[:half], logps[half:])
+            loss = eager_loss(hidden, weight, labels)
         loss.backward()
         return loss.detach()
 
