@@ -16,8 +16,10 @@ data), so label ids lie below its vocabulary although the model scores all 12825
 Reported per impl, from the run's metrics.jsonl: tokens/s, the median over the steps after
 --warmup-steps of (prompt + response tokens of the step) / (its wall time), the driver's own
 `tokens_per_s`; peak memory (CUDA), the most torch allocated during the run (`peak_memory_gib`, which
-includes weights, gradients and optimizer state); the last step's loss (finite: the run trained). A run
-that fails gets its row with the last line of its output as the reason.
+includes weights, gradients and optimizer state); the first step's loss and its relative difference from
+eager's (one model, one batch: every impl must compute the same loss, within bench_common.AGREEMENT_LIMIT,
+else the row says it disagrees); the last step's loss (finite: the run trained). A run that fails gets its
+row with the last line of its output as the reason.
 
     python benchmarks/bench_train.py                      # CPU: llama3-vocab-tiny, short sequences
     python benchmarks/bench_train.py --device cuda        # the issue's run: llama3-1b, seq 2048, ZeRO-3, bf16,
@@ -39,7 +41,7 @@ sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT))
 
 from amapo_train.data import load_records, split_hh_pair  # noqa: E402
-from bench_common import environment, markdown_table, write_results  # noqa: E402
+from bench_common import AGREEMENT_LIMIT, environment, markdown_table, write_results  # noqa: E402
 
 IMPLS = ("fused", "ops", "eager")
 DEFAULTS = {  # device -> (shape, seq_len, steps, warmup steps)
@@ -131,8 +133,8 @@ def measure(args, impl: str, data: dict, work: Path, limit: float) -> dict:
         row["error"] = (lines[-1] if lines else f"exit status {returncode}")[:300]
         return row
     timed = [step["tokens_per_s"] for step in steps[args.warmup_steps:]]
-    row.update(tokens_per_s=statistics.median(timed), timed_steps=len(timed), last_loss=steps[-1]["loss"],
-               tokens_per_step=args.pairs * 2 * args.seq_len)
+    row.update(tokens_per_s=statistics.median(timed), timed_steps=len(timed), first_loss=steps[0]["loss"],
+               last_loss=steps[-1]["loss"], tokens_per_step=args.pairs * 2 * args.seq_len)
     if "peak_memory_gib" in steps[-1]:
         row["peak_memory_gib"] = max(step["peak_memory_gib"] for step in steps)
     return row
@@ -144,19 +146,28 @@ def time_limit(timeout: float, budget: float | None, spent: float) -> float | No
     return limit if limit > 0 else None
 
 
+def first_loss_note(loss: float, eager_loss: float | None) -> str:
+    """The first-step loss against eager's: the relative difference, and whether it is beyond the limit."""
+    if eager_loss is None:
+        return "-"
+    error = abs(loss - eager_loss) / abs(eager_loss) if eager_loss else abs(loss)
+    return f"{error:.1e}" + (" DISAGREES" if error > AGREEMENT_LIMIT else "")
+
+
 def table(rows: list[dict]) -> str:
-    eager = next((row.get("tokens_per_s") for row in rows if row["impl"] == "eager"), None)
+    eager = next((row for row in rows if row["impl"] == "eager" and "error" not in row), {})
     cells = []
     for row in rows:
         if "error" in row:
-            cells.append([row["impl"], "failed: " + row["error"].replace("|", "/"), "", "", "", ""])
+            cells.append([row["impl"], "failed: " + row["error"].replace("|", "/"), "", "", "", "", "", ""])
             continue
-        speedup = f"{row['tokens_per_s'] / eager:.2f}x" if eager else "-"
+        speedup = f"{row['tokens_per_s'] / eager['tokens_per_s']:.2f}x" if eager else "-"
         memory = f"{row['peak_memory_gib']:.2f}" if "peak_memory_gib" in row else "-"
         cells.append([row["impl"], f"{row['tokens_per_s']:.0f}", speedup, memory, row["timed_steps"],
+                      f"{row['first_loss']:.4f}", first_loss_note(row["first_loss"], eager.get("first_loss")),
                       f"{row['last_loss']:.4f}"])
-    return markdown_table(["loss impl", "tokens/s", "vs eager", "peak memory GiB", "steps timed", "last loss"],
-                          cells)
+    return markdown_table(["loss impl", "tokens/s", "vs eager", "peak memory GiB", "steps timed", "first loss",
+                           "vs eager's", "last loss"], cells)
 
 
 def parse_args(argv=None):

@@ -219,8 +219,20 @@ def test_train_benchmark_trains_every_impl_under_zero3(tmp_path):
     first_losses = {json.loads((tmp_path / impl / "metrics.jsonl").read_text().splitlines()[0])["loss"]
                     for impl in bench_train.IMPLS}
     assert max(first_losses) - min(first_losses) < 1e-3 * max(first_losses), first_losses  # one model, one batch
+    assert {row["first_loss"] for row in rows} == first_losses
     assert not any((tmp_path / impl / "final").exists() for impl in bench_train.IMPLS)  # --save-final off
-    assert "| fused |" in (tmp_path / "rows.md").read_text()
+    table = (tmp_path / "rows.md").read_text()
+    assert "| fused |" in table and "| first loss | vs eager's |" in table and "DISAGREES" not in table
+
+
+def test_train_benchmark_marks_a_first_loss_unlike_eagers():
+    """One model, one batch: an impl whose first-step loss is not eager's computed another loss."""
+    import bench_train
+
+    assert bench_train.first_loss_note(0.70, 0.70) == "0.0e+00"
+    assert bench_train.first_loss_note(0.701, 0.70) == "1.4e-03"
+    assert bench_train.first_loss_note(0.80, 0.70) == "1.4e-01 DISAGREES"
+    assert bench_train.first_loss_note(0.80, None) == "-"  # eager did not run
 
 
 def test_train_benchmark_reports_an_impl_past_its_timeout(tmp_path):
