@@ -285,6 +285,16 @@ def test_long_pairs_fill_every_sequence_to_seq_len():
             assert sum(label != -100 for label in pair[f"{side}_labels"]) == 128
 
 
+def test_a_gradient_filter_is_held_to_its_loss_and_reports_its_gradient_error():
+    from bench_common import disagreement
+
+    assert disagreement({"loss_error": 1e-4, "grad_error": 1e-3}, gradient_filter=True) is None
+    assert disagreement({"loss_error": 1e-4, "grad_error": 0.2}, gradient_filter=True) == (
+        "gradient filter: its gradient is off the exact one by 0.2 (relative)")
+    assert disagreement({"loss_error": 0.3, "grad_error": 0.2}, gradient_filter=True).startswith("DISAGREES")
+    assert disagreement({"loss_error": 1e-4, "grad_error": 0.2}).startswith("DISAGREES")
+
+
 def test_a_reference_without_memory_leaves_rows_unchecked(tmp_path, monkeypatch):
     """A reference that runs out of device memory costs the rows their agreement, not the benchmark."""
     import torch
