@@ -83,9 +83,9 @@ def disagreement(errors, gradient_filter=False):
             f"{errors['grad_error']:.2g} (relative)")
 
 
-def reference_or_none(compute):
-    """compute()'s reference results, or None where the device has no memory left for them: the rows then
-    carry no agreement ("-") instead of the benchmark stopping."""
+def unless_out_of_memory(compute):
+    """compute() (a reference's results, or a row's agreement), or None where the device has no memory left
+    for it: the rows then carry no agreement ("-") instead of losing their timings or stopping the run."""
     try:
         return compute()
     except torch.OutOfMemoryError:

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from bench_common import (AGREEMENT_LIMIT, agreement, copy_bandwidth_gbs, cuda_peak_extra_bytes, disagreement,
-                          environment, format_error, markdown_table, reference_or_none, time_ms, write_results)
+                          environment, format_error, markdown_table, time_ms, unless_out_of_memory, write_results)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -172,7 +172,9 @@ def measure(name, fn, logits, labels, device, repeats, expected):
         extra = tracker.largest_bytes
     if prepare:
         prepare()
-    return ms, extra, agreement(*loss_and_gradient(fn, work, labels), *expected) if expected else None
+    if expected is None:
+        return ms, extra, None
+    return ms, extra, unless_out_of_memory(lambda: agreement(*loss_and_gradient(fn, work, labels), *expected))
 
 
 def bench_size(size, dtype_name, device, peers, repeats, bandwidth):
@@ -181,7 +183,7 @@ def bench_size(size, dtype_name, device, peers, repeats, bandwidth):
     limit_ms = must_move_bytes(logits, labels) / (bandwidth * 1e9) * 1e3 if bandwidth else None
     fns = peer_fns(device)
     # held through the peers' runs, outside their memory measurements
-    expected = reference_or_none(lambda: loss_and_gradient(eager_loss, logits, labels))
+    expected = unless_out_of_memory(lambda: loss_and_gradient(eager_loss, logits, labels))
     results = {}
     for name in peers:
         try:

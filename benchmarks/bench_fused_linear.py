@@ -54,7 +54,7 @@ from amapo_kernels import reference as ref  # noqa: E402
 from amapo_kernels.fused_linear import TOKEN_CHUNK, VOCAB_CHUNK, amapo_loss_from_hidden  # noqa: E402
 from amapo_kernels.testing import LargestTensor  # noqa: E402
 from bench_common import (AGREEMENT_LIMIT, agreement, cuda_peak_extra_bytes, disagreement, environment,  # noqa: E402
-                          format_error, markdown_table, reference_or_none, time_ms, write_results)
+                          format_error, markdown_table, time_ms, unless_out_of_memory, write_results)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SIZES = {"cpu": "2x128x128x4096,4x256x256x8192", "cuda": "8x1024x4096x32000,8x2048x4096x128256"}
@@ -264,7 +264,7 @@ def main(argv=None):
     for batch, steps, width, vocab in parse_sizes(args.sizes or DEFAULT_SIZES[args.device]):
         hidden, weight, labels = make_inputs(batch, steps, width, vocab, dtype, args.device)
         references = {REFERENCE_LOSS.get(name, eager_loss) for name in methods if name != "floor_4mm"}
-        expected = reference_or_none(lambda: reference_results(references, hidden, weight, labels))
+        expected = unless_out_of_memory(lambda: reference_results(references, hidden, weight, labels))
         for name in methods:
             ms, mem, errors, note = measure(name, hidden, weight, labels, expected, args)
             rows.append({"batch": batch, "steps": steps, "width": width, "vocab": vocab, "method": name,
@@ -284,8 +284,6 @@ def measure(name, hidden, weight, labels, expected, args):
     try:
         ms = time_ms(run, args.device, args.warmup, args.repeats)
         mem = memory_bytes(run, args.device)
-        errors = errors_against_reference(name, run, hidden, weight, expected)
-        return ms, mem, errors, disagreement(errors, name in FILTERED) if errors else None
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return None, None, None, "OOM"
@@ -295,6 +293,8 @@ def measure(name, hidden, weight, labels, expected, args):
         if name in ("fused", "triton", "triton_filter", "cublas", "op_logits"):
             raise
         return None, None, None, f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    errors = unless_out_of_memory(lambda: errors_against_reference(name, run, hidden, weight, expected))
+    return ms, mem, errors, disagreement(errors, name in FILTERED) if errors else None
 
 
 def triton_autotuned() -> dict[str, str]:

@@ -295,15 +295,21 @@ def test_a_gradient_filter_is_held_to_its_loss_and_reports_its_gradient_error():
     assert disagreement({"loss_error": 1e-4, "grad_error": 0.2}).startswith("DISAGREES")
 
 
-def test_a_reference_without_memory_leaves_rows_unchecked(tmp_path, monkeypatch):
-    """A reference that runs out of device memory costs the rows their agreement, not the benchmark."""
+@pytest.mark.parametrize("short_of_memory", ["reference", "agreement run"])
+def test_out_of_memory_for_the_check_leaves_rows_unchecked(tmp_path, monkeypatch, short_of_memory):
+    """A reference, or a row's extra run for its agreement, that runs out of device memory costs the rows
+    their agreement, not their timings or the benchmark."""
     import torch
 
     def out_of_memory(*args):
-        raise torch.OutOfMemoryError("no memory for the reference")
+        raise torch.OutOfMemoryError("no memory left")
 
-    monkeypatch.setattr(bench_from_logits, "eager_loss", out_of_memory)
-    monkeypatch.setattr(bench_fused_linear, "reference_results", out_of_memory)
+    if short_of_memory == "reference":
+        monkeypatch.setattr(bench_from_logits, "eager_loss", out_of_memory)
+        monkeypatch.setattr(bench_fused_linear, "reference_results", out_of_memory)
+    else:
+        monkeypatch.setattr(bench_from_logits, "agreement", out_of_memory)
+        monkeypatch.setattr(bench_fused_linear, "agreement", out_of_memory)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     rows = bench_from_logits.main(["--sizes", "2x8x64", "--dtypes", "fp32", "--peers", "ours", "--repeats", "1",
                                    "--markdown", str(tmp_path / "logits.md")])
