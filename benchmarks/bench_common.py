@@ -93,9 +93,12 @@ def unless_out_of_memory(compute):
         return None
 
 
-def format_error(errors):
-    """The table's cell: the larger of the two relative errors."""
-    return "-" if errors is None else f"{max(errors.values()):.1e}"
+def format_error(record):
+    """The table's cell of a row (or of agreement()'s errors): the larger of its two relative errors, "-"
+    where it has none."""
+    if record is None or "grad_error" not in record:
+        return "-"
+    return f"{max(record['loss_error'], record['grad_error']):.1e}"
 
 
 def copy_bandwidth_gbs():

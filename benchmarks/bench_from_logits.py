@@ -218,9 +218,8 @@ def format_row(row):
         return [row["size"], row["dtype"], row["peer"], "-", "-", "-", "-", "-", row["note"]]
     fraction = f"{100 * row['fraction_of_limit']:.0f}%" if row.get("fraction_of_limit") else "-"
     ratio = f"{row['time_vs_ours']:.2f}" if row.get("time_vs_ours") else "-"
-    errors = {key: row[key] for key in ("loss_error", "grad_error")} if "grad_error" in row else None
     return [row["size"], row["dtype"], row["peer"], f"{row['ms']:.2f}", ratio, f"{row['extra_bytes'] / 2**20:.1f}",
-            fraction, format_error(errors), row.get("note", "")]
+            fraction, format_error(row), row.get("note", "")]
 
 
 COLUMNS = ["B x T x V", "dtype", "peer", "fwd+bwd ms", "x ours", "extra MiB", "% of limit", "err vs ref", "note"]

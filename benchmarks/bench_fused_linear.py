@@ -316,10 +316,9 @@ def markdown_report(rows, args, env, autotuned):
     for r in rows:
         baseline = ours_ms.get((r["batch"], r["steps"], r["width"], r["vocab"]))
         ratio = f"{r['ms'] / baseline:.2f}" if r["ms"] and baseline else "-"
-        errors = {key: r[key] for key in ("loss_error", "grad_error")} if "grad_error" in r else None
         cells.append([f"{r['batch']}x{r['steps']}x{r['width']}x{r['vocab']}", args.dtype, r["method"],
                       "-" if r["ms"] is None else f"{r['ms']:.2f}", ratio,
-                      "-" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.1f}", format_error(errors),
+                      "-" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.1f}", format_error(r),
                       r["note"] or ""])
     header = (f"From hidden states, fwd+bwd, {env.get('gpu', 'CPU')} (driver {env.get('driver', '-')}), torch "
               f"{env['torch']}, {env['date']}\n\n`{env['command']}`\n\n")
