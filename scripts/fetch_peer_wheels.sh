@@ -40,4 +40,4 @@ if clash:
     sys.exit(f"fetch_peer_wheels: several versions of {clash}: remove the old ones from {sys.argv[1]}")
 EOF
 ls -l "$DEST"
-echo "fetch_peer_wheels: $(ls "$DEST"/*.whl | wc -l) wheels, $(du -sh "$DEST" | cut -f1) in $DEST (carry it: run(carry=['.whl']))"
+echo "fetch_peer_wheels: $(find "$DEST" -maxdepth 1 -name "*.whl" | wc -l) wheels, $(du -sh "$DEST" | cut -f1) in $DEST (carry it: run(carry=['.whl']))"
