@@ -146,7 +146,7 @@ part2() {
   # H=4096; bf16 as trained, and fp32 from logits. Then the rest of issue 12's from-logits table (B*T = 2k and
   # 16k, V=32000): where the budget runs short, it is what goes. One (size, dtype) with every peer took 29 s on
   # an H200, torch.compile's compile included; the from-hidden table 68 s.
-  run_step "bench_from_logits (paper size)" "$RESULTS/bench.log" 120 "$PY" benchmarks/bench_from_logits.py \
+  run_step "bench_from_logits (paper size)" "$RESULTS/bench.log" 180 "$PY" benchmarks/bench_from_logits.py \
     --device cuda --sizes 4x2048x128256 --dtypes bf16,fp32 \
     --json "$RESULTS/from_logits.json" --markdown "$RESULTS/from_logits.md"
   run_step "bench_fused_linear" "$RESULTS/bench.log" 240 "$PY" benchmarks/bench_fused_linear.py --device cuda \
