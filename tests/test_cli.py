@@ -67,3 +67,101 @@ def test_every_flag_has_help_and_shows_its_default_and_choices():
         if field.name != "hparams" and getattr(defaults, field.name) is not None:
             assert "default" in flags[field.name].help, field.name
     assert all(flags[name].choices == choices for name, choices in CHOICES.items())
+
+
+NUMBER_MISTAKES = {  # a number outside what its flag takes; run in process (amapo_train.train.cli)
+    "negative learning rate": (["--learning-rate", "-1"], "--learning-rate -1.0: must be >= 0"),
+    "NaN learning rate": (["--learning-rate", "nan"], "--learning-rate nan: must be a finite number"),
+    "no pair per device": (["--per-device-batch-size", "0"], "--per-device-batch-size 0: must be >= 1"),
+    "no pair per step": (["--total-batch-size", "0"], "--total-batch-size 0: must be >= 1"),
+    "no epoch": (["--epochs", "0"], "--epochs 0: must be >= 1"),
+    "no step": (["--max-steps", "0"], "--max-steps 0: must be >= 1"),
+    "warm-up beyond the run": (["--warmup-ratio", "2"], "--warmup-ratio 2.0: must be in [0, 1]"),
+    "negative weight decay": (["--weight-decay", "-0.1"], "--weight-decay -0.1: must be >= 0"),
+    "negative clipping norm": (["--max-grad-norm", "-1"], "--max-grad-norm -1.0: must be >= 0"),
+    "negative seed": (["--seed", "-1"], "--seed -1: must be in [0, 4294967295]"),
+    "seed beyond 32 bits": (["--seed", str(2**32)], "--seed 4294967296: must be in [0, 4294967295]"),
+    "no held-out pair per pass": (["--eval-batch-size", "0"], "--eval-batch-size 0: must be >= 1"),
+    "no training pair": (["--max-train-pairs", "0"], "--max-train-pairs 0: must be >= 1"),
+    "no held-out pair": (["--max-test-pairs", "0"], "--max-test-pairs 0: must be >= 1"),
+    "no process": (["--num-processes", "0"], "--num-processes 0: must be >= 1"),
+    "prompt as long as the pair": (["--max-length", "64", "--max-prompt-length", "64"],
+                                   "--max-prompt-length 64 must lie in [1, --max-length 64)"),
+    "no prompt token": (["--max-prompt-length", "0"], "--max-prompt-length 0 must lie in [1, --max-length"),
+    "no process planned": (["--world-size", "0"], "--world-size 0: must be >= 1"),
+    "no example": (["--show-examples", "0"], "--show-examples 0: must be >= 1"),
+    "stop before the first step": (["--stop-after-steps", "-1"], "--stop-after-steps -1: must be >= 1"),
+}
+
+
+def assert_one_line_error(status, stderr, message):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1, stderr
+    assert lines[0].startswith("amapo-train: error:") and message in lines[0], stderr
+
+
+@pytest.mark.parametrize("name", sorted(NUMBER_MISTAKES))
+def test_number_outside_its_range_is_a_user_error(name, capsys):
+    from amapo_train.train import cli
+
+    args, message = NUMBER_MISTAKES[name]
+    status = cli([*args, "--dry-run"])
+    assert_one_line_error(status, capsys.readouterr().err, message)
+
+
+def test_boundary_numbers_are_accepted(capsys):
+    """0 turns clipping, intermediate checkpoints and evaluation during training off; 0 and 1 bound the
+    warm-up share; a learning rate of 0 is AdamW's own lower bound."""
+    from amapo_train.train import cli
+
+    for args in (["--max-grad-norm", "0", "--save-steps", "0", "--eval-steps", "0", "--warmup-ratio", "0"],
+                 ["--warmup-ratio", "1", "--learning-rate", "0", "--seed", str(2**32 - 1), "--max-steps", "1"],
+                 ["--max-length", "2", "--max-prompt-length", "1", "--world-size", "1"]):
+        assert cli([*args, "--dry-run"]) == 0, capsys.readouterr().err
+
+
+RECIPE_MISTAKES = {  # a recipe file's text -> the one-line error
+    "not YAML": ("epochs: [\n", "not readable as YAML"),
+    "not a mapping": ("- epochs\n- seed\n", "expected a mapping of keys to values, got a list"),
+    "a word for an integer": ("max_length: long\n", "max_length: expected an integer, got 'long'"),
+    "a boolean for an integer": ("epochs: true\n", "epochs: expected an integer, got True"),
+    "a fraction for an integer": ("per_device_batch_size: 2.5\n", "per_device_batch_size: expected an integer"),
+    "a number for a mapping": ("hparams: 3\n", "hparams: expected a mapping, got 3"),
+    "a word for a boolean": ("bf16: maybe\n", "bf16: expected on/off (true/false), got 'maybe'"),
+    "a value outside its range": ("warmup_ratio: 1.5\n", "--warmup-ratio 1.5: must be in [0, 1]"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_MISTAKES))
+def test_recipe_mistake_is_a_user_error(name, tmp_path, capsys):
+    from amapo_train.train import cli
+
+    text, message = RECIPE_MISTAKES[name]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    status = cli(["--recipe", str(recipe), "--dry-run"])
+    assert_one_line_error(status, capsys.readouterr().err, message)
+
+
+def test_recipe_numbers_that_yaml_reads_as_strings(tmp_path):
+    """YAML 1.1 reads 6e-7 (no dot) and quoted numbers as strings: the recipe's field types convert them."""
+    from amapo_train.config import TrainConfig
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("learning_rate: 6e-7\nepochs: '2'\nwarmup_ratio: 0\nbf16: 'off'\nmax_steps: null\n")
+    config = TrainConfig.from_recipe(recipe)
+    assert config.learning_rate == 6e-7 and isinstance(config.learning_rate, float)
+    assert config.epochs == 2 and config.warmup_ratio == 0.0 and isinstance(config.warmup_ratio, float)
+    assert config.bf16 is False and config.max_steps is None
+    config.validate()
+
+
+def test_too_few_pairs_for_one_step_is_a_user_error(tmp_path, capsys):
+    from amapo_train.train import cli
+
+    status = cli(["--max-train-pairs", "8", "--total-batch-size", "32", "--per-device-batch-size", "16",
+                  "--output-dir", str(tmp_path / "run"), "--log-with", "none", "--device", "cpu"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("amapo-train: error:")]
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "no optimizer step: 8 training pairs are fewer than one batch of --total-batch-size 32" in lines[0]

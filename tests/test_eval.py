@@ -639,6 +639,35 @@ def test_console_user_errors(tmp_path, saved_model):
     assert_user_error(run_console("rank", "--model", saved_model), "--data")  # argparse's own errors: one line too
 
 
+EVAL_NUMBER_MISTAKES = {  # a number outside what its flag takes: one line, status 2, before the model loads
+    "no bootstrap resample": (["rank", "--n-boot", "0"], "--n-boot 0: must be >= 1"),
+    "no response token": (["rank", "--max-length", "0"], "--max-prompt-length 1800 must lie in [1, --max-length 0)"),
+    "prompt as long as the pair": (["rmbench", "--max-length", "64", "--max-prompt-length", "64"],
+                                   "--max-prompt-length 64 must lie in [1, --max-length 64)"),
+    "no prompt held out": (["splits", "--valid-prompt-fraction", "0"], "--valid-prompt-fraction 0.0: must be in (0, 1)"),
+    "NaN model share": (["splits", "--valid-model-fraction", "nan"], "--valid-model-fraction nan: must be in (0, 1)"),
+    "infinite temperature": (["generate", "--format", "alpacaeval", "--temperature", "inf"],
+                             "--temperature inf: must be a finite number >= 0"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EVAL_NUMBER_MISTAKES))
+def test_console_number_outside_its_range(name, tmp_path, capsys):
+    args, message = EVAL_NUMBER_MISTAKES[name]
+    command, flags = args[0], args[1:]
+    # a model directory that would fail to load: the check must come first
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    inputs = {"rank": ["--model", model, "--data", "bundled:hh-rlhf"],
+              "rmbench": ["--model", model, "--data", "bundled:hh-rlhf"],
+              "splits": ["--data", "bundled:hh-rlhf", "--output", tmp_path / "splits"],
+              "generate": ["--model", model, "--instructions", tmp_path / "i.json", "--output", tmp_path / "a.json"]}
+    assert cli.main([command, *map(str, inputs[command]), *flags]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("amapo-eval: error: ") and message in lines[0], lines
+
+
 def test_console_without_extras(tmp_path, saved_model):
     stubs = tmp_path / "stubs"  # shadows transformers the way a plain `pip install .` leaves it: not importable
     stubs.mkdir()

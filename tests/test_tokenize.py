@@ -143,3 +143,14 @@ def test_joint_tokenization_split_when_the_answer_merges_into_the_prompt():
     assert pair["chosen_input_ids"] == [1, ord("x"), 99, ord("c"), 2]
     assert pair["chosen_labels"] == [-100, -100, 99, ord("c"), 2]
     assert pair["rejected_input_ids"] == [1, ord("x"), ord("a"), ord("d"), ord("d"), 2]
+
+
+@pytest.mark.parametrize("tokenization", ["trl", "separate"])
+@pytest.mark.parametrize("max_length, max_prompt_length", [(8, 8), (8, 12), (8, 0), (0, -5)])
+def test_lengths_that_leave_no_response_token_are_refused(tok, tokenization, max_length, max_prompt_length):
+    """Both rules cut responses to max_length - max_prompt_length tokens: with none left (or a negative
+    count, which Python's slicing would read from the end) the pair is refused, never silently garbled."""
+    rec = record("Tell me a story about a dog", "That is a long answer " * 20, "Short one.")
+    with pytest.raises(ValueError, match=r"max_prompt_length must lie in \[1, max_length\)"):
+        data.tokenize_pair(tok, *data.record_texts(rec, tok, tokenization=tokenization), max_length=max_length,
+                           max_prompt_length=max_prompt_length, tokenization=tokenization)

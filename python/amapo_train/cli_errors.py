@@ -3,6 +3,7 @@ command line or its inputs is one line on stderr and exit status 2, never a trac
 for bugs). Standard library only, so it works before (and when) the training extras are missing."""
 
 import argparse
+import math
 import sys
 
 INSTALL_EXTRAS = 'pip install "amapo-kernels[train]"'
@@ -55,6 +56,16 @@ def run_console_script(prog: str, main, argv=None) -> int:
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return 2
     return 0
+
+
+def check_range(flag: str, value, low=None, high=None) -> None:
+    """A UserError naming `flag` unless `value` is a finite number with low <= value <= high (None: no
+    bound). Called by the console scripts on their numeric flags before anything is loaded."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{flag} {value!r}: must be a finite number")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
+        raise UserError(f"{flag} {value}: must be {bounds}")
 
 
 def check_device(device: str | None, flag: str = "--device") -> None:

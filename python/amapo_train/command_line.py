@@ -10,13 +10,12 @@ import typing
 from pathlib import Path
 
 from amapo_kernels.preference import METHODS
-from amapo_train.cli_errors import HelpFormatter, OneLineParser, UserError, check_device
-from amapo_train.config import (CHAT_TEMPLATES, DATASET_FORMATS, DEFAULT_SCORE_COLUMNS, LOSS_IMPLS, RECIPES,
-                                TOKENIZATIONS, TRACKERS, TrainConfig, settable_hparams)
+from amapo_train.cli_errors import HelpFormatter, OneLineParser, UserError, check_device, check_range
+from amapo_train.config import (BOOLEANS, CHAT_TEMPLATES, DATASET_FORMATS, DEFAULT_SCORE_COLUMNS, LOSS_IMPLS,
+                                RECIPES, TOKENIZATIONS, TRACKERS, TrainConfig, settable_hparams)
 from amapo_train.data import looks_local
 
 STATE_FILE = "trainer_state.json"
-BOOLEANS = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
 CHOICES = {"loss": METHODS, "loss_impl": LOSS_IMPLS, "tokenization": TOKENIZATIONS, "chat_template": CHAT_TEMPLATES,
            "log_with": TRACKERS, "dataset_format": DATASET_FORMATS}
 # The importable module each tracker needs (accelerate's tensorboard tracker: torch.utils.tensorboard).
@@ -46,7 +45,7 @@ HELP = {  # one line per TrainConfig field; a recipe sets the same keys
     "per_device_batch_size": "pairs per micro-batch and process",
     "num_processes": "the processes the recipe's authors launched (a different launch is warned about)",
     "epochs": "passes over the training data",
-    "max_steps": "cap on optimizer steps",
+    "max_steps": "cap on optimizer steps (unset: --epochs decide)",
     "warmup_ratio": "share of the steps with a linear warm-up",
     "weight_decay": "AdamW weight decay",
     "max_grad_norm": "gradient clipping norm (0: off)",
@@ -55,11 +54,11 @@ HELP = {  # one line per TrainConfig field; a recipe sets the same keys
     "gradient_checkpointing": "recompute activations in the backward (on/off)",
     "deepspeed": "zero2, zero3 or a DeepSpeed JSON config path",
     "output_dir": "checkpoints, metrics.jsonl and eval.json go here",
-    "save_steps": "checkpoint every N steps (and at the end)",
+    "save_steps": "checkpoint every N steps (0: none but the final one)",
     "save_final": "the final checkpoint (off: a throughput run that keeps no model)",
     "log_with": "experiment tracker",
     "eval_batch_size": "pairs per held-out forward pass",
-    "eval_steps": "held-out loss and ranking accuracy every N steps",
+    "eval_steps": "held-out loss and ranking accuracy every N steps (0: none during training)",
     "device": "cpu or cuda (default: accelerate's choice, the GPU when there is one)",
 }
 
@@ -136,6 +135,10 @@ def hparam_value(method: str, name: str, text: str):
 
 def check_run(config: TrainConfig, args, world_size: int) -> None:
     """Everything checkable before a model or data set is loaded (run by --dry-run too)."""
+    check_range("--world-size", world_size, 1)
+    for flag, value in (("--show-examples", args.show_examples), ("--stop-after-steps", args.stop_after_steps)):
+        if value is not None:
+            check_range(flag, value, 1)
     config.validate(world_size)
     check_source("--dataset", config.dataset)
     if config.eval_dataset:

@@ -2,10 +2,12 @@
 
 import dataclasses
 import os
+import typing
 from pathlib import Path
 
 from amapo_kernels.preference import METHODS, method_defaults, resolved_hparams
-from amapo_train.cli_errors import UserError
+from amapo_train.cli_errors import UserError, check_range
+from amapo_train.data import check_lengths
 
 RECIPES = Path(__file__).parent / "recipes"
 CONFIGS = Path(__file__).parent / "configs"
@@ -18,6 +20,17 @@ DATASET_FORMATS = ("auto", "pairs", "conversational", "implicit", "ultrafeedback
 DATA_HPARAMS = {"odpo": {"chosen_scores": "--chosen-score-column", "rejected_scores": "--rejected-score-column"}}
 # The score columns ODPO reads when no flag names them (UltraFeedback-binarized's).
 DEFAULT_SCORE_COLUMNS = ("score_chosen", "score_rejected")
+# The values each numeric field takes, (lowest, highest), None: no bound; an unset optional field (None) is not
+# checked. 0 turns off max_grad_norm, save_steps and eval_steps; max_steps and the max_*_pairs caps are left
+# unset for "no cap" (a 0 would read as no cap, not as nothing). The seed feeds numpy's 32-bit one too.
+NUMBER_RANGES = {
+    "learning_rate": (0, None), "total_batch_size": (1, None), "per_device_batch_size": (1, None),
+    "num_processes": (1, None), "epochs": (1, None), "max_steps": (1, None), "warmup_ratio": (0, 1),
+    "weight_decay": (0, None), "max_grad_norm": (0, None), "seed": (0, 2**32 - 1), "save_steps": (0, None),
+    "eval_batch_size": (1, None), "eval_steps": (0, None), "max_train_pairs": (1, None),
+    "max_test_pairs": (1, None),
+}
+BOOLEANS = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
 
 
 def settable_hparams(method: str) -> dict:
@@ -110,8 +123,14 @@ class TrainConfig:
                                       ("dataset-format", self.dataset_format, DATASET_FORMATS)):
             if value not in accepted:
                 raise UserError(f"--{name} must be one of {list(accepted)}, got {value!r}")
-        if self.max_prompt_length >= self.max_length:
-            raise UserError("--max-prompt-length must be smaller than --max-length")
+        for name, (low, high) in NUMBER_RANGES.items():
+            if getattr(self, name) is not None:
+                check_range(f"--{name.replace('_', '-')}", getattr(self, name), low, high)
+        try:
+            check_lengths(self.max_length, self.max_prompt_length)
+        except ValueError:
+            raise UserError(f"--max-prompt-length {self.max_prompt_length} must lie in [1, --max-length "
+                            f"{self.max_length})") from None
         self.gradient_accumulation_steps(world_size)
 
     def score_columns(self) -> tuple[str, str] | None:
@@ -153,13 +172,42 @@ class TrainConfig:
         if not path.exists():
             names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
             raise UserError(f"no recipe {recipe!r}: give a YAML path or one of {names}")
-        values = yaml.safe_load(path.read_text()) or {}
-        fields = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            raise UserError(f"recipe {path}: not readable as YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise UserError(f"recipe {path}: expected a mapping of keys to values, got a {type(values).__name__}")
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields), key=str)
         if unknown:
             raise UserError(f"recipe {path} has unknown keys {unknown}")
+        values = {name: recipe_value(path, fields[name], value) for name, value in values.items()}
         overrides = {key: value for key, value in overrides.items() if value is not None}
         if overrides.get("loss", values.get("loss", cls.loss)) != values.get("loss", cls.loss):
             values.pop("hparams", None)
         values.update(overrides)
         return cls(**values)
+
+
+def recipe_value(path, field: dataclasses.Field, value):
+    """A recipe's `value` for `field` as the field's type, else a UserError naming the recipe and key. YAML
+    reads `6e-7` (no dot) and quoted numbers as strings: a string that parses as the number is taken."""
+    kinds = typing.get_args(field.type) or (field.type,)
+    if value is None and type(None) in kinds:
+        return None
+    kind = next(k for k in kinds if k is not type(None))
+    if isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool):
+        return value
+    try:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if kind in (int, float) and isinstance(value, str):
+            return kind(value)
+        if kind is bool and isinstance(value, str):
+            return BOOLEANS[value.lower()]
+    except (ValueError, KeyError):
+        pass
+    expected = {int: "an integer", float: "a number", bool: "on/off (true/false)", str: "a string",
+                dict: "a mapping"}[kind]
+    raise UserError(f"recipe {path}: {field.name}: expected {expected}, got {value!r}")

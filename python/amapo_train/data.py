@@ -275,6 +275,14 @@ def prompt_needs_special_tokens(tokenizer, prompt: str) -> bool:
     return not (bos and prompt.startswith(bos))
 
 
+def check_lengths(max_length: int, max_prompt_length: int) -> None:
+    """A ValueError unless 1 <= max_prompt_length < max_length: both truncation rules leave the responses
+    max_length - max_prompt_length tokens, which must be at least one."""
+    if not 1 <= max_prompt_length < max_length:
+        raise ValueError(f"max_prompt_length must lie in [1, max_length), got max_prompt_length="
+                         f"{max_prompt_length} and max_length={max_length}")
+
+
 def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, *, max_length: int,
                   max_prompt_length: int, tokenization: str = "trl") -> dict | None:
     """Token ids and labels of one pair (conventions in the module docstring); None when a response text is
@@ -282,6 +290,7 @@ def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, *, max_len
 
     "trl" (default): the authors' / TRL's DPO rule (``tokenize_pair_trl``); "separate": the driver's older
     rule (``tokenize_pair_separate``)."""
+    check_lengths(max_length, max_prompt_length)
     if tokenization == "separate":
         return tokenize_pair_separate(tokenizer, prompt, chosen, rejected, max_length=max_length,
                                       max_prompt_length=max_prompt_length)

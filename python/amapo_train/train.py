@@ -367,8 +367,8 @@ def set_up(config: TrainConfig) -> TrainingRun:
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
     if total_steps == 0:
-        raise ValueError(f"no optimizer step: {len(train_set)} pairs is fewer than one batch of "
-                         f"{config.total_batch_size}")
+        raise UserError(f"--dataset {config.dataset}: no optimizer step: {len(train_set)} training pairs are "
+                        f"fewer than one batch of --total-batch-size {config.total_batch_size}")
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(scheduler)
     run = TrainingRun(accelerator, model, tokenizer, optimizer, scheduler, loader, train_set, test_set,
@@ -583,7 +583,7 @@ def run(argv=None):
     --dry-run, --show-examples or training; returns train()'s result (None otherwise)."""
     args = build_parser(__doc__).parse_args(argv)
     config = config_from_args(args)
-    world_size = args.world_size or default_world_size(config)
+    world_size = default_world_size(config) if args.world_size is None else args.world_size
     check_run(config, args, world_size)
     if args.dry_run:
         print(json.dumps(dry_run(config, world_size), indent=2))

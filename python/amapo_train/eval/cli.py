@@ -32,11 +32,12 @@ from pathlib import Path
 
 from amapo_train.cli_errors import HelpFormatter as _HelpFormatter
 from amapo_train.cli_errors import OneLineParser as _Parser
-from amapo_train.cli_errors import UserError, check_device, run_console_script
+from amapo_train.cli_errors import UserError, check_device, check_range, run_console_script
 from amapo_train.cli_errors import one_line as _one_line
 from amapo_train.cli_errors import require_extras as _require_extras
 from amapo_train.data import (
     PreferenceDataset,
+    check_lengths,
     chat_texts,
     detect_format,
     has_chat_template,
@@ -278,8 +279,8 @@ def resolve_decoding(args) -> dict:
         base = PRESETS[args.preset] if args.preset else DEFAULT_DECODING
     decoding = {key: base[key] if getattr(args, key) is None else getattr(args, key)
                 for key in ("temperature", "max_new_tokens", "top_p")}
-    if decoding["temperature"] is not None and decoding["temperature"] < 0:
-        raise UserError(f"--temperature {decoding['temperature']}: must be >= 0 (0 = greedy)")
+    if decoding["temperature"] is not None and not 0 <= decoding["temperature"] < float("inf"):
+        raise UserError(f"--temperature {decoding['temperature']}: must be a finite number >= 0 (0 = greedy)")
     if not 0.0 < decoding["top_p"] <= 1.0:
         raise UserError(f"--top-p {decoding['top_p']}: must be in (0, 1]")
     if decoding["max_new_tokens"] < 1:
@@ -482,10 +483,20 @@ MODEL_COMMANDS = ("rank", "rmbench", "generate")
 
 def check_args(args) -> None:
     """Everything that can be checked before a model or data set is loaded."""
-    if getattr(args, "batch_size", 1) < 1:
-        raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
-    if getattr(args, "limit", None) is not None and args.limit < 1:
-        raise UserError(f"--limit {args.limit}: must be >= 1")
+    for flag, name in (("--batch-size", "batch_size"), ("--limit", "limit"), ("--n-boot", "n_boot")):
+        if getattr(args, name, None) is not None:
+            check_range(flag, getattr(args, name), 1)
+    if hasattr(args, "max_prompt_length"):
+        try:
+            check_lengths(args.max_length, args.max_prompt_length)
+        except ValueError:
+            raise UserError(f"--max-prompt-length {args.max_prompt_length} must lie in [1, --max-length "
+                            f"{args.max_length})") from None
+    if args.command == "splits":
+        for flag, fraction in (("--valid-prompt-fraction", args.valid_prompt_fraction),
+                               ("--valid-model-fraction", args.valid_model_fraction)):
+            if not 0.0 < fraction < 1.0:  # also NaN
+                raise UserError(f"{flag} {fraction}: must be in (0, 1)")
     if args.command in MODEL_COMMANDS:
         require_extras(args.command)
         check_model_dir(args.model)
