@@ -27,6 +27,7 @@ from torch import nn
 from amapo_kernels._checks import (
     POSITIVE,
     SMOOTHING,
+    check_bool,
     check_even_batch,
     check_hparams,
     check_logits_labels,
@@ -121,6 +122,7 @@ def amapo_loss(
     """
     check_pair_logps(chosen_logps, rejected_logps)
     _check_hparams(beta, label_smoothing, variant, ablation)
+    check_bool("return_stats", return_stats)
     refuse_unsupported_transforms("amapo_kernels.amapo_loss", chosen_logps, rejected_logps)
     dtype = _pair_dtype(chosen_logps, rejected_logps)
     chosen, rejected = chosen_logps.to(dtype), rejected_logps.to(dtype)
@@ -198,6 +200,7 @@ class AMaPOLoss(nn.Module):
     ) -> None:
         super().__init__()
         _check_hparams(beta, label_smoothing, variant, ablation)
+        check_bool("shift", shift)
         self.beta, self.ignore_index, self.label_smoothing = beta, ignore_index, label_smoothing
         self.shift, self.variant, self.ablation, self.group = shift, variant, ablation, group
 

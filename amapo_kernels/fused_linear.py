@@ -29,6 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from amapo_kernels._checks import (
     LOGITS_DTYPES,
+    check_bool,
     check_even_batch,
     check_ignore_index,
     check_data,
@@ -59,8 +60,7 @@ def _resolve_backend(backend, gradient_filter, hidden, weight, bias) -> str:
     """auto: the Triton kernels for CUDA tensors (float64 stays on torch), the torch tiles on the CPU."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if not isinstance(gradient_filter, bool):
-        raise TypeError(f"gradient_filter must be a bool, got {type(gradient_filter).__name__}")
+    check_bool("gradient_filter", gradient_filter)
     if backend == "auto":
         fp64 = any(t is not None and t.dtype == torch.float64 for t in (hidden, weight, bias))
         backend = "triton" if hidden.is_cuda and not fp64 else "torch"
@@ -309,6 +309,7 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, logit_softcap, tok
     if labels.shape != hidden.shape[:2]:
         raise ValueError(f"labels must be [B, T] = {tuple(hidden.shape[:2])} to match hidden, got {tuple(labels.shape)}")
     ignore_index = check_ignore_index(ignore_index)  # the from-logits path's checks, shared
+    check_bool("shift", shift)
     if shift and hidden.shape[1] == 0:
         raise ValueError("shift=True needs T >= 1")  # as the from-logits op says
     check_logit_softcap(logit_softcap)
@@ -356,11 +357,12 @@ def sequence_logps_from_hidden(
     Returns [B] float32 (float64 if any input is float64); differentiable in hidden, weight and bias.
     """
     _check_inputs(hidden, lm_head_weight, labels, bias, ignore_index, logit_softcap, token_chunk, vocab_chunk, shift)
+    check_bool("average", average)
     refuse_unsupported_transforms("amapo_kernels.sequence_logps_from_hidden", hidden, lm_head_weight, bias)
     softcap = None if logit_softcap is None else float(logit_softcap)
     backend = _resolve_backend(backend, gradient_filter, hidden, lm_head_weight, bias)
     return _SequenceLogpsFromHidden.apply(
-        hidden, lm_head_weight, bias, labels, check_ignore_index(ignore_index), bool(average), bool(shift), softcap,
+        hidden, lm_head_weight, bias, labels, check_ignore_index(ignore_index), average, shift, softcap,
         token_chunk, vocab_chunk, backend, gradient_filter,
     )
 

@@ -36,8 +36,9 @@ def sequence_logps(
     Forward-mode AD, torch.func.grad/jvp/vjp and double backward raise errors naming this op; vmap works.
     """
     check_logits_labels(logits, labels)
-    options = (check_ignore_index(ignore_index), bool(average), bool(shift))
+    options = (check_ignore_index(ignore_index), check_bool("average", average), check_bool("shift", shift))
     check_labels = check_bool("check_labels", check_labels)
+    inplace_backward = check_bool("inplace_backward", inplace_backward)
     refuse_unsupported_transforms("amapo_kernels.sequence_logps", logits)
     if inplace_backward and not torch.compiler.is_compiling():
         _check_no_internal_overlap(logits)

@@ -1,5 +1,6 @@
 """What both benchmarks share: timing, peak memory, the record of where and how a table was measured."""
 
+import argparse
 import datetime
 import json
 import os
@@ -13,6 +14,47 @@ import time
 import torch
 
 import amapo_kernels
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr and exit status 2 (no usage block), as the console scripts'."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def int_at_least(low: int):
+    """argparse type: an integer >= low."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def sizes_of(dims: str):
+    """argparse type: comma-separated sizes of the form `dims` ("BxTxV"), positive integers with B even (B
+    rows: B/2 chosen, then B/2 rejected), kept as the strings the tables show."""
+
+    def parse(text):
+        sizes = [item for item in text.split(",") if item]
+        for item in sizes:
+            parts = item.split("x")
+            if len(parts) != dims.count("x") + 1 or not all(part.isdigit() and int(part) > 0 for part in parts):
+                raise argparse.ArgumentTypeError(f"{item!r} is not {dims} in positive integers")
+            if int(parts[0]) % 2:
+                raise argparse.ArgumentTypeError(f"{item!r}: B must be even (chosen rows, then rejected)")
+        if not sizes:
+            raise argparse.ArgumentTypeError("no size given")
+        return sizes
+
+    return parse
 
 
 def time_ms(run, device, warmup, repeats, prepare=None):

@@ -43,8 +43,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_common import (AGREEMENT_LIMIT, agreement, copy_bandwidth_gbs, cuda_peak_extra_bytes, disagreement,
-                          environment, format_error, markdown_table, time_ms, unless_out_of_memory, write_results)
+from bench_common import (AGREEMENT_LIMIT, Parser, agreement, copy_bandwidth_gbs, cuda_peak_extra_bytes,
+                          disagreement, environment, format_error, int_at_least, markdown_table, sizes_of, time_ms,
+                          unless_out_of_memory, write_results)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -227,12 +228,13 @@ LINE = "{:>16} {:>5} {:>14} {:>10} {:>7} {:>10} {:>10} {:>10}  {}"  # the printe
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--sizes", help="comma-separated BxTxV (B counts rows: B/2 pairs)")
+    parser.add_argument("--sizes", type=sizes_of("BxTxV"), help="comma-separated BxTxV (B counts rows: B/2 pairs)")
     parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, of {sorted(DTYPES)}")
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, of {PEERS}")
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per peer; the median is reported")
+    parser.add_argument("--repeats", type=int_at_least(1), default=20,
+                        help="timed runs per peer; the median is reported")
     parser.add_argument("--json", type=Path, help="write the rows and the environment here")
     parser.add_argument("--markdown", type=Path, help="write the table as markdown here")
     args = parser.parse_args(argv)
@@ -265,7 +267,7 @@ def main(argv=None):
         write_results(args.json, {"meta": meta, "rows": rows}, args.markdown,
                       header + markdown_table(COLUMNS, [format_row(row) for row in rows]), complete)
 
-    for size in (args.sizes or DEFAULT_SIZES[args.device]).split(","):
+    for size in args.sizes or DEFAULT_SIZES[args.device].split(","):
         for dtype_name in args.dtypes.split(","):
             for row in bench_size(size, dtype_name, args.device, peers, args.repeats, bandwidth):
                 rows.append(row)

@@ -53,8 +53,9 @@ import amapo_kernels as ak  # noqa: E402
 from amapo_kernels import reference as ref  # noqa: E402
 from amapo_kernels.fused_linear import TOKEN_CHUNK, VOCAB_CHUNK, amapo_loss_from_hidden  # noqa: E402
 from amapo_kernels.testing import LargestTensor  # noqa: E402
-from bench_common import (AGREEMENT_LIMIT, agreement, cuda_peak_extra_bytes, disagreement, environment,  # noqa: E402
-                          format_error, markdown_table, time_ms, unless_out_of_memory, write_results)
+from bench_common import (AGREEMENT_LIMIT, Parser, agreement, cuda_peak_extra_bytes, disagreement,  # noqa: E402
+                          environment, format_error, int_at_least, markdown_table, sizes_of, time_ms,
+                          unless_out_of_memory, write_results)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SIZES = {"cpu": "2x128x128x4096,4x256x256x8192", "cuda": "8x1024x4096x32000,8x2048x4096x128256"}
@@ -218,21 +219,17 @@ def memory_bytes(run, device):
     return tracker.largest_bytes
 
 
-def parse_sizes(text):
-    return [tuple(int(x) for x in item.split("x")) for item in text.split(",") if item]
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--sizes", help="comma-separated BxTxHxV (B even)")
+    parser.add_argument("--sizes", type=sizes_of("BxTxHxV"), help="comma-separated BxTxHxV (B even)")
     parser.add_argument("--methods", help="comma-separated; default: " + "; ".join(
         f"{device}: {methods}" for device, methods in DEFAULT_METHODS.items()))
-    parser.add_argument("--token-chunk", type=int, default=TOKEN_CHUNK)
-    parser.add_argument("--vocab-chunk", type=int, default=VOCAB_CHUNK)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--token-chunk", type=int_at_least(1), default=TOKEN_CHUNK)
+    parser.add_argument("--vocab-chunk", type=int_at_least(1), default=VOCAB_CHUNK)
+    parser.add_argument("--warmup", type=int_at_least(0), default=3)
+    parser.add_argument("--repeats", type=int_at_least(1), default=20)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--markdown", type=Path, help="also write the table, with time ratios to ours (triton on CUDA, fused on the CPU), here")
     args = parser.parse_args(argv)
@@ -261,7 +258,8 @@ def main(argv=None):
               f"{'extra MiB' if args.device == 'cuda' else 'largest MiB':>12} {'err vs ref':>10}")
     print(header)
     methods = (args.methods or DEFAULT_METHODS[args.device]).split(",")
-    for batch, steps, width, vocab in parse_sizes(args.sizes or DEFAULT_SIZES[args.device]):
+    for size in args.sizes or DEFAULT_SIZES[args.device].split(","):
+        batch, steps, width, vocab = map(int, size.split("x"))
         hidden, weight, labels = make_inputs(batch, steps, width, vocab, dtype, args.device)
         references = {REFERENCE_LOSS.get(name, eager_loss) for name in methods if name != "floor_4mm"}
         expected = unless_out_of_memory(lambda: reference_results(references, hidden, weight, labels))
@@ -269,7 +267,6 @@ def main(argv=None):
             ms, mem, errors, note = measure(name, hidden, weight, labels, expected, args)
             rows.append({"batch": batch, "steps": steps, "width": width, "vocab": vocab, "method": name,
                          "ms": ms, "memory_bytes": mem, "note": note, **(errors or {})})
-            size = f"{batch}x{steps}x{width}x{vocab}"
             shown = (note, "", "") if ms is None else (f"{ms:.2f}", f"{mem / 2**20:.1f}", format_error(errors))
             print(f"{size:>24} {name:>12} {shown[0]:>11} {shown[1]:>12} {shown[2]:>10}", flush=True)
             save(complete=False)

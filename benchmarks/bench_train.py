@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT))
 
 from amapo_train.data import load_records, split_hh_pair  # noqa: E402
-from bench_common import AGREEMENT_LIMIT, environment, markdown_table, write_results  # noqa: E402
+from bench_common import AGREEMENT_LIMIT, Parser, environment, int_at_least, markdown_table, write_results  # noqa: E402
 
 IMPLS = ("fused", "ops", "eager")
 DEFAULTS = {  # device -> (shape, seq_len, steps, warmup steps)
@@ -171,19 +171,17 @@ def table(rows: list[dict]) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--shape", help="random:SHAPE model (default: llama3-1b on cuda, llama3-vocab-tiny on cpu)")
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048 on cuda, 256 on cpu)")
-    parser.add_argument("--pairs", type=int, default=2, help="pairs per step (2 x pairs sequences)")
-    parser.add_argument("--steps", type=int, help="optimizer steps per impl (default 20 on cuda, 6 on cpu)")
-    parser.add_argument("--warmup-steps", type=int, help="first steps left out of tokens/s (default 5 / 2)")
+    parser.add_argument("--seq-len", type=int_at_least(2), help="tokens per sequence (default 2048 on cuda, 256 on cpu)")
+    parser.add_argument("--pairs", type=int_at_least(1), default=2, help="pairs per step (2 x pairs sequences)")
+    parser.add_argument("--steps", type=int_at_least(1), help="optimizer steps per impl (default 20 on cuda, 6 on cpu)")
+    parser.add_argument("--warmup-steps", type=int_at_least(0), help="first steps left out of tokens/s (default 5 / 2)")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of {IMPLS}")
     parser.add_argument("--deepspeed", default="zero3", help="zero3, zero2 or none")
-    parser.add_argument("--bf16", type=lambda text: text == "on", default=None, help="on/off (default: on on cuda)")
-    parser.add_argument("--checkpointing", type=lambda text: text == "on", default=True,
-                        help="gradient checkpointing on/off (default on)")
+    parser.add_argument("--bf16", choices=("on", "off"), help="default: on on cuda")
+    parser.add_argument("--checkpointing", choices=("on", "off"), default="on", help="gradient checkpointing")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per impl, at most")
     parser.add_argument("--budget", type=float,
                         help="seconds for all impls together: each may take what the ones before it left, up to "
@@ -197,7 +195,8 @@ def parse_args(argv=None):
     args.seq_len = args.seq_len or seq_len
     args.steps = args.steps or steps
     args.warmup_steps = warmup if args.warmup_steps is None else args.warmup_steps
-    args.bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
+    args.bf16 = args.device == "cuda" if args.bf16 is None else args.bf16 == "on"
+    args.checkpointing = args.checkpointing == "on"
     args.impls = [impl.strip() for impl in args.impls.split(",")]
     for impl in args.impls:
         if impl not in IMPLS:

@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import amapo_kernels as ak  # noqa: E402
-from bench_common import environment, markdown_table, time_ms  # noqa: E402
+from bench_common import Parser, environment, int_at_least, markdown_table, sizes_of, time_ms  # noqa: E402
 from bench_from_logits import DTYPES  # noqa: E402
 
 PATHS = ("from_logits", "from_hidden")
@@ -80,22 +80,27 @@ def kernel_table(step, device, steps):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--path", choices=PATHS, default="from_logits")
     parser.add_argument("--size", required=True, help="BxTxV (from_logits) or BxTxHxV (from_hidden)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--backend", choices=BACKENDS, default="triton", help="from_hidden only")
     parser.add_argument("--inplace", action="store_true", help="from_logits with inplace_backward=True")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--top", type=int, default=15, help="rows of the kernel table")
+    parser.add_argument("--warmup", type=int_at_least(0), default=3)
+    parser.add_argument("--steps", type=int_at_least(1), default=5)
+    parser.add_argument("--top", type=int_at_least(1), default=15, help="rows of the kernel table")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
-    expected = 3 if args.path == "from_logits" else 4
-    if len(args.size.split("x")) != expected or not all(d.isdigit() for d in args.size.split("x")):
-        parser.error(f"--size for {args.path} must be {'BxTxV' if expected == 3 else 'BxTxHxV'}, got {args.size!r}")
+    dims = "BxTxV" if args.path == "from_logits" else "BxTxHxV"
+    try:
+        sizes = sizes_of(dims)(args.size)
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"--size for {args.path}: {error}")
+    if len(sizes) != 1:
+        parser.error(f"--size for {args.path}: one {dims} size, got {args.size!r}")
+    args.size = sizes[0]
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     step = make_step(args.path, args.size, DTYPES[args.dtype], args.device, args.backend, args.inplace)

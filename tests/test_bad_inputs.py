@@ -68,6 +68,28 @@ def test_check_labels_false_still_checks_on_the_cpu(api):
         ak.sequence_logps(logits, labels, check_labels="false")
 
 
+SWITCHES = [  # (function, its switch): each given a truthy string, which bool() would read as True
+    ("sequence_logps", "average"), ("sequence_logps", "shift"), ("sequence_logps", "inplace_backward"),
+    ("sequence_logps", "check_labels"), ("amapo_loss_from_logits", "shift"),
+    ("amapo_loss_from_logits", "inplace_backward"), ("amapo_loss_from_logits", "return_stats"),
+    ("sequence_logps_from_hidden", "average"), ("sequence_logps_from_hidden", "shift"),
+    ("sequence_logps_from_hidden", "gradient_filter"), ("amapo_loss_from_hidden", "shift"),
+    ("amapo_loss_from_hidden", "return_stats"), ("amapo_loss", "return_stats"), ("AMaPOLoss", "shift"),
+]
+
+
+@pytest.mark.parametrize("api, switch", SWITCHES, ids=[f"{api}-{switch}" for api, switch in SWITCHES])
+def test_switches_take_only_true_or_false(api, switch):
+    """shift="False" would silently shift (a non-empty string is truthy): a TypeError names the switch."""
+    logits, labels = logits_labels()
+    hidden, weight = torch.randn(2, 3, 4), torch.randn(V, 4)
+    inputs = {"sequence_logps": (logits, labels), "amapo_loss_from_logits": (logits, labels),
+              "sequence_logps_from_hidden": (hidden, weight, labels), "amapo_loss_from_hidden": (hidden, weight, labels),
+              "amapo_loss": (torch.randn(2), torch.randn(2)), "AMaPOLoss": ()}[api]
+    with pytest.raises(TypeError, match=re.escape(f"{switch} must be True or False, got 'False'")):
+        getattr(ak, api)(*inputs, **{switch: "False"})
+
+
 @pytest.mark.parametrize("ignore_index", [-1, 3, V + 5])
 def test_custom_ignore_index_is_not_out_of_range(ignore_index):
     """ignore_index below, inside or above [0, V): only the labels that are not it are range-checked."""

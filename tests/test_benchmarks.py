@@ -129,7 +129,7 @@ def test_profile_step_rejects_a_size_of_the_other_path(capsys):
     with pytest.raises(SystemExit) as exit_info:
         profile_step.main(["--path", "from_hidden", "--size", "2x16x64"])
     assert exit_info.value.code == 2
-    assert "--size for from_hidden must be BxTxHxV, got '2x16x64'" in capsys.readouterr().err
+    assert "--size for from_hidden: '2x16x64' is not BxTxHxV in positive integers" in capsys.readouterr().err
 
 
 def test_the_floor_is_four_matmuls():
@@ -320,3 +320,30 @@ def test_out_of_memory_for_the_check_leaves_rows_unchecked(tmp_path, monkeypatch
     (row,) = json.loads(out.read_text())["results"]
     assert row["ms"] > 0 and "grad_error" not in row and row["note"] is None, row
     assert "| 2x8x16x64 | fp32 | fused |" in (tmp_path / "hidden.md").read_text()
+
+
+ARGUMENT_MISTAKES = [  # (script, its arguments, the one-line error): refused before any input is made
+    ("bench_from_logits", ["--sizes", "4x10"], "argument --sizes: '4x10' is not BxTxV in positive integers"),
+    ("bench_from_logits", ["--sizes", "3x8x64"], "argument --sizes: '3x8x64': B must be even"),
+    ("bench_from_logits", ["--sizes", "0x8x64"], "is not BxTxV in positive integers"),
+    ("bench_from_logits", ["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+    ("bench_fused_linear", ["--sizes", "2x8x64"], "argument --sizes: '2x8x64' is not BxTxHxV in positive integers"),
+    ("bench_fused_linear", ["--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
+    ("bench_fused_linear", ["--token-chunk", "x"], "argument --token-chunk: expected an integer, got 'x'"),
+    ("profile_step", ["--size", "2x8x64,2x8x64"], "--size for from_logits: one BxTxV size"),
+    ("profile_step", ["--size", "2x8x64", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    ("bench_train", ["--pairs", "0"], "argument --pairs: must be >= 1, got 0"),
+    ("bench_train", ["--bf16", "yes"], "argument --bf16: invalid choice: 'yes'"),
+]
+
+
+@pytest.mark.parametrize("script, args, message", ARGUMENT_MISTAKES, ids=[" ".join([s, *a]) for s, a, _ in ARGUMENT_MISTAKES])
+def test_bad_arguments_are_one_line_and_status_2(script, args, message, capsys):
+    """A typo in a size costs a GPU session's call nothing: one line, exit status 2, before any tensor."""
+    import importlib
+
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as stop:
+        (module.parse_args if script == "bench_train" else module.main)(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and message in lines[0], lines

@@ -414,7 +414,7 @@ def small():
         (dict(backend="torch", gradient_filter=True), ValueError, "gradient_filter=True needs the Triton backend"),
         (dict(backend="cublas", gradient_filter=True), ValueError, "gradient_filter=True needs the Triton backend"),
         (dict(gradient_filter=True), ValueError, "gradient_filter=True needs the Triton backend"),  # auto on CPU
-        (dict(gradient_filter=1), TypeError, "gradient_filter must be a bool"),
+        (dict(gradient_filter=1), TypeError, "gradient_filter must be True or False, got 1"),
     ],
 )
 def test_bad_backend_arguments(kwargs, error, fragment):
