@@ -4,6 +4,7 @@ resume logging each step once."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -104,6 +105,18 @@ def test_file_in_no_known_format_is_a_one_line_error_before_the_model_loads(tmp_
     assert run.returncode == 2 and len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
     assert "['answer', 'question']" in lines[0] and "formats accepted" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("broken.jsonl", '{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{bad\n', "line 3: not JSON: Expecting property name"),
+    ("numbers.json", "[1, 2]", "item 0: a record must be a JSON object, got int 1"),
+    ("strings.jsonl", '{"prompt": "a"}\n"text"\n', "line 2: a record must be a JSON object, got str 'text'"),
+])
+def test_file_that_is_not_json_records_names_the_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        data.read_json_records(path)
 
 
 @settings(max_examples=int(os.environ.get("AMAPO_HYPOTHESIS_EXAMPLES", 25)), deadline=None)

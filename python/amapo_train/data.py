@@ -90,14 +90,27 @@ def load_records(source: str, split: str, limit: int | None = None) -> list[dict
 
 
 def read_json_records(path) -> list[dict]:
-    """The records of a JSON list or JSONL file (gzipped when the name ends in .gz)."""
+    """The records of a JSON list or JSONL file (gzipped when the name ends in .gz), each a JSON object; a
+    ValueError names the file line (JSONL) or list position (JSON) of the first one that is not."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as handle:
         text = handle.read()
     if text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = json.loads(text)
+        where = [f"item {position}" for position in range(len(records))]
+    else:
+        numbered = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+        records, where = [], [f"line {number}" for number, _ in numbered]
+        for number, line in numbered:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"line {number}: not JSON: {error.msg} (column {error.colno})") from None
+    for record, place in zip(records, where):
+        if not isinstance(record, dict):
+            raise ValueError(f"{place}: a record must be a JSON object, got {type(record).__name__} {record!r:.60}")
+    return records
 
 
 def detect_format(record: dict) -> str:
