@@ -165,3 +165,12 @@ def test_too_few_pairs_for_one_step_is_a_user_error(tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.startswith("amapo-train: error:")]
     assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert "no optimizer step: 8 training pairs are fewer than one batch of --total-batch-size 32" in lines[0]
+
+
+def test_world_size_is_for_dry_runs_only(capsys):
+    """A run's processes are its launcher's: a --world-size there would check the batch arithmetic of
+    another launch than the one running."""
+    from amapo_train.train import cli
+
+    status = cli(["--world-size", "2", "--max-steps", "1"])
+    assert_one_line_error(status, capsys.readouterr().err, "--world-size is for --dry-run")

@@ -154,13 +154,15 @@ RECIPE_ON_CPU = ["--recipe", "llama3-8b-base", "--model", "tiny", "--dataset", "
 
 def run_recipe(tmp_path, name, processes, extra):
     """amapo-train with the llama3-8b-base recipe under DeepSpeed on the CPU (DS_ACCELERATOR=cpu, gloo):
-    one process with the launcher's variables set by hand, or torchrun; returns metrics.jsonl's records."""
+    one process started as a user would on one GPU, with no launcher (the driver sets what one would: without
+    it DeepSpeed looks for mpi4py), or torchrun; returns metrics.jsonl's records."""
     out = tmp_path / name
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))}
     args = ["-m", "amapo_train.train", *RECIPE_ON_CPU, *extra, "--output-dir", str(out)]
     if processes == 1:
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        for variable in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(variable, None)
         command = [sys.executable, *args]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",

@@ -5,14 +5,15 @@ the config they make, and the one validation step run before any model or data i
 import argparse
 import dataclasses
 import importlib.util
+import json
 import os
 import typing
 from pathlib import Path
 
 from amapo_kernels.preference import METHODS
 from amapo_train.cli_errors import HelpFormatter, OneLineParser, UserError, check_device, check_range
-from amapo_train.config import (BOOLEANS, CHAT_TEMPLATES, DATASET_FORMATS, DEFAULT_SCORE_COLUMNS, LOSS_IMPLS,
-                                RECIPES, TOKENIZATIONS, TRACKERS, TrainConfig, settable_hparams)
+from amapo_train.config import (BOOLEANS, CHAT_TEMPLATES, CONFIGS, DATASET_FORMATS, DEFAULT_SCORE_COLUMNS,
+                                LOSS_IMPLS, RECIPES, TOKENIZATIONS, TRACKERS, TrainConfig, settable_hparams)
 from amapo_train.data import looks_local
 
 STATE_FILE = "trainer_state.json"
@@ -149,6 +150,8 @@ def check_run(config: TrainConfig, args, world_size: int) -> None:
             raise UserError(f"--eval-dataset {config.eval_dataset} is the training data; give other data, or "
                             "--eval-fraction to hold out a share of it")
     check_model(config.model)
+    check_deepspeed(config)
+    check_output_dir(config.output_dir)
     if args.resume:
         check_resume(args.resume)
     check_device(config.device)
@@ -178,6 +181,31 @@ def check_model(model: str) -> None:
         raise UserError(f"--model {model}: no such directory")
     if not (path / "config.json").is_file():
         raise UserError(f"--model {model}: no config.json there (not a saved Hugging Face model directory)")
+
+
+def check_deepspeed(config: TrainConfig) -> None:
+    """--deepspeed names a bundled config (zero2, zero3) or a JSON file that parses."""
+    path = config.deepspeed_config_path()
+    if path is None:
+        return
+    names = sorted(p.stem.removeprefix("ds_") for p in CONFIGS.glob("ds_*.json"))
+    if not Path(path).is_file():
+        raise UserError(f"--deepspeed {config.deepspeed}: no such file, and not one of {names} or none")
+    try:
+        json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"--deepspeed {config.deepspeed}: not a JSON DeepSpeed config: {error}") from None
+
+
+def check_output_dir(directory: str) -> None:
+    """--output-dir is a directory, or can be made: its nearest existing ancestor is a writable directory
+    (checked without creating anything, so --dry-run leaves no trace)."""
+    path = Path(directory).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--output-dir {directory}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output-dir {directory}: {existing} is not writable")
 
 
 def check_resume(directory: str) -> None:

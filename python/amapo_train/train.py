@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import sys
 import time
 from functools import partial
@@ -166,13 +167,30 @@ def reference_logps_table(accelerator, model, dataset, config) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 
+# What a launcher (accelerate, torchrun, deepspeed, mpirun) sets; without any, DeepSpeed looks for mpi4py.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def single_process_without_launcher() -> None:
+    """`amapo-train --deepspeed zero3` started directly (one GPU, no launcher): DeepSpeed would look for mpi4py
+    to learn its rank and fail. Tell it what a launcher would: rank 0 of 1, on a free local port."""
+    if any(name in os.environ for name in LAUNCHER_VARIABLES):
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
 
+    ds_config = config.deepspeed_config_path()
+    if ds_config:
+        single_process_without_launcher()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     config.validate(world_size)
-    ds_config = config.deepspeed_config_path()
     # DeepSpeed picks its own device (DS_ACCELERATOR=cpu for CPU runs); accelerate's cpu flag would bypass it.
     cpu_run = config.device == "cpu" or not torch.cuda.is_available()
     on_cpu = not ds_config and cpu_run
@@ -395,7 +413,10 @@ def start_metrics_log(run: TrainingRun, config: TrainConfig, step: int) -> Path:
     """metrics.jsonl (a fresh run starts a fresh log; a resumed one continues it) and the trackers."""
     log_path = Path(config.output_dir) / "metrics.jsonl"
     if run.accelerator.is_main_process:
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        try:  # check_run saw a writable ancestor; a special file system (/proc, a read-only mount) may still refuse
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"--output-dir {config.output_dir}: {error.strerror or error}") from None
         rewrite_metrics(log_path, up_to_step=step)
     run.accelerator.init_trackers("amapo-train", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
     return log_path
@@ -583,7 +604,12 @@ def run(argv=None):
     --dry-run, --show-examples or training; returns train()'s result (None otherwise)."""
     args = build_parser(__doc__).parse_args(argv)
     config = config_from_args(args)
-    world_size = default_world_size(config) if args.world_size is None else args.world_size
+    if args.world_size is not None and not args.dry_run:
+        raise UserError("--world-size is for --dry-run: a run's processes are its launcher's (WORLD_SIZE)")
+    if args.dry_run:  # the plan for the launch the recipe's authors used, unless told otherwise
+        world_size = default_world_size(config) if args.world_size is None else args.world_size
+    else:  # this launch's (one process without a launcher; make_accelerator says so to DeepSpeed)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_run(config, args, world_size)
     if args.dry_run:
         print(json.dumps(dry_run(config, world_size), indent=2))
