@@ -174,3 +174,19 @@ def test_world_size_is_for_dry_runs_only(capsys):
 
     status = cli(["--world-size", "2", "--max-steps", "1"])
     assert_one_line_error(status, capsys.readouterr().err, "--world-size is for --dry-run")
+
+
+def test_deepspeed_config_and_output_dir_are_checked_first(tmp_path, capsys):
+    from amapo_train.train import cli
+
+    broken = tmp_path / "ds.json"
+    broken.write_text("{not json")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for args, message in ((["--deepspeed", "zero9"], "--deepspeed zero9: no such file, and not one of ['zero2', 'zero3']"),
+                          (["--deepspeed", str(broken)], "not a JSON DeepSpeed config"),
+                          (["--output-dir", str(a_file / "run")], f"--output-dir {a_file / 'run'}: {a_file} is not a directory")):
+        status = cli([*args, "--dry-run"])
+        assert_one_line_error(status, capsys.readouterr().err, message)
+    assert cli(["--deepspeed", "zero3", "--output-dir", str(tmp_path / "new" / "run"), "--dry-run"]) == 0
+    assert not (tmp_path / "new").exists()  # a dry run creates nothing
