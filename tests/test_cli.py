@@ -69,7 +69,7 @@ def test_every_flag_has_help_and_shows_its_default_and_choices():
     assert all(flags[name].choices == choices for name, choices in CHOICES.items())
 
 
-NUMBER_MISTAKES = {  # a number outside what its flag takes; run in process (amapo_train.train.cli)
+VALUE_MISTAKES = {  # a value outside what its flag takes; run in process (amapo_train.train.cli)
     "negative learning rate": (["--learning-rate", "-1"], "--learning-rate -1.0: must be >= 0"),
     "NaN learning rate": (["--learning-rate", "nan"], "--learning-rate nan: must be a finite number"),
     "no pair per device": (["--per-device-batch-size", "0"], "--per-device-batch-size 0: must be >= 1"),
@@ -91,6 +91,8 @@ NUMBER_MISTAKES = {  # a number outside what its flag takes; run in process (ama
     "no process planned": (["--world-size", "0"], "--world-size 0: must be >= 1"),
     "no example": (["--show-examples", "0"], "--show-examples 0: must be >= 1"),
     "stop before the first step": (["--stop-after-steps", "-1"], "--stop-after-steps -1: must be >= 1"),
+    "a device the driver does not place on": (["--device", "mps"], "argument --device: invalid choice: 'mps'"),
+    "a GPU index (CUDA_VISIBLE_DEVICES picks it)": (["--device", "cuda:1"], "argument --device: invalid choice"),
 }
 
 
@@ -100,11 +102,11 @@ def assert_one_line_error(status, stderr, message):
     assert lines[0].startswith("amapo-train: error:") and message in lines[0], stderr
 
 
-@pytest.mark.parametrize("name", sorted(NUMBER_MISTAKES))
-def test_number_outside_its_range_is_a_user_error(name, capsys):
+@pytest.mark.parametrize("name", sorted(VALUE_MISTAKES))
+def test_value_outside_what_its_flag_takes_is_a_user_error(name, capsys):
     from amapo_train.train import cli
 
-    args, message = NUMBER_MISTAKES[name]
+    args, message = VALUE_MISTAKES[name]
     status = cli([*args, "--dry-run"])
     assert_one_line_error(status, capsys.readouterr().err, message)
 

@@ -639,7 +639,9 @@ def test_console_user_errors(tmp_path, saved_model):
     assert_user_error(run_console("rank", "--model", saved_model), "--data")  # argparse's own errors: one line too
 
 
-EVAL_NUMBER_MISTAKES = {  # a number outside what its flag takes: one line, status 2, before the model loads
+EVAL_ARGUMENT_MISTAKES = {  # a value outside what its flag takes: one line, status 2, before the model loads
+    "no such device": (["rank", "--device", "gpu0"], "--device gpu0: not a device name (cpu, cuda or cuda:N)"),
+    "a device type the scripts do not run on": (["rank", "--device", "mps"], "--device mps: only cpu and cuda"),
     "no bootstrap resample": (["rank", "--n-boot", "0"], "--n-boot 0: must be >= 1"),
     "no response token": (["rank", "--max-length", "0"], "--max-prompt-length 1800 must lie in [1, --max-length 0)"),
     "prompt as long as the pair": (["rmbench", "--max-length", "64", "--max-prompt-length", "64"],
@@ -651,9 +653,9 @@ EVAL_NUMBER_MISTAKES = {  # a number outside what its flag takes: one line, stat
 }
 
 
-@pytest.mark.parametrize("name", sorted(EVAL_NUMBER_MISTAKES))
-def test_console_number_outside_its_range(name, tmp_path, capsys):
-    args, message = EVAL_NUMBER_MISTAKES[name]
+@pytest.mark.parametrize("name", sorted(EVAL_ARGUMENT_MISTAKES))
+def test_console_argument_outside_its_range(name, tmp_path, capsys):
+    args, message = EVAL_ARGUMENT_MISTAKES[name]
     command, flags = args[0], args[1:]
     # a model directory that would fail to load: the check must come first
     model = tmp_path / "model"

@@ -69,8 +69,18 @@ def check_range(flag: str, value, low=None, high=None) -> None:
 
 
 def check_device(device: str | None, flag: str = "--device") -> None:
-    """A CUDA device asked for where there is none is an error (never a silent CPU fallback)."""
+    """`device` is cpu, cuda or cuda:N of a GPU this machine has (never a silent CPU fallback)."""
     import torch
 
-    if device and device.startswith("cuda") and not torch.cuda.is_available():
+    if not device:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"{flag} {device}: not a device name (cpu, cuda or cuda:N)") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise UserError(f"{flag} {device}: only cpu and cuda are supported")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{flag} {device}: no CUDA device is available here (use --device cpu)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise UserError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")

@@ -12,13 +12,13 @@ from pathlib import Path
 
 from amapo_kernels.preference import METHODS
 from amapo_train.cli_errors import HelpFormatter, OneLineParser, UserError, check_device, check_range
-from amapo_train.config import (BOOLEANS, CHAT_TEMPLATES, CONFIGS, DATASET_FORMATS, DEFAULT_SCORE_COLUMNS,
+from amapo_train.config import (BOOLEANS, CHAT_TEMPLATES, CONFIGS, DATASET_FORMATS, DEFAULT_SCORE_COLUMNS, DEVICES,
                                 LOSS_IMPLS, RECIPES, TOKENIZATIONS, TRACKERS, TrainConfig, settable_hparams)
 from amapo_train.data import looks_local
 
 STATE_FILE = "trainer_state.json"
 CHOICES = {"loss": METHODS, "loss_impl": LOSS_IMPLS, "tokenization": TOKENIZATIONS, "chat_template": CHAT_TEMPLATES,
-           "log_with": TRACKERS, "dataset_format": DATASET_FORMATS}
+           "log_with": TRACKERS, "dataset_format": DATASET_FORMATS, "device": DEVICES}
 # The importable module each tracker needs (accelerate's tensorboard tracker: torch.utils.tensorboard).
 TRACKER_MODULES = {"wandb": "wandb", "tensorboard": "tensorboard"}
 HELP = {  # one line per TrainConfig field; a recipe sets the same keys
@@ -60,7 +60,7 @@ HELP = {  # one line per TrainConfig field; a recipe sets the same keys
     "log_with": "experiment tracker",
     "eval_batch_size": "pairs per held-out forward pass",
     "eval_steps": "held-out loss and ranking accuracy every N steps (0: none during training)",
-    "device": "cpu or cuda (default: accelerate's choice, the GPU when there is one)",
+    "device": "default: accelerate's choice, the GPU when there is one (CUDA_VISIBLE_DEVICES picks which)",
 }
 
 

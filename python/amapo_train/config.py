@@ -15,6 +15,8 @@ LOSS_IMPLS = ("fused", "ops", "eager")
 TOKENIZATIONS = ("trl", "separate")
 CHAT_TEMPLATES = ("mistral",)
 TRACKERS = ("tensorboard", "wandb", "none")
+# The driver's devices: accelerate places each process on its GPU (LOCAL_RANK; CUDA_VISIBLE_DEVICES picks which)
+DEVICES = ("cpu", "cuda")
 DATASET_FORMATS = ("auto", "pairs", "conversational", "implicit", "ultrafeedback", "hh-rlhf")  # amapo_train.data
 # Hyperparameters that come from the data (one value per pair), not from --hparam: method -> {name: flag}.
 DATA_HPARAMS = {"odpo": {"chosen_scores": "--chosen-score-column", "rejected_scores": "--rejected-score-column"}}
@@ -120,7 +122,8 @@ class TrainConfig:
                                       ("tokenization", self.tokenization, TOKENIZATIONS),
                                       ("chat-template", self.chat_template, (None, *CHAT_TEMPLATES)),
                                       ("log-with", self.log_with, TRACKERS),
-                                      ("dataset-format", self.dataset_format, DATASET_FORMATS)):
+                                      ("dataset-format", self.dataset_format, DATASET_FORMATS),
+                                      ("device", self.device, (None, *DEVICES))):
             if value not in accepted:
                 raise UserError(f"--{name} must be one of {list(accepted)}, got {value!r}")
         for name, (low, high) in NUMBER_RANGES.items():
