@@ -52,6 +52,24 @@ def test_resume_gives_the_same_losses(tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
 
 
+def test_resume_refuses_another_runs_settings(tmp_path):
+    """The restored optimizer, scheduler and data position belong to the checkpoint's run: a resume that changes
+    its model, loss or optimisation is refused, naming the settings; where it writes and how often it
+    evaluates may change."""
+    common = [*SHORT, "--max-steps", "4", "--total-batch-size", "16", "--per-device-batch-size", "8"]
+    first = main([*common, "--output-dir", str(tmp_path / "run"), "--stop-after-steps", "2"])
+    resume = [*common, "--resume", first["checkpoint"]]
+    with pytest.raises(UserError, match=re.escape("had hparams={'beta': 2.0}, learning_rate=0.001, loss='amapo'")) \
+            as refused:
+        main([*resume, "--output-dir", str(tmp_path / "other"), "--learning-rate", "0.01", "--loss", "dpo"])
+    assert "this one has hparams={}, learning_rate=0.01, loss='dpo'" in str(refused.value)
+    with pytest.raises(UserError, match="had model='tiny'; this one has model='random:llama3-vocab-tiny'"):
+        main([*resume, "--output-dir", str(tmp_path / "other"), "--model", "random:llama3-vocab-tiny"])
+    assert not (tmp_path / "other").exists()
+    resumed = main([*resume, "--output-dir", str(tmp_path / "run"), "--eval-steps", "1", "--loss-impl", "eager"])
+    assert resumed["steps"] == 4
+
+
 PAPER = {  # AMaPO paper, Table 9: beta and learning rate per setting
     "llama3-8b-base": (3.0, 6e-7),
     "llama3-8b-instruct": (3.0, 1e-6),

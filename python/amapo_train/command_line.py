@@ -17,6 +17,12 @@ from amapo_train.config import (BOOLEANS, CHAT_TEMPLATES, CONFIGS, DATASET_FORMA
 from amapo_train.data import looks_local
 
 STATE_FILE = "trainer_state.json"
+# Settings a resumed run may change: where and how often it writes, evaluates and logs, and how it computes the
+# same steps. Every other one (model, data, loss, optimisation, schedule, seed, precision, DeepSpeed) must be
+# the checkpoint's, or the restored optimizer, scheduler and data position would belong to another run.
+RESUME_MAY_CHANGE = ("output_dir", "save_steps", "save_final", "log_with", "eval_steps", "eval_batch_size",
+                     "eval_dataset", "test_split", "max_test_pairs", "device", "loss_impl", "gradient_checkpointing",
+                     "num_processes")
 CHOICES = {"loss": METHODS, "loss_impl": LOSS_IMPLS, "tokenization": TOKENIZATIONS, "chat_template": CHAT_TEMPLATES,
            "log_with": TRACKERS, "dataset_format": DATASET_FORMATS, "device": DEVICES}
 # The importable module each tracker needs (accelerate's tensorboard tracker: torch.utils.tensorboard).
@@ -153,7 +159,7 @@ def check_run(config: TrainConfig, args, world_size: int) -> None:
     check_deepspeed(config)
     check_output_dir(config.output_dir)
     if args.resume:
-        check_resume(args.resume)
+        check_resume(args.resume, config)
     check_device(config.device)
     module = TRACKER_MODULES.get(config.log_with)
     if module and importlib.util.find_spec(module) is None:
@@ -208,12 +214,25 @@ def check_output_dir(directory: str) -> None:
         raise UserError(f"--output-dir {directory}: {existing} is not writable")
 
 
-def check_resume(directory: str) -> None:
+def check_resume(directory: str, config: TrainConfig) -> None:
+    """--resume names a checkpoint of amapo-train whose run had this run's settings (RESUME_MAY_CHANGE aside)."""
     path = Path(directory)
     if not path.is_dir():
         raise UserError(f"--resume {directory}: no such directory")
     if not (path / STATE_FILE).is_file() or not (path / "state").is_dir():
         raise UserError(f"--resume {directory}: not a checkpoint of amapo-train (no {STATE_FILE} and state/)")
+    try:
+        saved = json.loads((path / STATE_FILE).read_text())["config"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UserError(f"--resume {directory}: unreadable {STATE_FILE}: {error}") from None
+    current = json.loads(json.dumps(dataclasses.asdict(config)))  # as the checkpoint stored it
+    changed = [name for name in sorted(current)  # a setting newer than the checkpoint is not compared
+               if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != current[name]]
+    if changed:
+        was = ", ".join(f"{name}={saved[name]!r}" for name in changed)
+        now = ", ".join(f"{name}={current[name]!r}" for name in changed)
+        raise UserError(f"--resume {directory}: the checkpoint's run had {was}; this one has {now} (resume with "
+                        f"the checkpoint's settings)")
 
 
 def default_world_size(config: TrainConfig) -> int:
