@@ -640,6 +640,9 @@ def test_console_user_errors(tmp_path, saved_model):
 
 
 EVAL_ARGUMENT_MISTAKES = {  # a value outside what its flag takes: one line, status 2, before the model loads
+    "results under a file": (["rank", "--output", "/dev/null/rank.json"],
+                             "--output /dev/null/rank.json: /dev/null is not a directory"),
+    "split files into a file": (["splits", "--output", "/dev/null"], "--output /dev/null: /dev/null is not a directory"),
     "no such device": (["rank", "--device", "gpu0"], "--device gpu0: not a device name (cpu, cuda or cuda:N)"),
     "a device type the scripts do not run on": (["rank", "--device", "mps"], "--device mps: only cpu and cuda"),
     "no bootstrap resample": (["rank", "--n-boot", "0"], "--n-boot 0: must be >= 1"),

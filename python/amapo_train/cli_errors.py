@@ -4,7 +4,9 @@ for bugs). Standard library only, so it works before (and when) the training ext
 
 import argparse
 import math
+import os
 import sys
+from pathlib import Path
 
 INSTALL_EXTRAS = 'pip install "amapo-kernels[train]"'
 # What the console scripts import: the `train` extra of pyproject.toml (import names).
@@ -66,6 +68,21 @@ def check_range(flag: str, value, low=None, high=None) -> None:
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
         raise UserError(f"{flag} {value}: must be {bounds}")
+
+
+def check_output_path(flag: str, path: str, *, directory: bool) -> None:
+    """`path` (a directory, or a file when not `directory`) can be written: its folder exists or can be made,
+    its nearest existing ancestor being a writable directory. Checked without creating anything (--dry-run
+    leaves no trace), before the work whose results would go there."""
+    target = Path(path).expanduser().absolute()
+    if not directory and target.is_dir():
+        raise UserError(f"{flag} {path}: is a directory, not a file")
+    folder = target if directory else target.parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {existing} is not writable")
 
 
 def check_device(device: str | None, flag: str = "--device") -> None:

@@ -11,7 +11,8 @@ import typing
 from pathlib import Path
 
 from amapo_kernels.preference import METHODS
-from amapo_train.cli_errors import HelpFormatter, OneLineParser, UserError, check_device, check_range
+from amapo_train.cli_errors import (HelpFormatter, OneLineParser, UserError, check_device, check_output_path,
+                                    check_range)
 from amapo_train.config import (BOOLEANS, CHAT_TEMPLATES, CONFIGS, DATASET_FORMATS, DEFAULT_SCORE_COLUMNS, DEVICES,
                                 LOSS_IMPLS, RECIPES, TOKENIZATIONS, TRACKERS, TrainConfig, settable_hparams)
 from amapo_train.data import looks_local
@@ -157,7 +158,7 @@ def check_run(config: TrainConfig, args, world_size: int) -> None:
                             "--eval-fraction to hold out a share of it")
     check_model(config.model)
     check_deepspeed(config)
-    check_output_dir(config.output_dir)
+    check_output_path("--output-dir", config.output_dir, directory=True)
     if args.resume:
         check_resume(args.resume, config)
     check_device(config.device)
@@ -201,17 +202,6 @@ def check_deepspeed(config: TrainConfig) -> None:
         json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"--deepspeed {config.deepspeed}: not a JSON DeepSpeed config: {error}") from None
-
-
-def check_output_dir(directory: str) -> None:
-    """--output-dir is a directory, or can be made: its nearest existing ancestor is a writable directory
-    (checked without creating anything, so --dry-run leaves no trace)."""
-    path = Path(directory).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"--output-dir {directory}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--output-dir {directory}: {existing} is not writable")
 
 
 def check_resume(directory: str, config: TrainConfig) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from amapo_train.cli_errors import HelpFormatter as _HelpFormatter
 from amapo_train.cli_errors import OneLineParser as _Parser
-from amapo_train.cli_errors import UserError, check_device, check_range, run_console_script
+from amapo_train.cli_errors import UserError, check_device, check_output_path, check_range, run_console_script
 from amapo_train.cli_errors import one_line as _one_line
 from amapo_train.cli_errors import require_extras as _require_extras
 from amapo_train.data import (
@@ -492,6 +492,8 @@ def check_args(args) -> None:
         except ValueError:
             raise UserError(f"--max-prompt-length {args.max_prompt_length} must lie in [1, --max-length "
                             f"{args.max_length})") from None
+    if args.output:
+        check_output_path("--output", args.output, directory=args.command == "splits")
     if args.command == "splits":
         for flag, fraction in (("--valid-prompt-fraction", args.valid_prompt_fraction),
                                ("--valid-model-fraction", args.valid_model_fraction)):
