@@ -14,7 +14,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 if [ -n "${AMAPO_PYTHON:-}" ]; then
   PY="$AMAPO_PYTHON"
-  VENV="$("$PY" -c 'import sys; print(sys.prefix)')"
+  VENV="$("$PY" -c 'import sys; print(sys.prefix)' 2>/dev/null)" || VENV=""
+  if [ -z "$VENV" ]; then
+    echo "amapo_kernels: AMAPO_PYTHON=$PY is not a Python interpreter that runs here" >&2
+    exit 2
+  fi
 else
   VENV="${AMAPO_VENV:-$ROOT/.venv}"
   if [ ! -x "$VENV/bin/python" ]; then

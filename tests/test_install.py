@@ -105,3 +105,13 @@ def test_numpy_is_a_declared_dependency():
     assert any(dep.split()[0].startswith("numpy") for dep in project["dependencies"])
     assert "torch" not in str(tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"])
 
+
+
+@pytest.mark.parametrize("interpreter", ["/nonexistent/python3", shutil.which("true") or "/bin/true"])
+def test_test_command_refuses_an_interpreter_that_is_not_python(interpreter):
+    """AMAPO_PYTHON names the interpreter to test with: one that is missing, or exits 0 without being Python,
+    must stop the test command with exit status 2, never pass it with no test run."""
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "test.sh"), "-q"], capture_output=True, text=True,
+                         timeout=60, env={"PATH": "/usr/bin:/bin", "AMAPO_PYTHON": interpreter})
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert f"AMAPO_PYTHON={interpreter} is not a Python interpreter" in run.stderr
