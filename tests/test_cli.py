@@ -131,6 +131,7 @@ RECIPE_MISTAKES = {  # a recipe file's text -> the one-line error
     "a number for a mapping": ("hparams: 3\n", "hparams: expected a mapping, got 3"),
     "a word for a boolean": ("bf16: maybe\n", "bf16: expected on/off (true/false), got 'maybe'"),
     "a value outside its range": ("warmup_ratio: 1.5\n", "--warmup-ratio 1.5: must be in [0, 1]"),
+    "a word for a numeric hyperparameter": ("hparams: {beta: high}\n", "hparams: beta=high: expected a float"),
 }
 
 
@@ -150,8 +151,10 @@ def test_recipe_numbers_that_yaml_reads_as_strings(tmp_path):
     from amapo_train.config import TrainConfig
 
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("learning_rate: 6e-7\nepochs: '2'\nwarmup_ratio: 0\nbf16: 'off'\nmax_steps: null\n")
+    recipe.write_text("learning_rate: 6e-7\nepochs: '2'\nwarmup_ratio: 0\nbf16: 'off'\nmax_steps: null\n"
+                      "hparams: {beta: 2e0, label_smoothing: 1e-1, variant: paper}\n")
     config = TrainConfig.from_recipe(recipe)
+    assert config.hparams == {"beta": 2.0, "label_smoothing": 0.1, "variant": "paper"}
     assert config.learning_rate == 6e-7 and isinstance(config.learning_rate, float)
     assert config.epochs == 2 and config.warmup_ratio == 0.0 and isinstance(config.warmup_ratio, float)
     assert config.bf16 is False and config.max_steps is None

@@ -14,7 +14,7 @@ from amapo_kernels.preference import METHODS
 from amapo_train.cli_errors import (HelpFormatter, OneLineParser, UserError, check_device, check_output_path,
                                     check_range)
 from amapo_train.config import (BOOLEANS, CHAT_TEMPLATES, CONFIGS, DATASET_FORMATS, DEFAULT_SCORE_COLUMNS, DEVICES,
-                                LOSS_IMPLS, RECIPES, TOKENIZATIONS, TRACKERS, TrainConfig, settable_hparams)
+                                LOSS_IMPLS, RECIPES, TOKENIZATIONS, TRACKERS, TrainConfig, hparam_value)
 from amapo_train.data import looks_local
 
 STATE_FILE = "trainer_state.json"
@@ -125,20 +125,6 @@ def config_from_args(args) -> TrainConfig:
             raise UserError(f"--hparam {item!r}: expected NAME=VALUE")
         config.hparams[name] = hparam_value(config.loss, name, value)
     return config
-
-
-def hparam_value(method: str, name: str, text: str):
-    """`text` as the type of the hyperparameter's default (a number for a numeric one)."""
-    defaults = settable_hparams(method) if method in METHODS else {}
-    if name not in defaults:
-        return text  # an unknown name: TrainConfig.validate names the valid ones
-    default = defaults[name]
-    if default is None or isinstance(default, str):
-        return text
-    try:
-        return parse_bool(text) if isinstance(default, bool) else type(default)(float(text))
-    except (ValueError, argparse.ArgumentTypeError):
-        raise UserError(f"--hparam {name}={text}: expected a {type(default).__name__}") from None
 
 
 def check_run(config: TrainConfig, args, world_size: int) -> None:

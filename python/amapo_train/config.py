@@ -186,11 +186,28 @@ class TrainConfig:
         if unknown:
             raise UserError(f"recipe {path} has unknown keys {unknown}")
         values = {name: recipe_value(path, fields[name], value) for name, value in values.items()}
+        if values.get("hparams"):
+            method = values.get("loss", cls.loss)
+            values["hparams"] = {name: hparam_value(method, name, value, where=f"recipe {path}: hparams:")
+                                 for name, value in values["hparams"].items()}
         overrides = {key: value for key, value in overrides.items() if value is not None}
         if overrides.get("loss", values.get("loss", cls.loss)) != values.get("loss", cls.loss):
             values.pop("hparams", None)
         values.update(overrides)
         return cls(**values)
+
+
+def hparam_value(method: str, name, value, where: str = "--hparam"):
+    """`value` (command-line text, or a recipe's YAML value) as the type of the hyperparameter's default: a
+    number for a numeric one (YAML reads 1e-2 as text too), on/off for a switch. Any other value is kept as
+    it is: validate() checks it by the method's rules and names the valid hyperparameters."""
+    default = settable_hparams(method).get(name) if method in METHODS else None
+    if not isinstance(value, str) or default is None or isinstance(default, str):
+        return value
+    try:
+        return BOOLEANS[value.lower()] if isinstance(default, bool) else type(default)(float(value))
+    except (ValueError, KeyError):
+        raise UserError(f"{where} {name}={value}: expected a {type(default).__name__}") from None
 
 
 def recipe_value(path, field: dataclasses.Field, value):
