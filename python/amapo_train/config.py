@@ -129,11 +129,7 @@ class TrainConfig:
         for name, (low, high) in NUMBER_RANGES.items():
             if getattr(self, name) is not None:
                 check_range(f"--{name.replace('_', '-')}", getattr(self, name), low, high)
-        try:
-            check_lengths(self.max_length, self.max_prompt_length)
-        except ValueError:
-            raise UserError(f"--max-prompt-length {self.max_prompt_length} must lie in [1, --max-length "
-                            f"{self.max_length})") from None
+        check_length_flags(self.max_length, self.max_prompt_length)
         self.gradient_accumulation_steps(world_size)
 
     def score_columns(self) -> tuple[str, str] | None:
@@ -195,6 +191,14 @@ class TrainConfig:
             values.pop("hparams", None)
         values.update(overrides)
         return cls(**values)
+
+
+def check_length_flags(max_length: int, max_prompt_length: int) -> None:
+    """data.check_lengths as the console scripts' user error, naming their flags."""
+    try:
+        check_lengths(max_length, max_prompt_length)
+    except ValueError:
+        raise UserError(f"--max-prompt-length {max_prompt_length} must lie in [1, --max-length {max_length})") from None
 
 
 def hparam_value(method: str, name, value, where: str = "--hparam"):

@@ -35,9 +35,9 @@ from amapo_train.cli_errors import OneLineParser as _Parser
 from amapo_train.cli_errors import UserError, check_device, check_output_path, check_range, run_console_script
 from amapo_train.cli_errors import one_line as _one_line
 from amapo_train.cli_errors import require_extras as _require_extras
+from amapo_train.config import check_length_flags
 from amapo_train.data import (
     PreferenceDataset,
-    check_lengths,
     chat_texts,
     detect_format,
     has_chat_template,
@@ -487,11 +487,7 @@ def check_args(args) -> None:
         if getattr(args, name, None) is not None:
             check_range(flag, getattr(args, name), 1)
     if hasattr(args, "max_prompt_length"):
-        try:
-            check_lengths(args.max_length, args.max_prompt_length)
-        except ValueError:
-            raise UserError(f"--max-prompt-length {args.max_prompt_length} must lie in [1, --max-length "
-                            f"{args.max_length})") from None
+        check_length_flags(args.max_length, args.max_prompt_length)
     if args.output:
         check_output_path("--output", args.output, directory=args.command == "splits")
     if args.command == "splits":
