@@ -37,11 +37,8 @@ what the run must hold at once from below; it is not a peak-RSS measurement.
     python benchmarks/bench_fused_linear.py --device cuda --dtype bf16 --json out.json
 """
 
-import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
