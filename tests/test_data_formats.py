@@ -107,6 +107,18 @@ def test_file_in_no_known_format_is_a_one_line_error_before_the_model_loads(tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_records_not_in_the_named_format_are_a_one_line_error_before_the_model_loads(tmp_path, capsys):
+    from amapo_train.train import cli
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"prompt": "Hi", "chosen": "a", "rejected": f"b{i}"}) for i in range(20)))
+    status = cli(["--dataset", str(pairs), "--dataset-format", "hh-rlhf", "--output-dir", str(tmp_path / "run")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1, lines
+    assert "training record 0: a record in the 'pairs' format where dataset_format is 'hh-rlhf'" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("name, text, message", [
     ("broken.jsonl", '{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{bad\n', "line 3: not JSON: Expecting property name"),
     ("numbers.json", "[1, 2]", "item 0: a record must be a JSON object, got int 1"),

@@ -262,11 +262,7 @@ def record_texts(record: dict, tokenizer, fmt: str = "auto", *, use_chat_templat
     `tokenization="trl"` renders as the authors do (``authors_chat_texts``: the assistant header in the
     response, an empty system message when `insert_system_message`), "separate" as ``chat_texts`` (the
     header in the prompt, masked)."""
-    found = detect_format(record)
-    if fmt not in ("auto", found):
-        raise ValueError(f"a record in the {found!r} format where dataset_format is {fmt!r} "
-                         f"(columns: {sorted(record)})")
-    fmt = found
+    fmt = record_format(record, fmt)
     if fmt == "hh-rlhf":
         return split_hh_pair(record["chosen"], record["rejected"])
     if fmt == "pairs":
@@ -400,11 +396,21 @@ def holdout_split(records: list, fraction: float, seed: int) -> tuple[list, list
             [r for i, r in enumerate(records) if i in held_out])
 
 
-def check_detected_formats(records: list[dict], where: str) -> None:
-    """Every record is in a known format (detect_format); a ValueError naming the first that is not."""
+def record_format(record: dict, fmt: str = "auto") -> str:
+    """`record`'s format (detect_format), which must be `fmt` unless that is "auto"; else a ValueError."""
+    found = detect_format(record)
+    if fmt not in ("auto", found):
+        raise ValueError(f"a record in the {found!r} format where dataset_format is {fmt!r} "
+                         f"(columns: {sorted(record)})")
+    return found
+
+
+def check_detected_formats(records: list[dict], where: str, fmt: str = "auto") -> None:
+    """Every record is in a known format, and in `fmt` unless "auto" (record_format); a ValueError naming the
+    first that is not, before any tokenizer or model is needed."""
     for position, record in enumerate(records):
         try:
-            detect_format(record)
+            record_format(record, fmt)
         except ValueError as error:
             raise ValueError(f"{where} record {position}: {error}") from None
 

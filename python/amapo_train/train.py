@@ -234,7 +234,7 @@ def load_splits(config: TrainConfig) -> tuple[list[dict], list[dict], str]:
             test = load_records(config.eval_dataset or config.dataset, config.test_split)
         train, test = train[:config.max_train_pairs or None], test[:config.max_test_pairs or None]
         for records, where in ((train, "training"), (test, "held-out")):
-            check_detected_formats(records, where)
+            check_detected_formats(records, where, config.dataset_format)
             if config.score_columns():
                 check_scores(records, config.score_columns(), where)
     except (OSError, ValueError, ImportError) as error:  # missing file, bad JSON, bad record, no `datasets`
