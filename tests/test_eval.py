@@ -690,3 +690,12 @@ def test_cli_rank_bundled_source(tmp_path, saved_model):
     res = json.loads(out.read_text())
     assert res["tokenization"]["n_records"] == 6 and res["split"] == "test"
     assert cli.main(["rank", "--model", str(saved_model), "--data", "bundled:nope", "--device", "cpu"]) == 2
+
+
+def test_splits_of_data_with_one_model_is_a_user_error(tmp_path, capsys):
+    data = tmp_path / "uf.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "completions": [{"model": "m1", "response": "x", "score": 1}]})
+                              for p in ("A", "B", "C")))
+    assert cli.main(["splits", "--data", str(data), "--output", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "cannot split its response models: need at least two distinct items" in lines[0], lines

@@ -241,7 +241,14 @@ def cmd_splits(args) -> dict:
         raise UserError(f"--data {args.data}: {_one_line(error)}") from error
     prompt_ids = [r["prompt_id"] for r in records]
     models = sorted({c["model"] for r in records for c in r["completions"]})
-    train_p, valid_p = random_split(prompt_ids, args.valid_prompt_fraction, args.seed)
+
+    def split(items, fraction, what):  # it needs two distinct items
+        try:
+            return random_split(items, fraction, args.seed)
+        except ValueError as error:
+            raise UserError(f"--data {args.data}: cannot split its {what}: {_one_line(error)}") from None
+
+    train_p, valid_p = split(prompt_ids, args.valid_prompt_fraction, "prompts")
     if args.valid_models:
         valid_m = sorted(set(args.valid_models.split(",")))
         unknown = sorted(set(valid_m) - set(models))
@@ -249,7 +256,7 @@ def cmd_splits(args) -> dict:
             raise UserError(f"--valid-models names models not in the data: {unknown} (models: {models})")
         train_m = [m for m in models if m not in valid_m]
     else:
-        train_m, valid_m = random_split(models, args.valid_model_fraction, args.seed)
+        train_m, valid_m = split(models, args.valid_model_fraction, "response models")
     res = build_generalization_splits(records, train_prompts=train_p, valid_prompts=valid_p,
                                       train_models=train_m, valid_models=valid_m)
     out_dir = Path(args.output)
