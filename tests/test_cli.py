@@ -195,3 +195,14 @@ def test_deepspeed_config_and_output_dir_are_checked_first(tmp_path, capsys):
         assert_one_line_error(status, capsys.readouterr().err, message)
     assert cli(["--deepspeed", "zero3", "--output-dir", str(tmp_path / "new" / "run"), "--dry-run"]) == 0
     assert not (tmp_path / "new").exists()  # a dry run creates nothing
+
+
+def test_an_option_off_by_default_can_be_set_back_to_none():
+    """A recipe's ablation can be undone from the command line: `--hparam ablation=none` is None, not the
+    string 'none' (which the method would refuse)."""
+    from amapo_train.command_line import build_parser, config_from_args
+
+    args = build_parser("").parse_args(["--hparam", "ablation=no_exp", "--hparam", "ablation=None"])
+    config = config_from_args(args)
+    assert config.hparams["ablation"] is None
+    config.validate()

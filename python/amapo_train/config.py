@@ -203,10 +203,16 @@ def check_length_flags(max_length: int, max_prompt_length: int) -> None:
 
 def hparam_value(method: str, name, value, where: str = "--hparam"):
     """`value` (command-line text, or a recipe's YAML value) as the type of the hyperparameter's default: a
-    number for a numeric one (YAML reads 1e-2 as text too), on/off for a switch. Any other value is kept as
-    it is: validate() checks it by the method's rules and names the valid hyperparameters."""
-    default = settable_hparams(method).get(name) if method in METHODS else None
-    if not isinstance(value, str) or default is None or isinstance(default, str):
+    number for a numeric one (YAML reads 1e-2 as text too), on/off for a switch, none (or null) for an option
+    whose default is None. Any other value is kept as it is: validate() checks it by the method's rules and
+    names the valid hyperparameters."""
+    defaults = settable_hparams(method) if method in METHODS else {}
+    default = defaults.get(name)
+    if not isinstance(value, str):
+        return value
+    if name in defaults and default is None and value.lower() in ("none", "null"):
+        return None  # an option that is off by default (ablation=none), as the command line can say it
+    if default is None or isinstance(default, str):
         return value
     try:
         return BOOLEANS[value.lower()] if isinstance(default, bool) else type(default)(float(value))
