@@ -97,20 +97,22 @@ def read_json_records(path) -> list[dict]:
     with opener(path, "rt", encoding="utf-8") as handle:
         text = handle.read()
     if text.lstrip().startswith("["):
-        records = json.loads(text)
-        where = [f"item {position}" for position in range(len(records))]
+        placed = [(f"item {position}", record) for position, record in enumerate(json.loads(text))]
     else:
-        numbered = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
-        records, where = [], [f"line {number}" for number, _ in numbered]
-        for number, line in numbered:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"line {number}: not JSON: {error.msg} (column {error.colno})") from None
-    for record, place in zip(records, where):
+        placed = [(f"line {number}", json_line(number, line))
+                  for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    for place, record in placed:
         if not isinstance(record, dict):
             raise ValueError(f"{place}: a record must be a JSON object, got {type(record).__name__} {record!r:.60}")
-    return records
+    return [record for _, record in placed]
+
+
+def json_line(number: int, line: str):
+    """Line `number` of a JSONL file, parsed; a ValueError naming the file line (the decoder's is the record's)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"line {number}: not JSON: {error.msg} (column {error.colno})") from None
 
 
 def detect_format(record: dict) -> str:
