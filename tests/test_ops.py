@@ -92,7 +92,7 @@ def instructions_by_kernel(binary: str) -> dict[str, str]:
 def test_cuda_row_kernels_move_16_bytes_an_access_and_use_the_fast_exp(dtype):
     """The from-logits kernels as compiled (sm_90 SASS): the forward streams logits with 16-byte
     read-only loads (LDG.E.128.CONSTANT), the backward reads and writes 16 bytes an access (LDG.E.128,
-    STG.E.128), and both take exp from the MUFU unit (MUFU.EX2), as csrc/sequence_logps_cuda.cu intends."""
+    STG.E.128), and both take exp from the MUFU unit (MUFU.EX2), as csrc/sequence_logps_kernels.cuh intends."""
     mangled = {"c10::BFloat16": "IN3c108BFloat16EfE", "c10::Half": "IN3c104HalfEfE", "float": "IffE"}[dtype]
     kernels = instructions_by_kernel(ak._C.__file__)
     forward = [sass for name, sass in kernels.items() if "forward_rows_kernel" + mangled in name]
