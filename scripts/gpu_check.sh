@@ -103,10 +103,11 @@ print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_devic
 assert ak.has_cuda_kernels(), "CUDA kernels not registered"
 print("CUDA kernels registered; built against torch", C.torch_version, "running", torch.__version__)'
 
-  # Every CUDA test: the GPU-only file, then the cuda-marked variants of all the others. A skip here is a
-  # failure of this check (the machine has a GPU), so -rs lists the reasons.
+  # Every CUDA test: the CUDA kernels' own file, then the cuda-marked variants of all the others (-m cuda leaves
+  # out their CPU-emulated variants, which CI runs). A skip here is a failure of this check (the machine has a
+  # GPU), so -rs lists the reasons.
   run_step "tests/test_cuda_kernels.py" "$RESULTS/tests.log" 200 \
-    "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_cuda_kernels.py
+    "$PY" -m pytest -q -p no:cacheprovider -rfEs -m cuda tests/test_cuda_kernels.py
   # 300 s: the Triton tests compile each autotuning configuration once (~30 kernels) besides their runs;
   # pytest-xdist (in the GPU image) spreads those compiles over 4 processes sharing the one GPU.
   local xdist=()

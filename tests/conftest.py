@@ -19,12 +19,33 @@ settings.load_profile("ci")
 
 CUDA_READY = torch.cuda.is_available() and amapo_kernels.has_cuda_kernels()
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA device")]),
-]
+CUDA_DEVICE = pytest.param(
+    "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA device")]
+)
+# "emulated-cuda": the CUDA kernels themselves, on CPU tensors, through the CPU emulation of tests/emulated_cuda.py,
+# so that every device-parametrized test runs the CUDA code in CI, where there is no GPU.
+DEVICES = ["cpu", "emulated-cuda", CUDA_DEVICE]
+
+
+def on_device(name):
+    """The device string a test uses for `name`; for "emulated-cuda", "cpu" with the emulated CUDA kernels
+    registered over the CPU ones, and a check that the test did run them."""
+    if name != "emulated-cuda":
+        yield name
+        return
+    import emulated_cuda
+
+    with emulated_cuda.as_cpu_kernels() as launches:
+        yield "cpu"
+    assert int(launches) > 0, "the test ran no emulated CUDA kernel"
 
 
 @pytest.fixture(params=DEVICES)
 def device(request):
-    return request.param
+    yield from on_device(request.param)
+
+
+@pytest.fixture(params=["emulated-cuda", CUDA_DEVICE])
+def cuda_device(request):
+    """The CUDA kernels: on a GPU, and through the CPU emulation (which runs where there is none)."""
+    yield from on_device(request.param)

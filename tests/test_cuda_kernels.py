@@ -1,6 +1,8 @@
-"""GPU-only checks of the CUDA kernels (`bash scripts/test.sh -m cuda` on a GPU machine; skipped elsewhere):
-vocabulary sizes that are not a multiple of anything, offsets beyond 2^31 elements, bit-identical reruns,
-CUDA-graph capture of forward + backward. The cross-device property tests live in the other files."""
+"""The CUDA kernels' own cases: vocabulary sizes that are not a multiple of anything, rows split across blocks,
+offsets beyond 2^31 elements, bit-identical reruns, CUDA-graph capture of forward + backward. Each runs on a GPU
+(`bash scripts/test.sh -m cuda`) and, where it can, through the CPU emulation of the CUDA kernels as well
+(`cuda_device`: tests/emulated_cuda.py), which runs everywhere. The cross-device property tests live in the
+other files; the emulation's own checks (data races, guard bands) in test_cuda_emulation.py."""
 
 import pytest
 import torch
@@ -9,10 +11,7 @@ from helpers import assert_within_rule, peaked_logits, random_labels
 import amapo_kernels as ak
 from amapo_kernels import reference as ref
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not (torch.cuda.is_available() and ak.has_cuda_kernels()), reason="needs a CUDA device"),
-]
+gpu_only = pytest.mark.skipif(not (torch.cuda.is_available() and ak.has_cuda_kernels()), reason="needs a CUDA device")
 
 
 def compare(logits, labels, shift):
@@ -30,66 +29,80 @@ def compare(logits, labels, shift):
 
 @pytest.mark.parametrize("vocab", [1, 31, 32001, 128256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_vocab_sizes(vocab, dtype):
+def test_vocab_sizes(cuda_device, vocab, dtype):
     generator = torch.Generator().manual_seed(vocab)
-    logits = peaked_logits(4, 33, vocab, dtype=dtype, generator=generator, device="cuda")
-    labels = random_labels(4, 33, vocab, ignore_prob=0.2, generator=generator, device="cuda", all_ignored_rows=[3])
+    logits = peaked_logits(4, 33, vocab, dtype=dtype, generator=generator, device=cuda_device)
+    labels = random_labels(4, 33, vocab, ignore_prob=0.2, generator=generator, device=cuda_device,
+                           all_ignored_rows=[3])
     compare(logits, labels, shift=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_few_rows_split_the_vocabulary(dtype):
+def test_few_rows_split_the_vocabulary(cuda_device, dtype):
     """B*T = 6 rows cannot fill the GPU: each row's vocabulary is split across blocks and merged in order."""
     generator = torch.Generator().manual_seed(5)
-    logits = peaked_logits(2, 4, 128256, dtype=dtype, generator=generator, device="cuda")
-    labels = random_labels(2, 4, 128256, ignore_prob=0.2, generator=generator, device="cuda")
+    logits = peaked_logits(2, 4, 128256, dtype=dtype, generator=generator, device=cuda_device)
+    labels = random_labels(2, 4, 128256, ignore_prob=0.2, generator=generator, device=cuda_device)
     compare(logits, labels, shift=True)
 
 
 @pytest.mark.parametrize("steps", [4, 600])  # split rows, and one block per row
-def test_float64_is_exact(steps):
+def test_float64_is_exact(cuda_device, steps):
     """fp64 logits accumulate in fp64 with the exact exp: log-probs and gradients to fp64 rounding."""
     generator = torch.Generator().manual_seed(7)
-    logits = peaked_logits(2, steps, 32001, dtype=torch.float64, generator=generator, device="cuda")
-    labels = random_labels(2, steps, 32001, ignore_prob=0.2, generator=generator, device="cuda")
+    logits = peaked_logits(2, steps, 32001, dtype=torch.float64, generator=generator, device=cuda_device)
+    labels = random_labels(2, steps, 32001, ignore_prob=0.2, generator=generator, device=cuda_device)
     leaf, leaf64 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     out, out64 = ak.sequence_logps(leaf, labels, shift=True), ref.sequence_logps(leaf64, labels, shift=True)
     torch.testing.assert_close(out, out64, rtol=1e-12, atol=1e-12)
-    weights = torch.randn(2, dtype=torch.float64, device="cuda")
+    weights = torch.randn(2, dtype=torch.float64, device=cuda_device)
     grad, grad64 = (torch.autograd.grad((o * weights).sum(), x)[0] for o, x in ((out, leaf), (out64, leaf64)))
     torch.testing.assert_close(grad, grad64, rtol=1e-12, atol=1e-15)
 
 
-def test_check_labels_false_has_no_host_sync_and_gives_nan():
-    """check_labels=False: no synchronizing call in forward or backward, and an out-of-range label makes its
-    sequence NaN (never an out-of-bounds read); the other sequences are untouched."""
+def test_check_labels_false_gives_nan_for_an_out_of_range_label(cuda_device):
+    """check_labels=False: an out-of-range label makes its sequence NaN (never an out-of-bounds read); the other
+    sequences and their gradients are untouched."""
     generator = torch.Generator().manual_seed(6)
-    logits = peaked_logits(4, 16, 32001, dtype=torch.bfloat16, generator=generator, device="cuda")
-    labels = random_labels(4, 16, 32001, ignore_prob=0.1, generator=generator, device="cuda")
+    logits = peaked_logits(4, 16, 32001, dtype=torch.bfloat16, generator=generator, device=cuda_device)
+    labels = random_labels(4, 16, 32001, ignore_prob=0.1, generator=generator, device=cuda_device)
     expected = ak.sequence_logps(logits, labels, shift=True)
     labels[1, 5] = 32001
     leaf = logits.detach().clone().requires_grad_()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out = ak.sequence_logps(leaf, labels, shift=True, check_labels=False)
-        (grad,) = torch.autograd.grad(out.sum(), leaf)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    out = ak.sequence_logps(leaf, labels, shift=True, check_labels=False)
+    (grad,) = torch.autograd.grad(out.sum(), leaf)
     assert out[1].isnan() and torch.equal(out[[0, 2, 3]], expected[[0, 2, 3]])
     assert grad[[0, 2, 3]].isfinite().all()
     with pytest.raises(ValueError, match="labels must lie"):
         ak.sequence_logps(leaf, labels, shift=True)
 
 
-def test_noncontiguous_batch_strides():
+@pytest.mark.cuda
+@gpu_only
+def test_check_labels_false_has_no_host_sync():
+    generator = torch.Generator().manual_seed(6)
+    logits = peaked_logits(4, 16, 32001, dtype=torch.bfloat16, generator=generator, device="cuda")
+    labels = random_labels(4, 16, 32001, ignore_prob=0.1, generator=generator, device="cuda")
+    leaf = logits.detach().clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ak.sequence_logps(leaf, labels, shift=True, check_labels=False)
+        torch.autograd.grad(out.sum(), leaf)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_noncontiguous_batch_strides(cuda_device):
     generator = torch.Generator().manual_seed(1)
-    wide = peaked_logits(8, 17, 5003, dtype=torch.bfloat16, generator=generator, device="cuda")
+    wide = peaked_logits(8, 17, 5003, dtype=torch.bfloat16, generator=generator, device=cuda_device)
     logits = wide[::2, :, :5000]  # every other row, a slice of the vocabulary buffer
-    labels = random_labels(4, 17, 5000, ignore_prob=0.1, generator=generator, device="cuda")
+    labels = random_labels(4, 17, 5000, ignore_prob=0.1, generator=generator, device=cuda_device)
     compare(logits, labels, shift=True)
 
 
+@pytest.mark.cuda
+@gpu_only
 def test_offsets_beyond_int32():
     """B*T*V = 2 * 8500 * 128256 > 2^31 elements (4.4 GB of bf16 logits): the last rows must be right."""
     batch, steps, vocab = 2, 8500, 128256
@@ -109,10 +122,11 @@ def test_offsets_beyond_int32():
     assert torch.count_nonzero(grad[:, : steps - 4]) == 0
 
 
-def test_bit_identical_reruns():
+@pytest.mark.parametrize("steps", [2, 256])  # split rows, and one block per row
+def test_bit_identical_reruns(cuda_device, steps):
     generator = torch.Generator().manual_seed(2)
-    logits = peaked_logits(8, 256, 32000, dtype=torch.bfloat16, generator=generator, device="cuda")
-    labels = random_labels(8, 256, 32000, ignore_prob=0.2, generator=generator, device="cuda")
+    logits = peaked_logits(8, steps, 32000, dtype=torch.bfloat16, generator=generator, device=cuda_device)
+    labels = random_labels(8, steps, 32000, ignore_prob=0.2, generator=generator, device=cuda_device)
     runs = []
     for _ in range(2):
         leaf = logits.detach().clone().requires_grad_()
@@ -121,6 +135,8 @@ def test_bit_identical_reruns():
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
+@pytest.mark.cuda
+@gpu_only
 def test_cuda_graph_capture_of_forward_and_backward():
     """With check_labels=False (no host sync): the captured step replays to the eager result, bit for bit."""
     generator = torch.Generator().manual_seed(3)
