@@ -1,6 +1,6 @@
 // The CUDA ops of csrc/ (their kernels and host code, unchanged) on CPU tensors, through the CPU emulation of
 // the CUDA execution model in gpu_emulator.h; and small kernels with known defects that show the emulator
-// catches them. Built by tests/test_cuda_emulation.py.
+// catches them. Built (and registered over the CPU kernels) by tests/emulated_cuda.py.
 #include <torch/extension.h>
 
 #include "gpu_emulator.h"  // after torch, before the kernels: it defines the CUDA keywords
