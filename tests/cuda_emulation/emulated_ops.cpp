@@ -29,6 +29,29 @@ struct EmulatedDevice {
   }
 };
 
+// While an emulated op runs, at::empty fills what it returns with NaN (integers with their maximum), as torch
+// does in deterministic mode: a kernel that reads an element nobody wrote (a row it skipped, a partial it did not
+// merge) then gives NaN instead of whatever the memory held. compute-sanitizer's initcheck does this on the GPU.
+class UninitializedMemoryIsNan {
+ public:
+  UninitializedMemoryIsNan()
+      : algorithms_(at::globalContext().deterministicAlgorithms()),
+        warn_only_(at::globalContext().deterministicAlgorithmsWarnOnly()),
+        fill_(at::globalContext().deterministicFillUninitializedMemory()) {
+    at::globalContext().setDeterministicAlgorithms(true, false);
+    at::globalContext().setDeterministicFillUninitializedMemory(true);
+  }
+  ~UninitializedMemoryIsNan() {
+    at::globalContext().setDeterministicAlgorithms(algorithms_, warn_only_);
+    at::globalContext().setDeterministicFillUninitializedMemory(fill_);
+  }
+  UninitializedMemoryIsNan(const UninitializedMemoryIsNan&) = delete;
+  UninitializedMemoryIsNan& operator=(const UninitializedMemoryIsNan&) = delete;
+
+ private:
+  bool algorithms_, warn_only_, fill_;
+};
+
 void check_cpu(const at::Tensor& tensor, const char* name) {
   TORCH_CHECK_VALUE(tensor.device().is_cpu(), name, " must be a CPU tensor (the emulation reads host memory)");
 }
@@ -77,6 +100,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, bool average, bool shift,
          bool check_labels, int64_t multiprocessors, uint64_t schedule, int64_t max_grid) {
         check_cpu(logits, "logits");
+        const UninitializedMemoryIsNan nan_fill;
         const EmulatedDevice device{multiprocessors, schedule, max_grid};
         return amapo::sequence_logps_kernels::forward(device, logits, labels, ignore_index, average, shift,
                                                       check_labels);
@@ -89,6 +113,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          int64_t ignore_index, bool average, bool shift, bool inplace, int64_t multiprocessors, uint64_t schedule,
          int64_t max_grid) {
         check_cpu(logits, "logits");
+        const UninitializedMemoryIsNan nan_fill;
         const EmulatedDevice device{multiprocessors, schedule, max_grid};
         auto grad = inplace ? logits : at::empty(logits.sizes(), logits.options());
         amapo::sequence_logps_kernels::backward_into(device, grad_seq, logits, labels, softmax_stats, ignore_index,
@@ -104,6 +129,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          double label_smoothing, const std::string& variant, const std::string& ablation, int64_t multiprocessors,
          uint64_t schedule, int64_t max_grid) {
         check_cpu(chosen, "chosen");
+        const UninitializedMemoryIsNan nan_fill;
         const EmulatedDevice device{multiprocessors, schedule, max_grid};
         return amapo::amapo_loss_kernels::forward(device, chosen, rejected, batch_moments, beta, label_smoothing,
                                                   variant, ablation);
@@ -115,6 +141,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](const at::Tensor& grad_loss, const at::Tensor& chosen, const at::Tensor& rejected, const at::Tensor& margins,
          double beta, double label_smoothing, int64_t multiprocessors, uint64_t schedule, int64_t max_grid) {
         check_cpu(chosen, "chosen");
+        const UninitializedMemoryIsNan nan_fill;
         const EmulatedDevice device{multiprocessors, schedule, max_grid};
         return amapo::amapo_loss_kernels::backward(device, grad_loss, chosen, rejected, margins, beta,
                                                    label_smoothing);
