@@ -15,7 +15,10 @@
 // - Which fiber runs next decides what a racy read sees: a read of what another thread writes without a barrier
 //   between (a missing __syncthreads) gives results that depend on the schedule. The tests run each kernel under
 //   several schedules (lowest thread first, highest first, random) and compare the bits.
-// What it does not model: the hardware's fast exp (the kernels use exp2f off the GPU), warp-synchronous code
+// - The MUFU exponential (ex2.approx.ftz.f32) is modelled at its accuracy bound, 2 ulps: exp2f moved by a
+//   pseudo-random -2..2 ulps (a hash of the argument's bits, so runs repeat), subnormal results flushed to zero,
+//   integer arguments exact (2^0 = 1: on the H200, a row of one logit gave a log-prob of exactly 0).
+// What it does not model: the hardware's exact fast-exp values (only their error bound), warp-synchronous code
 // without a shuffle (these kernels have none), memory outside the tensors it is given (the tests surround them
 // with NaN guard bands), preemption between two synchronization points (a race between two writes there is seen
 // only through its effect on later reads).
@@ -30,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -45,6 +49,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static __attribute__((section("amapo_emulated_shared")))
+#define AMAPO_EX2_APPROX_FTZ gpu_emulator::ex2_approx_ftz
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -71,6 +76,21 @@ using std::sqrt;
 }  // namespace amapo
 
 namespace gpu_emulator {
+
+// ex2.approx.ftz.f32 of a: 2^a within 2 ulps, exact for an integer a, a subnormal result flushed to zero.
+inline float ex2_approx_ftz(float a) {
+  float y = std::exp2f(a);
+  if (!std::isfinite(y) || y == 0.0f) return y;
+  if (y < std::numeric_limits<float>::min()) return 0.0f;
+  if (a == std::nearbyint(a)) return y;  // a power of two
+  uint32_t a_bits, y_bits;
+  std::memcpy(&a_bits, &a, sizeof a);
+  std::memcpy(&y_bits, &y, sizeof y);
+  const uint32_t mixed = (a_bits ^ (a_bits >> 16)) * 0x45d9f3bu;  // a cheap integer hash
+  y_bits += static_cast<uint32_t>(static_cast<int32_t>((mixed ^ (mixed >> 16)) % 5) - 2);
+  std::memcpy(&y, &y_bits, sizeof y);
+  return y;
+}
 
 constexpr unsigned kWarpSize = 32;
 constexpr size_t kStackBytes = 256 * 1024;
