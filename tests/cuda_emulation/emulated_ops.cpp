@@ -52,6 +52,29 @@ class UninitializedMemoryIsNan {
   bool algorithms_, warn_only_, fill_;
 };
 
+// A new tensor like at::empty(sizes, options) (NaN-filled here) inside a buffer whose kGuard elements before and
+// after it are NaN too; check_guards then says whether a kernel wrote outside the tensor. The guards keep the
+// tensor's start 16-byte aligned, as the CUDA caching allocator does.
+class GuardedTensor {
+ public:
+  static constexpr int64_t kGuard = 64;
+
+  GuardedTensor(at::IntArrayRef sizes, const at::TensorOptions& options)
+      : buffer_(at::full({c10::multiply_integers(sizes) + 2 * kGuard}, NAN, options)),
+        tensor_(buffer_.narrow(0, kGuard, buffer_.numel() - 2 * kGuard).view(sizes)) {}
+
+  const at::Tensor& tensor() const { return tensor_; }
+
+  void check_guards(const char* what) const {
+    const auto before = buffer_.narrow(0, 0, kGuard), after = buffer_.narrow(0, buffer_.numel() - kGuard, kGuard);
+    TORCH_CHECK(before.isnan().all().item<bool>() && after.isnan().all().item<bool>(), what,
+                " wrote outside its output tensor (a guard element changed)");
+  }
+
+ private:
+  at::Tensor buffer_, tensor_;
+};
+
 void check_cpu(const at::Tensor& tensor, const char* name) {
   TORCH_CHECK_VALUE(tensor.device().is_cpu(), name, " must be a CPU tensor (the emulation reads host memory)");
 }
@@ -115,10 +138,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         check_cpu(logits, "logits");
         const UninitializedMemoryIsNan nan_fill;
         const EmulatedDevice device{multiprocessors, schedule, max_grid};
-        auto grad = inplace ? logits : at::empty(logits.sizes(), logits.options());
+        if (inplace) {
+          amapo::sequence_logps_kernels::backward_into(device, grad_seq, logits, labels, softmax_stats, ignore_index,
+                                                       average, shift, logits);
+          return logits;
+        }
+        const GuardedTensor guarded(logits.sizes(), logits.options());  // as sequence_logps_bwd_cuda's at::empty
+        auto grad = guarded.tensor();
         amapo::sequence_logps_kernels::backward_into(device, grad_seq, logits, labels, softmax_stats, ignore_index,
                                                      average, shift, grad);
-        return grad;
+        guarded.check_guards("the backward");
+        return grad.clone();  // a tensor of its own, at storage offset 0, as the CUDA op returns
       },
       "the CUDA backward (into a new tensor, or in place into logits), emulated", py::arg("grad"), py::arg("logits"),
       py::arg("labels"), py::arg("softmax_stats"), py::arg("ignore_index"), py::arg("average"), py::arg("shift"),
