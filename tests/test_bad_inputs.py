@@ -101,21 +101,22 @@ def test_custom_ignore_index_is_not_out_of_range(ignore_index):
         ak.sequence_logps(logits, labels, ignore_index=ignore_index)
 
 
-def test_direct_op_calls_are_guarded():
-    """The C++ ops check by themselves too: a direct call never reads out of bounds."""
-    logits, labels = logits_labels()
+def test_direct_op_calls_are_guarded(device):
+    """The C++ ops (the CUDA ones too: emulated-cuda runs their host code) check by themselves: a direct call never
+    reads out of bounds."""
+    logits, labels = (x.to(device) for x in logits_labels())
     with pytest.raises(ValueError, match="labels must lie"):
-        ops.sequence_logps_fwd(logits, torch.full((2, 3), V), -100, True, False)
+        ops.sequence_logps_fwd(logits, torch.full((2, 3), V, device=device), -100, True, False)
     with pytest.raises(ValueError, match="contiguous vocabulary"):
-        ops.sequence_logps_fwd(torch.randn(2, V, 3).transpose(1, 2), labels, -100, True, False)
+        ops.sequence_logps_fwd(torch.randn(2, V, 3, device=device).transpose(1, 2), labels, -100, True, False)
     _, stats = ops.sequence_logps_fwd(logits, labels, -100, True, False)
     with pytest.raises(ValueError, match="softmax_stats must be"):
-        ops.sequence_logps_bwd(torch.ones(2), logits, labels, stats[:, :1], -100, True, False)
+        ops.sequence_logps_bwd(torch.ones(2, device=device), logits, labels, stats[:, :1], -100, True, False)
+    pairs, moments = torch.zeros(2, device=device), torch.zeros(4, dtype=torch.float64, device=device)
     with pytest.raises(ValueError, match="variant must be"):
-        ops.amapo_loss_fwd(torch.zeros(2), torch.zeros(2), torch.zeros(4, dtype=torch.float64), 2.0, 0.0, "x", "none")
+        ops.amapo_loss_fwd(pairs, pairs, moments, 2.0, 0.0, "x", "none")
     with pytest.raises(ValueError, match="batch_moments"):
-        ops.amapo_loss_fwd(torch.zeros(2), torch.zeros(2), torch.zeros(3, dtype=torch.float64), 2.0, 0.0, "code",
-                           "none")
+        ops.amapo_loss_fwd(pairs, pairs, moments[:3], 2.0, 0.0, "code", "none")
 
 
 def test_odd_batch_for_from_logits():
