@@ -1,7 +1,8 @@
 """The CUDA kernels of csrc/ and their host code, run on CPU tensors by the CPU emulation of the CUDA execution
 model in tests/cuda_emulation/: where no GPU is lent, the tests still execute the CUDA code itself, not only
 its CPU twin. The emulation checks results, barrier and shuffle discipline, and (across schedules) data races;
-it is no substitute for the GPU run of `scripts/gpu_check.sh` (timing, the hardware exp, compute-sanitizer)."""
+it is no substitute for the GPU run of `scripts/gpu_check.sh` (timing, the hardware's own fast-exp values,
+compute-sanitizer)."""
 
 import contextlib
 import functools

@@ -28,7 +28,7 @@ def test_emulator_rejects_a_barrier_that_some_threads_skip():
 def test_emulator_shows_a_missing_barrier_as_order_dependent_results():
     runs = [module().run_toy("missing_barrier", schedule) for schedule in SCHEDULES]
     assert any(not torch.equal(runs[0], other) for other in runs[1:])
-    assert (runs[0] == -1).any()  # natural order: reads of shared memory no thread has written yet
+    assert (runs[0] == -1).any()  # lowest thread first: reads of shared memory no thread has written yet
 
 
 def test_emulator_shuffles_like_a_warp():
@@ -80,7 +80,7 @@ def test_amapo_loss_same_bits_whatever_the_order():
 def guarded_logits(batch, steps, vocab, *, head, row_padding, dtype, generator):
     """Logits [B, T, V] inside a NaN-filled buffer: `head` elements before the first row (a row start that is not
     16-byte aligned), `row_padding` elements between rows, NaN after the last. Any element read outside the
-    tensor turns a result into NaN; any element written outside changes a guard's bits."""
+    tensor turns a result into NaN; any element written outside (with a finite value) leaves a guard not NaN."""
     row = vocab + row_padding
     buffer = torch.full((head + batch * steps * row + 64,), float("nan"), dtype=dtype)
     logits = buffer[head : head + batch * steps * row].view(batch, steps, row)[..., :vocab]
