@@ -155,6 +155,21 @@ def test_same_nans_as_the_cpu_op(inplace_backward):
     assert torch.equal(grad_cuda.isnan(), grad_cpu.isnan()) and grad_cuda.isnan().any()
 
 
+def test_label_check_is_left_out_while_a_graph_is_captured():
+    """The label-range check syncs with the host, which graph capture forbids: while capturing, the forward skips
+    it (check_labels=True or not), and an out-of-range label gives its sequence NaN, never a read outside the
+    row; outside capture the same call raises."""
+    generator = torch.Generator().manual_seed(10)
+    buffer, logits, inside = guarded_logits(3, 4, 33, head=1, row_padding=3, dtype=torch.bfloat16,
+                                            generator=generator)
+    labels = random_labels(3, 4, 33, ignore_prob=0.0, generator=generator)
+    labels[1, 2] = 33
+    out, _ = module().sequence_logps_fwd(logits, labels, -100, True, True, True, capturing=True)
+    assert out[1].isnan() and out[[0, 2]].isfinite().all() and buffer[~inside].isnan().all()
+    with pytest.raises(ValueError, match="labels must lie"):
+        module().sequence_logps_fwd(logits, labels, -100, True, True, True)
+
+
 def test_offsets_beyond_int32():
     """Two sequences 2^31 + 2^20 elements apart in one (untouched, lazily mapped) buffer: the second one's rows
     lie beyond 2^31 elements, and its log-probs and in-place gradient must be right."""

@@ -13,14 +13,15 @@ namespace {
 // The `Device` of the kernels' host code (csrc/cuda_device.cuh has the CUDA one). The tests choose the number
 // of multiprocessors (one block per row, or rows split across blocks) and may cap the grid: every kernel here
 // loops over its items with a grid stride, so a capped grid must give the same bits (and covers those loops,
-// which on a GPU run only beyond 2^20 blocks).
+// which on a GPU run only beyond 2^20 blocks), and may pretend a CUDA graph is being captured (no host sync).
 struct EmulatedDevice {
   int64_t sms;
   uint64_t schedule;
   int64_t max_grid;
+  bool capturing = false;
 
   int64_t multiprocessors() const { return sms; }
-  bool may_sync() const { return true; }
+  bool may_sync() const { return !capturing; }
 
   template <typename... Params, typename... Args>
   void launch(void (*kernel)(Params...), unsigned grid, unsigned threads, Args... args) const {
@@ -121,15 +122,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "sequence_logps_fwd",
       [](const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, bool average, bool shift,
-         bool check_labels, int64_t multiprocessors, uint64_t schedule, int64_t max_grid) {
+         bool check_labels, int64_t multiprocessors, uint64_t schedule, int64_t max_grid, bool capturing) {
         check_cpu(logits, "logits");
         const UninitializedMemoryIsNan nan_fill;
-        const EmulatedDevice device{multiprocessors, schedule, max_grid};
+        const EmulatedDevice device{multiprocessors, schedule, max_grid, capturing};
         return amapo::sequence_logps_kernels::forward(device, logits, labels, ignore_index, average, shift,
                                                       check_labels);
       },
       "the CUDA forward, emulated", py::arg("logits"), py::arg("labels"), py::arg("ignore_index"), py::arg("average"),
-      py::arg("shift"), py::arg("check_labels"), sms_arg, schedule_arg, max_grid_arg);
+      py::arg("shift"), py::arg("check_labels"), sms_arg, schedule_arg, max_grid_arg,
+      py::arg("capturing") = false);
   m.def(
       "sequence_logps_bwd",
       [](const at::Tensor& grad_seq, at::Tensor logits, const at::Tensor& labels, const at::Tensor& softmax_stats,
