@@ -264,7 +264,9 @@ __device__ __forceinline__ const scalar_t* scored_row(const scalar_t* logits, in
   return logits + (row / steps) * stride_b + (row % steps) * stride_t;
 }
 
-inline unsigned grid_for(int64_t items) { return static_cast<unsigned>(std::max<int64_t>(1, std::min(items, kMaxBlocks))); }
+inline unsigned grid_for(int64_t items) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(items, kMaxBlocks)));
+}
 
 // Forward, one block per (scored row, vocabulary chunk). With one chunk per row the block finishes the row
 // (stats and the label's log-prob); otherwise it writes its partial (max, sum of exp) for merge_splits_kernel.

@@ -167,7 +167,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                                   variant, ablation);
       },
       "the CUDA AMaPO loss forward, emulated", py::arg("chosen"), py::arg("rejected"), py::arg("batch_moments"),
-      py::arg("beta"), py::arg("label_smoothing"), py::arg("variant"), py::arg("ablation"), sms_arg, schedule_arg, max_grid_arg);
+      py::arg("beta"), py::arg("label_smoothing"), py::arg("variant"), py::arg("ablation"), sms_arg, schedule_arg,
+      max_grid_arg);
   m.def(
       "amapo_loss_bwd",
       [](const at::Tensor& grad_loss, const at::Tensor& chosen, const at::Tensor& rejected, const at::Tensor& margins,
