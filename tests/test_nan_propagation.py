@@ -48,17 +48,33 @@ def test_nan_and_inf_rows_propagate_like_torch(device, dtype, shift):
     assert (grad[IGNORED_NAN_ROW] == 0).all()
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not (torch.cuda.is_available() and ak.has_cuda_kernels()), reason="needs a CUDA device")
+def poisoned_run(device, inplace_backward):
+    logits, labels = poisoned_batch(torch.float32, device, shift=True)
+    leaf = logits.clone().requires_grad_()
+    out = ak.sequence_logps(leaf * 1.0, labels, shift=True, inplace_backward=inplace_backward)
+    (grad,) = torch.autograd.grad(out.sum(), leaf)
+    return out.cpu(), grad.cpu()
+
+
+CUDA_KERNELS = [  # on a GPU, and through the CPU emulation of the CUDA kernels (tests/emulated_cuda.py)
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not (torch.cuda.is_available() and ak.has_cuda_kernels()), reason="needs a CUDA device")]),
+    "emulated-cuda",
+]
+
+
+@pytest.mark.parametrize("kernels", CUDA_KERNELS)
 @pytest.mark.parametrize("inplace_backward", [False, True])
-def test_cuda_matches_cpu_on_poisoned_rows(inplace_backward):
-    results = []
-    for device in ("cpu", "cuda"):
-        logits, labels = poisoned_batch(torch.float32, device, shift=True)
-        leaf = logits.clone().requires_grad_()
-        out = ak.sequence_logps(leaf * 1.0, labels, shift=True, inplace_backward=inplace_backward)
-        (grad,) = torch.autograd.grad(out.sum(), leaf)
-        results.append((out.cpu(), grad.cpu()))
-    (out_cpu, grad_cpu), (out_cuda, grad_cuda) = results
+def test_cuda_matches_cpu_on_poisoned_rows(kernels, inplace_backward):
+    """The CUDA kernels give the CPU op's NaNs and values on the poisoned batch."""
+    out_cpu, grad_cpu = poisoned_run("cpu", inplace_backward)
+    if kernels == "cuda":
+        out_cuda, grad_cuda = poisoned_run("cuda", inplace_backward)
+    else:
+        import emulated_cuda
+
+        with emulated_cuda.as_cpu_kernels():
+            out_cuda, grad_cuda = poisoned_run("cpu", inplace_backward)
     torch.testing.assert_close(out_cuda, out_cpu, equal_nan=True)
     torch.testing.assert_close(grad_cuda, grad_cpu, equal_nan=True, rtol=1e-5, atol=1e-6)
+    assert torch.equal(grad_cuda.isnan(), grad_cpu.isnan()) and grad_cuda.isnan().any()
