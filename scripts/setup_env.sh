@@ -37,10 +37,12 @@ case "${AMAPO_USE_EXISTING_TORCH:-0}" in
       exit 1
     }
     echo "amapo_kernels: using the existing torch $TORCH_VERSION of $PY"
-    # Everything but the torch pin, with torch held at the installed version so nothing upgrades it.
+    # Everything but the torch pin, with torch held at the installed version so nothing upgrades it. The pin
+    # is the installed distribution's version, which pip matches: torch.__version__ can differ from it (PyPI's
+    # torch 2.11.0 says 2.11.0+cu130), and a pin on that made the whole install unresolvable.
     REQS="$(mktemp)" PIN="$(mktemp)" LOG="$(mktemp)"
     grep -v '^torch[=<>~! ]' "$ROOT/requirements.txt" >"$REQS"
-    echo "torch==$TORCH_VERSION" >"$PIN"
+    echo "torch==$("$PY" -c 'import importlib.metadata as m; print(m.version("torch"))')" >"$PIN"
     if ! "$PY" -m pip install -q --retries 1 --timeout 15 -r "$REQS" -c "$PIN" >"$LOG" 2>&1; then
       grep -v "^WARNING: Location" "$LOG" | tail -5
       echo "amapo_kernels: WARNING: some requirements could not be installed (offline?); the tests that need them will fail to import"
