@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,13 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile("ci")
+
+# The training processes that tests start JIT-compile a DeepSpeed CPU op: into the work tree, one folder per torch.
+# torch's default, ~/.cache/torch_extensions/py311_cu130, is shared by every torch of one Python and CUDA (a module
+# another torch built there fails to load: undefined symbol), and before torch 2.14 a build killed midway leaves a
+# lock file there on which every later build waits forever.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR",
+                      str(Path(__file__).resolve().parents[1] / ".torch_extensions" / f"torch-{torch.__version__}"))
 
 CUDA_READY = torch.cuda.is_available() and amapo_kernels.has_cuda_kernels()
 

@@ -157,8 +157,7 @@ def run_recipe(tmp_path, name, processes, extra):
     one process started as a user would on one GPU, with no launcher (the driver sets what one would: without
     it DeepSpeed looks for mpi4py), or torchrun; returns metrics.jsonl's records."""
     out = tmp_path / name
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     args = ["-m", "amapo_train.train", *RECIPE_ON_CPU, *extra, "--output-dir", str(out)]
     if processes == 1:
         for variable in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
