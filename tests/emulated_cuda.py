@@ -5,6 +5,7 @@ it is no substitute for the GPU run of `scripts/gpu_check.sh` (timing, the hardw
 compute-sanitizer)."""
 
 import contextlib
+import fcntl
 import functools
 from pathlib import Path
 
@@ -16,21 +17,29 @@ ROOT = Path(__file__).resolve().parents[1]
 H100_MULTIPROCESSORS = 132
 
 
+# The emulation's build, one folder per torch: the C++ ABI changes between releases.
+BUILD = ROOT / "build" / f"cuda_emulation-torch-{torch.__version__}"
+
+
 @functools.cache
 def module():
-    """The emulated ops, compiled on first use (about 25 s on 2 cores; cached under build/, one folder per torch:
-    the C++ ABI changes between releases)."""
+    """The emulated ops, compiled on first use (about 25 s on 2 cores; cached in BUILD)."""
     from torch.utils.cpp_extension import load
 
-    build = ROOT / "build" / f"cuda_emulation-torch-{torch.__version__}"
-    build.mkdir(parents=True, exist_ok=True)
-    return load(
-        name="amapo_cuda_emulation",
-        sources=[str(ROOT / "tests" / "cuda_emulation" / "emulated_ops.cpp")],
-        extra_include_paths=[str(ROOT / "csrc")],
-        extra_cflags=["-O2", "-Wno-unknown-pragmas", "-fno-strict-aliasing"],
-        build_directory=str(build),
-    )
+    BUILD.mkdir(parents=True, exist_ok=True)
+    # Before 2.14, torch guards the build with a file whose existence alone blocks: a build killed midway (^C,
+    # a time limit) leaves it, and every later load waits on it forever. Builders here hold an OS lock on the
+    # folder first, which the kernel drops when its holder dies, so the one holding it knows that file is stale.
+    with open(BUILD / "builder.flock", "w") as builder:
+        fcntl.flock(builder, fcntl.LOCK_EX)
+        (BUILD / "lock").unlink(missing_ok=True)
+        return load(
+            name="amapo_cuda_emulation",
+            sources=[str(ROOT / "tests" / "cuda_emulation" / "emulated_ops.cpp")],
+            extra_include_paths=[str(ROOT / "csrc")],
+            extra_cflags=["-O2", "-Wno-unknown-pragmas", "-fno-strict-aliasing"],
+            build_directory=str(BUILD),
+        )
 
 
 class Launches:

@@ -4,9 +4,13 @@ bands around them); and that the emulator itself catches the defects it claims t
 cases run through the emulation in every device-parametrized test, in test_cuda_kernels.py and in
 test_nan_propagation.py (the CPU op's NaNs)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from emulated_cuda import as_cpu_kernels, module
+from emulated_cuda import BUILD, as_cpu_kernels, module
 from helpers import assert_within_rule, conditioning_floor, peaked_logits, random_labels, softmax_grad_floor
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -31,6 +35,15 @@ def test_emulator_shows_a_missing_barrier_as_order_dependent_results():
 def test_emulator_shuffles_like_a_warp():
     sums = module().run_toy("butterfly_sum", 0)
     assert sums.tolist() == [sum(range(0, 32))] * 32 + [sum(range(32, 64))] * 32
+
+
+def test_a_build_killed_midway_does_not_block_the_next():
+    """Before 2.14, torch waits forever on the lock file that a build killed midway leaves behind (CI runs this
+    under torch 2.11 too: scripts/check_gpu_image_stack.sh); the next build of the emulation clears it."""
+    module()
+    (BUILD / "lock").touch()
+    subprocess.run([sys.executable, "-c", "import emulated_cuda; emulated_cuda.module()"], cwd=Path(__file__).parent,
+                   check=True, timeout=120)
 
 
 def logps_and_grads(logits, labels, *, inplace, **emulation):
