@@ -20,11 +20,7 @@ step() { echo "== check_install: $*"; }
 fail() { echo "check_install: FAILED: $*"; exit 1; }
 
 step "a fresh copy of the tree (what git would clone, plus new files) in $TREE"
-mkdir -p "$TREE"
-# Tracked and new files that exist (a tracked file deleted in the working tree is left out).
-(cd "$ROOT" && git ls-files -co --exclude-standard -z \
-  | while IFS= read -r -d '' file; do if [ -e "$file" ]; then printf '%s\0' "$file"; fi; done \
-  | tar --null -T - -cf -) | tar -xf - -C "$TREE"
+bash "$ROOT/scripts/copy_tree.sh" "$TREE"
 
 step "a venv with torch==$TORCH_PIN and the build tools, nothing else"
 python3 -m venv "$VENV"
