@@ -16,7 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # An H100 SXM's: with few rows the host code splits each row's vocabulary across blocks, as on that GPU.
 H100_MULTIPROCESSORS = 132
 
-
 # The emulation's build, one folder per torch: the C++ ABI changes between releases.
 BUILD = ROOT / "build" / f"cuda_emulation-torch-{torch.__version__}"
 
