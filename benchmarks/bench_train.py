@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT))
@@ -190,6 +192,8 @@ def parse_args(argv=None):
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
     shape, seq_len, steps, warmup = DEFAULTS[args.device]
     args.shape = args.shape or shape
     args.seq_len = args.seq_len or seq_len

@@ -5,7 +5,8 @@
 #                                     #   compute-sanitizer memcheck/racecheck/synccheck/initcheck; measured on an
 #                                     #   H200 (2026-12-04): build 66 s, tests 10 + 70 s, each sanitizer 7-8 s
 #   bash scripts/gpu_check.sh part2   # both benchmarks at the paper size with every peer, ncu of the
-#                                     #   from-logits kernels, then profile_step.py's kernel tables of one step;
+#                                     #   from-logits kernels and of the fused lm_head's Triton matmuls, then
+#                                     #   profile_step.py's kernel tables of one step;
 #                                     #   measured: from logits 29 s for its bf16 row alone, from hidden 68 s
 #                                     #   (the full tables, ncu and the profiles: not yet run; ~7 minutes est.)
 #   bash scripts/gpu_check.sh part3   # amapo-train throughput and peak memory of the fused, ops and eager loss
@@ -141,6 +142,9 @@ ensure_built() {
 
 part2() {
   start_summary part2
+  # Autotuning choices on disk: each process after the first that tunes a key (bench_fused_linear) reads
+  # them back, so the ncu and profile steps run the tiles the benchmark timed, without tuning again.
+  export TRITON_CACHE_AUTOTUNING=1
   install_wheels >"$RESULTS/bench_env.txt"
   ensure_built || return 1
   # The paper's size first, from logits then from hidden states: B=4 (2 pairs), T=2048, V=128256 (Llama 3),
@@ -163,6 +167,18 @@ part2() {
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
     "$PY" benchmarks/bench_from_logits.py --device cuda --sizes 4x2048x128256 --dtypes bf16 --peers ours
   grep -E "rows_kernel|DRAM Throughput|Duration|Achieved Occupancy" "$RESULTS/ncu.log" | head -12
+  # Nsight Compute on the fused lm_head's two Triton matmul kernels (the statistics pass and the first g chunk
+  # of one step) at the paper size, in the tiles the autotuner chose in bench_fused_linear (read back from
+  # Triton's disk cache, TRITON_CACHE_AUTOTUNING above; without it the first trial's tiles): whether they are
+  # bound by the tensor cores, L2 or issue, where profile_step's table below gives their time against cuBLAS's.
+  run_step "ncu (fused lm_head Triton kernels)" "$RESULTS/ncu_triton.log" 120 ncu --clock-control none \
+    -k regex:'_stats_kernel|_grad_logits_kernel' --launch-count 2 \
+    --section LaunchStats --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section ComputeWorkloadAnalysis --section Occupancy --section WarpStateStats \
+    "$PY" benchmarks/profile_step.py --device cuda --dtype bf16 --path from_hidden --backend triton \
+    --size 4x2048x4096x128256 --warmup 0 --steps 1
+  grep -E "_kernel|Duration|Compute \(SM\) Throughput|L2 Cache Throughput|DRAM Throughput|Registers Per" \
+    "$RESULTS/ncu_triton.log" | head -16
   # Where a step's time goes, kernel by kernel, against its wall time (the gap: launches, syncs, idle GPU):
   # the from-logits step and the from-hidden step on both Triton-module backends, at the paper's size.
   local what

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from amapo_kernels import reference
 
@@ -347,3 +348,23 @@ def test_bad_arguments_are_one_line_and_status_2(script, args, message, capsys):
         (module.parse_args if script == "bench_train" else module.main)(args)
     lines = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+CUDA_RUNS = {  # script -> the smallest arguments of a GPU run besides --device cuda
+    "bench_from_logits": [], "bench_fused_linear": [], "profile_step": ["--size", "2x8x64"], "bench_train": [],
+}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of --device cuda where there is no GPU")
+@pytest.mark.parametrize("script", sorted(CUDA_RUNS))
+def test_device_cuda_without_a_gpu_is_one_line_and_status_2(script, capsys):
+    """--device cuda on a machine without a GPU: one line naming the flag, exit status 2, nothing written (a
+    traceback from torch.cuda in bench_train before)."""
+    import importlib
+
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as stop:
+        (module.parse_args if script == "bench_train" else module.main)(["--device", "cuda", *CUDA_RUNS[script]])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith("error: --device cuda: no CUDA device is available"), lines
