@@ -58,7 +58,8 @@ def run_part(part, env, budget=570):
 
 
 def calls(log):
-    return [json.loads(line) for line in log.read_text().splitlines()]
+    """The stand-ins' calls, in order (none at all where nothing ran: no log)."""
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
 def summary_rows(results, part):
