@@ -481,6 +481,8 @@ class _Problem:
     """The arguments every kernel shares, derived once from the call's tensors."""
 
     def __init__(self, hidden, weight, bias, labels, shift, softcap, ignore_index):
+        # the kernels index the bias densely (bias_ptr + v): a strided or expanded [V] view becomes a dense copy
+        bias = None if bias is None else bias.contiguous()
         self.hidden, self.weight, self.bias, self.labels = hidden, weight, bias, labels
         self.shift, self.ignore_index = int(shift), ignore_index
         self.seq_len = hidden.shape[1]

@@ -321,6 +321,37 @@ def test_strided_inputs_and_frozen_head():
 
 
 @interpreted
+@pytest.mark.parametrize("backend, gradient_filter", [("triton", False), ("triton", True), ("cublas", False)])
+@pytest.mark.parametrize("layout", ["column of a matrix", "every other element", "expanded"])
+def test_a_bias_view_is_read_through_its_strides(backend, gradient_filter, layout):
+    """A bias that is a strided or expanded [V] view gives the values and gradients of its dense copy (the
+    kernels index the bias densely: before, a column of a matrix gave log-probs off by 0.3, and an expanded
+    bias read past its one element of storage)."""
+    generator = torch.Generator().manual_seed(31)
+    hidden, weight, _, labels = make_batch(2, 5, 16, 20, generator=generator)
+    hidden, weight = hidden.float(), weight.float()
+    if layout == "column of a matrix":
+        storage = torch.randn(20, 2, generator=generator)
+        view = lambda leaf: leaf[:, 0]  # noqa: E731
+    elif layout == "every other element":
+        storage = torch.randn(40, generator=generator)
+        view = lambda leaf: leaf[::2]  # noqa: E731
+    else:
+        storage = torch.randn(1, generator=generator)
+        view = lambda leaf: leaf.expand(20)  # noqa: E731
+
+    def run(make_bias):
+        leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_(), storage.clone().requires_grad_()]
+        logps = sequence_logps_from_hidden(leaves[0], leaves[1], labels, bias=make_bias(leaves[2]), shift=True,
+                                           backend=backend, gradient_filter=gradient_filter)
+        return logps, torch.autograd.grad(logps.sum(), leaves)
+
+    assert not view(storage).is_contiguous()
+    strided, dense = run(view), run(lambda leaf: view(leaf).contiguous())
+    torch.testing.assert_close(strided, dense, rtol=0, atol=0)
+
+
+@interpreted
 def test_torch_compile_of_the_caller_matches_eager():
     """The Triton entry points are a graph break for a compiled caller: same loss and gradients."""
     torch._dynamo.reset()
