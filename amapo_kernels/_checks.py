@@ -128,14 +128,21 @@ def check_ignore_index(ignore_index) -> int:
     return value
 
 
+# The softcap's kernels divide and multiply by c in float32: outside its normal range c is 0 or inf there (NaN)
+SOFTCAP = Range(torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
+
+
 def check_logit_softcap(logit_softcap) -> float | None:
-    """None (no softcap) or a finite positive number c (logits c * tanh(z / c)), as a float."""
+    """None (no softcap) or a positive number c within float32's normal range (logits c * tanh(z / c)), as a
+    float."""
     if logit_softcap is None:
         return None
     if isinstance(logit_softcap, bool) or not isinstance(logit_softcap, numbers.Real):
         raise TypeError(f"logit_softcap must be None or a real number, got {type(logit_softcap).__name__}")
-    if float(logit_softcap) not in POSITIVE:
-        raise ValueError(f"logit_softcap must be None or a positive number, and finite, got {logit_softcap!r}")
+    if float(logit_softcap) not in SOFTCAP:
+        raise ValueError(f"logit_softcap must be None or a positive number within float32's normal range "
+                         f"[{SOFTCAP.low:.3g}, {SOFTCAP.high:.3g}] (c * tanh(z / c) is computed in float32), "
+                         f"got {logit_softcap!r}")
     return float(logit_softcap)
 
 

@@ -312,7 +312,10 @@ def test_integer_like_ignore_index(path):
 
 
 @pytest.mark.parametrize("value, error, fragment", [
-    (float("inf"), ValueError, "logit_softcap must be None or a positive number, and finite, got inf"),
+    (float("inf"), ValueError, "logit_softcap must be None or a positive number within float32's normal range "
+                               "[1.18e-38, 3.4e+38] (c * tanh(z / c) is computed in float32), got inf"),
+    (1e39, ValueError, "float32's normal range [1.18e-38, 3.4e+38] (c * tanh(z / c) is computed in float32), got 1e+39"),
+    (1e-46, ValueError, "got 1e-46"),  # 0 in float32: the gradient was NaN on every backend
     (float("nan"), ValueError, "logit_softcap must be None or a positive number"),
     (-1.0, ValueError, "logit_softcap must be None or a positive number"),
     ("30", TypeError, "logit_softcap must be None or a real number, got str"),
