@@ -10,8 +10,10 @@ MAX_MARGIN_EXPONENT = 50.0
 
 
 def _sigmoid_loss(x):
-    """-log(sigmoid(x)) = log(1 + exp(-x)), written as max(-x, 0) + log(1 + exp(-|x|)) so that no exp overflows."""
-    return torch.clamp(-x, min=0) + torch.log1p(torch.exp(-torch.abs(x)))
+    """-log(sigmoid(x)) = log(1 + exp(-x)), without overflow, and with its exact derivative -sigmoid(-x)
+    everywhere: the overflow-safe max(-x, 0) + log1p(exp(-|x|)) has the right values, but autograd gives it
+    the derivative 0 at x = 0 (the kinks of clamp and abs), where the true one is -1/2."""
+    return -torch.nn.functional.logsigmoid(x)
 
 
 # ---------------------------------------------------------------------------------------------

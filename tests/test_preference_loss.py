@@ -84,6 +84,30 @@ def test_float64(method):
         torch.testing.assert_close(grad, grad64, rtol=1e-10, atol=1e-14)
 
 
+# Hyperparameters that put each sigmoid method's argument at exactly 0 when policy == reference and chosen ==
+# rejected (the first step of a DPO run): no SimPO / alpha-DPO offset, an ODPO score gap of 1 (log 1 = 0).
+AT_ZERO = {"simpo": {"gamma": 0.0}, "alpha_dpo": {"gamma": 0.0},
+           "odpo": {"chosen_scores": torch.full((4,), 1.5, dtype=torch.float64),
+                    "rejected_scores": torch.full((4,), 0.5, dtype=torch.float64)}}
+
+
+@pytest.mark.parametrize("method", ak.METHODS)
+def test_matches_reference_where_the_argument_is_zero(method):
+    """At a zero argument, the reference has the exact derivative (-1/2 of -logsigmoid's at 0; before, its
+    overflow-safe clamp + abs form had autograd's 0 there) and the ops match it, values and gradients."""
+    logps = torch.full((4,), -1.5, dtype=torch.float64)
+    tensors = [logps + 0.25 * torch.arange(4, dtype=torch.float64)] * 4
+    loss, grads = losses_and_grads(ak.preference_loss, tensors, torch.float64, method=method, **AT_ZERO.get(method, {}))
+    loss64, grads64 = losses_and_grads(ref.preference_loss, tensors, torch.float64, method=method,
+                                       **AT_ZERO.get(method, {}))
+    torch.testing.assert_close(loss, loss64, rtol=1e-12, atol=1e-14)
+    for grad, grad64 in zip(grads, grads64):
+        torch.testing.assert_close(grad, grad64, rtol=1e-10, atol=1e-14)
+    if method in ("dpo", "simpo", "amapo"):  # d loss / d chosen_i = -beta / 2 / B (label smoothing 0)
+        beta = ak.preference.method_defaults(method)["beta"]
+        torch.testing.assert_close(grads64[0], torch.full((4,), -beta / 2 / 4, dtype=torch.float64))
+
+
 def test_values_by_hand():
     zero = torch.zeros(3, dtype=torch.float64)
     ones = torch.ones(3, dtype=torch.float64)
