@@ -5,6 +5,7 @@ under torch.compile; the label range is checked by the ops themselves before any
 import math
 import numbers
 import operator
+import sys
 
 import torch
 
@@ -87,8 +88,11 @@ class Range:
         self.low, self.high, self.open_low = low, high, open_low
 
     def __contains__(self, value: float) -> bool:
+        # comparisons only (NaN fails the first, inf the last): under torch.compile a hyperparameter that
+        # varies between calls is a symbolic float, which math.isfinite cannot take (and whose `< inf` the
+        # compiler takes as true for any value)
         above = value > self.low if self.open_low else value >= self.low
-        return math.isfinite(value) and above and value <= self.high
+        return above and value <= self.high and abs(value) <= sys.float_info.max
 
     def __str__(self) -> str:
         high = "inf)" if self.high == math.inf else f"{self.high}]"

@@ -179,6 +179,26 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(compiled_leaf.grad, eager_leaf.grad, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("method", ["dpo", "simpo", "amapo"])
+def test_compile_fullgraph_with_a_hyperparameter_that_changes(method):
+    """A beta that changes from call to call (a schedule, a sweep) is a symbolic float to the compiler after its
+    first change: the hyperparameter check takes it (math.isfinite could not: fullgraph failed), the values
+    follow it, and an infinite beta is still refused."""
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(16)
+    chosen, rejected = torch.randn(4, generator=generator) - 1, torch.randn(4, generator=generator) - 1.3
+    refs = {} if method != "dpo" else {"ref_chosen_logps": chosen * 0.9, "ref_rejected_logps": rejected * 0.9}
+
+    def loss_fn(beta):
+        return ak.preference_loss(chosen, rejected, method=method, beta=beta, **refs)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    for beta in (1.0, 2.0, 3.5):
+        torch.testing.assert_close(compiled(beta), loss_fn(beta), rtol=1e-6, atol=1e-7)
+    with pytest.raises(Exception, match=r"beta must be a finite number in \(0\.0, inf\), got inf"):
+        compiled(float("inf"))
+
+
 COMPILED = {
     "sequence_logps_from_hidden": lambda h, w, y: ak.sequence_logps_from_hidden(h, w, y, shift=True).sum(),
     "amapo_loss_from_hidden": lambda h, w, y: ak.amapo_loss_from_hidden(h, w, y, shift=True),
