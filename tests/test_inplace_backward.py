@@ -1,11 +1,16 @@
 """sequence_logps(inplace_backward=True): the same gradient, written over the logits, and never silently."""
 
+import itertools
+
 import pytest
 import torch
 from helpers import peaked_logits, random_labels
+from hypothesis import given
+from hypothesis import strategies as st
 
 import amapo_kernels as ak
 from amapo_kernels._ops import ops
+from amapo_kernels.sequence_logps import _elements_are_distinct
 from amapo_kernels.testing import LargestTensor
 
 
@@ -31,6 +36,44 @@ def test_same_gradient_written_over_the_logits(device, dtype, layout, shift):
     ak.amapo_loss_from_logits(logits, labels, shift=shift, inplace_backward=True).backward()
     assert torch.equal(leaf.grad, expected_leaf.grad)
     assert torch.equal(logits.detach(), expected_leaf.grad)
+
+
+VIEWS = {  # a view of a larger logits buffer, as a trainer may pass it: (the buffer's [B, T, V], the view)
+    "time slice": ((4, 8, 61), lambda x: x[:, :-1]),
+    "every other step": ((4, 14, 61), lambda x: x[:, ::2]),
+    "vocabulary sub-range": ((4, 7, 64), lambda x: x[:, :, 1:62]),
+}
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_same_gradient_written_over_a_view(device, view):
+    """Non-overlapping views that are not contiguous are accepted (they were refused as possibly overlapping,
+    torch's own check answering "too hard to tell"), and the gradient lands in the viewed elements only."""
+    shape, take = VIEWS[view]
+    generator = torch.Generator().manual_seed(5)
+    base = peaked_logits(*shape, dtype=torch.float32, generator=generator, device=device)
+    labels = random_labels(4, 7, 61, ignore_prob=0.3, generator=generator, device=device)
+    expected_leaf = base.detach().clone().requires_grad_()
+    ak.amapo_loss_from_logits(take(expected_leaf * 1), labels, shift=True).backward()
+    leaf = base.detach().clone().requires_grad_()
+    logits = take(leaf * 1)
+    assert not logits.is_contiguous()
+    ak.amapo_loss_from_logits(logits, labels, shift=True, inplace_backward=True).backward()
+    assert torch.equal(leaf.grad, expected_leaf.grad)
+
+
+@given(layout=st.lists(st.tuples(st.integers(1, 4), st.integers(0, 12)), min_size=1, max_size=3))
+def test_distinct_elements_are_proven_only_when_true(layout):
+    """The stride proof never calls overlapping elements distinct (every offset enumerated), and takes every
+    permutation of a dense layout."""
+    sizes, strides = zip(*layout)
+    offsets = [sum(i * stride for i, stride in zip(index, strides))
+               for index in itertools.product(*(range(size) for size in sizes))]
+    view = torch.empty(max(offsets) + 1).as_strided(sizes, strides)
+    if _elements_are_distinct(view):
+        assert len(set(offsets)) == len(offsets), layout
+    for order in itertools.permutations(range(len(sizes))):
+        assert _elements_are_distinct(torch.empty(sizes).permute(order))
 
 
 def test_backward_allocates_no_logits_sized_buffer():
