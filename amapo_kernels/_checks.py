@@ -11,6 +11,7 @@ import torch
 
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 LOGPS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+SCORE_DTYPES = (*LOGPS_DTYPES, torch.int64, torch.int32)  # ODPO's external scores: real numbers
 
 
 def check_tensor(name: str, value, *, dims: int | None = None, dtypes=None) -> None:
@@ -45,7 +46,7 @@ def check_logits_labels(logits, labels) -> None:
     check_same_device(logits=logits, labels=labels)
 
 
-def check_pair_logps(chosen_logps, rejected_logps, **reference) -> None:
+def check_pair_logps(chosen_logps, rejected_logps) -> None:
     check_tensor("chosen_logps", chosen_logps, dims=1, dtypes=LOGPS_DTYPES)
     check_tensor("rejected_logps", rejected_logps, dims=1, dtypes=LOGPS_DTYPES)
     if rejected_logps.shape != chosen_logps.shape:
@@ -53,13 +54,17 @@ def check_pair_logps(chosen_logps, rejected_logps, **reference) -> None:
             f"rejected_logps must have the shape of chosen_logps {tuple(chosen_logps.shape)}, "
             f"got {tuple(rejected_logps.shape)}"
         )
-    for name, value in reference.items():
-        if value is None:
-            continue
-        check_tensor(name, value, dims=1, dtypes=LOGPS_DTYPES)
-        if value.shape != chosen_logps.shape:
-            raise ValueError(f"{name} must have the shape of chosen_logps {tuple(chosen_logps.shape)}, got {tuple(value.shape)}")
-    check_same_device(chosen_logps=chosen_logps, rejected_logps=rejected_logps, **reference)
+    check_same_device(chosen_logps=chosen_logps, rejected_logps=rejected_logps)
+
+
+def check_per_pair(name: str, value, pairs: int, device: torch.device, dtypes) -> None:
+    """A [pairs] tensor that goes with the policy log-probs of `pairs` pairs on `device` (reference log-probs,
+    ODPO's scores)."""
+    check_tensor(name, value, dims=1, dtypes=dtypes)
+    if value.shape[0] != pairs:
+        raise ValueError(f"{name} must have the shape of chosen_logps ({pairs},), got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"tensors must be on one device: {name} on {value.device}, the log-probs on {device}")
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -120,13 +120,15 @@ for _name, _public in (("sequence_logps_bwd", "sequence_logps"), ("amapo_loss_bw
     torch.library.register_autograd(f"amapo_kernels::{_name}", _no_double_backward(f"amapo_kernels.{_public}"))
 
 
-def refuse_unsupported_transforms(op_name: str, *tensors: torch.Tensor) -> None:
+def refuse_unsupported_transforms(op_name: str, *tensors: torch.Tensor, vmap_refused: str | None = None) -> None:
     """Forward-mode AD and torch.func's differentiating transforms (grad, vjp, jvp, jacrev, jacfwd,
     hessian) are not implemented for the fused ops: raise NotImplementedError naming the op, before any
-    kernel runs. torch.func.vmap and ordinary autograd (backward, torch.autograd.grad) are supported."""
+    kernel runs. Ordinary autograd (backward, torch.autograd.grad) is supported, and torch.func.vmap unless
+    vmap_refused names the call that does not support it (then refused the same way)."""
     if torch.compiler.is_compiling():
         return
     functorch = torch._C._functorch
+    vmap_note = " (torch.func.vmap is supported)" if vmap_refused is None else ""
     for tensor in tensors:
         if tensor is None:
             continue
@@ -139,6 +141,9 @@ def refuse_unsupported_transforms(op_name: str, *tensors: torch.Tensor) -> None:
             if functorch.is_gradtrackingtensor(tensor):
                 raise NotImplementedError(
                     f"{op_name}: torch.func differentiating transforms (grad, vjp, jvp, jacrev, jacfwd, hessian) "
-                    "are not implemented; use loss.backward() / torch.autograd.grad (torch.func.vmap is supported)"
+                    f"are not implemented; use loss.backward() / torch.autograd.grad{vmap_note}"
                 )
+            if vmap_refused is not None and functorch.is_batchedtensor(tensor):
+                raise NotImplementedError(f"{vmap_refused}: torch.func.vmap is not implemented; call it once per "
+                                          "slice (or, for independent sequences, fold the vmapped dimension into B)")
             tensor = functorch.get_unwrapped(tensor)

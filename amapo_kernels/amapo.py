@@ -169,6 +169,8 @@ def amapo_loss_from_logits(
     label-range check and its host sync on CUDA)."""
     check_logits_labels(logits, labels)
     check_even_batch("logits", logits)
+    _check_hparams(beta, label_smoothing, variant, ablation)  # before the pass over the logits, as every check
+    check_bool("return_stats", return_stats)
     logps = sequence_logps(logits, labels, ignore_index=ignore_index, average=True, shift=shift,
                            inplace_backward=inplace_backward, check_labels=check_labels)
     chosen, rejected = logps.chunk(2)  # its backward is one cat (two slices' would be 5 kernels)

@@ -25,7 +25,6 @@ gradient reaches its accumulation hook as it would from nn.Linear (see tests/tes
 """
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from amapo_kernels._checks import (
     LOGITS_DTYPES,
@@ -38,7 +37,7 @@ from amapo_kernels._checks import (
     check_tensor,
 )
 from amapo_kernels._ops import refuse_unsupported_transforms
-from amapo_kernels.preference import preference_loss, uses_mean_logps
+from amapo_kernels.preference import check_call, preference_loss, uses_mean_logps
 
 TOKEN_CHUNK = 1024  # rows of a tile; fp32 tile = TOKEN_CHUNK * VOCAB_CHUNK * 4 bytes = 16 MiB
 VOCAB_CHUNK = 4096
@@ -260,24 +259,40 @@ class _SequenceLogpsFromHidden(torch.autograd.Function):
         return seq_logps
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_seq):
         hidden, weight, bias, labels, softmax_stats = ctx.saved_tensors
-        ignore_index, average, shift, softcap, token_chunk, vocab_chunk, backend, gradient_filter = ctx.options
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grads = _GradientsFromHidden.apply(grad_seq, hidden, weight, bias, labels, softmax_stats,
+                                           (need_hidden, need_weight, need_bias and bias is not None), ctx.options)
+        return (*grads, None, None, None, None, None, None, None, None, None)
+
+
+class _GradientsFromHidden(torch.autograd.Function):
+    """_SequenceLogpsFromHidden's backward as a function of its own: with create_graph=True its gradients
+    are on the graph of hidden and the weight, and differentiating them again raises, naming the function
+    (as the ops' double backward does), instead of their being silently constant."""
+
+    @staticmethod
+    def forward(ctx, grad_seq, hidden, weight, bias, labels, softmax_stats, needs, options):
+        ignore_index, average, shift, softcap, token_chunk, vocab_chunk, backend, gradient_filter = options
+        need_hidden, need_weight, need_bias = needs
         tiles = _Tiles(hidden, weight, bias, labels, shift, softcap, token_chunk, vocab_chunk, ignore_index)
         scored = (tiles.labels != ignore_index).to(tiles.acc)
         coefs = _token_coefs(tiles, grad_seq, scored, average)
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        need_bias = need_bias and bias is not None
         if backend in _TRITON_MODULE_BACKENDS:
-            grads = _triton_kernels().gradients(
+            return _triton_kernels().gradients(
                 hidden, weight, bias, labels, softmax_stats, coefs, shift=shift, softcap=softcap,
                 ignore_index=ignore_index, need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
                 gradient_filter=gradient_filter, matmuls=backend,
             )
-        else:
-            grads = _backward(tiles, softmax_stats, coefs, need_hidden, need_weight, need_bias)
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        return _backward(tiles, softmax_stats, coefs, need_hidden, need_weight, need_bias)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "amapo_kernels.sequence_logps_from_hidden: double backward (differentiating a gradient taken with "
+            "create_graph=True) is not supported; its backward is fused with no derivative of its own"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +373,8 @@ def sequence_logps_from_hidden(
     """
     _check_inputs(hidden, lm_head_weight, labels, bias, ignore_index, logit_softcap, token_chunk, vocab_chunk, shift)
     check_bool("average", average)
-    refuse_unsupported_transforms("amapo_kernels.sequence_logps_from_hidden", hidden, lm_head_weight, bias)
+    refuse_unsupported_transforms("amapo_kernels.sequence_logps_from_hidden", hidden, lm_head_weight, bias, labels,
+                                  vmap_refused="amapo_kernels.sequence_logps_from_hidden")
     softcap = None if logit_softcap is None else float(logit_softcap)
     backend = _resolve_backend(backend, gradient_filter, hidden, lm_head_weight, bias)
     return _SequenceLogpsFromHidden.apply(
@@ -422,6 +438,7 @@ def preference_loss_from_hidden(
     states (chosen rows first), summed or length-normalized as the method defines
     (amapo_kernels.preference.BASELINES[method].LOGPS; amapo: length-normalized). hparams go to the method."""
     _check_pair_batch(hidden)
+    check_call(method, hidden.shape[0] // 2, hidden.device, ref_chosen_logps, ref_rejected_logps, hparams)
     average = uses_mean_logps(method)
     logps = sequence_logps_from_hidden(
         hidden, lm_head_weight, labels, bias=bias, ignore_index=ignore_index, average=average, shift=shift,

@@ -4,7 +4,8 @@ import inspect
 
 import torch
 
-from amapo_kernels._checks import check_choice, check_hparams, check_pair_logps, check_tensor
+from amapo_kernels._checks import (LOGPS_DTYPES, SCORE_DTYPES, check_bool, check_choice, check_hparams,
+                                   check_pair_logps, check_per_pair)
 from amapo_kernels import amapo
 from amapo_kernels.amapo import amapo_loss
 from amapo_kernels.losses import alpha_dpo, cpo, dpo, focalpo, ipo, kto, odpo, simpo, slic
@@ -56,6 +57,31 @@ def needs_reference(method: str, hparams: dict) -> bool:
     return method != "amapo" and BASELINES[method].needs_reference({**method_defaults(method), **hparams})
 
 
+def check_call(method: str, pairs: int, device: torch.device, ref_chosen_logps, ref_rejected_logps,
+               hparams: dict) -> dict:
+    """The checks of a preference_loss call that need no policy log-probs, for `pairs` pairs on `device`: the
+    method and its hyperparameters (returned with the defaults filled in; amapo's as given, for amapo_loss),
+    the reference log-probs it needs and the per-pair tensors it requires. preference_loss runs them, and the
+    from-hidden functions before their forward, so that a wrong argument costs no lm_head pass."""
+    check_choice("method", method, METHODS)
+    if method == "amapo":  # amapo_loss's keywords; group and return_stats are its own, not hyperparameters
+        resolved_hparams(method, {k: v for k, v in hparams.items() if k not in ("group", "return_stats")})
+        check_bool("return_stats", hparams.get("return_stats", False))
+        return hparams
+    module = BASELINES[method]
+    hparams = resolved_hparams(method, hparams)
+    for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        if value is not None:
+            check_per_pair(name, value, pairs, device, LOGPS_DTYPES)
+        elif module.needs_reference(hparams):
+            raise ValueError(f"method={method!r} needs {name} (reference-model log-probs)")
+    for name in getattr(module, "REQUIRED", ()):
+        if hparams[name] is None:
+            raise ValueError(f"method={method!r} needs {name}")
+        check_per_pair(name, hparams[name], pairs, device, SCORE_DTYPES)
+    return hparams
+
+
 def preference_loss(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
@@ -76,23 +102,13 @@ def preference_loss(
     check_choice("method", method, METHODS)
     if method == "amapo":
         return amapo_loss(chosen_logps, rejected_logps, **hparams)
-    module = BASELINES[method]
-    hparams = resolved_hparams(method, hparams)
+    check_pair_logps(chosen_logps, rejected_logps)
+    hparams = check_call(method, chosen_logps.shape[0], chosen_logps.device, ref_chosen_logps, ref_rejected_logps,
+                         hparams)
     references = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
-    check_pair_logps(chosen_logps, rejected_logps, **references)
-    if module.needs_reference(hparams):
-        for name, value in references.items():
-            if value is None:
-                raise ValueError(f"method={method!r} needs {name} (reference-model log-probs)")
-    for name in getattr(module, "REQUIRED", ()):
-        if hparams[name] is None:
-            raise ValueError(f"method={method!r} needs {name}")
-        check_tensor(name, hparams[name], dims=1)
-        if hparams[name].shape != chosen_logps.shape:
-            raise ValueError(f"{name} must have the shape of chosen_logps {tuple(chosen_logps.shape)}")
     dtype = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
     cast = {name: value.to(dtype) if value is not None else None for name, value in references.items()}
-    losses = module.pair_losses(
+    losses = BASELINES[method].pair_losses(
         chosen_logps.to(dtype), rejected_logps.to(dtype), cast["ref_chosen_logps"], cast["ref_rejected_logps"], **hparams
     )
     # B = 0: a loss of 0 (attached to the inputs, zero gradients) for every method, AMaPO included, not NaN

@@ -33,13 +33,15 @@ def sequence_logps(
         ValueError). The check costs one host sync per call; False skips it for users who validated their
         data once (and it is skipped anyway while a CUDA graph is captured): an out-of-range label then gives
         a NaN log-prob for its sequence, never an out-of-bounds read. On the CPU the check always runs.
-    Forward-mode AD, torch.func.grad/jvp/vjp and double backward raise errors naming this op; vmap works.
+    Forward-mode AD, torch.func.grad/jvp/vjp and double backward raise errors naming this op; vmap works
+    (not with inplace_backward=True: an error naming it).
     """
     check_logits_labels(logits, labels)
     options = (check_ignore_index(ignore_index), check_bool("average", average), check_bool("shift", shift))
     check_labels = check_bool("check_labels", check_labels)
     inplace_backward = check_bool("inplace_backward", inplace_backward)
-    refuse_unsupported_transforms("amapo_kernels.sequence_logps", logits)
+    refuse_unsupported_transforms("amapo_kernels.sequence_logps", logits, labels, vmap_refused=(
+        "amapo_kernels.sequence_logps(inplace_backward=True)" if inplace_backward else None))
     if inplace_backward and not torch.compiler.is_compiling():
         _check_no_internal_overlap(logits)
         return _InplaceBackward.apply(logits, labels, *options, check_labels)

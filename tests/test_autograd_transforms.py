@@ -86,8 +86,30 @@ def test_vmap_is_supported():
     torch.testing.assert_close(out, torch.stack([ak.amapo_loss(c, rejected) for c in both]))
 
 
-@pytest.mark.parametrize("case", ["sequence_logps", "amapo_loss", "amapo_loss_from_logits"])
+VMAP_REFUSED = {  # calls without a vmap rule, and the name their error gives
+    "sequence_logps_from_hidden": (lambda h: ak.sequence_logps_from_hidden(h, weight, hidden_labels), hidden,
+                                   "sequence_logps_from_hidden"),
+    "amapo_loss_from_hidden": (lambda h: ak.amapo_loss_from_hidden(h, weight, hidden_labels), hidden,
+                               "sequence_logps_from_hidden"),
+    "sequence_logps(inplace)": (lambda x: ak.sequence_logps(x * 1, labels, inplace_backward=True), logits,
+                                re.escape("sequence_logps(inplace_backward=True)")),
+}
+
+
+@pytest.mark.parametrize("case", VMAP_REFUSED)
+def test_vmap_is_refused_where_it_has_no_rule(case):
+    """An error naming the call (before: functorch's generic setup_context error, or a missing batching rule
+    for torch's overlap check)."""
+    fn, x, name = VMAP_REFUSED[case]
+    with pytest.raises(NotImplementedError, match=rf"amapo_kernels\.{name}: torch\.func\.vmap is not implemented"):
+        torch.func.vmap(fn)(torch.stack([x, x]))
+
+
+@pytest.mark.parametrize("case", [
+    "sequence_logps", "amapo_loss", "amapo_loss_from_logits", "sequence_logps_from_hidden"])
 def test_double_backward_raises(case):
+    """Also where the gradient is linear in the output (a sum): the from-hidden gradient was then silently
+    constant, so a gradient penalty on it added nothing."""
     fn, x = CASES[case]
     leaf = x.clone().requires_grad_()
     (grad,) = torch.autograd.grad(fn(leaf).sum(), leaf, create_graph=True)
@@ -95,10 +117,12 @@ def test_double_backward_raises(case):
         torch.autograd.grad(grad.pow(2).sum(), leaf)
 
 
-def test_first_order_with_create_graph_is_still_right():
-    leaf = logits.clone().requires_grad_()
-    (grad,) = torch.autograd.grad(ak.sequence_logps(leaf, labels).sum(), leaf, create_graph=True)
-    (expected,) = torch.autograd.grad(ak.sequence_logps(leaf, labels).sum(), leaf)
+@pytest.mark.parametrize("case", ["sequence_logps", "sequence_logps_from_hidden"])
+def test_first_order_with_create_graph_is_still_right(case):
+    fn, x = CASES[case]
+    leaf = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(fn(leaf).sum(), leaf, create_graph=True)
+    (expected,) = torch.autograd.grad(fn(leaf).sum(), leaf)
     assert torch.equal(grad.detach(), expected)
 
 

@@ -173,6 +173,57 @@ def test_preference_loss_arguments():
         ak.preference_loss(*pair, method="slic", form="squared")
 
 
+def test_odpo_scores_are_real_tensors_on_the_log_probs_device():
+    """ODPO's scores are checked as the reference log-probs are (before: another device failed inside torch,
+    naming nothing, and complex scores passed with a cast warning)."""
+    pair = (torch.zeros(2), torch.zeros(2))
+    refs = dict(ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2))
+    with pytest.raises(ValueError, match="tensors must be on one device: chosen_scores on meta, the log-probs on cpu"):
+        ak.preference_loss(*pair, method="odpo", chosen_scores=torch.ones(2, device="meta"),
+                           rejected_scores=torch.zeros(2), **refs)
+    with pytest.raises(TypeError, match="rejected_scores must have dtype in .*, got torch.complex64"):
+        ak.preference_loss(*pair, method="odpo", chosen_scores=torch.ones(2),
+                           rejected_scores=torch.zeros(2, dtype=torch.complex64), **refs)
+    loss = ak.preference_loss(*pair, method="odpo", chosen_scores=torch.full((2,), 3), rejected_scores=torch.ones(2,
+                              dtype=torch.int32), **refs)  # integer scores (ratings) are real numbers
+    assert torch.isfinite(loss)
+
+
+BEFORE_THE_FORWARD = {  # a wrong argument of each loss from hidden states or logits, and its error
+    "beta": (dict(method="simpo", beta=-1.0), ValueError, "method='simpo': beta must be"),
+    "unknown hyperparameter": (dict(method="dpo", gama=1.0), TypeError, "method='dpo' has no hyperparameter"),
+    "missing reference": (dict(method="dpo"), ValueError, "method='dpo' needs ref_chosen_logps"),
+    "reference shape": (dict(method="dpo", ref_chosen_logps=torch.zeros(3), ref_rejected_logps=torch.zeros(1)),
+                        ValueError, "ref_chosen_logps must have the shape of chosen_logps (1,), got (3,)"),
+    "variant": (dict(method="amapo", variant="papr"), ValueError, "method='amapo': variant must be one of"),
+    "return_stats": (dict(method="amapo", return_stats="yes"), TypeError, "return_stats must be True or False"),
+}
+
+
+@pytest.mark.parametrize("path", ["hidden", "logits"])
+@pytest.mark.parametrize("case", BEFORE_THE_FORWARD)
+def test_loss_arguments_are_checked_before_the_forward(monkeypatch, case, path):
+    """A wrong hyperparameter or reference costs no pass over the lm_head or the logits (before, the whole
+    forward ran first)."""
+    kwargs, error, fragment = BEFORE_THE_FORWARD[case]
+    hidden, weight, labels = hidden_inputs()
+    if path == "hidden":
+        monkeypatch.setattr("amapo_kernels.fused_linear.sequence_logps_from_hidden", forward_that_must_not_run)
+        call = lambda: ak.preference_loss_from_hidden(hidden, weight, labels, **kwargs)  # noqa: E731
+    elif kwargs["method"] == "amapo":
+        monkeypatch.setattr("amapo_kernels.amapo.sequence_logps", forward_that_must_not_run)
+        amapo_kwargs = {k: v for k, v in kwargs.items() if k != "method"}
+        call = lambda: ak.amapo_loss_from_logits(hidden @ weight.t(), labels, **amapo_kwargs)  # noqa: E731
+    else:
+        pytest.skip("amapo_loss_from_logits takes AMaPO's arguments only")
+    with pytest.raises(error, match=re.escape(fragment)):
+        call()
+
+
+def forward_that_must_not_run(*args, **kwargs):
+    raise AssertionError("the forward ran before the arguments were checked")
+
+
 # ---------------------------------------------------------------------------------------------
 # Hyperparameters: one validation for every method (finite, sign, range), naming method and argument
 # ---------------------------------------------------------------------------------------------
