@@ -27,8 +27,18 @@ def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+def _on_one_device(op_name: str, *tensors: torch.Tensor) -> None:
+    """The fake kernels run for meta tensors, also when the other arguments are real ones: a real op refuses
+    such a mix ("not on the expected device"), so these do too, instead of returning empty tensors there."""
+    devices = {tensor.device for tensor in tensors}
+    if len(devices) > 1:
+        raise RuntimeError(f"amapo_kernels::{op_name}: expected all tensors on one device, got "
+                           f"{sorted(str(device) for device in devices)}")
+
+
 @torch.library.register_fake("amapo_kernels::sequence_logps_fwd")
 def _sequence_logps_fwd_fake(logits, labels, ignore_index, average, shift, check_labels=True):
+    _on_one_device("sequence_logps_fwd", logits, labels)
     batch, steps = labels.shape
     dtype = _acc_dtype(logits)
     seq = logits.new_empty((batch,), dtype=dtype)
@@ -38,16 +48,19 @@ def _sequence_logps_fwd_fake(logits, labels, ignore_index, average, shift, check
 
 @torch.library.register_fake("amapo_kernels::sequence_logps_bwd")
 def _sequence_logps_bwd_fake(grad, logits, labels, softmax_stats, ignore_index, average, shift):
+    _on_one_device("sequence_logps_bwd", grad, logits, labels, softmax_stats)
     return logits.new_empty(logits.shape)
 
 
 @torch.library.register_fake("amapo_kernels::sequence_logps_bwd_inplace")
 def _sequence_logps_bwd_inplace_fake(grad, logits, labels, softmax_stats, ignore_index, average, shift):
+    _on_one_device("sequence_logps_bwd_inplace", grad, logits, labels, softmax_stats)
     return None
 
 
 @torch.library.register_fake("amapo_kernels::amapo_loss_fwd")
 def _amapo_loss_fwd_fake(chosen_logps, rejected_logps, batch_moments, beta, label_smoothing, variant, ablation):
+    _on_one_device("amapo_loss_fwd", chosen_logps, rejected_logps, batch_moments)
     loss = chosen_logps.new_empty(())
     margins = chosen_logps.new_empty(chosen_logps.shape)
     return loss, margins, batch_moments.new_empty((2,))
@@ -55,6 +68,7 @@ def _amapo_loss_fwd_fake(chosen_logps, rejected_logps, batch_moments, beta, labe
 
 @torch.library.register_fake("amapo_kernels::amapo_loss_bwd")
 def _amapo_loss_bwd_fake(grad, chosen_logps, rejected_logps, margins, beta, label_smoothing):
+    _on_one_device("amapo_loss_bwd", grad, chosen_logps, rejected_logps, margins)
     return chosen_logps.new_empty(chosen_logps.shape), rejected_logps.new_empty(rejected_logps.shape)
 
 

@@ -4,6 +4,10 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <utility>
+#include <vector>
+
 #if defined(__CUDACC__)
 #define AMAPO_HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -59,6 +63,38 @@ inline void check_label_range(const at::Tensor& used_labels, int64_t vocab, int6
   TORCH_CHECK_VALUE(low >= 0 && high < vocab, "labels must lie in [0, V=", vocab, ") or equal ignore_index=",
                     ignore_index, ", got labels from ", low, " to ", high);
 }
+
+// Whether no two elements of t share memory, proven from sizes and strides (as the Python wrapper's
+// amapo_kernels.sequence_logps._elements_are_distinct): taken by increasing stride, each dimension of size > 1
+// steps over the whole span of the ones before it.
+inline bool elements_are_distinct(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) return false;
+    span += stride * (size - 1);
+  }
+  return true;
+}
+
+// The in-place backward writes the gradient over `logits`, as any in-place op: refused for logits whose elements
+// share memory (the writes would collide) and for a leaf that requires grad while grad mode is on; and the
+// version is bumped, so that a graph that saved the logits raises "modified by an inplace operation" instead of
+// computing with the gradient in their place. (sequence_logps(inplace_backward=True) checks the first before its
+// forward, and calls the op from a backward, with grad mode off.)
+inline void check_writable_in_place(const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(elements_are_distinct(logits), "sequence_logps_bwd_inplace: logits must not have elements that "
+                    "share memory (an expand or an overlapping as_strided view), got strides ", logits.strides(),
+                    " for shape ", logits.sizes());
+  TORCH_CHECK(!(logits.requires_grad() && logits.is_leaf() && at::GradMode::is_enabled()),
+              "sequence_logps_bwd_inplace: a leaf Variable that requires grad is being used in an in-place operation");
+}
+
+inline void mark_written_in_place(const at::Tensor& logits) { logits.unsafeGetTensorImpl()->bump_version(); }
 
 // Per-sequence count of scored labels (int64 [B]).
 inline at::Tensor label_counts(const at::Tensor& used_labels, int64_t ignore_index) {

@@ -152,19 +152,11 @@ std::tuple<at::Tensor, at::Tensor> sequence_logps_fwd_cpu(const at::Tensor& logi
   return {sequence_sums(token_logps, label_counts(used, ignore_index), average), softmax_stats};
 }
 
-// Writes d(sum of seq_logps * grad_seq) / d logits into `grad` (a new tensor, or logits itself: each
-// block is read into a temporary before its gradient is written back).
-void backward_into(const at::Tensor& grad_seq, const at::Tensor& logits, const at::Tensor& labels,
-                   const at::Tensor& softmax_stats, int64_t ignore_index, bool average, bool shift, at::Tensor& grad) {
-  check_logits_labels(logits, labels, shift);
-  const auto used = scored_labels(labels, shift);
-  check_backward_inputs(grad_seq, logits, used, softmax_stats);
+// ATen's ops for the backward (fp64, or AMAPO_CPU_KERNELS=aten), block by block: each block is read into a
+// temporary before its gradient is written back, so `grad` may be the logits themselves.
+void aten_backward(const at::Tensor& logits, const at::Tensor& used, const at::Tensor& softmax_stats,
+                   const at::Tensor& coef, int64_t ignore_index, bool shift, at::Tensor& grad) {
   const auto dtype = acc_dtype(logits);
-  const auto coef = row_coefficients(grad_seq, label_counts(used, ignore_index), average, dtype);
-  if (const auto isa = row_isa(logits); isa != cpu_rows::Isa::aten) {
-    row_kernels_of(isa).backward(logits, used, softmax_stats.contiguous(), coef, ignore_index, grad);
-    return;
-  }
   for_each_block(used.size(0), used.size(1), logits.size(2), [&](int64_t b, int64_t t0, int64_t t1) {
     const auto stats = softmax_stats.select(0, b).slice(0, t0, t1);
     const auto labels_b = block_labels(used, b, t0, t1, ignore_index);
@@ -177,6 +169,23 @@ void backward_into(const at::Tensor& grad_seq, const at::Tensor& logits, const a
     grad.select(0, b).slice(0, t0, t1).copy_(g);
   });
   if (shift) grad.select(1, logits.size(1) - 1).zero_();  // the last step scores nothing
+}
+
+// Writes d(sum of seq_logps * grad_seq) / d logits into `grad` (a new tensor, or logits itself).
+void backward_into(const at::Tensor& grad_seq, const at::Tensor& logits, const at::Tensor& labels,
+                   const at::Tensor& softmax_stats, int64_t ignore_index, bool average, bool shift, at::Tensor& grad) {
+  check_logits_labels(logits, labels, shift);
+  const auto used = scored_labels(labels, shift);
+  check_backward_inputs(grad_seq, logits, used, softmax_stats);
+  check_label_range(used, logits.size(2), ignore_index);  // a direct call's labels: the kernels index rows by them
+  if (grad.is_same(logits)) check_writable_in_place(logits);
+  const auto coef = row_coefficients(grad_seq, label_counts(used, ignore_index), average, acc_dtype(logits));
+  if (const auto isa = row_isa(logits); isa != cpu_rows::Isa::aten) {
+    row_kernels_of(isa).backward(logits, used, softmax_stats.contiguous(), coef, ignore_index, grad);
+  } else {
+    aten_backward(logits, used, softmax_stats, coef, ignore_index, shift, grad);
+  }
+  if (grad.is_same(logits)) mark_written_in_place(logits);
 }
 
 // An uninitialized tensor whose 2 MiB-aligned interior is advised onto transparent huge pages (Linux; a hint,

@@ -419,19 +419,21 @@ __device__ void row_gradient(const scalar_t* x, scalar_t* grad, int64_t n, int64
 
 // Exact zeros over elements [0, n) of a gradient row, 16 bytes at a time where aligned.
 template <typename scalar_t>
-__device__ void row_zeros(scalar_t* grad, int64_t n) {
+__device__ void row_fill(scalar_t* grad, int64_t n, scalar_t value) {
   constexpr int vec = kVec<scalar_t>;
   const RowLayout layout = row_layout(grad, n);
-  if (threadIdx.x < layout.head) grad[threadIdx.x] = scalar_t(0);
-  if (threadIdx.x < n - layout.tail_begin) grad[layout.tail_begin + threadIdx.x] = scalar_t(0);
-  Pack<scalar_t> zeros;
+  if (threadIdx.x < layout.head) grad[threadIdx.x] = value;
+  if (threadIdx.x < n - layout.tail_begin) grad[layout.tail_begin + threadIdx.x] = value;
+  Pack<scalar_t> fill;
 #pragma unroll
-  for (int i = 0; i < vec; ++i) zeros.v[i] = scalar_t(0);
-  for (int64_t v = threadIdx.x; v < layout.vectors; v += kThreads) store_pack(grad + layout.head + v * vec, zeros);
+  for (int i = 0; i < vec; ++i) fill.v[i] = value;
+  for (int64_t v = threadIdx.x; v < layout.vectors; v += kThreads) store_pack(grad + layout.head + v * vec, fill);
 }
 
 // Backward, one block per (row of logits, vocabulary chunk); rows that score nothing (ignored labels, the last
-// step with shift) get exact zeros.
+// step with shift) get exact zeros, and a row whose label is out of range NaN (labels are range-checked by the
+// forward unless check_labels=False, where its log-prob is NaN too; a direct call of the backward op is not
+// checked on the host, which would cost a sync).
 template <typename scalar_t, typename acc>
 // No __restrict__ on logits and grad: the in-place backward passes the same buffer for both. At least 4 blocks
 // per SM (at most 64 registers): unbounded, bf16 took 121 registers, so 2 blocks of 4 loads in flight per thread;
@@ -449,8 +451,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(scalar_t) == 8 ? 3 : 4)
     scalar_t* g = grad + b * grad_stride_b + t * grad_stride_t;
     const int64_t scored_row = b * scored + t;
     const int64_t label = t < scored ? labels[scored_row] : ignore_index;
-    if (label == ignore_index) {
-      row_zeros(g + begin, n);
+    if (label == ignore_index || label < 0 || label >= vocab) {
+      row_fill(g + begin, n, label == ignore_index ? scalar_t(0) : scalar_t(NAN));
       continue;
     }
     const scalar_t* x = logits + b * stride_b + t * stride_t;
@@ -508,6 +510,7 @@ void backward_into(const Device& device, const at::Tensor& grad_seq, const at::T
   check_logits_labels(logits, labels, shift);
   const auto used = scored_labels(labels, shift);
   check_backward_inputs(grad_seq, logits, used, softmax_stats);
+  if (grad.is_same(logits)) check_writable_in_place(logits);
   const int64_t batch = logits.size(0), steps = logits.size(1), vocab = logits.size(2), rows = batch * steps;
   if (rows == 0) return;
   const auto grad_seq_acc = grad_seq.to(acc_dtype(logits)).contiguous();
@@ -525,6 +528,7 @@ void backward_into(const Device& device, const at::Tensor& grad_seq, const at::T
                   steps, used.size(1), vocab, split, ignore_index, grad.mutable_data_ptr<scalar_t>(), grad.stride(0),
                   grad.stride(1));
   });
+  if (grad.is_same(logits)) mark_written_in_place(logits);
 }
 
 }  // namespace amapo::sequence_logps_kernels

@@ -119,6 +119,85 @@ def test_direct_op_calls_are_guarded(device):
         ops.amapo_loss_fwd(pairs, pairs, moments[:3], 2.0, 0.0, "code", "none")
 
 
+def direct_backward_inputs(device, bad_label):
+    """(logits, good labels, the same with one scored label replaced by bad_label, softmax_stats)."""
+    logits, labels = (x.to(device) for x in logits_labels())
+    labels[1, 2] = 3
+    bad = labels.clone()
+    bad[1, 2] = bad_label
+    return logits, labels, bad, ops.sequence_logps_fwd(logits, labels, -100, True, False)[1]
+
+
+@pytest.mark.parametrize("bad_label", [V, -5, 2**40])
+def test_direct_backward_refuses_a_label_out_of_range_on_the_cpu(bad_label):
+    """The CPU backward ops check the labels as the forward does (before: the row kernels wrote the label's
+    gradient out of bounds, a segfault or heap corruption; ATen's path failed midway, naming nothing)."""
+    logits, _, bad, stats = direct_backward_inputs("cpu", bad_label)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, V=7\)"):
+        ops.sequence_logps_bwd(torch.ones(2), logits, bad, stats, -100, True, False)
+    work = logits.clone()
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, V=7\)"):
+        ops.sequence_logps_bwd_inplace(torch.ones(2), work, bad, stats, -100, True, False)
+    assert torch.equal(work, logits)  # refused before anything was written
+
+
+@pytest.mark.parametrize("bad_label", [V, -5])
+def test_direct_backward_gives_nan_rows_for_a_label_out_of_range_on_cuda(cuda_device, bad_label):
+    """The CUDA backward does not check on the host (a sync per call): the row of a label out of range is NaN,
+    as its log-prob is with check_labels=False, and every other row is the gradient of the valid labels
+    (before: the label's term was dropped silently)."""
+    logits, labels, bad, stats = direct_backward_inputs(cuda_device, bad_label)
+    grad = ops.sequence_logps_bwd(torch.ones(2, device=cuda_device), logits, bad, stats, -100, True, False)
+    expected = ops.sequence_logps_bwd(torch.ones(2, device=cuda_device), logits, labels, stats, -100, True, False)
+    assert torch.isnan(grad[1, 2]).all()
+    others = torch.ones(grad.shape[:2], dtype=torch.bool, device=grad.device)
+    others[1, 2] = False
+    assert torch.equal(grad[others], expected[others])
+
+
+def test_direct_inplace_backward_is_an_inplace_op(device):
+    """A direct call of the in-place backward refuses logits whose elements share memory (the writes collide:
+    silent garbage before) and, with grad mode on, a leaf that requires grad; and it bumps the logits'
+    version, so that a graph that saved them raises instead of computing with the gradient in their place."""
+    logits, labels, _, stats = direct_backward_inputs(device, 0)
+    ones = torch.ones(2, device=device)
+    shared = logits[:, :1].expand(-1, 3, -1)
+    with pytest.raises(ValueError, match="logits must not have elements that share memory"):
+        ops.sequence_logps_bwd_inplace(ones, shared.clone().as_strided(shared.shape, shared.stride()), labels,
+                                       stats, -100, True, False)
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad"):
+        ops.sequence_logps_bwd_inplace(ones, logits.clone().requires_grad_(), labels, stats, -100, True, False)
+    scale = torch.ones(V, device=device, requires_grad=True)
+    scaled = logits * scale
+    saved = (scaled * scaled).sum()  # saves `scaled` for its backward
+    version = scaled._version
+    ops.sequence_logps_bwd_inplace(ones, scaled, labels, stats, -100, True, False)
+    assert scaled._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
+
+def test_direct_op_calls_mixing_meta_and_real_tensors_are_refused():
+    """A meta tensor among real ones sends a call to the fake kernels: they refuse the mix as a real op does
+    (before: empty, unwritten tensors returned on the CPU)."""
+    logits, labels = logits_labels()
+    with pytest.raises(RuntimeError, match="expected all tensors on one device"):
+        ops.sequence_logps_fwd(logits, labels.to("meta"), -100, True, False)
+    pairs = torch.zeros(2)
+    with pytest.raises(RuntimeError, match="expected all tensors on one device"):
+        ops.amapo_loss_fwd(pairs, pairs, torch.zeros(4, dtype=torch.float64, device="meta"), 2.0, 0.0, "code", "none")
+
+
+def test_direct_amapo_backward_checks_dtypes(device):
+    pairs = torch.zeros(2, device=device)
+    with pytest.raises(TypeError, match="rejected_logps must have chosen_logps' dtype"):
+        ops.amapo_loss_bwd(torch.ones((), device=device), pairs, pairs.double(), pairs, 2.0, 0.0)
+    with pytest.raises(TypeError, match="chosen_logps must be float32 or float64"):
+        ops.amapo_loss_bwd(torch.ones((), device=device), pairs.half(), pairs.half(), pairs, 2.0, 0.0)
+    grads = ops.amapo_loss_bwd(torch.ones((), device=device), pairs, pairs, pairs, 2.0, 0.0)  # and a valid call runs
+    assert all(torch.isfinite(grad).all() for grad in grads)
+
+
 def test_odd_batch_for_from_logits():
     logits, labels = logits_labels(batch=3)
     with pytest.raises(ValueError, match="even batch"):
