@@ -213,3 +213,10 @@ def test_without_the_training_extras_the_script_names_the_install_command(tmp_pa
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert run.stderr.strip() == ('amapo-train: error: amapo-train needs the training extras (tqdm is missing): '
                                   'pip install "amapo-kernels[train]"')
+
+
+def test_every_format_is_a_dataset_format_choice():
+    """--dataset-format takes every format the data layer knows (implicit-text was refused as a choice)."""
+    from amapo_train.config import DATASET_FORMATS
+
+    assert DATASET_FORMATS == ("auto", *data.FORMATS)

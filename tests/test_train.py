@@ -257,3 +257,24 @@ def test_cuda_run_logs_peak_memory_and_skips_the_final_checkpoint(tmp_path):
     records = read_metrics(out)
     assert all(0 < r["peak_memory_gib"] < torch.cuda.get_device_properties(0).total_memory / 2**30 for r in records)
     assert "checkpoint" not in result and not (out / "final").exists()
+
+
+@pytest.mark.parametrize("max_grad_norm, clipping", [(1.0, 1.0), (0.5, 0.5), (0, 0.0), (None, 0.0)])
+def test_deepspeed_clips_at_max_grad_norm(max_grad_norm, clipping):
+    """DeepSpeed clips by itself: its config's "auto" takes --max-grad-norm (0 or None: off), where accelerate
+    filled it with 1.0 whatever the flag said."""
+    from amapo_train.train import deepspeed_plugin
+
+    config = TrainConfig(deepspeed="zero2", max_grad_norm=max_grad_norm)
+    plugin = deepspeed_plugin(config, config.deepspeed_config_path())
+    assert plugin.deepspeed_config["gradient_clipping"] == clipping
+
+
+def test_held_out_data_without_a_pair_is_a_user_error(tmp_path):
+    """An --eval-dataset with no usable pair is refused once the data is tokenized, before training (it
+    trained to the end, then failed in the ranking evaluation with a traceback)."""
+    empty_responses = tmp_path / "eval.jsonl"
+    empty_responses.write_text(json.dumps({"prompt": "Hi", "chosen": "", "rejected": ""}) + "\n")
+    with pytest.raises(UserError, match=r"held-out data .*eval\.jsonl.*: no usable pair \(1 dropped"):
+        main([*SHORT, "--eval-dataset", str(empty_responses), "--output-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -39,6 +39,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 import amapo_kernels as ak
 from amapo_kernels._checks import check_choice
+from amapo_kernels.integrations.hf_head import fused_logit_softcap
 from amapo_kernels.preference import METHODS, method_defaults, needs_reference, resolved_hparams, uses_mean_logps
 
 LOSS_IMPLS = ("fused", "ops")
@@ -50,8 +51,6 @@ TRL_ALIASES = (("beta", "beta", None), ("label_smoothing", "label_smoothing", 0.
 # DPOConfig options that shape TRL's own loss; this trainer's loss is `loss`, so a non-default value is an error.
 TRL_LOSS_OPTIONS = (("loss_type", ["sigmoid"]), ("loss_weights", None), ("ld_alpha", None),
                     ("f_divergence_type", "reverse_kl"), ("use_weighting", False))
-# Logit transforms some architectures apply after the lm_head; the fused path applies only a softcap.
-LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
 @dataclass
@@ -266,12 +265,7 @@ def _add_sequence_logps_head(model) -> None:
     patched = model.get_base_model() if is_peft_model(model) else model
     if getattr(patched, "_preference_logps_head", False):
         return
-    text_config = patched.config.get_text_config()
-    for name in LOGIT_SCALES:
-        if getattr(text_config, name, None) not in (None, 1, 1.0):
-            raise ValueError(f"loss_impl='fused' does not apply the model's {name}={getattr(text_config, name)!r}; "
-                             f"use loss_impl='ops'")
-    softcap = getattr(text_config, "final_logit_softcapping", None)
+    softcap = fused_logit_softcap(patched, "loss_impl")
     head = patched.get_output_embeddings()
     if is_deepspeed_zero3_enabled():
         import deepspeed

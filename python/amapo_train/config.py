@@ -17,7 +17,8 @@ CHAT_TEMPLATES = ("mistral",)
 TRACKERS = ("tensorboard", "wandb", "none")
 # The driver's devices: accelerate places each process on its GPU (LOCAL_RANK; CUDA_VISIBLE_DEVICES picks which)
 DEVICES = ("cpu", "cuda")
-DATASET_FORMATS = ("auto", "pairs", "conversational", "implicit", "ultrafeedback", "hh-rlhf")  # amapo_train.data
+# "auto" and every format of amapo_train.data.FORMATS (tests/test_data_formats.py checks that they agree)
+DATASET_FORMATS = ("auto", "pairs", "conversational", "implicit", "ultrafeedback", "hh-rlhf", "implicit-text")
 # Hyperparameters that come from the data (one value per pair), not from --hparam: method -> {name: flag}.
 DATA_HPARAMS = {"odpo": {"chosen_scores": "--chosen-score-column", "rejected_scores": "--rejected-score-column"}}
 # The score columns ODPO reads when no flag names them (UltraFeedback-binarized's).
@@ -131,6 +132,10 @@ class TrainConfig:
                 check_range(f"--{name.replace('_', '-')}", getattr(self, name), low, high)
         check_length_flags(self.max_length, self.max_prompt_length)
         self.gradient_accumulation_steps(world_size)
+        if self.loss_impl == "fused" and world_size > 1 and not self.deepspeed_config_path():
+            # the fused path runs the decoder outside the wrapper's forward: DDP would not sync its gradients
+            raise UserError(f"--loss-impl fused with {world_size} processes needs --deepspeed (zero2 or zero3); "
+                            "under plain DDP use --loss-impl ops")
 
     def score_columns(self) -> tuple[str, str] | None:
         """The (chosen, rejected) score columns the loss reads (ODPO), else None."""

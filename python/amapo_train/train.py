@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Subset
 
 import amapo_kernels as ak
 from amapo_kernels import reference
+from amapo_kernels.integrations.hf_head import fused_logit_softcap
 from amapo_kernels.preference import method_defaults, needs_reference, uses_mean_logps
 from amapo_train.cli_errors import UserError, require_extras, run_console_script
 from amapo_train.config import TrainConfig
@@ -63,14 +64,18 @@ def lm_head_params(model, keep_gathered: contextlib.ExitStack | None):
 def sequence_logps(model, input_ids, attention_mask, labels, *, average: bool, impl: str,
                    keep_gathered: contextlib.ExitStack | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """([2N] log-probs of the responses, [2N] detached mean logit of each row). impl: 'fused' (lm_head
-    fused with the loss, no logits), 'ops' (this library's op from logits), 'eager' (plain torch
-    log_softmax over fp32 logits, as TRL). The mean logit (over positions and vocabulary, padding
-    included, as the authors' `logits/chosen`) is exact in the fused path too: mean_v(h W^T + b) =
-    h . mean_v(W) + mean(b)."""
+    fused with the loss, no logits; the model's final logit softcap applied, Gemma 2's), 'ops' (this library's
+    op from logits), 'eager' (plain torch log_softmax over fp32 logits, as TRL). The mean logit (over positions
+    and vocabulary, padding included, as the authors' `logits/chosen`) is exact in the fused path too:
+    mean_v(h W^T + b) = h . mean_v(W) + mean(b); None there for a softcapped head, whose mean needs every logit."""
     if impl == "fused":
         hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         weight, bias = lm_head_params(model, keep_gathered)
-        logps = ak.sequence_logps_from_hidden(hidden, weight, labels, bias=bias, shift=True, average=average)
+        softcap = fused_logit_softcap(model, "--loss-impl")
+        logps = ak.sequence_logps_from_hidden(hidden, weight, labels, bias=bias, shift=True, average=average,
+                                              logit_softcap=softcap)
+        if softcap is not None:
+            return logps, None
         with torch.no_grad():
             mean_logits = (hidden.float() @ weight.float().mean(0)).mean(1)
             if bias is not None:
@@ -98,8 +103,9 @@ def pair_loss(model, batch, config, ref_table, keep_gathered: contextlib.ExitSta
         ref = ref_table[batch["index"].cpu()].to(logps.device)
         refs = (ref[:, 0], ref[:, 1])
     loss, metrics = loss_and_metrics(logps[:pairs], logps[pairs:], refs, config, batch_hparams(batch, logps.device))
-    metrics["logits/chosen"] = mean_logits[:pairs].mean()
-    metrics["logits/rejected"] = mean_logits[pairs:].mean()
+    if mean_logits is not None:
+        metrics["logits/chosen"] = mean_logits[:pairs].mean()
+        metrics["logits/rejected"] = mean_logits[pairs:].mean()
     return loss, metrics
 
 
@@ -153,8 +159,11 @@ def reference_logps_table(accelerator, model, dataset, config) -> torch.Tensor:
     model.eval()
     for batch in tqdm(loader, desc="reference log-probs", disable=not accelerator.is_main_process):
         input_ids, attention_mask, labels = concatenated(batch)
-        logps, _ = sequence_logps(model, input_ids, attention_mask, labels, average=uses_mean_logps(config.loss),
-                                  impl="ops" if config.loss_impl == "fused" else config.loss_impl)
+        # the policy's own implementation: under bf16 the ops path reads bf16 logits, the fused one fp32 tiles, so
+        # another one would make the policy differ from its reference at step 0
+        with contextlib.ExitStack() as gathered:  # the fused path's ZeRO-3 lm_head gather, for this batch
+            logps, _ = sequence_logps(model, input_ids, attention_mask, labels, average=uses_mean_logps(config.loss),
+                                      impl=config.loss_impl, keep_gathered=gathered)
         pairs = batch["index"].shape[0]
         index, chosen, rejected = accelerator.gather_for_metrics((batch["index"], logps[:pairs], logps[pairs:]))
         table[index.cpu()] = torch.stack([chosen, rejected], 1).double().cpu()
@@ -182,9 +191,18 @@ def single_process_without_launcher() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def deepspeed_plugin(config: TrainConfig, ds_config: str):
+    """accelerate's DeepSpeed plugin for the config file ds_config. DeepSpeed clips gradients by itself
+    (accelerate's clip_grad_norm_ does nothing there): the file's "auto" takes --max-grad-norm (0: off), which
+    accelerate would fill with 1.0."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    return DeepSpeedPlugin(hf_ds_config=ds_config, gradient_clipping=float(config.max_grad_norm or 0))
+
+
 def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     ds_config = config.deepspeed_config_path()
     if ds_config:
@@ -201,7 +219,7 @@ def make_accelerator(config: TrainConfig):
         mixed_precision="bf16" if config.bf16 else "no",
         log_with=None if config.log_with == "none" else config.log_with,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
-        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config) if ds_config else None,
+        deepspeed_plugin=deepspeed_plugin(config, ds_config) if ds_config else None,
         cpu=on_cpu,
         kwargs_handlers=handlers,
     )
@@ -367,6 +385,11 @@ def set_up(config: TrainConfig) -> TrainingRun:
         accelerator.print(f"warning: {warning}")
     set_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(config)
+    if config.loss_impl == "fused":
+        try:  # a logit scaling the fused path cannot apply: refused before any step
+            fused_logit_softcap(model, "--loss-impl")
+        except ValueError as error:
+            raise UserError(str(error)) from None
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     train_set, test_set = datasets(config, tokenizer, (train_records, test_records))
@@ -375,6 +398,9 @@ def set_up(config: TrainConfig) -> TrainingRun:
     accelerator.print(f"data: {len(train_set)} train / {len(test_set)} test pairs "
                       f"({train_set.dropped} / {test_set.dropped} dropped: empty response after truncation)")
     accelerator.print(f"eval data: {eval_source}")
+    if len(test_set) == 0:  # the held-out ranking accuracy (and every eval_ metric) would have nothing to rank
+        raise UserError(f"held-out data {eval_source}: no usable pair ({test_set.dropped} dropped: empty response "
+                        "after truncation)")
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed)).tolist()
     loader = DataLoader(Subset(train_set, order), batch_size=config.per_device_batch_size, drop_last=True,
                         collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id))
