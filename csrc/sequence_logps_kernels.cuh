@@ -417,7 +417,7 @@ __device__ void row_gradient(const scalar_t* x, scalar_t* grad, int64_t n, int64
   }
 }
 
-// Exact zeros over elements [0, n) of a gradient row, 16 bytes at a time where aligned.
+// One value (exact zeros, or NaN) over elements [0, n) of a gradient row, 16 bytes at a time where aligned.
 template <typename scalar_t>
 __device__ void row_fill(scalar_t* grad, int64_t n, scalar_t value) {
   constexpr int vec = kVec<scalar_t>;
