@@ -215,8 +215,9 @@ def test_without_the_training_extras_the_script_names_the_install_command(tmp_pa
                                   'pip install "amapo-kernels[train]"')
 
 
-def test_every_format_is_a_dataset_format_choice():
+@pytest.mark.parametrize("fmt", ["auto", *data.FORMATS])
+def test_every_format_is_a_dataset_format_choice(fmt):
     """--dataset-format takes every format the data layer knows (implicit-text was refused as a choice)."""
-    from amapo_train.config import DATASET_FORMATS
-
-    assert DATASET_FORMATS == ("auto", *data.FORMATS)
+    config = config_for(["--dataset-format", fmt])
+    config.validate()
+    assert config.dataset_format == fmt

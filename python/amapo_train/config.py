@@ -7,7 +7,7 @@ from pathlib import Path
 
 from amapo_kernels.preference import METHODS, method_defaults, resolved_hparams
 from amapo_train.cli_errors import UserError, check_range
-from amapo_train.data import check_lengths
+from amapo_train.data import FORMATS, check_lengths
 
 RECIPES = Path(__file__).parent / "recipes"
 CONFIGS = Path(__file__).parent / "configs"
@@ -17,8 +17,7 @@ CHAT_TEMPLATES = ("mistral",)
 TRACKERS = ("tensorboard", "wandb", "none")
 # The driver's devices: accelerate places each process on its GPU (LOCAL_RANK; CUDA_VISIBLE_DEVICES picks which)
 DEVICES = ("cpu", "cuda")
-# "auto" and every format of amapo_train.data.FORMATS (tests/test_data_formats.py checks that they agree)
-DATASET_FORMATS = ("auto", "pairs", "conversational", "implicit", "ultrafeedback", "hh-rlhf", "implicit-text")
+DATASET_FORMATS = ("auto", *FORMATS)  # detection per record, or one format of amapo_train.data
 # Hyperparameters that come from the data (one value per pair), not from --hparam: method -> {name: flag}.
 DATA_HPARAMS = {"odpo": {"chosen_scores": "--chosen-score-column", "rejected_scores": "--rejected-score-column"}}
 # The score columns ODPO reads when no flag names them (UltraFeedback-binarized's).
