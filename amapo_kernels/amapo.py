@@ -21,7 +21,6 @@ the exponent is capped at 50 (m <= beta * 5.2e21), so loss and gradients stay fi
 """
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from amapo_kernels._checks import (
@@ -34,56 +33,18 @@ from amapo_kernels._checks import (
     check_pair_logps,
 )
 from amapo_kernels._ops import ops, refuse_unsupported_transforms
+from amapo_kernels.batch_statistics import gathered_moments
 from amapo_kernels.sequence_logps import sequence_logps
 
 VARIANTS = ("code", "paper")
 ABLATIONS = (None, "no_znorm", "no_exp", "no_adaptive", "no_zero")
 
 
-def _resolve_group(group):
-    """The process group whose pairs share the batch statistics (the world if one is initialized)."""
-    if group is None and dist.is_available() and dist.is_initialized():
-        group = dist.group.WORLD
-    if group is None or dist.get_world_size(group) == 1:
-        return None
-    return group
-
-
-def _local_moments(d: torch.Tensor) -> torch.Tensor:
-    """float64 [count, pivot, mean offset, M2] of this rank's gaps d, two-pass around a pivot taken from the
-    data (its first element), so that M2 and every gap to the mean keep full relative precision at any spread."""
-    count = d.numel()
-    pivot = d[:1].sum()  # 0 for an empty shard (no collective differs between ranks)
-    deviations = d - pivot
-    offset = deviations.sum() / max(count, 1)
-    m2 = ((deviations - offset) ** 2).sum()
-    return torch.stack([torch.full_like(pivot, count), pivot, offset, m2])
-
-
-def _combine_moments(moments: torch.Tensor) -> torch.Tensor:
-    """Chan et al.'s parallel combine of per-rank rows [count, pivot, mean offset, M2] ([R, 4]) into one row:
-    M2 = sum_r M2_r + sum_r n_r (mean_r - mean)^2, all around the pivot of the largest shard."""
-    counts, pivots, offsets, m2s = moments.unbind(1)
-    pivot = pivots.gather(0, counts.argmax(0, keepdim=True)).squeeze(0)
-    means = (pivots - pivot) + offsets  # each rank's mean, as an offset from the common pivot
-    total = counts.sum()
-    offset = (counts * means).sum() / total.clamp(min=1)
-    m2 = m2s.sum() + (counts * (means - offset) ** 2).sum()
-    return torch.stack([total, pivot, offset, m2])
-
-
 def batch_moments(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, group=None) -> torch.Tensor:
     """float64 [count, pivot, mean offset, M2] of d = chosen - rejected over the pairs of every rank in
-    `group`: one all-gather of 4 numbers per rank, then Chan's combine (on one process its row as it is).
-    The batch mean is pivot + offset and the unbiased variance M2 / (count - 1)."""
-    d = chosen_logps.detach().double() - rejected_logps.detach().double()
-    moments = _local_moments(d)
-    group = _resolve_group(group)
-    if group is None:  # one rank: its row is the batch's (the combine would only add 18 tiny kernels)
-        return moments
-    from torch.distributed import _functional_collectives as funcol
-
-    return _combine_moments(funcol.all_gather_tensor(moments[None], 0, group))
+    `group` (amapo_kernels.batch_statistics). The batch mean is pivot + offset and the unbiased variance
+    M2 / (count - 1)."""
+    return gathered_moments(chosen_logps.detach().double() - rejected_logps.detach().double(), group)
 
 
 def _pair_dtype(chosen_logps, rejected_logps) -> torch.dtype:

@@ -52,6 +52,14 @@ def resolved_hparams(method: str, hparams: dict) -> dict:
     return resolved
 
 
+def batch_statistics_of(method: str) -> bool:
+    """Whether `method`'s loss of a pair depends on statistics of the whole batch (amapo's mean and std,
+    alpha_dpo's z-score, kto's reference point): those are over the pairs of every rank of its `group=`
+    keyword (default: the world when torch.distributed is initialized), as the methods' trainers gather them."""
+    check_choice("method", method, METHODS)
+    return method == "amapo" or getattr(BASELINES[method], "BATCH_STATISTICS", False)
+
+
 def needs_reference(method: str, hparams: dict) -> bool:
     """Whether `method` with `hparams` (defaults filled in) needs reference-model log-probs."""
     return method != "amapo" and BASELINES[method].needs_reference({**method_defaults(method), **hparams})
@@ -69,7 +77,10 @@ def check_call(method: str, pairs: int, device: torch.device, ref_chosen_logps, 
         check_bool("return_stats", hparams.get("return_stats", False))
         return hparams
     module = BASELINES[method]
-    hparams = resolved_hparams(method, hparams)
+    # group= (the ranks sharing the batch statistics) is a keyword of the methods that have some, not a
+    # hyperparameter; elsewhere it is refused as an unknown name
+    keywords = {"group": hparams["group"]} if "group" in hparams and batch_statistics_of(method) else {}
+    hparams = resolved_hparams(method, {name: value for name, value in hparams.items() if name not in keywords})
     for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         if value is not None:
             check_per_pair(name, value, pairs, device, LOGPS_DTYPES)
@@ -79,7 +90,7 @@ def check_call(method: str, pairs: int, device: torch.device, ref_chosen_logps, 
         if hparams[name] is None:
             raise ValueError(f"method={method!r} needs {name}")
         check_per_pair(name, hparams[name], pairs, device, SCORE_DTYPES)
-    return hparams
+    return {**hparams, **keywords}
 
 
 def preference_loss(
@@ -95,7 +106,8 @@ def preference_loss(
 
     Log-probs are summed over response tokens for dpo, ipo, slic, cpo, odpo, kto, focalpo and
     length-normalized for simpo, alpha_dpo, amapo (sequence_logps(average=False / True)).
-    method="amapo" takes amapo_loss's keywords (beta, label_smoothing, variant, ablation, group).
+    method="amapo" takes amapo_loss's keywords (beta, label_smoothing, variant, ablation, group); alpha_dpo
+    and kto take group= too (their batch statistics are over every rank of it, see batch_statistics_of).
     Hyperparameters are validated by one rule set per method (finite, sign, range; the error names the
     method and the argument). An empty batch (B = 0) gives a loss of 0 for every method.
     """

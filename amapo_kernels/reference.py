@@ -28,8 +28,10 @@ def sequence_logps(logits, labels, *, ignore_index=-100, average=True, shift=Fal
         logits, labels = logits[:, :-1], labels[:, 1:]
     mask = labels != ignore_index
     safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
+    # ignored positions are never read: their rows (NaN or all -inf there would poison a masked product) are 0
+    logits = torch.where(mask.unsqueeze(-1), logits, torch.zeros_like(logits))
     token_logps = torch.log_softmax(logits, dim=-1).gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    sums = (token_logps * mask).sum(-1)
+    sums = torch.where(mask, token_logps, torch.zeros_like(token_logps)).sum(-1)
     if not average:
         return sums
     counts = mask.sum(-1)
@@ -129,9 +131,9 @@ def odpo(lc, lr, rc, rr, *, beta=0.1, alpha=1.0, chosen_scores=None, rejected_sc
 def kto(lc, lr, rc, rr, *, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
     z_from_chosen = torch.clamp((lc - rc).detach().mean(), min=0)
     z_from_rejected = torch.clamp((lr - rr).detach().mean(), min=0)
-    sigmoid = lambda x: 1 / (1 + torch.exp(-x))  # noqa: E731
-    desirable = desirable_weight * (1 - sigmoid(beta * ((lc - rc) - z_from_rejected)))
-    undesirable = undesirable_weight * (1 - sigmoid(beta * (z_from_chosen - (lr - rr))))
+    # 1 - sigmoid(x) written as sigmoid(-x): the subtraction would cancel to 0 in the tail
+    desirable = desirable_weight * torch.sigmoid(-beta * ((lc - rc) - z_from_rejected))
+    undesirable = undesirable_weight * torch.sigmoid(-beta * (z_from_chosen - (lr - rr)))
     return (desirable + undesirable) / 2  # the batch loss is the mean over the 2B examples
 
 
@@ -141,14 +143,15 @@ def simpo(lc, lr, rc, rr, *, beta=2.0, gamma=1.0, label_smoothing=0.0):
 
 
 def focalpo(lc, lr, rc, rr, *, beta=0.1, gamma=0.05):
-    p = 1 / (1 + torch.exp(-beta * ((lc - rc) - (lr - rr))))
-    return -(p**gamma) * torch.log(p)
+    x = beta * ((lc - rc) - (lr - rr))
+    # p = sigmoid(x), log p as logsigmoid(x): log(sigmoid(x)) loses its digits once sigmoid(x) rounds near 1
+    return -(torch.sigmoid(x) ** gamma) * torch.nn.functional.logsigmoid(x)
 
 
 def alpha_dpo(lc, lr, rc, rr, *, beta=2.5, gamma=1.5, alpha=0.2):
     u = lc - lr
     m = (u - (rc - rr)).detach()
-    if m.numel() > 1 and float(m.std()) > 0:
+    if m.numel() > 1 and not bool((m == m[0]).all()):  # spread (a NaN in m is spread: M* is NaN)
         m_star = (m - m.mean()) / m.std()
     else:
         m_star = torch.zeros_like(m)

@@ -26,18 +26,19 @@ struct BatchStats {
 };
 
 // Mean and unbiased std of d from its combined moments (count, pivot, mean offset, M2 = sum of squared
-// deviations), merged over ranks by Chan's formula (amapo_kernels/amapo.py: batch_moments). M2 is 0 exactly
-// when every d is equal, so "no spread" needs no tolerance.
+// deviations), merged over ranks by Chan's formula (amapo_kernels/batch_statistics.py). M2 is 0 exactly
+// when every d is equal, so "no spread" needs no tolerance. A non-finite d makes M2 NaN: the std is then NaN,
+// not "no spread", and the margins follow the formula (NaN where gated), as the fp64 reference's do.
 AMAPO_HOST_DEVICE BatchStats batch_stats_from_moments(double count, double pivot, double offset, double m2) {
   BatchStats stats{count, pivot, offset, 0.0};
-  if (count >= 2 && m2 > 0) stats.std = sqrt(m2 / (count - 1));
+  if (count >= 2 && m2 != 0) stats.std = sqrt(m2 / (count - 1));
   return stats;
 }
 
 // Detached margin of one pair with log-prob gap d = chosen - rejected (length-normalized).
 AMAPO_HOST_DEVICE double adaptive_margin(double d, BatchStats stats, double beta, Variant variant,
                                          Ablation ablation) {
-  if (!(stats.std > 0)) return 0.0;
+  if (stats.std == 0) return 0.0;
   const bool paper = variant == Variant::Paper;
   // The oracle estimate (batch mean) and the gap to it, in the variant's reward units.
   const double unit = paper ? beta : 1.0;
@@ -54,7 +55,7 @@ AMAPO_HOST_DEVICE double adaptive_margin(double d, BatchStats stats, double beta
     case Ablation::NoAdaptive:
       return beta * mean;
     default:
-      return beta * exp(fmin(exponent, kMaxMarginExponent));
+      return beta * exp(exponent > kMaxMarginExponent ? kMaxMarginExponent : exponent);  // fmin would drop a NaN
   }
 }
 

@@ -190,3 +190,25 @@ def test_module_matches_function(device):
     expected = ak.amapo_loss_from_logits(logits, labels, beta=3.0, shift=True, variant="paper")
     assert torch.equal(module(logits, labels), expected)
     assert "beta=3.0" in repr(module)
+
+
+@pytest.mark.parametrize("variant", ak.VARIANTS)
+@pytest.mark.parametrize("ablation", ak.ABLATIONS)
+def test_non_finite_gap_follows_the_formula(device, variant, ablation):
+    """A rejected log-prob of -inf (d = +inf) or a NaN log-prob makes the batch's M2 NaN: its std is NaN and
+    the margins are the formula's (NaN where gated), as the fp64 reference's; before, a NaN std was taken
+    for "no spread" and every margin dropped, which gave finite gradients where the formula's are NaN."""
+    for poison in (float("-inf"), float("nan")):
+        chosen = torch.tensor([-1.0, -2.0, -1.5, -0.5], dtype=torch.float64, device=device, requires_grad=True)
+        rejected = torch.tensor([poison, -1.0, -2.0, -1.0], dtype=torch.float64, device=device)
+        loss, stats = ak.amapo_loss(chosen, rejected, variant=variant, ablation=ablation, return_stats=True)
+        (grad,) = torch.autograd.grad(loss, chosen)
+        chosen64 = chosen.detach().cpu().requires_grad_()
+        loss64 = ref.amapo_loss(chosen64, rejected.cpu(), variant=variant, ablation=ablation)
+        (grad64,) = torch.autograd.grad(loss64, chosen64)
+        assert stats["batch_margin_std"].isnan()
+        torch.testing.assert_close(loss.cpu(), loss64, equal_nan=True)
+        torch.testing.assert_close(grad.cpu(), grad64, equal_nan=True)
+        assert torch.equal(grad.isnan().cpu(), grad64.isnan())
+        if ablation is None and (poison != poison or variant == "code"):  # the case the old kernel got wrong
+            assert grad64.isnan().any()

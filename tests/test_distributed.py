@@ -1,5 +1,5 @@
-"""AMaPO's batch statistics over ranks: 2 CPU processes (gloo) give the loss and gradients of the same
-pairs on one process. Shards of unequal size: the global mean loss is sum_r (B_r / B) * loss_r and
+"""Batch statistics over ranks (AMaPO's mean and std, alpha-DPO's z-score, KTO's reference point): 2 CPU
+processes (gloo) give the loss and gradients of the same pairs on one process. Shards of unequal size: the global mean loss is sum_r (B_r / B) * loss_r and
 each pair's global gradient is (B_r / B) times its rank-local one (so plain gradient averaging over ranks
 is the global-mean gradient only when every B_r is equal)."""
 
@@ -27,6 +27,19 @@ def global_batch():
     return chosen.float(), rejected.float(), logits, labels
 
 
+# The baselines whose pair losses use the whole batch, with hyperparameters where per-rank statistics would
+# show: KTO's default beta = 0.1 keeps its loss nearly linear in the reference points, where the weighted
+# local means add up to the global one.
+BATCH_STATISTICS_BASELINES = {"alpha_dpo": {}, "kto": {"beta": 5.0}}
+
+
+def reference_logps(chosen, rejected):
+    """Reference log-probs for the baselines' pairs: log-ratios that spread and are mostly positive (KTO
+    clamps its reference points at 0); a function of each pair alone, so that a rank's shard of them is the
+    shard of the global batch's."""
+    return chosen - 0.5 - 0.3 * torch.sin(5 * chosen), rejected - 0.2 - 0.3 * torch.cos(5 * rejected)
+
+
 def shard(rank):
     start = sum(SHARDS[:rank])
     return slice(start, start + SHARDS[rank])
@@ -46,7 +59,15 @@ def losses_and_grads(chosen, rejected, logits, labels):
     x = logits.clone().requires_grad_()
     logits_loss = ak.amapo_loss_from_logits(x, labels, beta=2.0, shift=True, variant="paper")
     (logits_grad,) = torch.autograd.grad(logits_loss, x)
-    return {"loss": loss, "grads": grads, "logits_loss": logits_loss, "logits_grad": logits_grad}
+    result = {"loss": loss, "grads": grads, "logits_loss": logits_loss, "logits_grad": logits_grad}
+    ref_chosen, ref_rejected = reference_logps(chosen, rejected)
+    for method in BATCH_STATISTICS_BASELINES:
+        c, r = chosen.clone().requires_grad_(), rejected.clone().requires_grad_()
+        method_loss = ak.preference_loss(c, r, method=method, ref_chosen_logps=ref_chosen,
+                                         ref_rejected_logps=ref_rejected, **BATCH_STATISTICS_BASELINES[method])
+        result[method] = method_loss
+        result[f"{method}_grads"] = torch.autograd.grad(method_loss, (c, r))
+    return result
 
 
 def worker(rank, world, init_file, out_dir):
@@ -70,26 +91,34 @@ def test_two_processes_match_one(tmp_path):
     total = sum(SHARDS)
     weights = [pairs / total for pairs in SHARDS]
 
-    for key in ("loss", "logits_loss"):
+    for key in ("loss", "logits_loss", *BATCH_STATISTICS_BASELINES):
         combined = sum(w * result[key] for w, result in zip(weights, ranks))
         torch.testing.assert_close(combined, single[key], rtol=1e-6, atol=1e-7)
-    for side in (0, 1):
-        combined = torch.cat([w * result["grads"][side] for w, result in zip(weights, ranks)])
-        torch.testing.assert_close(combined, single["grads"][side], rtol=1e-6, atol=1e-9)
+    for key in ("grads", *(f"{method}_grads" for method in BATCH_STATISTICS_BASELINES)):
+        for side in (0, 1):
+            combined = torch.cat([w * result[key][side] for w, result in zip(weights, ranks)])
+            torch.testing.assert_close(combined, single[key][side], rtol=1e-6, atol=1e-9)
     for rank, (w, result) in enumerate(zip(weights, ranks)):
         expected, _ = concatenated(single["logits_grad"], labels, shard(rank))
         torch.testing.assert_close(w * result["logits_grad"], expected, rtol=1e-5, atol=1e-9)
 
 
-def test_statistics_are_global_not_local():
-    """Guard against a test that cannot fail: per-rank statistics would give a different loss here."""
+@pytest.mark.parametrize("method", ["amapo", *BATCH_STATISTICS_BASELINES])
+def test_statistics_are_global_not_local(method):
+    """Guard against a test that cannot fail: per-rank statistics would give a different loss here (as
+    alpha-DPO's and KTO's did before they gathered theirs)."""
     chosen, rejected, _, _ = global_batch()
-    local = [ak.amapo_loss(chosen[shard(rank)], rejected[shard(rank)], beta=2.0, label_smoothing=0.1)
-             for rank in range(len(SHARDS))]
+    ref_chosen, ref_rejected = reference_logps(chosen, rejected)
+
+    def loss_of(pairs):
+        references = {} if method == "amapo" else {"ref_chosen_logps": ref_chosen[pairs],
+                                                     "ref_rejected_logps": ref_rejected[pairs]}
+        hparams = {"beta": 2.0, "label_smoothing": 0.1} if method == "amapo" else BATCH_STATISTICS_BASELINES[method]
+        return ak.preference_loss(chosen[pairs], rejected[pairs], method=method, **references, **hparams)
+
     weights = [pairs / sum(SHARDS) for pairs in SHARDS]
-    combined_local = sum(w * loss for w, loss in zip(weights, local))
-    single = ak.amapo_loss(chosen, rejected, beta=2.0, label_smoothing=0.1)
-    assert abs(combined_local.item() - single.item()) > 1e-4
+    combined_local = sum(w * loss_of(shard(rank)) for rank, w in enumerate(weights))
+    assert abs(combined_local.item() - loss_of(slice(None)).item()) > 1e-4
 
 
 EXACT_SHARDS = (2, 4)  # unequal: 6 pairs, as the one-process exact test (tests/test_exact_amapo.py)

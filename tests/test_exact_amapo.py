@@ -8,7 +8,7 @@ import torch
 from helpers import exact_amapo, small_spread_pairs
 
 import amapo_kernels as ak
-from amapo_kernels.amapo import _combine_moments, _local_moments
+from amapo_kernels.batch_statistics import combine_moments, local_moments
 
 SPREADS = [1e-2, 1e-4, 1e-6]
 REL = 1e-12
@@ -40,9 +40,9 @@ def test_chan_combine_equals_one_shard():
     to fp64 rounding at a spread of 1e-6 around 0.3."""
     chosen, rejected = small_spread_pairs(1e-6, pairs=9, seed=3)
     d = chosen - rejected
-    whole = _combine_moments(_local_moments(d)[None])
-    shards = torch.stack([_local_moments(part) for part in (d[:2], d[2:2], d[2:])])
-    merged = _combine_moments(shards)
+    whole = combine_moments(local_moments(d)[None])
+    shards = torch.stack([local_moments(part) for part in (d[:2], d[2:2], d[2:])])
+    merged = combine_moments(shards)
     assert merged[0].item() == 9
     mean = lambda m: (m[1] + m[2]).item()  # noqa: E731
     assert mean(merged) == pytest.approx(mean(whole), rel=1e-15)

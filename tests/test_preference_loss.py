@@ -141,3 +141,67 @@ def test_slic_hinge_form_needs_reference():
     loss = ak.preference_loss(chosen, rejected, method="slic", form="hinge", tau=2.0,
                               ref_chosen_logps=torch.full((2,), -0.25), ref_rejected_logps=torch.zeros(2))
     assert loss.item() == pytest.approx(max(0.0, 1 - 2.0 * 0.25))
+
+
+@pytest.mark.parametrize("method", ak.METHODS)
+@pytest.mark.parametrize("poisoned", ["chosen", "ref_rejected"])
+def test_a_nan_log_prob_is_never_hidden(method, poisoned):
+    """A NaN log-prob gives a NaN loss for every method, as in the reference: alpha-DPO once took the NaN
+    spread of its z-score for "no spread" (dropping the term for every pair) and FocalPO took NaN for the
+    -inf limit (a loss of 0 there): both reported a finite loss."""
+    if poisoned == "ref_rejected" and not ak.preference.needs_reference(method, {}):
+        pytest.skip("reference-free method")
+    tensors, extra = make_inputs(method, 4, torch.Generator().manual_seed(5), torch.float64)
+    tensors[{"chosen": 0, "ref_rejected": 3}[poisoned]][0] = float("nan")
+    loss, _ = losses_and_grads(ak.preference_loss, tensors, torch.float64, method=method, **extra)
+    loss64, _ = losses_and_grads(ref.preference_loss, tensors, torch.float64, method=method, **extra)
+    assert loss.isnan() and loss64.isnan()
+
+
+def test_alpha_dpo_infinite_log_ratio_gap_is_nan():
+    """alpha-DPO's z-score of M = u - (rc - rr) with rr = -inf: the official (M - mean) / std is NaN."""
+    tensors, _ = make_inputs("alpha_dpo", 4, torch.Generator().manual_seed(6), torch.float64)
+    tensors[3][0] = float("-inf")
+    loss, grads = losses_and_grads(ak.preference_loss, tensors, torch.float64, method="alpha_dpo")
+    loss64, grads64 = losses_and_grads(ref.preference_loss, tensors, torch.float64, method="alpha_dpo")
+    assert loss.isnan() and loss64.isnan()
+    for grad, grad64 in zip(grads, grads64):
+        torch.testing.assert_close(grad, grad64, equal_nan=True)
+
+
+@pytest.mark.parametrize("method", ["focalpo", "kto"])
+def test_reference_is_accurate_in_the_tails(method):
+    """The fp64 reference of FocalPO and KTO at large DPO logits x, against closed forms: once written with
+    1 / (1 + exp(-x)), it lost 1e-3 relative at x = 30 and gave 0 at x = 400 (true: 1.9e-174), so that the
+    tolerance rule failed for ops that were right."""
+    beta = 0.1
+    for x in (30.0, 400.0):
+        zero = torch.zeros(1, dtype=torch.float64)
+        h = torch.full((1,), x / beta, dtype=torch.float64)
+        refs = {"ref_chosen_logps": zero, "ref_rejected_logps": zero}
+        if method == "focalpo":  # -(sigmoid(x) ** gamma) * logsigmoid(x), logsigmoid(x) = -log1p(exp(-x))
+            gamma = 0.05
+            expected = (1 + math.exp(-x)) ** -gamma * math.log1p(math.exp(-x))
+            hparams = {"beta": beta, "gamma": gamma}
+            chosen, rejected = h, zero
+        else:  # one pair with lc - rc = x / beta, lr - rr = 0: z_c = x / beta, z_r = 0;
+            # the loss is (sigmoid(-x) + sigmoid(-beta * (z_c - 0))) / 2 = sigmoid(-x)
+            expected = math.exp(-x) / (1 + math.exp(-x))
+            hparams = {"beta": beta}
+            chosen, rejected = h, zero
+        for fn in (ref.preference_loss, ak.preference_loss):
+            loss = fn(chosen, rejected, method=method, **refs, **hparams).item()
+            assert loss == pytest.approx(expected, rel=1e-12, abs=0), (fn.__module__, x)
+
+
+def test_group_is_a_keyword_of_the_methods_with_batch_statistics():
+    """group= (the ranks sharing the batch statistics) is taken by amapo, alpha_dpo and kto, and refused by
+    a method whose pair losses are the pair's own, naming the methods' hyperparameters."""
+    tensors, _ = make_inputs("kto", 4, torch.Generator().manual_seed(9), torch.float64)
+    refs = {"ref_chosen_logps": tensors[2], "ref_rejected_logps": tensors[3]}
+    assert [m for m in ak.METHODS if ak.preference.batch_statistics_of(m)] == ["kto", "alpha_dpo", "amapo"]
+    for method in ("kto", "alpha_dpo", "amapo"):
+        torch.testing.assert_close(ak.preference_loss(*tensors[:2], method=method, group=None, **refs),
+                                   ak.preference_loss(*tensors[:2], method=method, **refs))
+    with pytest.raises(TypeError, match=r"method='dpo' has no hyperparameter \['group'\]"):
+        ak.preference_loss(*tensors[:2], method="dpo", group=None, **refs)

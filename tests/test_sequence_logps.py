@@ -122,3 +122,20 @@ def test_float64_logits_give_float64(device):
     out = ak.sequence_logps(logits, labels)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, ref.sequence_logps(logits, labels), rtol=1e-13, atol=1e-13)
+
+
+def test_reference_never_reads_an_ignored_row():
+    """The fp64 reference, as the ops: an ignored position's row (all -inf, or NaN) reaches neither the
+    log-prob nor the gradient (the reference once multiplied the token log-probs by the mask: NaN * 0)."""
+    generator = torch.Generator().manual_seed(3)
+    logits = peaked_logits(2, 5, 13, dtype=torch.float64, generator=generator)
+    labels = random_labels(2, 5, 13, ignore_prob=0.0, generator=generator)
+    labels[0, 1] = labels[1, 3] = -100
+    logits[0, 1] = float("-inf")
+    logits[1, 3] = float("nan")
+    leaf = logits.clone().requires_grad_()
+    expected = ak.sequence_logps(logits, labels)
+    got = ref.sequence_logps(leaf, labels)
+    (grad,) = torch.autograd.grad(got.sum(), leaf)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    assert (grad[0, 1] == 0).all() and (grad[1, 3] == 0).all() and grad.isfinite().all()

@@ -20,7 +20,7 @@ def pair_losses(chosen, rejected, ref_chosen, ref_rejected, *, beta, gamma):
     if gamma == 0:
         return -log_p  # DPO
     # p -> 0 (a log-prob of -inf): p**gamma * log(p) -> 0, value and gradient; computed on a finite stand-in
-    # so that neither the value nor the gradient becomes 0 * inf = NaN
-    finite = torch.isfinite(log_p)
-    safe = torch.where(finite, log_p, torch.zeros_like(log_p))
-    return torch.where(finite, -torch.exp(gamma * safe) * safe, torch.zeros_like(log_p))
+    # so that neither the value nor the gradient becomes 0 * inf = NaN. Only -inf: a NaN stays NaN.
+    vanishing = log_p == float("-inf")
+    safe = torch.where(vanishing, torch.zeros_like(log_p), log_p)
+    return torch.where(vanishing, torch.zeros_like(log_p), -torch.exp(gamma * safe) * safe)
