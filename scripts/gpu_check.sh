@@ -39,6 +39,7 @@ RESULTS="${RESULTS:-${OUT:-$ROOT/results/gpu_check}}"
 mkdir -p "$RESULTS"
 PY="${AMAPO_PYTHON:-python3}"
 SITE=/tmp/amapo_site
+WHEELS="${WHEELS:-.whl}"  # the carried peer wheels (scripts/fetch_peer_wheels.sh)
 export PYTHONPATH="$ROOT:$ROOT/python:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 FAILED=0
 BUDGET="${BUDGET:-570}"
@@ -68,12 +69,16 @@ run_step() {  # run_step NAME LOG TIMEOUT CMD...: runs CMD with a time limit, lo
   return $rc
 }
 
-install_wheels() {
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-      && echo "wheels: $(cd .whl && echo *.whl)"
+install_wheels() {  # install_wheels LOG: the carried wheels into $SITE, a summary row of its own (a failed
+  # install is FAILED there, not only a "not installed" in the peers' rows)
+  local log=$1
+  : >"$log"
+  if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    echo "wheels: $(cd "$WHEELS" && echo *.whl)" >>"$log"
+    run_step "peer wheels" "$log" 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target "$SITE" "$WHEELS"/*.whl
   else
-    echo "wheels: none carried (.whl/ is empty): the peers will say 'not installed' in their rows"
+    echo "wheels: none carried ($WHEELS/ is empty): the peers will say 'not installed' in their rows" | tee -a "$log"
   fi
 }
 
@@ -83,7 +88,7 @@ BUILD=(env AMAPO_CUDA=1 "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}" "MAX
 
 part1() {
   start_summary part1
-  install_wheels | tee "$RESULTS/env.txt"
+  install_wheels "$RESULTS/env.txt"
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
     nvcc --version | tail -2
@@ -145,7 +150,7 @@ part2() {
   # Autotuning choices on disk: each process after the first that tunes a key (bench_fused_linear) reads
   # them back, so the ncu and profile steps run the tiles the benchmark timed, without tuning again.
   export TRITON_CACHE_AUTOTUNING=1
-  install_wheels >"$RESULTS/bench_env.txt"
+  install_wheels "$RESULTS/bench_env.txt"
   ensure_built || return 1
   # The paper's size first, from logits then from hidden states: B=4 (2 pairs), T=2048, V=128256 (Llama 3),
   # H=4096; bf16 as trained, and fp32 from logits. Then the rest of issue 12's from-logits table (B*T = 2k and
@@ -193,7 +198,7 @@ part2() {
 
 part3() {
   start_summary part3
-  install_wheels >"$RESULTS/train_env.txt"
+  install_wheels "$RESULTS/train_env.txt"
   ensure_built || return 1
   # Issue 13's model run: random:llama3-1b (1.50B parameters, V=128256), seq 2048, 2 pairs a step, ZeRO-3 on
   # one GPU, bf16, gradient checkpointing, 20 AMaPO steps through amapo-train for eager, ops and fused. fused

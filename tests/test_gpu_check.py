@@ -18,14 +18,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-# Each stand-in logs {"tool", "argv", "triton_cache_autotuning"} as a JSON line and exits 0; "python" also
-# writes the files named by --json / --markdown, as the benchmarks do.
+# Each stand-in logs {"tool", "argv", "triton_cache_autotuning"} as a JSON line and exits 0 (1 where its
+# arguments hold $STAND_IN_FAILS); "python" also writes the files named by --json / --markdown, as the
+# benchmarks do.
 STAND_IN = """
 import json, os, sys
 tool, argv = os.path.basename(sys.argv[1]), sys.argv[2:]
 with open(os.environ["STAND_IN_LOG"], "a") as log:
     log.write(json.dumps({"tool": tool, "argv": argv,
                           "triton_cache_autotuning": os.environ.get("TRITON_CACHE_AUTOTUNING")}) + "\\n")
+if os.environ.get("STAND_IN_FAILS") and os.environ["STAND_IN_FAILS"] in argv:
+    sys.exit(1)
 if tool == "python3":
     for flag in ("--json", "--markdown"):
         if flag in argv:
@@ -145,3 +148,19 @@ def test_a_budget_too_short_skips_steps_and_fails(gpu_machine):
     rows = summary_rows(results, "part2")
     assert rows and all(status.startswith("SKIPPED (out of time") for _, status, _, _ in rows), rows
     assert not [argv for argv in python_commands(log) if argv and argv[0].startswith("benchmarks/")]
+
+
+def test_a_failed_wheel_install_is_a_failed_step(gpu_machine, tmp_path):
+    """The carried peer wheels ($WHEELS) are installed as a step of their own: a failed pip install is a FAILED
+    row and exit status 1 (it once only showed as "not installed" in the peers' benchmark rows)."""
+    env, log, results = gpu_machine
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "peer-1.0-py3-none-any.whl").write_text("")
+    done = run_part("part3", {**env, "WHEELS": str(wheels), "STAND_IN_FAILS": "pip"})
+    assert done.returncode == 1
+    rows = {name: status for name, status, _, _ in summary_rows(results, "part3")}
+    assert rows["peer wheels"].startswith("FAILED"), rows
+    done = run_part("part3", {**env, "WHEELS": str(wheels)})
+    assert done.returncode == 0
+    assert {name: status for name, status, _, _ in summary_rows(results, "part3")}["peer wheels"] == "ok"

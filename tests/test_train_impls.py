@@ -76,3 +76,30 @@ def test_dpo_reference_is_the_policy_at_step_one_under_bf16(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["rewards/margins"] == 0.0 and first["loss"] == pytest.approx(0.6931471805599453, abs=1e-7)
+
+
+def test_fused_under_a_one_process_launcher(tmp_path):
+    """torchrun --nproc_per_node 1 (RANK=0, WORLD_SIZE=1): accelerate wraps the model in DDP, and the fused
+    path, which calls the decoder and the head itself, once failed there ("'DistributedDataParallel' object
+    has no attribute 'get_decoder'"). It now trains as the same run without a launcher."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launched = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port)}
+    losses = {}
+    for name, extra_env in (("launched", launched), ("plain", {})):
+        out = tmp_path / name
+        command = [sys.executable, "-m", "amapo_train.train", *SHORT, "--loss-impl", "fused", "--save-final", "off",
+                   "--output-dir", str(out)]
+        done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1", **extra_env}, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses["plain"]) == 2
+    assert losses["launched"] == pytest.approx(losses["plain"], rel=1e-6)

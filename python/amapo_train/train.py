@@ -69,6 +69,11 @@ def sequence_logps(model, input_ids, attention_mask, labels, *, average: bool, i
     and vocabulary, padding included, as the authors' `logits/chosen`) is exact in the fused path too:
     mean_v(h W^T + b) = h . mean_v(W) + mean(b); None there for a softcapped head, whose mean needs every logit."""
     if impl == "fused":
+        # The fused path calls the decoder and the head directly. A DDP wrapper here holds one process (a
+        # launcher's RANK / WORLD_SIZE=1: TrainConfig.validate refuses more without DeepSpeed), whose reducer
+        # has nothing to sync: the model inside it is called. DeepSpeed's engine forwards these attributes.
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
         hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         weight, bias = lm_head_params(model, keep_gathered)
         softcap = fused_logit_softcap(model, "--loss-impl")
