@@ -3,6 +3,7 @@
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -10,10 +11,12 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import amapo_kernels
+from amapo_train.cli_errors import UserError, check_output_path, one_line
 
 
 class Parser(argparse.ArgumentParser):
@@ -36,6 +39,60 @@ def int_at_least(low: int):
         return value
 
     return parse
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0 (a time limit: 0, a negative or nan would leave nothing to run)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def names_of(known):
+    """argparse type: comma-separated names, each one of `known` (a typo is refused, never run as a default)."""
+
+    def parse(text):
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = ", ".join(repr(name) for name in names if name not in known)
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"{'unknown ' + unknown if unknown else 'none given'}; known: "
+                                             f"{', '.join(known)}")
+        return names
+
+    return parse
+
+
+def output_path(directory=False):
+    """argparse type: a file (a folder with `directory`) the results can be written to, by amapo-train's rule
+    (cli_errors.check_output_path: not a directory where a file is due, its nearest existing folder writable).
+    Checked when the arguments are parsed: a typo must not cost the measurements made before the first write."""
+
+    def parse(text):
+        try:
+            check_output_path("", text, directory=directory)
+        except UserError as error:
+            raise argparse.ArgumentTypeError(one_line(error)) from None
+        return Path(text)
+
+    return parse
+
+
+def unavailable_backend(backend, dtype, device, gradient_filter=False):
+    """Why amapo_loss_from_hidden(backend=backend) cannot run on `device` here, None if it can. The library's own
+    rule decides (fused_linear._resolve_backend: the Triton-module backends need CUDA tensors, or the CPU under
+    TRITON_INTERPRET=1), on a 1 x 1 probe, so that a benchmark refuses when parsing, not after its other rows."""
+    from amapo_kernels.fused_linear import _resolve_backend
+
+    probe = torch.zeros(1, 1, dtype=dtype, device=device)
+    try:
+        _resolve_backend(backend, gradient_filter, probe, probe, None)
+    except (ImportError, TypeError, ValueError) as error:  # ImportError: no triton here
+        return one_line(error)
+    return None
 
 
 def sizes_of(dims: str):
@@ -81,8 +138,12 @@ def time_ms(run, device, warmup, repeats, prepare=None):
     return statistics.median(times)
 
 
-def cuda_peak_extra_bytes(run, prepare=None):
-    """Peak bytes allocated during run() beyond what was allocated before it (the inputs)."""
+def cuda_peak_extra_bytes(run, prepare=None, gradient_bytes=0):
+    """Peak bytes allocated during run() beyond what was allocated once prepare() had run (the inputs, and
+    what the caller holds), less `gradient_bytes`. prepare() must free whatever a previous run left (its
+    gradients): held at the baseline, they would be subtracted from the run that frees and refills them.
+    With gradient_bytes the size of the inputs' gradients, the figure is what a run needs beyond its inputs
+    and their gradients."""
     if prepare:
         prepare()
     torch.cuda.synchronize()
@@ -90,7 +151,7 @@ def cuda_peak_extra_bytes(run, prepare=None):
     torch.cuda.reset_peak_memory_stats()
     run()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
+    return torch.cuda.max_memory_allocated() - before - gradient_bytes
 
 
 # Each row's loss and gradients are compared with the reference implementation of the same loss (plain
@@ -199,13 +260,16 @@ def write_results(json_path, payload, markdown_path, markdown, complete):
     say whether the run reached its end."""
     payload["meta"]["complete"] = complete
     if json_path:
-        _replace(json_path, json.dumps(payload, indent=1))
+        replace_text(json_path, json.dumps(payload, indent=1))
     if markdown_path:
-        _replace(markdown_path, markdown + ("" if complete else "\nPartial: the run stopped before its last row.\n"))
+        replace_text(markdown_path,
+                     markdown + ("" if complete else "\nPartial: the run stopped before its last row.\n"))
 
 
-def _replace(path, text):
-    """path's new text, written beside it and renamed over it: a kill mid-write leaves the previous file whole."""
+def replace_text(path, text):
+    """path's new text, written beside it and renamed over it: a kill mid-write leaves the previous file whole.
+    Its folder is made if missing (output_path accepts a folder that can be made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(path.name + ".partial")
     staged.write_text(text)
     os.replace(staged, path)

@@ -27,8 +27,11 @@ Workload: logits [B, T, V] of a concatenated batch (chosen rows first), labels w
 A peer that cannot run here says why in its row.
 
 Time: median of --repeats (>= 20 on CUDA) after 3 warm-ups, CUDA events on a GPU. Peers that overwrite
-the logits get a fresh copy before each run, untimed. Memory: CUDA: peak bytes allocated beyond the inputs
-(a separate logits-sized gradient counts: that is what in-place saves); CPU: the largest tensor created.
+the logits get a fresh copy before each run, untimed. Memory, CUDA ("extra MiB"): the peak allocated during
+one run less what was allocated before it (the logits, labels and the reference's results; each run's logits
+gradient is freed with the run, so none is held there). Unlike bench_fused_linear.py, which leaves its inputs'
+(small) gradients out, the logits' gradient counts here: a separate logits-sized gradient is what in-place
+saves. CPU ("largest MiB"): the largest single tensor created during the run, a gradient included.
 Limit (CUDA): the bytes the op must move at the copy bandwidth measured in the same run: every scored row
 of logits read twice (forward, backward), the whole gradient written once (ignored rows get zeros); rows of
 ignored labels are not read. "% of limit" = limit time / measured time. Ratios are peer time / ours.
@@ -44,8 +47,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from bench_common import (AGREEMENT_LIMIT, Parser, agreement, copy_bandwidth_gbs, cuda_peak_extra_bytes,
-                          disagreement, environment, format_error, int_at_least, markdown_table, sizes_of, time_ms,
-                          unless_out_of_memory, write_results)
+                          disagreement, environment, format_error, int_at_least, markdown_table, output_path, sizes_of,
+                          time_ms, unless_out_of_memory, write_results)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -164,7 +167,7 @@ def measure(name, fn, logits, labels, device, repeats, expected):
 
     ms = time_ms(run, device, warmup=3, repeats=repeats, prepare=prepare)
     if device == "cuda":
-        extra = cuda_peak_extra_bytes(run, prepare)
+        extra = cuda_peak_extra_bytes(run, prepare, gradient_bytes=0)  # the logits' gradient counts (docstring)
     else:
         if prepare:
             prepare()
@@ -223,8 +226,13 @@ def format_row(row):
             fraction, format_error(row), row.get("note", "")]
 
 
-COLUMNS = ["B x T x V", "dtype", "peer", "fwd+bwd ms", "x ours", "extra MiB", "% of limit", "err vs ref", "note"]
-LINE = "{:>16} {:>5} {:>14} {:>10} {:>7} {:>10} {:>10} {:>10}  {}"  # the printed table
+def columns(device):
+    """The table's columns, the memory column named by what is measured on `device` (see the docstring)."""
+    memory = "extra MiB" if device == "cuda" else "largest MiB"
+    return ["B x T x V", "dtype", "peer", "fwd+bwd ms", "x ours", memory, "% of limit", "err vs ref", "note"]
+
+
+LINE = "{:>16} {:>5} {:>14} {:>10} {:>7} {:>11} {:>10} {:>10}  {}"  # the printed table
 
 
 def main(argv=None):
@@ -235,8 +243,8 @@ def main(argv=None):
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, of {PEERS}")
     parser.add_argument("--repeats", type=int_at_least(1), default=20,
                         help="timed runs per peer; the median is reported")
-    parser.add_argument("--json", type=Path, help="write the rows and the environment here")
-    parser.add_argument("--markdown", type=Path, help="write the table as markdown here")
+    parser.add_argument("--json", type=output_path(), help="write the rows and the environment here")
+    parser.add_argument("--markdown", type=output_path(), help="write the table as markdown here")
     args = parser.parse_args(argv)
     peers = args.peers.split(",")
     unknown = [p for p in peers if p not in PEERS] + [d for d in args.dtypes.split(",") if d not in DTYPES]
@@ -251,12 +259,13 @@ def main(argv=None):
     bandwidth = copy_bandwidth_gbs() if args.device == "cuda" else None
     meta = environment(args.device)
     meta.update(copy_bandwidth_gbs=bandwidth, repeats=args.repeats, timing="median",
-                memory="cuda peak allocated beyond the inputs" if bandwidth else "cpu largest tensor created",
+                memory="cuda peak allocated beyond the inputs, the logits' gradient included" if bandwidth
+                else "cpu largest tensor created, a gradient included",
                 limit="scored logits rows read twice + whole gradient written once, at the measured copy bandwidth",
                 agreement=f"loss and gradient against eager's, relative; a row beyond {AGREEMENT_LIMIT} disagrees")
     print(f"device {meta.get('gpu', 'cpu')}, torch {torch.__version__}"
           + (f", measured copy bandwidth {bandwidth:.0f} GB/s" if bandwidth else ""))
-    print(LINE.format(*COLUMNS))
+    print(LINE.format(*columns(args.device)))
     where = meta.get("gpu") or (f"CPU, {meta['cpu_threads']} threads, ATen {meta['torch_cpu_capability']}, "
                                 f"our row kernels {meta['amapo_cpu_kernels']}")
     header = (f"From logits, fwd+bwd, {where} (driver {meta.get('driver', '-')}), torch "
@@ -265,7 +274,7 @@ def main(argv=None):
 
     def save(complete):
         write_results(args.json, {"meta": meta, "rows": rows}, args.markdown,
-                      header + markdown_table(COLUMNS, [format_row(row) for row in rows]), complete)
+                      header + markdown_table(columns(args.device), [format_row(row) for row in rows]), complete)
 
     for size in args.sizes or DEFAULT_SIZES[args.device].split(","):
         for dtype_name in args.dtypes.split(","):

@@ -29,8 +29,12 @@ it disagrees (the floor computes no loss); for the two gradient filters, whose g
 design, the note gives the gradient's error instead (their loss must still agree).
 
 Time: median over --repeats runs after --warmup (CUDA: torch.cuda.Event pairs; CPU: perf_counter).
-Memory: CUDA: torch.cuda.max_memory_allocated during the run minus the memory held before it (inputs);
-CPU: the largest single tensor any op returns during the run (a TorchDispatchMode tracker), which bounds
+Memory, CUDA ("extra MiB"): torch.cuda.max_memory_allocated during one run, less the memory held before it
+(the inputs hidden, weight and labels, and the reference results; the previous run's gradients are freed
+first) and less the size of hidden's and weight's gradients, which every exact method must write: the peak
+a method needs beyond its inputs and their gradients. Every row is charged alike, the floor included (it
+keeps no gradients, so its figure is its peak less that size). CPU ("largest MiB"): the largest single
+tensor any op returns during the run, the gradients included (a TorchDispatchMode tracker), which bounds
 what the run must hold at once from below; it is not a peak-RSS measurement.
 
     python benchmarks/bench_fused_linear.py                                   # CPU, small sizes
@@ -51,13 +55,15 @@ from amapo_kernels import reference as ref  # noqa: E402
 from amapo_kernels.fused_linear import TOKEN_CHUNK, VOCAB_CHUNK, amapo_loss_from_hidden  # noqa: E402
 from amapo_kernels.testing import LargestTensor  # noqa: E402
 from bench_common import (AGREEMENT_LIMIT, Parser, agreement, cuda_peak_extra_bytes, disagreement,  # noqa: E402
-                          environment, format_error, int_at_least, markdown_table, sizes_of, time_ms,
-                          unless_out_of_memory, write_results)
+                          environment, format_error, int_at_least, markdown_table, names_of, output_path, sizes_of,
+                          time_ms, unavailable_backend, unless_out_of_memory, write_results)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SIZES = {"cpu": "2x128x128x4096,4x256x256x8192", "cuda": "8x1024x4096x32000,8x2048x4096x128256"}
 DEFAULT_METHODS = {"cpu": "fused,op_logits,eager",
                    "cuda": "triton,triton_filter,cublas,fused,op_logits,eager,compile,cce_filter,cce_nofilter,liger_simpo,trl_chunked,floor_4mm"}
+METHODS = tuple(DEFAULT_METHODS["cuda"].split(","))  # every method has a row on CUDA by default
+TRITON_MODULE_METHODS = ("triton", "triton_filter", "cublas")  # our CUDA-only backends (CPU: TRITON_INTERPRET=1)
 
 
 class PeerUnavailable(Exception):
@@ -149,10 +155,10 @@ def make_inputs(batch, steps, width, vocab, dtype, device):
 
 
 def step_fn(name, hidden, weight, labels, token_chunk, vocab_chunk):
-    """One forward + backward of `name`, returning the loss (None for the floor); gradients are cleared first."""
+    """One forward + backward of `name`, returning the loss (None for the floor). It accumulates into hidden.grad
+    and weight.grad: clear_gradients() must run before it (untimed, and before a memory baseline is read)."""
 
     def run():
-        hidden.grad = weight.grad = None
         if name == "floor_4mm":
             four_matmuls(hidden, weight, labels)
             return None
@@ -161,17 +167,34 @@ def step_fn(name, hidden, weight, labels, token_chunk, vocab_chunk):
         elif name == "fused":
             loss = amapo_loss_from_hidden(hidden, weight, labels, shift=True, token_chunk=token_chunk,
                                           vocab_chunk=vocab_chunk, backend="torch")
-        elif name in ("triton", "triton_filter", "cublas"):
+        elif name in TRITON_MODULE_METHODS:
             loss = amapo_loss_from_hidden(hidden, weight, labels, shift=True, backend=name.split("_")[0],
                                           gradient_filter=name == "triton_filter")
         elif name == "op_logits":
             loss = ak.amapo_loss_from_logits(F.linear(hidden, weight), labels, shift=True)
-        else:
+        elif name == "eager":
             loss = eager_loss(hidden, weight, labels)
+        else:
+            raise ValueError(f"unknown method {name!r}")  # main's parser refuses it: a bug if reached
         loss.backward()
         return loss.detach()
 
     return run
+
+
+def clear_gradients(hidden, weight):
+    """prepare() of every run: the previous run's gradients freed outside the timing, and before the memory
+    baseline is read (held there, they would be subtracted from the run that refills them)."""
+
+    def clear():
+        hidden.grad = weight.grad = None
+
+    return clear
+
+
+def gradient_bytes(hidden, weight):
+    """The size of hidden's and weight's gradients: what every exact method must write, left out of "extra"."""
+    return sum(tensor.numel() * tensor.element_size() for tensor in (hidden, weight))
 
 
 def reference_results(loss_fns, hidden, weight, labels):
@@ -187,11 +210,12 @@ def reference_results(loss_fns, hidden, weight, labels):
     return results
 
 
-def errors_against_reference(name, run, hidden, weight, expected):
+def errors_against_reference(name, run, prepare, hidden, weight, expected):
     """The agreement of one more run of `name` with its reference loss's results in `expected` (None for the
     floor, which computes no loss, and without reference results)."""
     if name == "floor_4mm" or expected is None:
         return None
+    prepare()
     loss = run()
     return agreement(loss, (hidden.grad, weight.grad), *expected[REFERENCE_LOSS.get(name, eager_loss)])
 
@@ -207,10 +231,12 @@ REFERENCE_LOSS = {"liger_simpo": eager_simpo_loss}  # every other method compute
 FILTERED = {"triton_filter", "cce_filter"}  # backward tiles of small softmax skipped: approximate gradients
 
 
-def memory_bytes(run, device):
-    """CUDA: peak allocated beyond what was held before the run. CPU: the largest tensor created."""
+def memory_bytes(run, prepare, device, gradients):
+    """CUDA: peak allocated beyond what was held before the run and beyond `gradients` bytes (the size of the
+    inputs' gradients; see the module docstring). CPU: the largest tensor created, a gradient included."""
     if device == "cuda":
-        return cuda_peak_extra_bytes(run)
+        return cuda_peak_extra_bytes(run, prepare, gradients)
+    prepare()
     with LargestTensor() as tracker:
         run()
     return tracker.largest_bytes
@@ -221,27 +247,35 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--sizes", type=sizes_of("BxTxHxV"), help="comma-separated BxTxHxV (B even)")
-    parser.add_argument("--methods", help="comma-separated; default: " + "; ".join(
+    parser.add_argument("--methods", type=names_of(METHODS), help="comma-separated; default: " + "; ".join(
         f"{device}: {methods}" for device, methods in DEFAULT_METHODS.items()))
     parser.add_argument("--token-chunk", type=int_at_least(1), default=TOKEN_CHUNK)
     parser.add_argument("--vocab-chunk", type=int_at_least(1), default=VOCAB_CHUNK)
     parser.add_argument("--warmup", type=int_at_least(0), default=3)
     parser.add_argument("--repeats", type=int_at_least(1), default=20)
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--markdown", type=Path, help="also write the table, with time ratios to ours (triton on CUDA, fused on the CPU), here")
+    parser.add_argument("--json", type=output_path(), help="also write the results here")
+    parser.add_argument("--markdown", type=output_path(), help="also write the table, with time ratios to ours (triton on CUDA, fused on the CPU), here")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if args.device == "cuda" and args.repeats < 20:
         parser.error("--device cuda: use --repeats >= 20")
-
+    methods = args.methods or DEFAULT_METHODS[args.device].split(",")
     dtype = DTYPES[args.dtype]
+    for name in (name for name in methods if name in TRITON_MODULE_METHODS):
+        reason = unavailable_backend(name.split("_")[0], dtype, args.device, gradient_filter=name == "triton_filter")
+        if reason:
+            parser.error(f"--methods {name}: {reason}")
+
     memory = "cuda_peak_extra_bytes" if args.device == "cuda" else "cpu_largest_tensor_bytes"
     env = environment(args.device)
     meta = {"device": args.device, "dtype": args.dtype, "torch": torch.__version__, "memory_metric": memory,
             "token_chunk": args.token_chunk, "vocab_chunk": args.vocab_chunk, "warmup": args.warmup,
             "repeats": args.repeats, "timing": "median", "platform": platform.platform(),
             "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "environment": env,
+            "memory": ("peak allocated in a run less the inputs (held before it) and less the size of hidden's "
+                       "and weight's gradients" if args.device == "cuda" else
+                       "the largest single tensor created in a run, a gradient included"),
             "agreement": f"loss and gradients against the reference's, relative; a row beyond {AGREEMENT_LIMIT} "
                          "disagrees"}
     rows = []
@@ -251,10 +285,9 @@ def main(argv=None):
         write_results(args.json, {"meta": meta, "results": rows}, args.markdown,
                       markdown_report(rows, args, env, meta["triton_autotuned"]), complete)
 
-    header = (f"{'B x T x H x V':>24} {'method':>12} {'fwd+bwd ms':>11} "
-              f"{'extra MiB' if args.device == 'cuda' else 'largest MiB':>12} {'err vs ref':>10}")
+    header = (f"{'B x T x H x V':>24} {'method':>12} {'fwd+bwd ms':>11} {memory_column(args.device):>12} "
+              f"{'err vs ref':>10}")
     print(header)
-    methods = (args.methods or DEFAULT_METHODS[args.device]).split(",")
     for size in args.sizes or DEFAULT_SIZES[args.device].split(","):
         batch, steps, width, vocab = map(int, size.split("x"))
         hidden, weight, labels = make_inputs(batch, steps, width, vocab, dtype, args.device)
@@ -275,19 +308,20 @@ def measure(name, hidden, weight, labels, expected, args):
     """(ms, memory bytes, errors against the reference, note) of one method; a peer that cannot run gets
     Nones and the reason in its note, and a peer's failure is its note (ours raise)."""
     run = step_fn(name, hidden, weight, labels, args.token_chunk, args.vocab_chunk)
+    prepare = clear_gradients(hidden, weight)
     try:
-        ms = time_ms(run, args.device, args.warmup, args.repeats)
-        mem = memory_bytes(run, args.device)
+        ms = time_ms(run, args.device, args.warmup, args.repeats, prepare)
+        mem = memory_bytes(run, prepare, args.device, gradient_bytes(hidden, weight))
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return None, None, None, "OOM"
     except PeerUnavailable as reason:
         return None, None, None, str(reason)
     except Exception as error:  # noqa: BLE001 - a peer's failure goes in its row; ours raises
-        if name in ("fused", "triton", "triton_filter", "cublas", "op_logits"):
+        if name in ("fused", *TRITON_MODULE_METHODS, "op_logits"):
             raise
         return None, None, None, f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
-    errors = unless_out_of_memory(lambda: errors_against_reference(name, run, hidden, weight, expected))
+    errors = unless_out_of_memory(lambda: errors_against_reference(name, run, prepare, hidden, weight, expected))
     return ms, mem, errors, disagreement(errors, name in FILTERED) if errors else None
 
 
@@ -303,6 +337,11 @@ def ours_method(device):
     return "triton" if device == "cuda" else "fused"
 
 
+def memory_column(device):
+    """The memory column's name: what is measured on `device` (see the module docstring)."""
+    return "extra MiB" if device == "cuda" else "largest MiB"
+
+
 def markdown_report(rows, args, env, autotuned):
     ours = ours_method(args.device)  # what amapo_loss_from_hidden runs by default there
     ours_ms = {(r["batch"], r["steps"], r["width"], r["vocab"]): r["ms"] for r in rows if r["method"] == ours}
@@ -316,7 +355,8 @@ def markdown_report(rows, args, env, autotuned):
                       r["note"] or ""])
     header = (f"From hidden states, fwd+bwd, {env.get('gpu', 'CPU')} (driver {env.get('driver', '-')}), torch "
               f"{env['torch']}, {env['date']}\n\n`{env['command']}`\n\n")
-    columns = ["B x T x H x V", "dtype", "method", "fwd+bwd ms", f"x {ours}", "extra MiB", "err vs ref", "note"]
+    columns = ["B x T x H x V", "dtype", "method", "fwd+bwd ms", f"x {ours}", memory_column(args.device), "err vs ref",
+               "note"]
     chosen = "".join(f"- {kernel}: {config}\n" for kernel, config in autotuned.items())
     footer = f"\nTriton tiles the autotuner chose:\n\n{chosen}" if chosen else ""
     return header + markdown_table(columns, cells) + footer

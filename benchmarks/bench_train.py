@@ -19,7 +19,7 @@ Reported per impl, from the run's metrics.jsonl: tokens/s, the median over the s
 includes weights, gradients and optimizer state); the first step's loss and its relative difference from
 eager's (one model, one batch: every impl must compute the same loss, within bench_common.AGREEMENT_LIMIT,
 else the row says it disagrees); the last step's loss (finite: the run trained). A run that fails gets its
-row with the last line of its output as the reason.
+row with the reason from its output: its last error line (else its last line that is not a progress bar).
 
     python benchmarks/bench_train.py                      # CPU: llama3-vocab-tiny, short sequences
     python benchmarks/bench_train.py --device cuda        # the issue's run: llama3-1b, seq 2048, ZeRO-3, bf16,
@@ -29,6 +29,7 @@ row with the last line of its output as the reason.
 import argparse
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -43,7 +44,8 @@ sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT))
 
 from amapo_train.data import load_records, split_hh_pair  # noqa: E402
-from bench_common import AGREEMENT_LIMIT, Parser, environment, int_at_least, markdown_table, write_results  # noqa: E402
+from bench_common import (AGREEMENT_LIMIT, Parser, environment, int_at_least, markdown_table,  # noqa: E402
+                          output_path, positive_float, write_results)
 
 IMPLS = ("fused", "ops", "eager")
 DEFAULTS = {  # device -> (shape, seq_len, steps, warmup steps)
@@ -112,6 +114,20 @@ def run_env(device: str) -> dict:
     return env
 
 
+# tqdm's redrawn bars (" 40%|████      | 2/5 [00:03<00:04, 1.2s/it]", "3it [00:01, 2.1it/s]"): never a reason
+PROGRESS_BAR = re.compile(r"\d+%\||\d+it \[|\d+/\d+ \[|(it/s|s/it)\]")
+
+
+def failure_reason(log_text: str) -> str | None:
+    """Why a run failed, from its output: the last line that reads as an error (a traceback's last line,
+    a console script's "error:"), else the last line that is not a progress bar (tqdm draws its bars after
+    the error is printed, so the last line alone is often a bar); None for an empty log."""
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()]  # splitlines: tqdm's \r too
+    errors = [line for line in lines if "Error" in line or "error:" in line]
+    others = [line for line in lines if not PROGRESS_BAR.search(line)]
+    return (errors or others or [None])[-1]
+
+
 def measure(args, impl: str, data: dict, work: Path, limit: float) -> dict:
     """The row of one impl's run, killed after `limit` seconds."""
     output_dir = work / impl
@@ -131,8 +147,7 @@ def measure(args, impl: str, data: dict, work: Path, limit: float) -> dict:
         row["error"] = f"timed out after {limit:g} s, {len(steps)} of {args.steps} steps logged"
         return row
     if returncode != 0 or len(steps) < args.steps:
-        lines = [line for line in log.read_text().splitlines() if line.strip()]
-        row["error"] = (lines[-1] if lines else f"exit status {returncode}")[:300]
+        row["error"] = (failure_reason(log.read_text()) or f"exit status {returncode}")[:300]
         return row
     timed = [step["tokens_per_s"] for step in steps[args.warmup_steps:]]
     row.update(tokens_per_s=statistics.median(timed), timed_steps=len(timed), first_loss=steps[0]["loss"],
@@ -184,13 +199,14 @@ def parse_args(argv=None):
     parser.add_argument("--deepspeed", default="zero3", help="zero3, zero2 or none")
     parser.add_argument("--bf16", choices=("on", "off"), help="default: on on cuda")
     parser.add_argument("--checkpointing", choices=("on", "off"), default="on", help="gradient checkpointing")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per impl, at most")
-    parser.add_argument("--budget", type=float,
+    parser.add_argument("--timeout", type=positive_float, default=900, help="seconds per impl, at most")
+    parser.add_argument("--budget", type=positive_float,
                         help="seconds for all impls together: each may take what the ones before it left, up to "
                              "--timeout (so list the quick impls first); an impl with nothing left is not run")
-    parser.add_argument("--work-dir", type=Path, default=ROOT / "results" / "bench_train")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--work-dir", type=output_path(directory=True),
+                        default=str(ROOT / "results" / "bench_train"))  # a string: argparse checks it as typed
+    parser.add_argument("--json", type=output_path())
+    parser.add_argument("--markdown", type=output_path())
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -226,7 +242,7 @@ def main(argv=None):
     rows, started = [], time.perf_counter()
     for impl in args.impls:
         limit = time_limit(args.timeout, args.budget, spent=time.perf_counter() - started)
-        if limit is None:
+        if limit is None:  # --timeout is > 0 (its parser), so what ran out is --budget
             rows.append({"impl": impl, "error": f"not run: --budget {args.budget:g} s spent by the impls before it"})
         else:
             rows.append(measure(args, impl, data, args.work_dir, limit))

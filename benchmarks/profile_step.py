@@ -22,7 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import amapo_kernels as ak  # noqa: E402
-from bench_common import Parser, environment, int_at_least, markdown_table, sizes_of, time_ms  # noqa: E402
+from bench_common import (Parser, environment, int_at_least, markdown_table, output_path, replace_text,  # noqa: E402
+                          sizes_of, time_ms, unavailable_backend)
 from bench_from_logits import DTYPES  # noqa: E402
 
 PATHS = ("from_logits", "from_hidden")
@@ -79,6 +80,14 @@ def kernel_table(step, device, steps):
     return sorted(rows, key=lambda row: -row[2])
 
 
+def summary(label, wall_ms, busy_ms, device):
+    """The first line: wall time against the table's total, saying what that total sums on `device`."""
+    what = "kernel time" if device == "cuda" else "CPU op time"
+    summed = "kernels: their device times" if device == "cuda" else "CPU ops: their self times"
+    return (f"{label}: wall {wall_ms:.3f} ms a step, {what} {busy_ms:.3f} ms "
+            f"({100 * busy_ms / wall_ms:.0f}% of the wall time; {summed})")
+
+
 def main(argv=None):
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -90,8 +99,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int_at_least(0), default=3)
     parser.add_argument("--steps", type=int_at_least(1), default=5)
     parser.add_argument("--top", type=int_at_least(1), default=15, help="rows of the kernel table")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--json", type=output_path())
+    parser.add_argument("--markdown", type=output_path())
     args = parser.parse_args(argv)
     dims = "BxTxV" if args.path == "from_logits" else "BxTxHxV"
     try:
@@ -103,6 +112,10 @@ def main(argv=None):
     args.size = sizes[0]
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.path == "from_hidden":
+        reason = unavailable_backend(args.backend, DTYPES[args.dtype], args.device)
+        if reason:
+            parser.error(f"--backend {args.backend}: {reason}")
     step = make_step(args.path, args.size, DTYPES[args.dtype], args.device, args.backend, args.inplace)
     for _ in range(args.warmup):
         step()
@@ -112,18 +125,17 @@ def main(argv=None):
     what = "kernel" if args.device == "cuda" else "CPU op"
     label = f"{args.path} {args.size} {args.dtype}" + (f" backend={args.backend}" if args.path == "from_hidden" else "")
     label += " inplace_backward" if args.inplace else ""
-    summary = (f"{label}: wall {wall_ms:.3f} ms a step, {what} time {busy_ms:.3f} ms "
-               f"({100 * busy_ms / wall_ms:.0f}% of the wall time; CPU ops: self times)")
-    print(summary)
+    line = summary(label, wall_ms, busy_ms, args.device)
+    print(line)
     table = [[name[:90], f"{calls:g}", f"{ms:.3f}", f"{100 * ms / busy_ms:.1f}%"]
              for name, calls, ms in kernels[: args.top]]
     columns = [what, "calls a step", "ms a step", "share"]
     print(markdown_table(columns, table))
     if args.json:
-        args.json.write_text(json.dumps({"meta": environment(args.device), "label": label, "wall_ms": wall_ms,
-                                         "busy_ms": busy_ms, "kernels": kernels}, indent=1))
+        replace_text(args.json, json.dumps({"meta": environment(args.device), "label": label, "wall_ms": wall_ms,
+                                            "busy_ms": busy_ms, "kernels": kernels}, indent=1))
     if args.markdown:
-        args.markdown.write_text(f"{summary}\n\n{markdown_table(columns, table)}\n")
+        replace_text(args.markdown, f"{line}\n\n{markdown_table(columns, table)}\n")
     return wall_ms, kernels
 
 

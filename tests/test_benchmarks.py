@@ -38,6 +38,8 @@ def test_from_logits_every_peer_has_a_row(tmp_path):
     assert "| 2x8x64 | fp32 | ours |" in (tmp_path / "rows.md").read_text()
     assert "| err vs ref | note |" in (tmp_path / "rows.md").read_text()
     assert "Partial" not in (tmp_path / "rows.md").read_text()
+    assert "| largest MiB |" in (tmp_path / "rows.md").read_text()  # the CPU measure, not CUDA's "extra"
+    assert "extra MiB" not in (tmp_path / "rows.md").read_text()
 
 
 def unshifted_loss(logits, labels):
@@ -107,6 +109,8 @@ def test_fused_linear_default_cpu_methods_run(tmp_path):
     bench_fused_linear.main(["--sizes", "2x8x16x64", "--repeats", "1", "--warmup", "1", "--json", str(out),
                              "--markdown", str(tmp_path / "rows.md")])
     assert "| 2x8x16x64 | fp32 | fused |" in (tmp_path / "rows.md").read_text()
+    assert "| largest MiB |" in (tmp_path / "rows.md").read_text()  # the CPU measure, not CUDA's "extra"
+    assert "extra MiB" not in (tmp_path / "rows.md").read_text()
     rows = json.loads(out.read_text())["results"]
     assert [row["method"] for row in rows] == bench_fused_linear.DEFAULT_METHODS["cpu"].split(",")
     assert json.loads(out.read_text())["meta"]["triton_autotuned"] == {}  # the CPU methods tune nothing
@@ -124,6 +128,14 @@ def test_profile_step_tables_a_step(tmp_path, args):
     assert wall_ms > 0 and kernels and all(ms >= 0 for _, _, ms in kernels)
     assert any(name.startswith("amapo_kernels::") for name, _, _ in kernels)
     assert json.loads(out.read_text())["wall_ms"] == wall_ms
+
+
+def test_profile_step_says_what_its_total_sums_on_each_device():
+    """The CPU table sums the ops' self times, the CUDA one the kernels' device times (it said "CPU ops"
+    on both)."""
+    assert profile_step.summary("x", 2.0, 1.0, "cpu").endswith("(50% of the wall time; CPU ops: their self times)")
+    on_gpu = profile_step.summary("x", 2.0, 1.0, "cuda")
+    assert "kernel time 1.000 ms" in on_gpu and on_gpu.endswith("kernels: their device times)") and "CPU" not in on_gpu
 
 
 def test_profile_step_rejects_a_size_of_the_other_path(capsys):
@@ -252,7 +264,7 @@ def test_train_benchmark_reports_an_impl_past_its_timeout(tmp_path):
     assert "| fused | failed: timed out after 0.5 s" in (tmp_path / "rows.md").read_text()
 
 
-def test_train_benchmark_shares_its_budget_in_order(tmp_path):
+def test_train_benchmark_shares_its_budget_in_order(tmp_path, monkeypatch):
     """With --budget each impl may take what the ones before it left, at most --timeout; with nothing left it
     is not run, and says so in its row."""
     import bench_train
@@ -261,12 +273,34 @@ def test_train_benchmark_shares_its_budget_in_order(tmp_path):
     assert bench_train.time_limit(300, 520, spent=100) == 300
     assert bench_train.time_limit(300, 520, spent=400) == 120
     assert bench_train.time_limit(300, 520, spent=520) is None
+    import itertools
+    import types
+
+    clock = itertools.count()  # a second a reading: the 0.5 s budget is spent before the first impl
+    monkeypatch.setattr(bench_train, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     out = tmp_path / "rows.json"
-    status = bench_train.main(["--seq-len", "96", "--steps", "2", "--warmup-steps", "1", "--budget", "0",
+    status = bench_train.main(["--seq-len", "96", "--steps", "2", "--warmup-steps", "1", "--budget", "0.5",
                                "--work-dir", str(tmp_path), "--json", str(out)])
     assert status == 1
     assert json.loads(out.read_text())["rows"] == [
-        {"impl": impl, "error": "not run: --budget 0 s spent by the impls before it"} for impl in bench_train.IMPLS]
+        {"impl": impl, "error": "not run: --budget 0.5 s spent by the impls before it"} for impl in bench_train.IMPLS]
+
+
+def test_train_benchmark_reports_the_error_not_the_progress_bar(tmp_path, monkeypatch):
+    """A failed run's row gives its error, although tqdm drew a bar after it (the row showed the bar)."""
+    import bench_train
+
+    output = ("Traceback (most recent call last):\n  raise RuntimeError(message)\nRuntimeError: the loss is nan\n"
+              "  0%|          | 0/2 [00:00<?, ?it/s]\r 50%|#####     | 1/2 [00:01<00:01,  1.02s/it]\n")
+    script = f"import sys; sys.stderr.write({output!r}); sys.exit(1)"
+    monkeypatch.setattr(bench_train, "train_command", lambda *args: [sys.executable, "-c", script])
+    args = bench_train.parse_args(["--work-dir", str(tmp_path)])
+    row = bench_train.measure(args, "fused", {}, tmp_path, limit=60)
+    assert row["error"] == "RuntimeError: the loss is nan", row
+    # with no error line: the last line that is not a progress bar
+    assert bench_train.failure_reason("loading\nKilled\n 50%|#####     | 1/2 [00:01<00:01,  1.02s/it]\n"
+                                      "3it [00:02,  1.50it/s]\n") == "Killed"
+    assert bench_train.failure_reason("") is None
 
 
 def test_long_pairs_fill_every_sequence_to_seq_len():
@@ -335,6 +369,13 @@ ARGUMENT_MISTAKES = [  # (script, its arguments, the one-line error): refused be
     ("profile_step", ["--size", "2x8x64", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
     ("bench_train", ["--pairs", "0"], "argument --pairs: must be >= 1, got 0"),
     ("bench_train", ["--bf16", "yes"], "argument --bf16: invalid choice: 'yes'"),
+    # an unknown method ran as eager, in a row of its name
+    ("bench_fused_linear", ["--sizes", "2x8x8x16", "--repeats", "1", "--methods", "fused,nosuch"],
+     "argument --methods: unknown 'nosuch'; known: triton, triton_filter, cublas, fused, op_logits, eager,"),
+    # a limit of 0 or less was a TypeError (the message formatted --budget's None)
+    ("bench_train", ["--timeout", "0"], "argument --timeout: must be a finite number > 0, got 0"),
+    ("bench_train", ["--timeout", "-5"], "argument --timeout: must be a finite number > 0, got -5"),
+    ("bench_train", ["--budget", "nan"], "argument --budget: must be a finite number > 0, got nan"),
 ]
 
 
@@ -348,6 +389,135 @@ def test_bad_arguments_are_one_line_and_status_2(script, args, message, capsys):
         (module.parse_args if script == "bench_train" else module.main)(args)
     lines = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+HERE = str(Path(__file__).parent)  # a directory
+NOT_A_FOLDER = f"{Path(__file__)}/out"  # below a file
+OUTPUT_MISTAKES = [  # (script, its arguments, the one-line error): refused before measuring, nothing written
+    ("bench_from_logits", ["--json", HERE], f"argument --json: {HERE}: is a directory, not a file"),
+    ("bench_from_logits", ["--markdown", NOT_A_FOLDER], f"argument --markdown: {NOT_A_FOLDER}: {__file__} is not a"),
+    ("bench_fused_linear", ["--markdown", HERE], f"argument --markdown: {HERE}: is a directory, not a file"),
+    ("bench_fused_linear", ["--json", NOT_A_FOLDER], f"argument --json: {NOT_A_FOLDER}: {__file__} is not a"),
+    ("profile_step", ["--size", "2x8x64", "--json", HERE], f"argument --json: {HERE}: is a directory, not a file"),
+    ("profile_step", ["--size", "2x8x64", "--markdown", NOT_A_FOLDER], f"argument --markdown: {NOT_A_FOLDER}:"),
+    ("bench_train", ["--work-dir", __file__], f"argument --work-dir: {__file__}: {__file__} is not a directory"),
+    ("bench_train", ["--json", HERE], f"argument --json: {HERE}: is a directory, not a file"),
+    ("bench_train", ["--markdown", NOT_A_FOLDER], f"argument --markdown: {NOT_A_FOLDER}: {__file__} is not a"),
+]
+
+
+@pytest.mark.parametrize("script, args, message", OUTPUT_MISTAKES,
+                         ids=[" ".join([s, a[-2]]) for s, a, _ in OUTPUT_MISTAKES])
+def test_unwritable_outputs_are_refused_before_measuring(script, args, message, capsys, monkeypatch):
+    """An output that cannot be written is one line and exit status 2 when parsing: it was a traceback after
+    all the measuring (a directory given as --markdown also left a stray .partial beside it)."""
+    import importlib
+
+    module = importlib.import_module(script)
+    monkeypatch.setattr(module, "time_ms", None, raising=False)  # measuring would raise (TypeError)
+    sizes = {"bench_from_logits": ["--sizes", "2x8x64"], "bench_fused_linear": ["--sizes", "2x8x8x16"]}
+    with pytest.raises(SystemExit) as stop:
+        (module.parse_args if script == "bench_train" else module.main)([*sizes.get(script, []), *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not Path(HERE + ".partial").exists()  # where the --markdown of a directory was staged
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of our CUDA-only backends on a CPU-only machine")
+@pytest.mark.parametrize("script, args, message", [
+    ("bench_fused_linear", ["--methods", "fused,triton"], "--methods triton: backend='triton' needs CUDA tensors"),
+    ("bench_fused_linear", ["--methods", "triton_filter"], "--methods triton_filter: backend='triton' needs CUDA"),
+    ("bench_fused_linear", ["--methods", "cublas"], "--methods cublas: backend='cublas' needs CUDA tensors"),
+    ("profile_step", ["--path", "from_hidden", "--size", "2x16x16x64", "--steps", "1"],  # its default backend
+     "--backend triton: backend='triton' needs CUDA tensors"),
+])
+def test_cuda_only_backends_on_the_cpu_are_one_line_and_status_2(script, args, message, capsys, monkeypatch):
+    """The Triton-module backends on CPU tensors were a ValueError traceback (after the rows before them):
+    refused when parsing, by amapo_loss_from_hidden's own rule (which lets them run under TRITON_INTERPRET=1:
+    test_fused_linear_triton_rows_run_in_the_interpreter)."""
+    import importlib
+
+    from amapo_kernels import triton_fused_linear
+
+    if triton_fused_linear.INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set: the Triton backends run on the CPU")
+    module = importlib.import_module(script)
+    monkeypatch.setattr(module, "time_ms", None)  # measuring would raise (TypeError)
+    sizes = ["--sizes", "2x8x8x16"] if script == "bench_fused_linear" else []
+    with pytest.raises(SystemExit) as stop:
+        module.main([*sizes, *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and f"error: {message}" in lines[0], lines
+
+
+class FakeCudaMemory:
+    """torch.cuda's allocation counters, driven by a test: `allocated` now, and its peak since the reset."""
+
+    def __init__(self, monkeypatch, allocated):
+        self.allocated = self.peak = allocated
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: self.allocated)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: self.peak)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: setattr(self, "peak", self.allocated))
+
+    def allocate(self, size):
+        self.allocated += size
+        self.peak = max(self.peak, self.allocated)
+
+
+def test_extra_memory_is_the_peak_beyond_inputs_and_their_gradients(monkeypatch):
+    """The accounting of "extra MiB" (CUDA), with a fake probe: inputs of 1000 bytes, gradients of 100 that
+    the previous run left. A method that writes its gradients and a workspace of 500 needs 500 beyond them; the
+    floor, which keeps no gradient (logits 300, a gradient-sized product 100), is charged the same allowance."""
+    from bench_common import cuda_peak_extra_bytes
+
+    memory = FakeCudaMemory(monkeypatch, allocated=1000 + 100)
+    gradients = {"held": True}  # by the previous run
+
+    def clear_gradients():
+        if gradients["held"]:
+            memory.allocate(-100)
+        gradients["held"] = False
+
+    def method():
+        memory.allocate(100)  # its gradients, kept
+        gradients["held"] = True
+        memory.allocate(500)  # its workspace
+        memory.allocate(-500)
+
+    def floor():
+        memory.allocate(300 + 100)  # logits and a gradient-sized product, both freed
+        memory.allocate(-400)
+
+    assert cuda_peak_extra_bytes(method, clear_gradients, gradient_bytes=100) == 500
+    assert cuda_peak_extra_bytes(floor, clear_gradients, gradient_bytes=100) == 300
+
+
+def test_fused_linear_memory_baseline_holds_no_gradients(monkeypatch):
+    """Every row, the floor included, reads its memory baseline with hidden's and weight's gradients freed
+    (the timed runs before it left them) and has the same gradient size left out: the baseline counted the
+    previous run's gradients, and the floor, whose runs freed them, was charged them."""
+    import types
+
+    from bench_common import time_ms
+
+    hidden, weight, labels = bench_fused_linear.make_inputs(2, 8, 16, 64, torch.float32, "cpu")
+    seen = {}
+
+    def probe(run, prepare=None, gradient_bytes=0):
+        if prepare:
+            prepare()
+        seen[name] = (hidden.grad, weight.grad, gradient_bytes)
+        run()
+        return 0
+
+    monkeypatch.setattr(bench_fused_linear, "cuda_peak_extra_bytes", probe)
+    monkeypatch.setattr(bench_fused_linear, "time_ms", lambda run, device, *args: time_ms(run, "cpu", *args))
+    args = types.SimpleNamespace(device="cuda", warmup=1, repeats=1, token_chunk=8, vocab_chunk=16)
+    for name in ("fused", "floor_4mm"):
+        bench_fused_linear.measure(name, hidden, weight, labels, None, args)
+    size = (hidden.numel() + weight.numel()) * 4
+    assert seen == {"fused": (None, None, size), "floor_4mm": (None, None, size)}
 
 
 CUDA_RUNS = {  # script -> the smallest arguments of a GPU run besides --device cuda

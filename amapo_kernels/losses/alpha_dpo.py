@@ -13,14 +13,12 @@ from amapo_kernels._checks import NON_NEGATIVE, POSITIVE
 
 DEFAULTS = {"beta": 2.5, "gamma": 1.5, "alpha": 0.2}
 RULES = {"beta": POSITIVE, "gamma": NON_NEGATIVE, "alpha": NON_NEGATIVE}
+BATCH_STATISTICS = True  # takes group=: M* is over the pairs of every rank
 LOGPS = "mean"
 
 
 def needs_reference(hparams) -> bool:
     return True
-
-
-BATCH_STATISTICS = True  # takes group=: M* is over the pairs of every rank
 
 
 def pair_losses(chosen, rejected, ref_chosen, ref_rejected, *, beta, gamma, alpha, group=None):

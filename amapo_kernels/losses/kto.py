@@ -13,6 +13,7 @@ from amapo_kernels._checks import NON_NEGATIVE, POSITIVE
 
 DEFAULTS = {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0}
 RULES = {"beta": POSITIVE, "desirable_weight": NON_NEGATIVE, "undesirable_weight": NON_NEGATIVE}
+BATCH_STATISTICS = True  # takes group=: the reference points are over the pairs of every rank
 LOGPS = "sum"
 
 
@@ -24,9 +25,6 @@ def _one_minus_sigmoid(x):
     # exp(logsigmoid(-x)): value and gradient stay accurate in both tails (sigmoid's own backward,
     # y * (1 - y), cancels once y nears 1)
     return torch.exp(F.logsigmoid(-x))
-
-
-BATCH_STATISTICS = True  # takes group=: the reference points are over the pairs of every rank
 
 
 def pair_losses(chosen, rejected, ref_chosen, ref_rejected, *, beta, desirable_weight, undesirable_weight,
