@@ -1,8 +1,11 @@
 """amapo_kernels.integrations.trl on CPU: a tiny random Llama and the bundled HH-RLHF pairs. PreferenceTrainer's
 per-step loss equals this library's driver computation on the same token batches (AMaPO) and TRL's own
-DPOTrainer's (DPO); reference-free methods build no reference model; LoRA trains; every DPOTrainer dataset
-format is accepted; AMaPO's statistics span two processes; the README's TRL script runs as written."""
+DPOTrainer's (DPO, also with a MoE's router loss); reference-free methods build no reference model; cached
+reference log-probs are the method's; LoRA and prefix tuning train, prompt tuning is refused; every DPOTrainer
+dataset format is accepted; AMaPO's statistics span two processes; the README's TRL script runs as written;
+the example runner does what TRL's scripts/dpo.py does."""
 
+import importlib.util
 import math
 import os
 import re
@@ -142,6 +145,33 @@ def test_dpo_steps_equal_trl_dpo(tokenizer, hh_pairs, tmp_path):
     assert abs(ours.steps[-1]["loss"] - math.log(2)) > 10 * TOLERANCE  # later steps are a real comparison
 
 
+def tiny_mixtral(vocab_size):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False))
+
+
+def test_moe_router_aux_loss_as_trl_dpo(tokenizer, hh_pairs, tmp_path):
+    """A Mixtral's router load-balancing loss, x router_aux_loss_coef, is in the loss (step 2: in its gradient
+    too) and logged as aux_loss, on both paths, as in TRL's DPOTrainer."""
+    options = dict(beta=0.1, router_aux_loss_coef=0.5, max_steps=2)
+    theirs = trained(make_trainer(recording(DPOTrainer), DPOConfig, tokenizer, hh_pairs, tmp_path / "trl",
+                                  model=tiny_mixtral(len(tokenizer)), loss_type=["sigmoid"],
+                                  precompute_ref_log_probs=True, **options))
+    assert theirs.aux_loss_enabled and theirs.state.log_history[0]["aux_loss"] > 0
+    for loss_impl in ("fused", "ops"):
+        ours = trained(make_trainer(recording(PreferenceTrainer), PreferenceConfig, tokenizer, hh_pairs,
+                                    tmp_path / loss_impl, model=tiny_mixtral(len(tokenizer)), loss="dpo",
+                                    loss_impl=loss_impl, **options))
+        for mine, trl_step in zip(ours.steps, theirs.steps, strict=True):
+            assert abs(mine["loss"] - trl_step["loss"]) <= TOLERANCE, (loss_impl, mine["loss"], trl_step["loss"])
+        for mine, trl_log in zip(ours.state.log_history[:2], theirs.state.log_history[:2], strict=True):
+            assert mine["aux_loss"] == pytest.approx(trl_log["aux_loss"], abs=TOLERANCE), loss_impl
+
+
 # ----------------------------------------------------------------------------------------------------
 # Reference models
 # ----------------------------------------------------------------------------------------------------
@@ -174,6 +204,29 @@ def test_reference_methods_get_reference_logps(tokenizer, hh_pairs, tmp_path):
     assert first["ref_chosen_logps"] < 0 and first["ref_rejected_logps"] < 0  # summed log-probs
 
 
+def test_cached_reference_logps_are_the_methods(tokenizer, tmp_path):
+    """TRL caches precomputed reference log-probs by dataset and weights: a cache of DPO's summed log-probs is
+    not alpha_dpo's length-normalized ones (nor the other path's)."""
+    import json
+
+    from datasets import load_dataset
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in load_records("bundled:hh-rlhf", "train", 8)))
+    values = {}
+    for loss, loss_impl in (("dpo", "fused"), ("alpha_dpo", "fused"), ("alpha_dpo", "ops")):
+        dataset = load_dataset("json", data_files=str(data), split="train", cache_dir=str(tmp_path / "cache"))
+        # max_length=None: with a limit, TRL's length filter hashes the whole config into the dataset fingerprint
+        trainer = make_trainer(PreferenceTrainer, PreferenceConfig, tokenizer, dataset, tmp_path / loss, loss=loss,
+                               loss_impl=loss_impl, max_steps=1, max_length=None)
+        cached = torch.tensor(trainer.train_dataset["ref_chosen_logps"][:4])
+        fresh, _ = trainer.compute_ref_log_probs(trainer.model, trainer.data_collator(
+            [trainer.train_dataset[i] for i in range(4)]))
+        assert torch.equal(cached, fresh.float()), (loss, loss_impl, cached, fresh)
+        values[loss, loss_impl] = cached
+    assert not torch.allclose(values["dpo", "fused"], values["alpha_dpo", "fused"])  # sums vs means
+
+
 # ----------------------------------------------------------------------------------------------------
 # PEFT, dataset formats, configuration errors
 # ----------------------------------------------------------------------------------------------------
@@ -195,6 +248,25 @@ def test_lora_trains(tokenizer, hh_pairs, tmp_path, loss, precompute):
     assert changed and all("lora_" in k for k in changed), sorted(changed)
     if loss == "dpo":  # the adapter's B starts at zero: policy == reference at the first step
         assert abs(trainer.steps[0]["loss"] - math.log(2)) <= TOLERANCE
+
+
+def test_peft_virtual_token_adapters_raise(tokenizer, hh_pairs, tmp_path):
+    """Prompt tuning and p-tuning prepend virtual tokens: an error naming peft_config before anything runs;
+    prefix tuning (a KV prefix) trains, on both paths."""
+    for adapter in (peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+                    peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16)):
+        args = PreferenceConfig(output_dir=str(tmp_path), loss="dpo", max_steps=1, **TRAINING)
+        with pytest.raises(ValueError, match=f"peft_config: {adapter.peft_type.value}"):
+            PreferenceTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=hh_pairs,
+                              processing_class=tokenizer, peft_config=adapter)
+    for loss_impl in ("fused", "ops"):
+        args = PreferenceConfig(output_dir=str(tmp_path), loss="simpo", loss_impl=loss_impl, max_steps=1, **TRAINING)
+        trainer = recording(PreferenceTrainer)(model=tiny_llama(len(tokenizer)), args=args, train_dataset=hh_pairs,
+                                               processing_class=tokenizer,
+                                               peft_config=peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                                   num_virtual_tokens=4))
+        trainer.steps = []
+        trained(trainer)
 
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}<|eos|>{% endfor %}"
@@ -241,6 +313,12 @@ def test_config_resolves_and_checks_hyperparameters(tmp_path):
     assert args.loss_hparams == {"beta": 3.0, "label_smoothing": 0.0, "variant": "paper", "ablation": "no_exp"}
     assert PreferenceConfig(**config, loss="ipo").beta == 1.0  # no beta: rewards are the log-ratios
     assert PreferenceConfig(**config, loss_hparams='{"beta": 2.5}').loss_hparams["beta"] == 2.5  # CLI JSON
+    assert PreferenceConfig(**config, loss_hparams='{"beta": "2.5"}').loss_hparams["beta"] == 2.5  # as TRL's dicts
+    with pytest.raises(ValueError, match="loss_hparams must be a JSON object"):
+        PreferenceConfig(**config, loss_hparams="notjson")
+    for not_a_dict in ("[1]", [1]):
+        with pytest.raises(TypeError, match="loss_hparams must be a dict"):
+            PreferenceConfig(**config, loss_hparams=not_a_dict)
     with pytest.raises(TypeError, match="loss_hparams.*gamma"):
         PreferenceConfig(**config, loss="dpo", loss_hparams={"gamma": 1.0})
     with pytest.raises(ValueError, match="beta=3.0 and loss_hparams"):
@@ -386,17 +464,78 @@ def test_readme_trl_script_runs(tmp_path, monkeypatch):
     assert namespace["trainer"].ref_model is None
 
 
-def test_example_recipe_parses(tmp_path):
-    """The alignment-handbook-style recipe reads into the runner's arguments (nothing is downloaded)."""
+def load_runner():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("run_preference", ROOT / "examples/trl/run_preference.py")
     runner = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runner)
-    script, training, model = runner.parse(["--config", str(ROOT / "examples/trl/amapo-llama3-8b-base.yaml"),
-                                            "--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false"])
+    return runner
+
+
+def test_example_recipe_parses(tmp_path):
+    """The alignment-handbook-style recipe reads into the runner's arguments (nothing is downloaded)."""
+    recipe = ROOT / "examples/trl/amapo-llama3-8b-base.yaml"
+    script, training, model, _ = load_runner().parse(["--config", str(recipe), "--output_dir", str(tmp_path),
+                                                      "--use_cpu", "true", "--bf16", "false"])
     assert isinstance(training, PreferenceConfig)
     assert (training.loss, training.loss_hparams["beta"], training.learning_rate) == ("amapo", 3.0, 6e-7)
     assert training.is_reference_free and training.loss_impl == "fused"
     assert model.model_name_or_path == "princeton-nlp/Llama-3-Base-8B-SFT"
     assert script.dataset_name == "HuggingFaceH4/ultrafeedback_binarized"
+    with pytest.raises(TypeError, match="loss_hparams must be a dict"):
+        load_runner().parse(["--output_dir", str(tmp_path), "--use_cpu", "true", "--loss_hparams", "[1]"])
+
+
+@pytest.fixture(scope="module")
+def local_hub(tokenizer, tmp_path_factory):
+    """A tiny model and train / test JSON files on disk: what the runner loads by name."""
+    import json
+
+    root = tmp_path_factory.mktemp("hub")
+    tokenizer.save_pretrained(root / "model")
+    tiny_llama(len(tokenizer)).save_pretrained(root / "model")
+    records = load_records("bundled:hh-rlhf", "train", 12)
+    (root / "data").mkdir()
+    for split, rows in (("train", records[:8]), ("test", records[8:])):
+        (root / "data" / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root
+
+
+def runner_args(local_hub, out, *extra):
+    return ["--model_name_or_path", str(local_hub / "model"), "--dataset_name", str(local_hub / "data"),
+            "--output_dir", str(out), "--use_cpu", "true", "--bf16", "false", "--loss", "simpo",
+            "--per_device_train_batch_size", "4", "--max_length", "64", "--report_to", "none",
+            "--gradient_checkpointing", "false", "--logging_steps", "1", "--disable_tqdm", "true",
+            "--save_strategy", "no", *extra]
+
+
+def test_runner_resumes_and_keeps_model_init_kwargs(local_hub, tmp_path, monkeypatch):
+    """As TRL's scripts/dpo.py: --resume_from_checkpoint resumes, the recipe's model_init_kwargs extend the
+    model arguments', --dataset_streaming streams."""
+    runner = load_runner()
+    trainer = runner.main(runner_args(local_hub, tmp_path, "--max_steps", "2", "--save_strategy", "steps",
+                                      "--save_steps", "2", "--model_init_kwargs", '{"attn_implementation": "eager"}'))
+    assert trainer.model.config._attn_implementation == "eager"
+    assert (tmp_path / "checkpoint-2").is_dir()
+
+    monkeypatch.setattr(runner, "PreferenceTrainer", recording(PreferenceTrainer))
+    runner.PreferenceTrainer.steps = []
+    resumed = runner.main(runner_args(local_hub, tmp_path, "--max_steps", "3",
+                                      "--resume_from_checkpoint", str(tmp_path / "checkpoint-2")))
+    assert resumed.state.global_step == 3 and len(resumed.steps) == 1  # step 3 only: steps 1-2 are restored
+
+    streamed = runner.main(runner_args(local_hub, tmp_path / "stream", "--max_steps", "1",
+                                       "--dataset_streaming", "true"))
+    from datasets import IterableDataset
+
+    assert isinstance(streamed.train_dataset, IterableDataset) and streamed.state.global_step == 1
+
+
+def test_runner_load_in_4bit_is_not_dropped(local_hub, tmp_path):
+    """--load_in_4bit reaches the model loading: without bitsandbytes, transformers' error, not a full-precision
+    run."""
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed: 4-bit loading would run")
+    with pytest.raises(ImportError, match="bitsandbytes"):
+        load_runner().main(runner_args(local_hub, tmp_path, "--max_steps", "1", "--load_in_4bit", "true"))

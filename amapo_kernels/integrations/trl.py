@@ -12,6 +12,8 @@ checkpoints. What differs from DPOTrainer:
 - Log-probs come from `sequence_logps_from_hidden` (loss_impl="fused": the lm_head fused with the log-softmax,
   no logits) or `sequence_logps` from the logits (loss_impl="ops"), summed or length-normalized as the method
   defines, computed inside the model's forward so DDP and DeepSpeed see an ordinary forward.
+- MoE models (a config with `output_router_logits`): the router load-balancing loss of the model's family,
+  weighted by `router_aux_loss_coef`, is added to the loss and logged as `aux_loss`, as DPOTrainer does.
 - Reference-free methods (amapo, simpo, cpo, slic's rank form) build no reference model; the others use TRL's
   precomputed reference log-probs (the default here) or TRL's live reference model, computed by this library.
 - AMaPO's batch statistics span every rank (amapo_loss all-reduces them when torch.distributed is initialized).
@@ -22,6 +24,9 @@ checkpoints. What differs from DPOTrainer:
 
 import contextlib
 import functools
+import inspect
+import json
+import sys
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +35,9 @@ import torch
 
 try:
     from accelerate.utils import is_peft_model
+    from datasets.fingerprint import Hasher
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    from transformers.training_args import _convert_str_dict
     from trl import DPOConfig, DPOTrainer
     from trl.models.utils import disable_gradient_checkpointing
     from trl.trainer.utils import use_adapter
@@ -48,6 +55,8 @@ UNSUPPORTED_METHODS = {"odpo": "it needs per-pair scores (chosen_scores / reject
 # TRL's names for hyperparameters of this library's methods: (PreferenceConfig field, hyperparameter, unset value).
 TRL_ALIASES = (("beta", "beta", None), ("label_smoothing", "label_smoothing", 0.0),
                ("amapo_variant", "variant", None), ("amapo_ablation", "ablation", None))
+# PEFT prompt learning that keeps the sequence (its virtual tokens are a KV prefix); the others prepend them.
+KV_PREFIX_ADAPTERS = ("PREFIX_TUNING", "CARTRIDGE")
 # DPOConfig options that shape TRL's own loss; this trainer's loss is `loss`, so a non-default value is an error.
 TRL_LOSS_OPTIONS = (("loss_type", ["sigmoid"]), ("loss_weights", None), ("ld_alpha", None),
                     ("f_divergence_type", "reverse_kl"), ("use_weighting", False))
@@ -89,7 +98,8 @@ class PreferenceConfig(DPOConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()  # parses `loss_hparams` given as JSON text
+        self.loss_hparams = _hparams_dict(self.loss_hparams)  # before DPOConfig, whose JSON errors name no field
+        super().__post_init__()
         if self.loss in UNSUPPORTED_METHODS:
             raise ValueError(f"loss={self.loss!r} is not supported by PreferenceTrainer: {UNSUPPORTED_METHODS[self.loss]}")
         check_choice("loss", self.loss, METHODS)
@@ -110,7 +120,7 @@ class PreferenceConfig(DPOConfig):
     def _resolve_hparams(self) -> dict:
         """loss_hparams merged with TRL's aliases and the method's defaults; unknown or conflicting names raise."""
         defaults = method_defaults(self.loss)
-        hparams = dict(self.loss_hparams or {})
+        hparams = dict(self.loss_hparams)
         unknown = sorted(set(hparams) - set(defaults))
         if unknown:
             raise TypeError(f"loss_hparams: loss={self.loss!r} has no hyperparameter {unknown}; "
@@ -144,6 +154,8 @@ class PreferenceTrainer(DPOTrainer):
         self.reference_free = args.is_reference_free
         if self.reference_free and ref_model is not None:
             raise ValueError(f"ref_model: loss={args.loss!r} is reference-free and uses no reference model")
+        passed = inspect.signature(DPOTrainer.__init__).bind(self, model, ref_model, args, *rest, **kwargs).arguments
+        _check_peft_adapter(model, passed.get("peft_config"))
         asked_precompute = args.precompute_ref_log_probs
         if self.reference_free:
             # DPOTrainer keeps no reference model in memory when reference log-probs are precomputed, and
@@ -174,7 +186,15 @@ class PreferenceTrainer(DPOTrainer):
         if self.reference_free:
             return dataset
         self._add_heads()
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        # TRL names the cached log-probs after (dataset, reference weights) alone; ours are also summed or
+        # length-normalized per the method, and computed by loss_impl's path: a cache of other values is no hit.
+        model_hash = self._precompute_model_hash
+        self._precompute_model_hash = Hasher.hash((model_hash, "amapo_kernels", self.args.loss_impl,
+                                                   "mean" if uses_mean_logps(self.args.loss) else "sum"))
+        try:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        finally:
+            self._precompute_model_hash = model_hash
 
     def compute_ref_log_probs(self, model, inputs):
         """(chosen, rejected) reference log-probs of a batch, by this library: `model` is the reference model,
@@ -185,7 +205,7 @@ class PreferenceTrainer(DPOTrainer):
             adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               adapter, self.accelerator.autocast()):
-            logps = self._sequence_logps(model, inputs)
+            logps, _ = self._sequence_logps(model, inputs)
         return logps.chunk(2)
 
     def _reference_logps(self, model, inputs) -> dict:
@@ -200,24 +220,31 @@ class PreferenceTrainer(DPOTrainer):
 
     # -- the loss -----------------------------------------------------------------------------------------
 
-    def _sequence_logps(self, model, inputs) -> torch.Tensor:
-        """[2B] log-probs of the completions (chosen rows first), summed or length-normalized per the method."""
+    def _sequence_logps(self, model, inputs, aux_loss: bool = False):
+        """([2B] log-probs of the completions (chosen rows first), summed or length-normalized per the method;
+        the MoE router load-balancing loss with `aux_loss`, else None)."""
         model_kwargs = {k: v for k, v in inputs.items()
                         if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+        if aux_loss:
+            model_kwargs["output_router_logits"] = True
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         average = uses_mean_logps(self.args.loss)
         if self.args.loss_impl == "fused":
-            logps = model(**model_kwargs, preference_labels=labels, average_logps=average)
-            if not isinstance(logps, torch.Tensor):  # a forward that ignored preference_labels: never silently
-                raise TypeError(f"the model's forward returned {type(logps).__name__}, not the log-probs of "
+            outputs = model(**model_kwargs, preference_labels=labels, average_logps=average)
+            if not (isinstance(outputs, tuple) and len(outputs) == 2):  # a forward that ignored preference_labels
+                raise TypeError(f"the model's forward returned {type(outputs).__name__}, not the log-probs of "
                                 f"loss_impl='fused': was it replaced after PreferenceTrainer was built?")
-            return logps
-        logits = model(**model_kwargs, use_cache=False).logits
-        return ak.sequence_logps(logits, labels, shift=True, average=average)
+            return outputs
+        outputs = model(**model_kwargs, use_cache=False)
+        router_loss = getattr(outputs, "aux_loss", None) if aux_loss else None
+        if aux_loss and router_loss is None:
+            raise ValueError(f"router_aux_loss_coef={self.router_aux_loss_coef}: {type(outputs).__name__} of "
+                             f"output_router_logits=True has no aux_loss; set router_aux_loss_coef=0.0")
+        return ak.sequence_logps(outputs.logits, labels, shift=True, average=average), router_loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        logps = self._sequence_logps(model, inputs)
+        logps, aux_loss = self._sequence_logps(model, inputs, aux_loss=self.aux_loss_enabled)
         chosen, rejected = logps.chunk(2)
         references = self._reference_logps(model, inputs)
         stats = {}
@@ -225,6 +252,9 @@ class PreferenceTrainer(DPOTrainer):
             loss, stats = ak.amapo_loss(chosen, rejected, **self.args.loss_hparams, return_stats=True)
         else:
             loss = ak.preference_loss(chosen, rejected, method=self.args.loss, **references, **self.args.loss_hparams)
+        if aux_loss is not None:  # DPOTrainer's MoE term (aux_loss_enabled: the config has output_router_logits)
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._record_metrics(mode, inputs, chosen.detach(), rejected.detach(), references, stats)
         if return_outputs:  # as DPOTrainer: the logits for compute_metrics come from an extra forward
             with torch.no_grad():
@@ -255,9 +285,54 @@ class PreferenceTrainer(DPOTrainer):
         metrics["num_tokens"] = [self._total_train_tokens]
 
 
+def _hparams_dict(value) -> dict:
+    """`loss_hparams` as a dict: None is {}, text (the command line) is parsed as TrainingArguments parses its
+    dict fields (JSON, then _convert_str_dict); anything else raises, naming the field."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"loss_hparams must be a JSON object, e.g. '{{\"beta\": 2.5}}'; "
+                             f"got {value!r} ({error})") from None
+        if isinstance(value, dict):
+            value = _convert_str_dict(value)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"loss_hparams must be a dict (a JSON object on the command line), "
+                        f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_peft_adapter(model, peft_config) -> None:
+    """Prompt tuning, p-tuning and the like prepend virtual tokens to the sequence, which the log-probs of this
+    library (one position per label) do not expect: raise before DPOTrainer precomputes anything."""
+    configs = [peft_config] if peft_config is not None else []
+    if not isinstance(model, str) and is_peft_model(model):  # a PeftModel passed in (a name is loaded bare)
+        configs += list(model.peft_config.values())
+    for config in configs:
+        kind = str(getattr(getattr(config, "peft_type", None), "value", ""))
+        if getattr(config, "is_prompt_learning", False) and kind not in KV_PREFIX_ADAPTERS:
+            raise ValueError(f"peft_config: {kind} adapters prepend virtual tokens to the sequence, which "
+                             f"PreferenceTrainer does not support; use LoRA or prefix tuning")
+
+
+def _load_balancing_loss(model, router_logits, attention_mask):
+    """The MoE router load-balancing loss of `model`'s family: transformers' load_balancing_loss_func of its
+    modeling module (what its own forward, so loss_impl='ops', adds), on the experts of its config. TRL's fused
+    lm_head imports Mixtral's, which every causal MoE family of transformers 5 copies (Doge aside)."""
+    function = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+    if function is None or router_logits is None:
+        raise ValueError(f"router_aux_loss_coef: loss_impl='fused' finds no router load-balancing loss for "
+                         f"{type(model).__name__} (output_router_logits=True); set router_aux_loss_coef=0.0")
+    config = model.config.get_text_config()
+    return function(router_logits, config.num_experts, config.num_experts_per_tok, attention_mask)
+
+
 def _add_sequence_logps_head(model) -> None:
-    """Let `model(..., preference_labels=labels, average_logps=bool)` return the [B] sequence log-probs of
-    `labels` through sequence_logps_from_hidden, inside the model's own forward: DDP and DeepSpeed see an
+    """Let `model(..., preference_labels=labels, average_logps=bool)` return ([B] sequence log-probs of
+    `labels` through sequence_logps_from_hidden, the router load-balancing loss or None), the latter with
+    `output_router_logits=True` (MoE models), inside the model's own forward: DDP and DeepSpeed see an
     ordinary forward, and under ZeRO-3 the lm_head weight is an external parameter of the module that is
     called, gathered by its hooks for the forward and again for the backward (which recomputes the tiles).
     Without `preference_labels` the forward is the previous one. With PEFT the base model is patched."""
@@ -280,11 +355,16 @@ def _add_sequence_logps_head(model) -> None:
         if preference_labels is None:
             return previous(*args, **kwargs)
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
-        lm_head = self.get_output_embeddings()
-        return ak.sequence_logps_from_hidden(hidden, lm_head.weight, preference_labels.to(hidden.device),
-                                             bias=lm_head.bias, shift=True, average=average_logps,
-                                             logit_softcap=softcap)
+        outputs = self.base_model(*args, **kwargs)
+        hidden, lm_head = outputs.last_hidden_state, self.get_output_embeddings()
+        logps = ak.sequence_logps_from_hidden(hidden, lm_head.weight, preference_labels.to(hidden.device),
+                                              bias=lm_head.bias, shift=True, average=average_logps,
+                                              logit_softcap=softcap)
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            aux_loss = _load_balancing_loss(self, getattr(outputs, "router_logits", None),
+                                            kwargs.get("attention_mask"))
+        return logps, aux_loss
 
     patched.forward = types.MethodType(forward, patched)
     patched._preference_logps_head = True
