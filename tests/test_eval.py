@@ -479,13 +479,13 @@ def test_cli_splits_and_generate(tmp_path, saved_model):
     data.write_text("\n".join(json.dumps(r) for r in uf_records()) + "\n")
     out_dir = tmp_path / "splits"
     assert cli.main(["splits", "--data", str(data), "--out-dir", str(out_dir), "--valid-models", "C,D",
-                     "--valid-prompt-fraction", "0.25", "--seed", "1"]) == 0  # --out-dir: the old spelling of --output
+                     "--valid-prompt-fraction", "0.25", "--seed", "0"]) == 0  # --out-dir: the old spelling of --output
     manifest = json.loads((out_dir / "split.json").read_text())
     assert manifest["valid_models"] == ["C", "D"] and manifest["train_models"] == ["A", "B", "E"]
     assert len(manifest["valid_prompts"]) == 1 and len(manifest["train_prompts"]) == 3
     for name in ("train", "id", "prompt_ood", "response_ood", "mutual_ood"):
         rows = [json.loads(x) for x in (out_dir / f"{name}.jsonl").read_text().splitlines()]
-        assert len(rows) == manifest["stats"][name]["n_pairs"]
+        assert len(rows) == manifest["stats"][name]["n_pairs"] > 0
         expected_prompts = manifest["valid_prompts"] if name in ("prompt_ood", "mutual_ood") else manifest["train_prompts"]
         assert all(r["prompt_id"] in expected_prompts for r in rows)
 
@@ -653,6 +653,11 @@ EVAL_ARGUMENT_MISTAKES = {  # a value outside what its flag takes: one line, sta
     "NaN model share": (["splits", "--valid-model-fraction", "nan"], "--valid-model-fraction nan: must be in (0, 1)"),
     "infinite temperature": (["generate", "--format", "alpacaeval", "--temperature", "inf"],
                              "--temperature inf: must be a finite number >= 0"),
+    "bootstrap seed too large": (["rank", "--seed", str(2**64)], f"--seed {2**64}: must be in [0, 4294967295]"),
+    "sampling seed too large": (["generate", "--format", "alpacaeval", "--seed", str(2**32)],
+                                f"--seed {2**32}: must be in [0, 4294967295]"),
+    "negative seed": (["generate", "--format", "alpacaeval", "--seed", "-1"], "--seed -1: must be in [0, 4294967295]"),
+    "no such tokenization": (["rank", "--tokenization", "joint"], "argument --tokenization: invalid choice: 'joint'"),
 }
 
 
@@ -699,3 +704,152 @@ def test_splits_of_data_with_one_model_is_a_user_error(tmp_path, capsys):
     assert cli.main(["splits", "--data", str(data), "--output", str(tmp_path / "out")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "cannot split its response models: need at least two distinct items" in lines[0], lines
+
+
+SPLITS_REFUSED = {  # arguments -> the message: each would have written an empty set (exit 0 before)
+    "one seen model left": (["--valid-models", "A,B,C,D"], "splits its 5 response models into 1 seen ['E'] and 4 "
+                            "unseen ['A', 'B', 'C', 'D']; a pair is two responses by models of one side"),
+    "every model unseen": (["--valid-models", "A,B,C,D,E"], "into 0 seen [] and 5 unseen"),
+    "one unseen model": (["--valid-models", "C"], "and 1 unseen ['C']"),
+    # seed 1 holds out p4, which has responses of A and B only: no Mutual-OOD pair
+    "an empty set": (["--valid-models", "C,D", "--valid-prompt-fraction", "0.25", "--seed", "1"],
+                     "no pair in mutual_ood (1 prompts with fewer than 2 scored responses of its models, 0 with all "
+                     "scores tied); nothing written"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPLITS_REFUSED))
+def test_splits_refuse_to_write_an_empty_set(name, tmp_path, capsys):
+    args, message = SPLITS_REFUSED[name]
+    data = tmp_path / "uf.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in uf_records()) + "\n")
+    out_dir = tmp_path / "splits"
+    assert cli.main(["splits", "--data", str(data), "--output", str(out_dir), *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("amapo-eval: error: ") and message in lines[0], lines
+    assert not out_dir.exists()
+
+
+def test_splits_of_two_models_is_a_user_error(tmp_path, capsys):
+    # The random model split of two models leaves one on each side: no pair anywhere.
+    data = tmp_path / "uf.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "completions": [
+        {"model": "m0", "response": "x", "score": 1}, {"model": "m1", "response": "y", "score": 2}]}) for p in "ABCD"))
+    assert cli.main(["splits", "--data", str(data), "--output", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--valid-model-fraction 0.5 splits its 2 response models into 1 seen" in lines[0]
+    assert "(the data has fewer than 4 models)" in lines[0] and not (tmp_path / "out").exists()
+
+
+def test_cli_rank_scores_the_tokens_the_checkpoint_was_trained_on(tmp_path, capsys):
+    """rank on a checkpoint of amapo-train gives the training run's own held-out numbers (eval.json), exactly:
+    the token settings come from the checkpoint's training config (here --tokenization separate and the tiny
+    recipe's 192 / 128 lengths, none of them rank's defaults), and the statistics are in dataset order
+    whatever rank's batching (its --batch-size 4, sorted by length; the trainer's batches of 32)."""
+    from amapo_train.train import main as train_main
+
+    run = tmp_path / "run"
+    train_main(["--tokenization", "separate", "--max-train-pairs", "32", "--max-test-pairs", "40", "--max-steps", "1",
+                "--total-batch-size", "16", "--per-device-batch-size", "16", "--log-with", "none", "--device", "cpu",
+                "--output-dir", str(run)])
+    expected = json.loads((run / "eval.json").read_text())
+    capsys.readouterr()
+    out = tmp_path / "rank.json"
+    rank = ["rank", "--model", str(run / "final"), "--data", "bundled:hh-rlhf", "--limit", "40", "--device", "cpu",
+            "--no-progress"]
+    assert cli.main([*rank, "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert ("tokens: tokenization separate (training config), insert-system-message on (training config), "
+            "max-length 192 (training config), max-prompt-length 128 (training config); training config: "
+            f"{run / 'final' / 'trainer_state.json'}") in printed
+    result = json.loads(out.read_text())
+    for key in ("n_pairs", "summed", "normalized", "n_boot", "seed", "confidence"):
+        assert result[key] == expected[key], key
+    assert result["settings"]["tokenization"] == "separate" and result["settings"]["max_length"] == 192
+
+    # A flag overrides the checkpoint's setting, and says so; these are other tokens, so other numbers.
+    assert cli.main([*rank, "--output", str(out), "--tokenization", "trl", "--insert-system-message", "off"]) == 0
+    assert "tokenization trl (--tokenization), insert-system-message off (--insert-system-message)" in \
+        capsys.readouterr().out
+    other = json.loads(out.read_text())
+    assert other["settings"]["from"]["max_length"] == "training config"
+    assert other["summed"]["mean_margin"] != expected["summed"]["mean_margin"]
+    # A length the checkpoint gives that does not fit one the user gives: the error says where it came from.
+    assert cli.main([*rank, "--max-length", "100"]) == 2
+    assert "--max-prompt-length 128 must lie in [1, --max-length 100) (--max-prompt-length from the training " \
+           "config)" in capsys.readouterr().err
+
+
+def test_cli_rank_unreadable_training_config(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "trainer_state.json").write_text('{"step": 3}')
+    assert cli.main(["rank", "--model", str(model), "--data", "bundled:hh-rlhf"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "trainer_state.json cannot be read (no 'config' object in it)" in lines[0], lines
+    # All four settings given: the file is not needed, so not read (the model then fails to load, later).
+    flags = ["--tokenization", "trl", "--insert-system-message", "on", "--max-length", "64",
+             "--max-prompt-length", "32"]
+    assert cli.main(["rank", "--model", str(model), "--data", "bundled:hh-rlhf", "--limit", "2", *flags]) == 2
+    assert "cannot be loaded" in capsys.readouterr().err
+
+
+GEMMA_TEMPLATE = (  # Gemma's chat template: no system turn, roles must alternate starting with the user
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ message['role'] + ' ' + message['content'] + ' ' }}{% endfor %}"
+)
+
+
+def test_cli_rank_chat_template_refusing_a_system_turn(tmp_path, tiny_model, tiny_tokenizer, capsys):
+    conversation = {"prompt": [{"role": "user", "content": "the cat"}],
+                    "chosen": [{"role": "assistant", "content": "sat on the mat"}],
+                    "rejected": [{"role": "assistant", "content": "ran far away"}]}
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps(conversation) + "\n")
+    rank = ["rank", "--data", str(data), "--device", "cpu", "--no-progress", "--n-boot", "10"]
+
+    def model_with(template):
+        path = tmp_path / f"model{len(template)}"
+        tiny_model.save_pretrained(path)
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend_tokenizer, bos_token="<s>",
+                                            eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(path)
+        return str(path)
+
+    # A template that refuses only a system turn: no empty one is inserted (it was, and rendering raised
+    # jinja2's TemplateError, a traceback).
+    system_refused = model_with(GEMMA_TEMPLATE.replace("(message['role'] == 'user') != (loop.index0 % 2 == 0)",
+                                                       "false"))
+    gemma = model_with(GEMMA_TEMPLATE)
+    assert cli.main([*rank, "--model", system_refused]) == 0
+    capsys.readouterr()
+    # Gemma's whole template also refuses an assistant message rendered alone (how --tokenization trl renders
+    # a response): one line naming the cause, and the way out (the model loads first: its loading bar may show).
+    assert cli.main([*rank, "--model", gemma]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("amapo-eval: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert "refuses a record: Conversation roles must alternate" in errors[0]
+    assert "--tokenization separate" in errors[0]
+    assert cli.main([*rank, "--model", gemma, "--tokenization", "separate"]) == 0
+
+
+def test_ranking_statistics_do_not_depend_on_the_batching(tiny_model, tiny_tokenizer):
+    # The bootstrap draws positions: pairs are put in index order first, so rank's length-sorted batches and the
+    # trainer's batches in dataset order give one interval (they differed: rank's eval.json could not be reproduced).
+    correct = [True, False, False, True, True, True, False, True, False, False, True, True]
+    pairs = []
+    for i, good in enumerate(correct):  # lengths vary with i: the length sort reorders the pairs
+        long = ("the cat sat on the mat " * (1 + i % 3)).strip()
+        chosen, rejected = ("sat", long) if good else (long, "sat")
+        pairs.append({"prompt": "a dog", "chosen": chosen, "rejected": rejected})
+    dataset = PreferenceDataset(pairs, tiny_tokenizer)
+    results = [evaluate_ranking(tiny_model, make_batches(dataset, size, 0, sort_by_length=sort), progress=False,
+                                n_boot=200, return_logps=True)
+               for size, sort in ((1, False), (5, True), (12, True))]
+    assert results[0]["logps"]["index"] == list(range(len(pairs)))
+    assert results[1] == results[0] and results[2] == results[0]

@@ -17,7 +17,7 @@ QUICK_CONFIG = StudyConfig(**QUICK)
 
 def test_quick_study_writes_tables_json_and_plots(tmp_path):
     out = tmp_path / "study"
-    study.main(["--quick", "--workers", "2", "--out-dir", str(out)])  # the CPU default: worker processes
+    assert study.main(["--quick", "--workers", "2", "--out-dir", str(out)]) == 0  # CPU default: worker processes
     report = (out / "results.md").read_text()
     for method in METHODS:
         assert f"| {method.label} |" in report
@@ -142,17 +142,34 @@ def test_pool_changes_only_the_statistics(loss, pool_matters):
     assert close != pool_matters
 
 
-def test_config_and_cli_errors_are_one_line_exit_2(capsys):
+STUDY_MISTAKES = {  # argv -> the start of its one-line message; all refused before any run starts
+    ("--scale", "0"): "--scale must be >= 1",
+    ("--seeds", "1", "1"): "seeds must be distinct",
+    ("--workers", "0"): "--workers must be >= 1",
+    ("--device", "foo"): "--device 'foo'",
+    ("--workers", "two"): "argument --workers: invalid int value",  # argparse's own errors: one line too
+    ("--out-dir", "/dev/null/study"): "--out-dir /dev/null/study: /dev/null is not a directory",
+    ("--hh-rlhf", "--runs-dir", "/dev/null/runs"): "--runs-dir /dev/null/runs: /dev/null is not a directory",
+}
+
+
+@pytest.mark.parametrize("argv", sorted(STUDY_MISTAKES))
+def test_config_and_cli_errors_are_one_line_exit_2(argv, tmp_path, capsys, monkeypatch):
+    # A mistake is one line and status 2, never the usage block or a traceback, and it comes before the study
+    # runs: run_study would fail the test if it started (an unwritable --out-dir used to fail after the runs).
+    monkeypatch.setattr("amapo_train.study.run.run_study", lambda *args: pytest.fail("the study ran"))
+    out_dir = [] if "--out-dir" in argv else ["--out-dir", str(tmp_path / "study")]
+    assert study.main(["--quick", *out_dir, *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m amapo_train.study: error: " + STUDY_MISTAKES[argv]), lines
+
+
+def test_config_errors():
     with pytest.raises(ValueError, match="pools must divide"):
         StudyConfig(pools=(4, 12, 32))
-    for argv in (["--scale", "0"], ["--seeds", "1", "1"], ["--workers", "0"], ["--device", "foo"]):
-        with pytest.raises(SystemExit) as exit_info:
-            study.main(argv)
-        assert exit_info.value.code == 2
-    assert "Traceback" not in capsys.readouterr().err
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit):
-            study.main(["--device", "cuda"])
+        with pytest.raises(study.run.UserError, match="no CUDA device"):
+            study.run.run(["--device", "cuda"])
 
 
 def test_oracle_decides_the_winner():

@@ -3,6 +3,8 @@ template (the tiny BPE tokenizer plus the template's special tokens): the respon
 header is scored), joint tokenization, the truncation rule, system messages; expectations worked out by hand
 from the template, token by token."""
 
+import copy
+
 import pytest
 
 from amapo_train import data
@@ -103,13 +105,39 @@ def test_system_message(tok):
     assert pair["chosen_labels"][:len(prompt)] == [-100] * len(prompt)
 
 
+ZEPHYR_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'system' %}<|system|>{% endif %}"
+                   "{{ message['content'] }}{% endfor %}")
+GEMMA_TEMPLATE = (  # Gemma's chat template refuses a system turn from inside the template
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{{ '<start_of_turn>' + message['role'] + '\n' + message['content'] "
+    "+ '<end_of_turn>\n' }}{% endfor %}")
+
+
+def with_template(tok, template):
+    tokenizer = copy.deepcopy(tok)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
 def test_empty_system_message_inserted_when_the_template_has_system_turns(tok):
     messages = [{"role": "user", "content": "Hi"}]
     assert data.with_system_message(messages, tok) == messages  # Llama-3's template names no system role
-    zephyr = type("Tok", (), {"chat_template": "{% if message['role'] == 'system' %}<|system|>{% endif %}"})()
+    zephyr = with_template(tok, ZEPHYR_TEMPLATE)
     assert data.with_system_message(messages, zephyr) == [{"role": "system", "content": ""}, *messages]
     system_first = [{"role": "system", "content": "x"}, *messages]
     assert data.with_system_message(system_first, zephyr) == system_first
+
+
+def test_no_system_message_where_the_template_refuses_one(tok):
+    # Gemma's template names the system role only to raise "System role not supported": no system turn is
+    # inserted (it used to be, and rendering the prompt raised jinja2's TemplateError).
+    gemma = with_template(tok, GEMMA_TEMPLATE)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert data.with_system_message(messages, gemma) == messages
+    rec = record("Hi", "Hello!", "Go away.")
+    prompt, chosen, _ = data.record_texts(rec, gemma)
+    assert prompt == "<|begin_of_text|><start_of_turn>user\nHi<end_of_turn>\n"
+    assert chosen == "<start_of_turn>assistant\nHello!<end_of_turn>\n"
 
 
 def test_mistral_template_override():

@@ -202,11 +202,21 @@ TOKENIZATIONS = ("trl", "separate")
 
 def with_system_message(messages: list[dict], tokenizer) -> list[dict]:
     """`messages` with an empty system turn first when they have none and the chat template knows system
-    turns (alignment-handbook's maybe_insert_system_message, on by default in the authors' runs)."""
+    turns (alignment-handbook's maybe_insert_system_message, on by default in the authors' runs): its text
+    names them (the authors' test, so Llama-3's template, which does not, gets none) and it renders them.
+    The rendering decides for templates that name the system role only to refuse it (Gemma's "System role
+    not supported" is raised from the template): those get no system turn instead of an error."""
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
     template = tokenizer.chat_template or ""
     if messages and messages[0].get("role") == "system" or not ("system" in template or "<|im_start|>" in template):
         return list(messages)
-    return [{"role": "system", "content": ""}, *messages]
+    inserted = [{"role": "system", "content": ""}, *messages]
+    try:
+        tokenizer.apply_chat_template(inserted, tokenize=False)
+    except TemplateError:
+        return list(messages)
+    return inserted
 
 
 def authors_chat_texts(history: list[dict], chosen_message: dict, rejected_message: dict, tokenizer,

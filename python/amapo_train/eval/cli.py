@@ -2,6 +2,7 @@
 AlpacaEval 2 / MT-Bench.
 
     amapo-eval rank     --model DIR --data SOURCE [--split test] [--batch-size 4] [--output out.json]
+                        [--tokenization trl|separate --insert-system-message on|off --max-length N ...]
     amapo-eval rmbench  --model DIR --data total_dataset.json [--output out.json]
     amapo-eval splits   --data ultrafeedback.jsonl --output DIR [--seed 0]
     amapo-eval generate --model DIR --instructions FILE --format alpacaeval|mtbench --output FILE
@@ -15,7 +16,10 @@ directory, a record in no known format, a flag combination that means nothing) p
 with status 2; without the training extras the command says which ``pip install`` adds them.
 
 Data formats of ``rank`` are the driver's, read, rendered and tokenized by its code
-(``amapo_train.data``), so a policy is scored on the tokens it was trained on. ``rmbench`` treats each
+(``amapo_train.data``) with the token settings (--tokenization, --insert-system-message, --max-length,
+--max-prompt-length) of the checkpoint's training config (``trainer_state.json``, written by
+``amapo-train``) unless a flag sets one, so a policy is scored on the tokens it was trained on; the line
+it prints first says which settings it used and where each came from. ``rmbench`` treats each
 prompt as one user message and each response as the assistant's reply (the tokenizer's chat template,
 or plain ``"\\n\\nUser: ...\\n\\nAssistant:"`` dialogue without one); ``generate`` renders instructions
 the same way (``amapo_train.data.render_prompt``).
@@ -35,7 +39,8 @@ from amapo_train.cli_errors import OneLineParser as _Parser
 from amapo_train.cli_errors import UserError, check_device, check_output_path, check_range, run_console_script
 from amapo_train.cli_errors import one_line as _one_line
 from amapo_train.cli_errors import require_extras as _require_extras
-from amapo_train.config import check_length_flags
+from amapo_train.command_line import STATE_FILE, parse_bool
+from amapo_train.config import NUMBER_RANGES, TOKENIZATIONS, TrainConfig, check_length_flags
 from amapo_train.data import (
     PreferenceDataset,
     chat_texts,
@@ -78,6 +83,74 @@ def read_records(flag: str, source: str, split: str, limit: int | None = None) -
     if not records:
         raise UserError(f"{flag} {source}: no records")
     return records
+
+
+# The settings that decide a pair's tokens: rank takes each from its flag, else from the training config saved
+# with the checkpoint (amapo-train's trainer_state.json), else amapo-train's default, so that a policy is
+# scored on the tokens it was trained on. (The chat template needs no entry: amapo-train saves the tokenizer
+# with the template it trained with, and dataset_format only checks records, it changes no text.)
+TOKEN_SETTINGS = ("tokenization", "insert_system_message", "max_length", "max_prompt_length")
+
+
+def training_config(model: str) -> tuple[dict | None, Path]:
+    """(the amapo-train config saved with the checkpoint `model`, or None when it has none; its file)."""
+    path = Path(model) / STATE_FILE
+    if not path.is_file():
+        return None, path
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # unreadable, not JSON
+        problem = _one_line(error)
+    else:
+        config = state.get("config") if isinstance(state, dict) else None
+        if isinstance(config, dict):
+            return config, path
+        problem = "no 'config' object in it"
+    raise UserError(f"--model {model}: {STATE_FILE} cannot be read ({problem}); give --tokenization, "
+                    "--insert-system-message, --max-length and --max-prompt-length, or remove the file")
+
+
+def resolve_token_settings(args) -> None:
+    """Fills each of TOKEN_SETTINGS left unset by its flag (None) from the checkpoint's training config, else
+    amapo-train's default; `args.settings_from` says where each came from (printed and saved by rank)."""
+    unset = any(getattr(args, name) is None for name in TOKEN_SETTINGS)
+    config, path = training_config(args.model) if unset else (None, None)  # all four given: not read
+    defaults = TrainConfig()
+    args.settings_from = {}
+    for name in TOKEN_SETTINGS:
+        flag = "--" + name.replace("_", "-")
+        if getattr(args, name) is not None:
+            args.settings_from[name] = flag
+        elif config is not None and name in config:
+            setattr(args, name, config[name])
+            args.settings_from[name] = "training config"
+        else:
+            setattr(args, name, getattr(defaults, name))
+            args.settings_from[name] = "default"
+    args.training_config = str(path) if config is not None else None
+    if args.tokenization not in TOKENIZATIONS or not isinstance(args.insert_system_message, bool):
+        raise UserError(f"--model {args.model}: {path} has tokenization {args.tokenization!r} and "
+                        f"insert_system_message {args.insert_system_message!r} (expected one of {TOKENIZATIONS}, "
+                        "and true or false); give --tokenization and --insert-system-message")
+    try:
+        check_length_flags(args.max_length, args.max_prompt_length)
+    except UserError as error:  # say which length the user did not give
+        unset = [f"{flag} from the {args.settings_from[name]}" for flag, name in
+                 (("--max-length", "max_length"), ("--max-prompt-length", "max_prompt_length"))
+                 if args.settings_from[name] != flag]
+        raise UserError(f"{error} ({', '.join(unset)})" if unset else str(error)) from None
+
+
+def describe_token_settings(args) -> str:
+    """One line: each setting that decides the tokens, with where it came from."""
+    values = {name: ("on" if value is True else "off" if value is False else value)
+              for name in TOKEN_SETTINGS for value in [getattr(args, name)]}
+    text = ", ".join(f"{name.replace('_', '-')} {values[name]} ({args.settings_from[name]})" for name in TOKEN_SETTINGS)
+    if args.training_config:
+        return f"tokens: {text}; training config: {args.training_config}"
+    if "default" in args.settings_from.values():
+        return f"tokens: {text}; no training config in {args.model} ({STATE_FILE}): amapo-train's defaults"
+    return f"tokens: {text}"
 
 
 def write_jsonl(path, rows) -> None:
@@ -145,13 +218,21 @@ def cmd_rank(args) -> dict:
             detect_format(record)
     except ValueError as error:
         raise UserError(f"--data {args.data}: {_one_line(error)}") from error
+    from jinja2 import TemplateError
+
+    print(describe_token_settings(args))
     model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
     use_template = args.chat_template == "auto"
     try:
         dataset = PreferenceDataset(records, tokenizer, max_length=args.max_length,
-                                    max_prompt_length=args.max_prompt_length, use_chat_template=use_template)
+                                    max_prompt_length=args.max_prompt_length, use_chat_template=use_template,
+                                    tokenization=args.tokenization, insert_system_message=args.insert_system_message)
     except (ValueError, KeyError) as error:  # a record in no known format, a missing column
         raise UserError(f"--data {args.data}: {_one_line(error)}") from error
+    except TemplateError as error:  # the template refuses a conversation (Gemma: a system turn, roles not alternating)
+        raise UserError(f"--data {args.data}: the chat template of --model {args.model} refuses a record: "
+                        f"{_one_line(error)} (--tokenization separate renders each response after its prompt, "
+                        "--chat-template none as plain dialogue)") from error
     if not len(dataset):
         raise UserError(f"--data {args.data}: no pair left after tokenization")
     batches = make_batches(dataset, args.batch_size, _pad_id(tokenizer))
@@ -166,8 +247,9 @@ def cmd_rank(args) -> dict:
         "data": str(args.data),
         "split": args.split,
         "tokenization": dataset.stats,
-        "settings": {"max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
-                     "batch_size": args.batch_size, "chat_template": use_template and has_chat_template(tokenizer)},
+        "settings": {**{name: getattr(args, name) for name in TOKEN_SETTINGS},
+                     "batch_size": args.batch_size, "chat_template": use_template and has_chat_template(tokenizer),
+                     "from": {**args.settings_from, "training_config": args.training_config}},
         **res,
     }
     if args.output:
@@ -257,8 +339,22 @@ def cmd_splits(args) -> dict:
         train_m = [m for m in models if m not in valid_m]
     else:
         train_m, valid_m = split(models, args.valid_model_fraction, "response models")
+    # A pair is two responses written by models of one side, so a side with one model gives no pair at all.
+    chosen_by = "--valid-models" if args.valid_models else f"--valid-model-fraction {args.valid_model_fraction:g}"
+    if len(train_m) < 2 or len(valid_m) < 2:
+        raise UserError(f"--data {args.data}: {chosen_by} splits its {len(models)} response models into "
+                        f"{len(train_m)} seen {train_m} and {len(valid_m)} unseen {valid_m}; a pair is two "
+                        "responses by models of one side, so each side needs at least 2"
+                        + (" (the data has fewer than 4 models)" if len(models) < 4 else ""))
     res = build_generalization_splits(records, train_prompts=train_p, valid_prompts=valid_p,
                                       train_models=train_m, valid_models=valid_m)
+    empty = [name for name in ("train", *SETS[1:]) if not res[name]]  # SETS[0], id, is train
+    if empty:
+        stats = res["stats"]
+        raise UserError(f"--data {args.data}: no pair in " + ", ".join(
+            f"{name} ({stats[name]['n_skipped_too_few']} prompts with fewer than 2 scored responses of its models, "
+            f"{stats[name]['n_skipped_tied']} with all scores tied)" for name in empty)
+            + f"; nothing written (change --seed, --valid-prompt-fraction or {chosen_by.split()[0]}, or use more data)")
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("train", *SETS):
@@ -432,17 +528,31 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--split", default=split, help="split of a Hub dataset or bundled source (a local file has one)")
         p.add_argument("--limit", type=int, default=None, help="use the first N records only")
 
-    def scoring_args(p):
+    defaults = TrainConfig()
+
+    def scoring_args(p, from_checkpoint=None):
+        """from_checkpoint: the text saying where an unset length comes from (rank); else the default is fixed."""
         p.add_argument("--batch-size", type=int, default=4, help="pairs per forward pass")
-        p.add_argument("--max-length", type=int, default=2048, help="prompt + response tokens")
-        p.add_argument("--max-prompt-length", type=int, default=1800, help="prompt tokens (cut from the left)")
+        lengths = (("--max-length", "max_length", "prompt + response tokens"),
+                   ("--max-prompt-length", "max_prompt_length", "prompt tokens (cut from the left)"))
+        for flag, name, help_text in lengths:
+            default = getattr(defaults, name)
+            p.add_argument(flag, type=int, default=None if from_checkpoint else default,
+                           help=f"{help_text}; default: {from_checkpoint}{default}" if from_checkpoint else help_text)
         p.add_argument("--output", "--out", default=None, help="write the results as JSON here")
 
     p = add("rank", "ranking accuracy on preference pairs (AMaPO Eq. 4)")
     model_args(p)
     data_arg(p, "test", "bundled:hh-rlhf, a local .json/.jsonl(.gz) file or a Hub dataset, in any of the "
                         "driver's record formats")
-    scoring_args(p)
+    from_checkpoint = "the checkpoint's training config (trainer_state.json), else "
+    scoring_args(p, from_checkpoint)
+    p.add_argument("--tokenization", default=None, choices=TOKENIZATIONS,
+                   help=f"as amapo-train's --tokenization; default: {from_checkpoint}{defaults.tokenization}")
+    on_off = "on" if defaults.insert_system_message else "off"
+    p.add_argument("--insert-system-message", type=parse_bool, default=None, metavar="on|off",
+                   help="an empty system turn when a chat has none, as amapo-train's flag; "
+                        f"default: {from_checkpoint}{on_off}")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% interval")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.set_defaults(func=cmd_rank)
@@ -493,8 +603,15 @@ def check_args(args) -> None:
     for flag, name in (("--batch-size", "batch_size"), ("--limit", "limit"), ("--n-boot", "n_boot")):
         if getattr(args, name, None) is not None:
             check_range(flag, getattr(args, name), 1)
+    if args.command == "rank":
+        check_model_dir(args.model)  # before its training config is read
+        resolve_token_settings(args)
     if hasattr(args, "max_prompt_length"):
         check_length_flags(args.max_length, args.max_prompt_length)
+    if args.command in ("rank", "generate"):
+        # amapo-train's seed range. torch's generators take seeds up to 2**64 - 1, so generate's offsets (the
+        # batch's first item, 1000003 per MT-Bench turn) added to a seed below 2**32 stay far inside them.
+        check_range("--seed", args.seed, *NUMBER_RANGES["seed"])
     if args.output:
         check_output_path("--output", args.output, directory=args.command == "splits")
     if args.command == "splits":

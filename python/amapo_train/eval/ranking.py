@@ -8,7 +8,9 @@ as wrong (strict ``>``, as in RM-Bench's ``compute_accuracy``).
 
 Data. Records, their texts, tokenization and truncation, the dataset and the batch format are those of
 the training driver, ``amapo_train.data`` (``PreferenceDataset``, ``collate``; the batch contract is
-documented there), so a policy is scored on exactly the tokens it was trained on. ``pair_logps`` takes
+documented there), so a policy is scored on exactly the tokens it was trained on, given the settings it
+was trained with (``amapo-eval rank`` reads them from the checkpoint's training config); the statistics
+are computed in dataset order, whatever the batching. ``pair_logps`` takes
 any batch with the six ``BATCH_KEYS`` tensors, right-padded, chosen and rejected of the same or of
 different lengths; any other key (``index``) is ignored.
 """
@@ -128,8 +130,9 @@ def evaluate_ranking(
     where ``summed`` (Eq. 4 as printed: summed log-probs) and ``normalized`` (length-normalized) each
     hold ``ranking_accuracy``'s dict plus ``ties`` and ``mean_margin`` (mean chosen - rejected).
     ``return_logps=True`` adds ``"logps"``: per-pair lists ``chosen_sum``, ``rejected_sum``,
-    ``chosen_mean``, ``rejected_mean`` in batch order, and ``index`` when the batches carry one
-    (``make_batches``' record index, to map rows back to the input). The model is put in eval mode and restored.
+    ``chosen_mean``, ``rejected_mean`` in batch order, or, when the batches carry an ``index``
+    (``make_batches``' record index, to map rows back to the input), in index order with ``index`` beside
+    them; the statistics are computed in that same order, so they do not depend on the batching. The model is put in eval mode and restored.
     ``gather(tensors) -> tensors``: under data parallelism, collects every process's rows of a batch
     (e.g. ``accelerator.gather_for_metrics``), so that each process scores its shard and all report on
     every pair.
@@ -158,6 +161,13 @@ def evaluate_ranking(
     if not parts["chosen_sum"]:
         raise ValueError("evaluate_ranking got no batches")
     cat = {k: torch.cat(v) for k, v in parts.items()}
+    if len(indices) == len(parts["chosen_sum"]):
+        # Pairs in index (dataset) order, whatever the batching: the bootstrap draws positions, so its interval
+        # (and the float sum of the mean margin) would otherwise depend on the batch order; make_batches
+        # sorts by length, the trainer's held-out loader does not, and the two must agree.
+        cat["index"] = torch.cat(indices)
+        order = torch.argsort(cat["index"], stable=True)
+        cat = {k: v[order] for k, v in cat.items()}
     result = {"n_pairs": int(cat["chosen_sum"].numel())}
     for name, suffix in (("summed", "sum"), ("normalized", "mean")):
         chosen, rejected = cat[f"chosen_{suffix}"], cat[f"rejected_{suffix}"]
@@ -168,8 +178,6 @@ def evaluate_ranking(
     result.update(n_boot=n_boot, seed=seed, confidence=confidence)
     if return_logps:
         result["logps"] = {k: v.tolist() for k, v in cat.items()}
-        if len(indices) == len(parts["chosen_sum"]):
-            result["logps"]["index"] = torch.cat(indices).tolist()
     return result
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from amapo_train.cli_errors import OneLineParser, UserError, check_output_path, run_console_script
 from amapo_train.study import hh_rlhf, report
 from amapo_train.study.design import BY_LABEL, GRIDS, METHODS, POOL_METHOD, QUICK, StudyConfig, scaled
 from amapo_train.study.statistics import summarize, tune
@@ -85,15 +86,23 @@ def run_study(config: StudyConfig, workers: int, log=print) -> tuple[dict, dict]
     return summarize(config, starts, grid_runs, pool_runs), timing
 
 
-def parse_config(parser: argparse.ArgumentParser, args) -> StudyConfig:
+PROG = "python -m amapo_train.study"
+
+
+def parse_config(args) -> StudyConfig:
+    """The StudyConfig of the command line; every mistake a UserError, raised before any run starts."""
     try:
         torch.device(args.device)
     except RuntimeError as error:
-        parser.error(f"--device {args.device!r}: {error}")
+        raise UserError(f"--device {args.device!r}: {error}") from None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA device is available")
+        raise UserError(f"--device {args.device}: no CUDA device is available")
     if args.workers is not None and args.workers < 1:
-        parser.error(f"--workers must be >= 1, got {args.workers}")
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    # The results are written only at the end: a directory that cannot be made would lose the whole study.
+    check_output_path("--out-dir", args.out_dir, directory=True)
+    if args.hh_rlhf:
+        check_output_path("--runs-dir", args.runs_dir, directory=True)
     try:
         config = StudyConfig(device=args.device)
         if args.quick:
@@ -102,15 +111,14 @@ def parse_config(parser: argparse.ArgumentParser, args) -> StudyConfig:
         if args.seeds:
             config = dataclasses.replace(config, seeds=tuple(args.seeds))
     except ValueError as error:
-        parser.error(str(error))
+        raise UserError(str(error)) from None
     return config
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     from amapo_train.study import __doc__ as description
 
-    parser = argparse.ArgumentParser(prog="python -m amapo_train.study", description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog=PROG, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default="benchmarks/study")
     parser.add_argument("--quick", action="store_true", help="smoke size: 2 seeds, a few steps, small splits")
     parser.add_argument("--scale", type=int, default=1, help="multiply training pairs and steps (e.g. 4 on a GPU)")
@@ -120,8 +128,13 @@ def main(argv=None) -> dict:
                         help="processes (default: one per CPU core on cpu, 1 on cuda; several may share a GPU)")
     parser.add_argument("--hh-rlhf", action="store_true", help="also train the methods on the bundled HH-RLHF pairs")
     parser.add_argument("--runs-dir", default="runs/study-hh-rlhf", help="checkpoints of the HH-RLHF runs")
-    args = parser.parse_args(argv)
-    config = parse_config(parser, args)
+    return parser
+
+
+def run(argv=None) -> dict:
+    """The study of the command line `argv`: runs it, writes and prints the report; returns the results."""
+    args = build_parser().parse_args(argv)
+    config = parse_config(args)
     workers = args.workers or (len(os.sched_getaffinity(0)) if config.device == "cpu" else 1)
 
     clock = time.perf_counter()
@@ -142,3 +155,9 @@ def main(argv=None) -> dict:
     print(text)
     print("wrote", out_dir / "results.md", out_dir / "results.json", *pngs)
     return {**result, "report": text}
+
+
+def main(argv=None) -> int:
+    """`python -m amapo_train.study`: exit status 0; a user error is one line on stderr and status 2, as
+    amapo-train's and amapo-eval's (argparse's own exits, --help included, pass through)."""
+    return run_console_script(PROG, run, argv)
