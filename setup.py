@@ -59,11 +59,18 @@ def cuda_toolkit_root() -> Path | None:
     return None
 
 
+CUDA_CHOICES = {"0": False, "off": False, "false": False, "no": False,
+                "1": True, "on": True, "true": True, "yes": True, "auto": None}
+
+
 def want_cuda() -> Path | None:
-    choice = os.environ.get("AMAPO_CUDA", "auto").lower()
-    if choice in ("0", "off", "false"):
+    choice = os.environ.get("AMAPO_CUDA", "auto").strip().lower()
+    if choice not in CUDA_CHOICES:  # a typo must not silently mean "auto"
+        sys.exit(f"amapo_kernels: AMAPO_CUDA must be 1 (build the CUDA kernels), 0 (do not) or auto, "
+                 f"got {os.environ['AMAPO_CUDA']!r}")
+    if CUDA_CHOICES[choice] is False:
         return None
-    required = choice in ("1", "on", "true")
+    required = CUDA_CHOICES[choice] is True
     if torch.version.cuda is None:  # a CPU-only torch has no libtorch_cuda to link the CUDA kernels to
         if required:
             sys.exit(f"AMAPO_CUDA=1 but torch {torch.__version__} is a CPU-only build (no CUDA kernels possible)")
@@ -105,6 +112,17 @@ def python_env_tool(module_name: str, attribute: str, program: str) -> str | Non
     return shutil.which(program)
 
 
+MIN_CMAKE = (3, 26)  # CMakeLists.txt's cmake_minimum_required
+
+
+def cmake_version(cmake: str) -> tuple[int, ...]:
+    """`cmake --version`'s (major, minor), (0, 0) when it cannot say (a system cmake too old for the build
+    would otherwise fail inside CMake with a traceback of the whole command)."""
+    run = subprocess.run([cmake, "--version"], capture_output=True, text=True)
+    match = re.search(r"version (\d+)\.(\d+)", run.stdout)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
         super().__init__(name, sources=[])
@@ -133,8 +151,10 @@ class CMakeBuild(build_ext):
         if ninja:
             args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         cmake = python_env_tool("cmake", "CMAKE_BIN_DIR", "cmake")
-        if cmake is None:
-            sys.exit("amapo_kernels: cmake >= 3.26 is needed to build (pip install cmake)")
+        if cmake is None or cmake_version(cmake) < MIN_CMAKE:
+            found = f" (found {cmake}, version {'.'.join(map(str, cmake_version(cmake)))})" if cmake else ""
+            sys.exit(f"amapo_kernels: cmake >= {'.'.join(map(str, MIN_CMAKE))} is needed to build{found}: "
+                     "pip install cmake")
         print(f"amapo_kernels: building the CPU kernels{' and the CUDA kernels with ' + str(cuda_root) if cuda_root else ''}")
         subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))

@@ -82,5 +82,19 @@ def load() -> ModuleType:
         extension = importlib.import_module("amapo_kernels._C")
     except ImportError as error:
         raise ImportError(explain_import_error(error)) from error
+    check_from_this_package(extension)
     check_torch_version(getattr(extension, "torch_version", None))
     return extension
+
+
+def check_from_this_package(extension: ModuleType) -> None:
+    """The compiled _C must be this package's own: an editable install of another checkout in the same
+    environment resolves `amapo_kernels._C` through its import hook when this tree has no build, and its
+    kernels (another revision, maybe another torch) would run under this tree's Python code."""
+    origin = Path(extension.__file__).resolve().parent
+    if origin != PACKAGE_DIR:
+        raise ImportError(
+            f"amapo_kernels: the package {PACKAGE_DIR} loaded the compiled extension of another copy, {origin} "
+            "(an editable install of that copy in this environment): build this tree in place with "
+            f"`{REBUILD}` (from {PACKAGE_DIR.parent}), or run from the other copy."
+        )

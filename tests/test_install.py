@@ -88,6 +88,23 @@ def test_failed_import_raises_the_explanation(monkeypatch):
     assert "undefined symbol" in str(caught.value)
 
 
+def test_another_copys_extension_is_refused(tmp_path, monkeypatch):
+    """With an editable install of another checkout in the environment, this tree's `amapo_kernels._C`
+    resolved to that checkout's build, silently (its kernels under this tree's Python code)."""
+    other = fake_package(tmp_path / "other-checkout", built=True)
+    monkeypatch.setattr(_extension.importlib, "import_module", lambda name: _module_at(other))
+    with pytest.raises(ImportError, match="loaded the compiled extension of another copy") as caught:
+        _extension.load()
+    assert str(other) in str(caught.value) and str(_extension.PACKAGE_DIR) in str(caught.value)
+    _extension.check_from_this_package(_C)  # this package's own build passes
+
+
+def _module_at(package: Path):
+    module = type(sys)("amapo_kernels._C")
+    module.__file__ = str(next(package.glob("_C*.so")))
+    return module
+
+
 def test_isolated_build_stops_at_once_with_the_reason():
     """Under pip's build isolation torch is not importable (it is no build requirement): setup.py exits."""
     blocked_torch = "import sys, runpy; sys.modules['torch'] = None; sys.argv = ['setup.py', '--name']; " \
@@ -115,3 +132,33 @@ def test_test_command_refuses_an_interpreter_that_is_not_python(interpreter):
                          timeout=60, env={"PATH": "/usr/bin:/bin", "AMAPO_PYTHON": interpreter})
     assert run.returncode == 2, run.stdout + run.stderr
     assert f"AMAPO_PYTHON={interpreter} is not a Python interpreter" in run.stderr
+
+
+@pytest.mark.parametrize("value, builds", [("maybe", None), ("no", False), ("yes", True), ("0", False)])
+def test_amapo_cuda_takes_only_known_values(value, builds):
+    """AMAPO_CUDA: 1/on/true/yes, 0/off/false/no or auto; anything else once meant "auto" silently (so "no"
+    built the CUDA kernels). Checked through setup.py's own want_cuda, without building."""
+    code = ("import sys, runpy; sys.argv = ['setup.py', '--name']; "
+            "env = runpy.run_path('setup.py', run_name='not_main'); print('choice', env['want_cuda']())")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "AMAPO_CUDA": value})
+    if builds is None:
+        assert result.returncode != 0 and "AMAPO_CUDA must be 1" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    elif builds is False:
+        assert "choice None" in result.stdout, result.stdout + result.stderr
+    else:  # required: a toolkit is found here (CI's nvcc) and torch is a CUDA build, or it says why not
+        assert ("choice /" in result.stdout) or "AMAPO_CUDA=1 but" in result.stderr, result.stdout + result.stderr
+
+
+def test_a_cmake_too_old_is_named(tmp_path):
+    """A cmake older than CMakeLists.txt's minimum (the system's 3.25 here) was run anyway: CMake's own error
+    and a traceback of the whole command, never the fix. setup.py now reads its version first."""
+    fake = tmp_path / "cmake"
+    fake.write_text("#!/bin/sh\necho 'cmake version 3.25.1'\n")
+    fake.chmod(0o755)
+    code = ("import sys, runpy; sys.argv = ['setup.py', '--name']; env = runpy.run_path('setup.py', "
+            f"run_name='not_main'); print('version', env['cmake_version']({str(fake)!r}), env['MIN_CMAKE'])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "version (3, 25) (3, 26)" in result.stdout, result.stdout + result.stderr
+    assert "cmake_minimum_required(VERSION 3.26)" in (ROOT / "CMakeLists.txt").read_text()

@@ -1,7 +1,7 @@
 """A miniature AMaPO study: with the same tuning budget, does the adaptive margin raise ranking accuracy,
 in and out of distribution, and at which statistics pool size?
 
-    python -m amapo_train.study                      # the default: 5 seeds, CPU (13-17 min on 2 cores, estimated)
+    python -m amapo_train.study                      # the default: 5 seeds, CPU (23.5 min measured on 2 cores)
     python -m amapo_train.study --quick              # a smoke-sized run (the test suite's)
     python -m amapo_train.study --device cuda --scale 4
 
