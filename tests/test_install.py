@@ -2,6 +2,7 @@
 was compiled against warns, and an isolated build stops at once with the --no-build-isolation message.
 The end-to-end install paths (fresh venv, other torch) are exercised by scripts/check_install.sh in CI."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -141,7 +142,7 @@ def test_amapo_cuda_takes_only_known_values(value, builds):
     code = ("import sys, runpy; sys.argv = ['setup.py', '--name']; "
             "env = runpy.run_path('setup.py', run_name='not_main'); print('choice', env['want_cuda']())")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={**__import__("os").environ, "AMAPO_CUDA": value})
+                            env={**os.environ, "AMAPO_CUDA": value})
     if builds is None:
         assert result.returncode != 0 and "AMAPO_CUDA must be 1" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
