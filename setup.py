@@ -151,8 +151,9 @@ class CMakeBuild(build_ext):
         if ninja:
             args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         cmake = python_env_tool("cmake", "CMAKE_BIN_DIR", "cmake")
-        if cmake is None or cmake_version(cmake) < MIN_CMAKE:
-            found = f" (found {cmake}, version {'.'.join(map(str, cmake_version(cmake)))})" if cmake else ""
+        version = cmake_version(cmake) if cmake else (0, 0)
+        if version < MIN_CMAKE:
+            found = f" (found {cmake}, version {'.'.join(map(str, version))})" if cmake else ""
             sys.exit(f"amapo_kernels: cmake >= {'.'.join(map(str, MIN_CMAKE))} is needed to build{found}: "
                      "pip install cmake")
         print(f"amapo_kernels: building the CPU kernels{' and the CUDA kernels with ' + str(cuda_root) if cuda_root else ''}")
