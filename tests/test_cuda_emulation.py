@@ -32,6 +32,13 @@ def test_emulator_shows_a_missing_barrier_as_order_dependent_results():
     assert (runs[0] == -1).any()  # lowest thread first: reads of shared memory no thread has written yet
 
 
+def test_emulator_rejects_a_misaligned_vector_load():
+    """A 16-byte load 8 bytes off: the CPU reads it, a GPU faults, the emulator says so (the kernels' vector loads
+    and stores must peel each row's unaligned head, whatever its offset)."""
+    with pytest.raises(RuntimeError, match="misaligned 16-byte load"):
+        module().run_toy("misaligned_vector_load", 0)
+
+
 def test_emulator_shuffles_like_a_warp():
     sums = module().run_toy("butterfly_sum", 0)
     assert sums.tolist() == [sum(range(0, 32))] * 32 + [sum(range(32, 64))] * 32

@@ -92,6 +92,12 @@ __global__ void missing_barrier_kernel(int64_t* out) {
   out[threadIdx.x] = slots[(threadIdx.x + 1) % 64];  // reads a neighbour's slot without a __syncthreads first
 }
 
+__global__ void misaligned_vector_load_kernel(int64_t* out) {
+  // out is 16-byte aligned (at::full): from the second element on, a 16-byte load starts 8 bytes off
+  const uint4 pair = *reinterpret_cast<const uint4*>(out + 1 + 2 * (threadIdx.x / 32));
+  out[threadIdx.x] = pair.x;
+}
+
 __global__ void butterfly_sum_kernel(int64_t* out) {
   int64_t value = threadIdx.x;
   for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffff, value, offset);
@@ -101,10 +107,11 @@ __global__ void butterfly_sum_kernel(int64_t* out) {
 at::Tensor run_toy(const std::string& name, uint64_t schedule) {
   auto out = at::full({64}, -1, at::kLong);
   const EmulatedDevice device{1, schedule, 1};
-  auto* kernel = name == "divergent_barrier" ? divergent_barrier_kernel
-                 : name == "missing_barrier" ? missing_barrier_kernel
-                 : name == "butterfly_sum"   ? butterfly_sum_kernel
-                                             : nullptr;
+  auto* kernel = name == "divergent_barrier"        ? divergent_barrier_kernel
+                 : name == "missing_barrier"        ? missing_barrier_kernel
+                 : name == "misaligned_vector_load" ? misaligned_vector_load_kernel
+                 : name == "butterfly_sum"          ? butterfly_sum_kernel
+                                                    : nullptr;
   TORCH_CHECK_VALUE(kernel != nullptr, "unknown toy kernel ", name);
   device.launch(kernel, 1, 64, out.mutable_data_ptr<int64_t>());
   return out;

@@ -18,6 +18,9 @@
 // - The MUFU exponential (ex2.approx.ftz.f32) is modelled at its accuracy bound, 2 ulps: exp2f moved by a
 //   pseudo-random -2..2 ulps (a hash of the argument's bits, so runs repeat), subnormal results flushed to zero,
 //   integer arguments exact (2^0 = 1: on the H200, a row of one logit gave a log-prob of exactly 0).
+// - 16-byte vector accesses (uint4 loads and stores) must be 16-byte aligned, as on a GPU (where a misaligned one
+//   is a fault): the CPU reads them anywhere, so every uint4 copy checks both addresses, and a misaligned one is a
+//   std::runtime_error once the fiber that made it yields.
 // What it does not model: the hardware's exact fast-exp values (only their error bound), warp-synchronous code
 // without a shuffle (these kernels have none), memory outside the tensors it is given (the tests surround them
 // with NaN guard bands), preemption between two synchronization points (a race between two writes there is seen
@@ -54,12 +57,39 @@
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
-struct alignas(16) uint4 {
-  unsigned x, y, z, w;
-};
-
 // Set by the scheduler before it resumes a fiber.
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace gpu_emulator {
+// The first misaligned vector access of the running block (a fiber cannot throw: the scheduler reports it).
+inline std::string misaligned_access;
+
+inline void check_vector_aligned(const void* address, const char* what) {
+  if (reinterpret_cast<uintptr_t>(address) % 16 == 0 || !misaligned_access.empty()) return;
+  std::ostringstream message;
+  message << "misaligned 16-byte " << what << " at " << address << " (thread " << threadIdx.x << ")";
+  misaligned_access = message.str();
+}
+
+// Copies 16 bytes, checking both addresses first. The pointers pass through integers so that the compiler cannot
+// assume uint4's alignment and emit aligned SSE moves, which would fault before the check could report.
+inline void copy_vector(void* to, const void* from) {
+  check_vector_aligned(from, "load");
+  check_vector_aligned(to, "store");
+  std::memcpy(reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(to)),
+              reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(from)), 16);
+}
+}  // namespace gpu_emulator
+
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+  uint4() = default;
+  uint4(const uint4& other) { gpu_emulator::copy_vector(this, &other); }
+  uint4& operator=(const uint4& other) {
+    gpu_emulator::copy_vector(this, &other);
+    return *this;
+  }
+};
 
 // The device math the kernels call unqualified, with the float overloads of the CUDA headers.
 namespace amapo {
@@ -250,6 +280,11 @@ inline void run_block(Block& block, Schedule& schedule) {
       block.current = t;
       threadIdx = dim3{t, 0, 0};
       swapcontext(&block.scheduler, &block.fibers[t].context);
+      if (!misaligned_access.empty()) {
+        const std::string what = std::move(misaligned_access);
+        misaligned_access.clear();
+        fail(block, what);
+      }
       if (block.fibers[t].state == State::AtShuffle) complete_shuffle(block, t);
       continue;
     }
