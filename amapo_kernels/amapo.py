@@ -20,6 +20,8 @@ Edge cases: B = 1 or sd = 0 (every d equal) gives m = 0;
 the exponent is capped at 50 (m <= beta * 5.2e21), so loss and gradients stay finite in fp32.
 """
 
+import functools
+
 import torch
 from torch import nn
 
@@ -47,8 +49,10 @@ def batch_moments(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, grou
     return gathered_moments(chosen_logps.detach().double() - rejected_logps.detach().double(), group)
 
 
-def _pair_dtype(chosen_logps, rejected_logps) -> torch.dtype:
-    dtype = torch.promote_types(chosen_logps.dtype, rejected_logps.dtype)
+def loss_dtype(*logps: torch.Tensor | None) -> torch.dtype:
+    """The dtype a loss computes in: float64 where torch's promotion of the log-prob tensors given is float64,
+    float32 otherwise (whichever argument holds the float64 one)."""
+    dtype = functools.reduce(torch.promote_types, [x.dtype for x in logps if x is not None])
     return dtype if dtype == torch.float64 else torch.float32
 
 
@@ -85,7 +89,7 @@ def amapo_loss(
     _check_hparams(beta, label_smoothing, variant, ablation)
     check_bool("return_stats", return_stats)
     refuse_unsupported_transforms("amapo_kernels.amapo_loss", chosen_logps, rejected_logps)
-    dtype = _pair_dtype(chosen_logps, rejected_logps)
+    dtype = loss_dtype(chosen_logps, rejected_logps)
     chosen, rejected = chosen_logps.to(dtype), rejected_logps.to(dtype)
     moments = batch_moments(chosen, rejected, group)
     loss, margins, stats = ops.amapo_loss_fwd(

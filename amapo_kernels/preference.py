@@ -109,7 +109,8 @@ def preference_loss(
     method="amapo" takes amapo_loss's keywords (beta, label_smoothing, variant, ablation, group); alpha_dpo
     and kto take group= too (their batch statistics are over every rank of it, see batch_statistics_of).
     Hyperparameters are validated by one rule set per method (finite, sign, range; the error names the
-    method and the argument). An empty batch (B = 0) gives a loss of 0 for every method.
+    method and the argument). An empty batch (B = 0) gives a loss of 0 for every method. The loss computes in
+    float64 where a log-prob tensor given is float64 (torch's promotion), in float32 otherwise.
     """
     check_choice("method", method, METHODS)
     if method == "amapo":
@@ -118,7 +119,7 @@ def preference_loss(
     hparams = check_call(method, chosen_logps.shape[0], chosen_logps.device, ref_chosen_logps, ref_rejected_logps,
                          hparams)
     references = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
-    dtype = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
+    dtype = amapo.loss_dtype(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     cast = {name: value.to(dtype) if value is not None else None for name, value in references.items()}
     losses = BASELINES[method].pair_losses(
         chosen_logps.to(dtype), rejected_logps.to(dtype), cast["ref_chosen_logps"], cast["ref_rejected_logps"], **hparams

@@ -212,3 +212,78 @@ def test_non_finite_gap_follows_the_formula(device, variant, ablation):
         assert torch.equal(grad.isnan().cpu(), grad64.isnan())
         if ablation is None and (poison != poison or variant == "code"):  # the case the old kernel got wrong
             assert grad64.isnan().any()
+
+
+def test_a_pair_at_the_mean_has_no_margin(device):
+    """d = (1, 2, 3): the middle pair's d equals the batch mean exactly. The margin is for pairs below the mean
+    (d_i < mu), so the middle pair's is 0 in both variants, in the ops and in the fp64 reference (a gate
+    d_i <= mu would give it beta * e^0 = beta). Before this test only the d = +inf case reached the gate's edge."""
+    chosen = torch.zeros(3, dtype=torch.float64, device=device)
+    rejected = torch.tensor([-1.0, -2.0, -3.0], dtype=torch.float64, device=device)
+    for variant in ak.VARIANTS:
+        _, stats = ak.amapo_loss(chosen, rejected, variant=variant, return_stats=True)
+        margins = stats["adaptive_margin"].cpu()
+        assert margins[0].item() > 0 and margins[1].item() == 0.0 and margins[2].item() == 0.0
+        assert torch.equal(ref.amapo_margin(chosen.cpu(), rejected.cpu(), variant=variant) == 0, margins == 0)
+        check_loss_against_reference(chosen.float(), rejected.float(), variant=variant)
+
+
+def test_paper_statistics_are_of_the_reward(device):
+    """variant="paper" takes the batch statistics of the reward r = beta * d (Eq. 9-10), and reports them: d = (1, 3)
+    with beta = 2 gives a mean of 4 and a std of 2 sqrt 2 (the code variant's, of d, are 2 and sqrt 2)."""
+    chosen = torch.tensor([0.0, 0.0], dtype=torch.float64, device=device)
+    rejected = torch.tensor([-1.0, -3.0], dtype=torch.float64, device=device)
+    for variant, unit in (("paper", 2.0), ("code", 1.0)):
+        _, stats = ak.amapo_loss(chosen, rejected, beta=2.0, variant=variant, return_stats=True)
+        assert stats["batch_margin_mean"].item() == pytest.approx(2.0 * unit, rel=1e-12)
+        assert stats["batch_margin_std"].item() == pytest.approx(math.sqrt(2) * unit, rel=1e-12)
+
+
+def test_reward_metrics_by_hand(device):
+    """TRL's reward metrics, by hand: rewards/chosen and rewards/rejected are beta times the mean log-probs, and a
+    tie (chosen == rejected) is not an accurate pair (TRL: chosen_rewards > rejected_rewards)."""
+    chosen = torch.tensor([-1.0, -2.0, -1.5, -0.5], device=device)
+    rejected = torch.tensor([-1.0, -2.5, -1.5, -0.25], device=device)
+    _, stats = ak.amapo_loss(chosen, rejected, beta=2.5, return_stats=True)
+    assert stats["rewards/accuracies"].item() == 0.25  # one pair of four strictly above, two ties
+    assert stats["rewards/chosen"].item() == pytest.approx(2.5 * -5.0 / 4, rel=1e-6)
+    assert stats["rewards/rejected"].item() == pytest.approx(2.5 * -5.25 / 4, rel=1e-6)
+    assert stats["rewards/margins"].item() == pytest.approx(2.5 * 0.25 / 4, rel=1e-6)
+
+
+def test_custom_ignore_index(device):
+    """An ignore_index other than -100 reaches the log-probs through amapo_loss_from_logits and AMaPOLoss: loss and
+    logits gradient against the fp64 reference with the same ignore_index (-1 here: a label of -1 taken for a
+    token would be out of range, an error)."""
+    generator = torch.Generator().manual_seed(11)
+    logits = peaked_logits(4, 6, 40, dtype=torch.float32, generator=generator, device=device)
+    labels = random_labels(4, 6, 40, ignore_prob=0.3, generator=generator, device=device, ignore_index=-1)
+    assert (labels[:, 1:] == -1).any()  # scored positions that are ignored: the test can fail
+    kwargs = dict(beta=2.0, ignore_index=-1, shift=True)
+    leaves = [logits.detach().requires_grad_(), logits.detach().double().requires_grad_(),
+              logits.detach().requires_grad_()]
+    losses = [ak.amapo_loss_from_logits(leaves[0], labels, **kwargs),
+              ref.amapo_loss_from_logits(leaves[1], labels, **kwargs),
+              ref.amapo_loss_from_logits(leaves[2], labels, **kwargs)]
+    grads = [torch.autograd.grad(loss, leaf)[0] for loss, leaf in zip(losses, leaves)]
+    from_logits = fp64_loss_and_grads(lambda x, y: ref.amapo_loss_from_logits(x, y, **kwargs))
+    conditioning = conditioning_floor(from_logits, [logits, labels], torch.float32)
+    assert_within_rule(losses[0], losses[1], losses[2], k=2, dtype=torch.float32, what="loss",
+                       conditioning=conditioning[0])
+    logps64 = ref.sequence_logps(logits.detach().double(), labels, ignore_index=-1, shift=True).requires_grad_()
+    (row_grads,) = torch.autograd.grad(ref.amapo_loss(logps64[:2], logps64[2:], beta=2.0), logps64)
+    grad_floor = max(conditioning[1], softmax_grad_floor(row_grads, labels, shift=True, average=True, ignore_index=-1))
+    assert_within_rule(grads[0], grads[1], grads[2], k=3, dtype=torch.float32, what="grad logits",
+                       conditioning=grad_floor)
+    assert torch.equal(ak.AMaPOLoss(**kwargs)(logits, labels), losses[0].detach())
+
+
+def test_mixed_dtypes_compute_in_the_promoted_dtype(device):
+    """chosen and rejected log-probs of different dtypes compute in torch's promoted dtype, in either order: an
+    fp64 side is never rounded to fp32 because the other is fp32."""
+    generator = torch.Generator().manual_seed(12)
+    chosen, rejected = pair_logps(8, generator, device=device, dtype=torch.float64)
+    for c, r in ((chosen.float(), rejected), (chosen, rejected.float())):
+        loss = ak.amapo_loss(c, r)
+        assert loss.dtype == torch.float64
+        assert torch.equal(loss, ak.amapo_loss(c.double(), r.double()))

@@ -479,3 +479,13 @@ def test_non_finite_hidden_at_ignored_positions_is_not_read(value):
     for clean, poisoned in zip(*results):
         assert torch.isfinite(poisoned).all()
         torch.testing.assert_close(poisoned, clean, rtol=0, atol=0)
+
+
+def test_odpo_refuses_tied_scores():
+    """ODPO's offset is log(score_w - score_l): a tie would make it -inf and the pair's loss 0, silently; chosen_scores
+    must exceed rejected_scores strictly, on every pair."""
+    pair = (torch.zeros(2), torch.zeros(2))
+    refs = dict(ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2))
+    with pytest.raises(ValueError, match="chosen_scores must exceed rejected_scores on every pair"):
+        ak.preference_loss(*pair, method="odpo", chosen_scores=torch.tensor([2.0, 1.0]),
+                           rejected_scores=torch.tensor([1.0, 1.0]), **refs)

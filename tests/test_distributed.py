@@ -156,3 +156,42 @@ def test_two_processes_are_exact_at_small_spreads(tmp_path):
         grads = torch.cat([w * result[case][1] for w, result in zip(weights, ranks)]).tolist()
         assert loss == pytest.approx(exact_loss, rel=1e-12, abs=0), (spread, variant)
         assert grads == pytest.approx(exact_grads, rel=1e-12, abs=0), (spread, variant)
+
+
+def own_pairs_losses(chosen, rejected, **keywords):
+    """AMaPO's and the batch-statistics baselines' losses and chosen gradients over the pairs given."""
+    ref_chosen, ref_rejected = reference_logps(chosen, rejected)
+    results = {}
+    for method, hparams in {"amapo": {}, **BATCH_STATISTICS_BASELINES}.items():
+        references = {} if method == "amapo" else {"ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+        c = chosen.clone().requires_grad_()
+        loss = ak.preference_loss(c, rejected, method=method, **references, **hparams, **keywords)
+        results[method] = (loss.detach(), torch.autograd.grad(loss, c)[0])
+    return results
+
+
+def subgroup_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        groups = [dist.new_group([other]) for other in range(world)]  # every rank creates every group
+        chosen, rejected, _, _ = global_batch()
+        results = own_pairs_losses(chosen[shard(rank)], rejected[shard(rank)], group=groups[rank])
+        torch.save(results, os.path.join(out_dir, f"subgroup{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_group_restricts_the_statistics_to_its_ranks(tmp_path):
+    """group= names the ranks whose pairs share the batch statistics: with each of 2 gloo ranks in a group of its
+    own, a rank's loss and gradients are those of its pairs alone on one process, not the world's batch's (which
+    the default group gives, and which differ: test_statistics_are_global_not_local)."""
+    world = len(SHARDS)
+    mp.spawn(subgroup_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    chosen, rejected, _, _ = global_batch()
+    for rank in range(world):
+        ranks_results = torch.load(tmp_path / f"subgroup{rank}.pt")
+        alone = own_pairs_losses(chosen[shard(rank)], rejected[shard(rank)])
+        for method, (loss, grad) in ranks_results.items():
+            torch.testing.assert_close(loss, alone[method][0], rtol=1e-14, atol=0)
+            torch.testing.assert_close(grad, alone[method][1], rtol=1e-14, atol=0)

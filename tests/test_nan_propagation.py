@@ -5,7 +5,7 @@ NaN are false.)"""
 
 import pytest
 import torch
-from helpers import assert_within_rule, peaked_logits, random_labels
+from helpers import assert_within_rule, peaked_logits, random_labels, softmax_grad_floor
 
 import amapo_kernels as ak
 from amapo_kernels import reference as ref
@@ -78,3 +78,31 @@ def test_cuda_matches_cpu_on_poisoned_rows(kernels, inplace_backward):
     torch.testing.assert_close(out_cuda, out_cpu, equal_nan=True)
     torch.testing.assert_close(grad_cuda, grad_cpu, equal_nan=True, rtol=1e-5, atol=1e-6)
     assert torch.equal(grad_cuda.isnan(), grad_cpu.isnan()) and grad_cuda.isnan().any()
+
+
+def test_a_nan_among_masked_logits_propagates(device):
+    """A NaN among -inf logits (a masked vocabulary range), in rows long enough that the CUDA forward splits
+    them across blocks on an H100 (3 chunks of 4160): the first chunks hold no finite logit, so their partial
+    (max, sum of exp) states merge with -inf maxima on both sides, and the NaN must survive that merge, as it does
+    the CPU op's amax. The row's log-prob and gradient are NaN; a masked row without NaN is within the rule."""
+    generator = torch.Generator().manual_seed(12)
+    vocab, masked = 12289, 8320
+    logits = peaked_logits(2, 3, vocab, dtype=torch.bfloat16, generator=generator)
+    labels = random_labels(2, 3, vocab, ignore_prob=0.0, generator=generator)
+    logits[0, 1, :masked] = logits[1, 2, :masked] = float("-inf")
+    logits[0, 1, 5000] = float("nan")  # in the second chunk, not thread 0's
+    labels[0, 1], labels[1, 2] = masked + 7, vocab - 1
+    leaf = logits.to(device).requires_grad_()
+    out = ak.sequence_logps(leaf, labels.to(device))
+    (grad,) = torch.autograd.grad(out.sum(), leaf)
+    assert out[0].isnan() and grad[0, 1].isnan().all(), (out, grad[0, 1].isnan().sum())
+    assert grad[0, [0, 2]].isfinite().all() and grad[1].isfinite().all()
+    results = []
+    for dtype in (torch.float64, torch.bfloat16):
+        x = logits[1:].to(dtype).requires_grad_()
+        seq = ref.sequence_logps(x, labels[1:])
+        results.append((seq, *torch.autograd.grad(seq.sum(), x)))
+    (out64, grad64), (out_same, grad_same) = results
+    assert_within_rule(out[1:], out64, out_same.float(), k=2, dtype=torch.float32, what="masked sequence")
+    assert_within_rule(grad[1:], grad64, grad_same, k=3, dtype=torch.bfloat16, what="masked sequence grad",
+                       conditioning=softmax_grad_floor(torch.ones(1), labels[1:], shift=False, average=True))

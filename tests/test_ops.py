@@ -9,9 +9,10 @@ import subprocess
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from helpers import peaked_logits, random_labels
+from helpers import assert_within_rule, peaked_logits, random_labels
 
 import amapo_kernels as ak
+from amapo_kernels import reference as ref
 from amapo_kernels._ops import ops
 from amapo_kernels.amapo import batch_moments
 
@@ -276,3 +277,31 @@ def test_from_logits_step_dispatches_few_small_ops():
     assert fused == ["amapo_kernels.sequence_logps_fwd", "amapo_kernels.amapo_loss_fwd",
                      "amapo_kernels.amapo_loss_bwd", "amapo_kernels.sequence_logps_bwd"]
     assert len(dispatched.names) <= 19, dispatched.names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("variant", ["code", "paper"])
+def test_amapo_pairs_exactly_at_the_batch_mean_get_no_margin(device, dtype, variant):
+    """The margin gates on d < mean (code) or z * mean > 0 (paper), strictly: a pair whose gap d equals the
+    batch mean exactly, and with mean 0 every pair of the paper variant, gets margin 0, not beta * e^0. The
+    gaps are small integers, so mean and gaps are exact in every dtype."""
+    for gaps in ([1.0, 2.0, 3.0, 2.0], [-1.0, 0.0, 1.0, 0.0]):  # mean 2, then mean 0
+        rejected = torch.tensor([-3.0, -4.5, -2.0, -6.0], dtype=torch.float64)
+        chosen = rejected + torch.tensor(gaps, dtype=torch.float64)
+        results = []
+        for fn, compute_dtype, on in ((ak.amapo_loss, dtype, device), (ref.amapo_loss, torch.float64, "cpu"),
+                                      (ref.amapo_loss, dtype, "cpu")):
+            c = chosen.to(compute_dtype).to(on).requires_grad_()
+            r = rejected.to(compute_dtype).to(on).requires_grad_()
+            loss = fn(c, r, beta=2.0, variant=variant, label_smoothing=0.1)
+            results.append((loss, *torch.autograd.grad(loss, (c, r))))
+        _, stats = ak.amapo_loss(chosen.to(dtype).to(device), rejected.to(dtype).to(device), beta=2.0,
+                                 variant=variant, return_stats=True)
+        expected_margin = ref.amapo_margin(chosen, rejected, beta=2.0, variant=variant)
+        at_mean = torch.tensor(gaps, dtype=torch.float64) == torch.tensor(gaps, dtype=torch.float64).mean()
+        assert (expected_margin[at_mean] == 0).all()
+        assert torch.equal(stats["adaptive_margin"].cpu().double() == 0, expected_margin == 0), stats["adaptive_margin"]
+        (kernel, *kernel_grads), (fp64, *fp64_grads), (same, *same_grads) = results
+        assert_within_rule(kernel, fp64, same, k=2, dtype=dtype, what="loss")
+        for grad, grad64, grad_same in zip(kernel_grads, fp64_grads, same_grads):
+            assert_within_rule(grad, grad64, grad_same, k=3, dtype=dtype, what="grad")

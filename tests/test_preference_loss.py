@@ -72,12 +72,16 @@ def test_matches_reference(method, batch, other, seed):
         assert_within_rule(grad, grad64, grad32, k=3, dtype=torch.float32, what=f"{method} grad", conditioning=floor)
 
 
+@pytest.mark.parametrize("other", [False, True])
 @pytest.mark.parametrize("method", ak.METHODS)
-def test_float64(method):
+def test_float64(method, other):
+    """Both hyperparameter settings of every method, deterministically (test_matches_reference draws them at random:
+    its examples had left DPO's label smoothing unexercised)."""
     generator = torch.Generator().manual_seed(7)
     tensors, extra = make_inputs(method, 16, generator, torch.float64)
-    loss, grads = losses_and_grads(ak.preference_loss, tensors, torch.float64, method=method, **extra)
-    loss64, grads64 = losses_and_grads(ref.preference_loss, tensors, torch.float64, method=method, **extra)
+    kwargs = {**(OTHER_HPARAMS[method] if other else {}), **extra}
+    loss, grads = losses_and_grads(ak.preference_loss, tensors, torch.float64, method=method, **kwargs)
+    loss64, grads64 = losses_and_grads(ref.preference_loss, tensors, torch.float64, method=method, **kwargs)
     assert loss.dtype == torch.float64
     torch.testing.assert_close(loss, loss64, rtol=1e-12, atol=1e-14)
     for grad, grad64 in zip(grads, grads64):
@@ -205,3 +209,53 @@ def test_group_is_a_keyword_of_the_methods_with_batch_statistics():
                                    ak.preference_loss(*tensors[:2], method=method, **refs))
     with pytest.raises(TypeError, match=r"method='dpo' has no hyperparameter \['group'\]"):
         ak.preference_loss(*tensors[:2], method="dpo", group=None, **refs)
+
+
+def test_alpha_dpo_by_hand():
+    """alpha-DPO at its paper's defaults (beta 2.5, gamma 1.5, alpha 0.2), ops and fp64 reference against the closed
+    form -logsigmoid(x_i), x_i = beta * u_i - gamma - beta * alpha * z_i, z the z-score of M = u - (rc - rr) with
+    the unbiased std, detached: d loss / d chosen_i = -beta * sigmoid(-x_i) / B. The comparison with the
+    reference alone cannot see a change made to both (a biased std, a default, where beta multiplies)."""
+    chosen = torch.tensor([-1.0, -1.5, -0.5], dtype=torch.float64, requires_grad=True)
+    rejected = torch.tensor([-2.0, -1.5, -2.5], dtype=torch.float64, requires_grad=True)
+    refs = {"ref_chosen_logps": torch.tensor([-1.25, -2.0, -1.0], dtype=torch.float64),
+            "ref_rejected_logps": torch.tensor([-1.75, -1.5, -1.0], dtype=torch.float64)}
+    u, m = [1.0, 0.0, 2.0], [0.5, 0.5, 2.0]  # rc - rr = (0.5, -0.5, 0): M has mean 1, unbiased std sqrt(3) / 2
+    std = math.sqrt(sum((mi - 1.0) ** 2 for mi in m) / (len(m) - 1))
+    beta, gamma, alpha = 2.5, 1.5, 0.2
+    x = [beta * ui - gamma - beta * alpha * (mi - 1.0) / std for ui, mi in zip(u, m)]
+    expected_grad = [-beta / (1 + math.exp(xi)) / 3 for xi in x]
+    for fn in (ak.preference_loss, ref.preference_loss):
+        loss = fn(chosen, rejected, method="alpha_dpo", **refs)
+        assert loss.item() == pytest.approx(sum(math.log1p(math.exp(-xi)) for xi in x) / 3, rel=1e-12), fn.__module__
+        grad_chosen, grad_rejected = torch.autograd.grad(loss, (chosen, rejected))
+        assert grad_chosen.tolist() == pytest.approx(expected_grad, rel=1e-12), fn.__module__
+        assert grad_rejected.tolist() == pytest.approx([-g for g in expected_grad], rel=1e-12), fn.__module__
+
+
+def test_methods_take_the_log_probs_of_their_papers():
+    """Summed log-probs for dpo, ipo, slic, cpo, odpo, kto, focalpo; length-normalized for simpo, alpha_dpo, amapo
+    (preference_loss's docstring): what the training driver feeds each method."""
+    assert [m for m in ak.METHODS if ak.preference.uses_mean_logps(m)] == ["simpo", "alpha_dpo", "amapo"]
+
+
+@pytest.mark.parametrize("method", ak.METHODS)
+def test_mixed_dtypes_compute_in_the_promoted_dtype(method):
+    """Log-probs of mixed dtypes compute in torch's promoted dtype whichever argument holds the float64 one (the
+    policy's or the reference's): a float64 tensor is never rounded to float32 because the first is float32."""
+    generator = torch.Generator().manual_seed(13)
+    tensors, extra = make_inputs(method, 8, generator, torch.float64)
+    names = ["chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"]
+    expected = ak.preference_loss(*tensors[:2], method=method, ref_chosen_logps=tensors[2],
+                                  ref_rejected_logps=tensors[3], **extra)
+    for wide in range(4):
+        mixed = [t if i == wide else t.float() for i, t in enumerate(tensors)]
+        if method == "amapo" and wide >= 2:
+            continue  # AMaPO takes no reference log-probs
+        loss = ak.preference_loss(*mixed[:2], method=method, ref_chosen_logps=mixed[2], ref_rejected_logps=mixed[3],
+                                  **extra)
+        assert loss.dtype == torch.float64, names[wide]
+        exact = ak.preference_loss(*[t.double() for t in mixed[:2]], method=method,
+                                   ref_chosen_logps=mixed[2].double(), ref_rejected_logps=mixed[3].double(), **extra)
+        assert torch.equal(loss, exact), names[wide]
+    assert expected.dtype == torch.float64

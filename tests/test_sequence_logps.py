@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import amapo_kernels as ak
 from amapo_kernels import reference as ref
+from amapo_kernels._ops import ops
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -139,3 +140,71 @@ def test_reference_never_reads_an_ignored_row():
     (grad,) = torch.autograd.grad(got.sum(), leaf)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
     assert (grad[0, 1] == 0).all() and (grad[1, 3] == 0).all() and grad.isfinite().all()
+
+
+# The row kernels' layout of a row of V = 2088 (csrc/sequence_logps_cpu_rows.cpp): sums of exp in blocks of 1024
+# elements, a vectorized body of V - V % 32 (AVX-512) or V - V % 16 (AVX2) elements, then a scalar tail. The CUDA
+# kernels cut the same row into an unaligned head, 16-byte packs and a tail.
+LAYOUT_VOCAB = 2088
+LAYOUT_PLACES = [0, 1, 1023, 1024, 2047, 2048, 2079, 2080, 2081, 2087]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_dominant_logit_anywhere_in_the_row_layout(device, dtype):
+    """Each row's largest logit stands 200 above the rest (a confident model), at a different place of the row's
+    layout: either side of a sum block's end, of the vectorized body's end, first and last. The log-probs and
+    gradients are within the rule of the fp64 reference: a max that missed that logit would overflow exp
+    (e^200 in fp32), and a sum of exp that dropped a block would lose the row's whole mass."""
+    generator = torch.Generator().manual_seed(21)
+    batch, steps = 2, len(LAYOUT_PLACES) // 2
+    base = peaked_logits(batch, steps, LAYOUT_VOCAB, dtype=torch.float64, generator=generator)
+    labels = random_labels(batch, steps, LAYOUT_VOCAB, ignore_prob=0.0, generator=generator)
+    for row, place in enumerate(LAYOUT_PLACES):
+        b, t = divmod(row, steps)
+        base[b, t, place] = base[b, t].max() + 200.0
+        if row % 3 == 0:
+            labels[b, t] = place  # the dominant token itself: log-prob ~ 0, gradient ~ 0 (cancellation)
+    logits = base.to(dtype).to(device)
+    labels = labels.to(device)
+    weights = torch.randn(batch, generator=generator, dtype=torch.float64)
+    results = []
+    for compute_dtype in (None, torch.float64, dtype):  # the op, fp64 reference, reference in the logits' dtype
+        x = logits.detach().clone() if compute_dtype is None else logits.detach().to(compute_dtype)
+        x.requires_grad_()
+        fn = ak.sequence_logps if compute_dtype is None else ref.sequence_logps
+        out = fn(x, labels, average=True)
+        (grad,) = torch.autograd.grad(out, x, weights.to(out.dtype).to(out.device))
+        results.append((out, grad))
+    (out, grad), (out64, grad64), (out_same, grad_same) = results
+    assert_within_rule(out, out64, out_same, k=2, dtype=torch.float32, what="sequence_logps")
+    floor = softmax_grad_floor(weights, labels.cpu(), shift=False, average=True)
+    assert_within_rule(grad, grad64, grad_same, k=3, dtype=dtype, what="grad logits", conditioning=floor)
+
+
+def test_offsets_beyond_int32_on_the_cpu():
+    """The CPU op on two sequences 2^31 + 2^20 elements apart in one (untouched, lazily mapped) buffer: the
+    second one's rows lie beyond 2^31 elements, and its log-probs and in-place gradient must be within the rule
+    (the emulated CUDA kernels have the same test in test_cuda_emulation.py)."""
+    steps, vocab = 3, 1000
+    batch_stride = 2**31 + 2**20
+    storage = torch.empty(batch_stride + steps * vocab, dtype=torch.bfloat16)
+    logits = storage.as_strided((2, steps, vocab), (batch_stride, vocab, 1))
+    generator = torch.Generator().manual_seed(9)
+    logits.copy_(peaked_logits(2, steps, vocab, dtype=torch.bfloat16, generator=generator))
+    labels = random_labels(2, steps, vocab, ignore_prob=0.0, generator=generator)
+    dense = logits.clone()
+    weights = torch.tensor([0.5, -1.5])
+    expected = []
+    for dtype in (torch.float64, torch.bfloat16):
+        x = dense.to(dtype).requires_grad_()
+        out = ref.sequence_logps(x, labels, shift=True)
+        expected.append((out, *torch.autograd.grad(out, x, weights.to(dtype))))
+    (out64, grad64), (out_same, grad_same) = expected
+    out, stats = ops.sequence_logps_fwd(logits, labels, -100, True, True)
+    assert_within_rule(out, out64, out_same, k=2, dtype=torch.float32, what="sequence_logps")
+    floor = softmax_grad_floor(weights, labels, shift=True, average=True)
+    grad = ops.sequence_logps_bwd(weights, logits, labels, stats, -100, True, True)
+    assert_within_rule(grad, grad64, grad_same, k=3, dtype=torch.bfloat16, what="grad logits", conditioning=floor)
+    ops.sequence_logps_bwd_inplace(weights, logits, labels, stats, -100, True, True)
+    assert_within_rule(logits, grad64, grad_same, k=3, dtype=torch.bfloat16, what="in-place grad logits",
+                       conditioning=floor)

@@ -140,3 +140,16 @@ def test_kto_issue_example():
     ours = ak.preference_loss(t(-1.0), t(-2.0), method="kto", ref_chosen_logps=t(-1.0), ref_rejected_logps=t(-2.0))
     assert ours.item() == pytest.approx(0.5, rel=1e-15)
     assert_agree(ours, trl)
+
+
+def test_kto_reference_points_clamp_at_zero():
+    """Negative mean log-ratios: both reference points clamp to 0, where TRL's formula needs no adjustment (kl = 0),
+    at the default beta = 0.1 of the KTO paper and TRL (the other KTO tests pass beta, and their reference points
+    are >= 0, where a missing clamp would not show)."""
+    x = batch(8)
+    rc, rr = x["rc"] + 12.0, x["rr"] + 10.0  # negative mean log-ratios
+    assert (x["lc"] - rc).mean() < 0 and (x["lr"] - rr).mean() < 0
+    trl = trl_kto(x["lc"], x["lr"], rc, rr, beta=0.1, kl_chosen=0.0, kl_rejected=0.0, desirable_weight=1.0,
+                  undesirable_weight=1.0)
+    ours = ak.preference_loss(x["lc"], x["lr"], method="kto", ref_chosen_logps=rc, ref_rejected_logps=rr)
+    assert_agree(ours, trl)
