@@ -5,6 +5,7 @@ logits = hidden @ W^T + b in the tested dtype and runs amapo_kernels.reference o
 3 gradients of hidden, weight and bias)."""
 
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 import amapo_kernels as ak
 from amapo_kernels.testing import LargestTensor
 from amapo_kernels import reference as ref
+from amapo_kernels.integrations.hf_head import LOGIT_SCALES, fused_logit_softcap
 from amapo_kernels.fused_linear import (
     amapo_loss_from_hidden,
     preference_loss_from_hidden,
@@ -273,6 +275,30 @@ def test_all_ignored_rows_give_zero_and_no_gradient():
         assert torch.count_nonzero(grad[2, :-1]) > 0 and torch.count_nonzero(grad[:, -1]) == 0  # shift: last unused
 
 
+def test_padding_never_reaches_the_result():
+    """NaN / inf hidden states where nothing is scored (an ignored position, an all-ignored row, the unused last
+    position under shift) reach neither the log-probs nor any gradient of the torch tiles: they give exactly
+    what zeros there give (an ignored row is read as 0, as the from-logits op never reads it)."""
+    generator = torch.Generator().manual_seed(20)
+    hidden, weight, bias, labels = make_batch(4, 6, 8, 37, generator=generator, all_ignored_rows=[3])
+    labels[1, 3] = -100
+    poisoned = hidden.float().clone()
+    poisoned[3] = float("nan")
+    poisoned[1, 2] = float("inf")  # scores labels[1, 3] (ignored) with shift
+    poisoned[:, -1] = float("nan")  # scores nothing with shift
+    clean = torch.where(torch.isfinite(poisoned), poisoned, torch.zeros(()))
+
+    def run(h):
+        leaves_ = [h.clone().requires_grad_(), weight.float().requires_grad_(), bias.float().requires_grad_()]
+        logps = sequence_logps_from_hidden(leaves_[0], leaves_[1], labels, bias=leaves_[2], shift=True,
+                                           token_chunk=5, vocab_chunk=16, backend="torch")
+        return [logps, *torch.autograd.grad(logps.sum(), leaves_)]
+
+    for got, expected in zip(run(poisoned), run(clean)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_no_scored_position_at_all():
     """T = 1 with shift: nothing is scored; log-probs 0, loss finite, gradients zero."""
     hidden = torch.randn(2, 1, 4, requires_grad=True)
@@ -314,6 +340,25 @@ def test_frozen_head_and_return_stats():
     assert set(stats) == set(expected_stats)
     loss.backward()
     assert h.grad is not None and h.grad.dtype == torch.float32
+
+
+def test_fused_head_softcap_of_a_model():
+    """integrations.hf_head.fused_logit_softcap, which the TRL integration and amapo-train pass as logit_softcap:
+    the model's final_logit_softcapping (Gemma 2), also through a training wrapper's .module, None without one,
+    and a ValueError naming the caller's switch for a config that scales its logits (the fused path would
+    compute log-probs of other logits than the model's). Stand-ins for a model: it reads only its config."""
+    def model(**config):
+        text_config = SimpleNamespace(**config)
+        return SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: text_config))
+
+    assert fused_logit_softcap(model(final_logit_softcapping=30.0), "--loss-impl") == 30.0
+    assert fused_logit_softcap(SimpleNamespace(module=model(final_logit_softcapping=30.0)), "--loss-impl") == 30.0
+    assert fused_logit_softcap(model(logit_scale=1.0, output_multiplier=None), "--loss-impl") is None
+    for name in LOGIT_SCALES:
+        for wrapped in (False, True):
+            scaled = model(**{name: 0.5}, final_logit_softcapping=30.0)
+            with pytest.raises(ValueError, match=re.escape(f"loss_impl 'fused' does not apply the model's {name}=0.5")):
+                fused_logit_softcap(SimpleNamespace(module=scaled) if wrapped else scaled, "loss_impl")
 
 
 # ---------------------------------------------------------------------------------------------

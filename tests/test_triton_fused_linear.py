@@ -15,11 +15,13 @@ import re
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy
 import pytest
 import torch
+from helpers import assert_within_rule
 from hypothesis import given
 from hypothesis import strategies as st
 from test_fused_linear import (
@@ -321,6 +323,77 @@ def test_strided_inputs_and_frozen_head():
 
 
 @interpreted
+def test_statistics_do_not_depend_on_the_order_of_programs(monkeypatch):
+    """The interpreter runs a grid's programs in one order, a GPU in any: the statistics pass, run once and
+    then with split 0's programs run again after the others, gives the same statistics, with labels on the
+    boundaries of the 16-wide blocks and the 32-wide splits (a program may store only its own labels' logits)."""
+    generator = torch.Generator().manual_seed(35)
+    hidden, weight, bias, labels = make_batch(3, 6, 20, 67, generator=generator, ignore_prob=0.0)
+    labels = torch.tensor([0, 15, 16, 31, 32, 47, 48, 63, 64, 66])[torch.arange(18) % 10].view(3, 6)
+    args = (hidden.float(), weight.float(), bias.float(), labels)
+    options = dict(shift=False, softcap=None, ignore_index=-100)
+    once = kernels.token_stats(*args, **options)
+    real_launch = kernels._launch
+
+    def split_zero_again(name, dot_f32, grid, *launch_args, **flags):
+        real_launch(name, dot_f32, grid, *launch_args, **flags)
+        if name == "_stats_kernel":
+            real_launch(name, dot_f32, lambda meta: (grid(meta)[0], 1), *launch_args, **flags)
+
+    monkeypatch.setattr(kernels, "_launch", split_zero_again)
+    torch.testing.assert_close(kernels.token_stats(*args, **options), once, rtol=0, atol=0)
+    label_logits = [materialized_logits(*(t.to(d) for t in args[:3]), None).gather(-1, labels[..., None]).flatten()
+                    for d in (torch.float64, FP32)]
+    assert_within_rule(once[:, 2], *label_logits, k=2, dtype=FP32, what="label logits")
+
+
+@interpreted
+@pytest.mark.parametrize("accumulate", ["matmul", "in_kernel", "cublas"])
+def test_feature_strides_of_hidden_and_weight(monkeypatch, accumulate):
+    """Hidden whose features are not adjacent (every other column of a wider activation) and a head stored
+    transposed ([H, V] storage, a tied embedding's .t()): the kernels read both through their strides, on every
+    backward path, and the in-kernel accumulation writes grad_weight in its own dense layout; under the rule."""
+    if accumulate == "in_kernel":
+        accumulating_in_kernel(monkeypatch)
+    backend = "cublas" if accumulate == "cublas" else "triton"
+    generator = torch.Generator().manual_seed(33)
+    hidden, weight, bias, labels = make_batch(3, 5, 20, 37, generator=generator, all_ignored_rows=[1])
+    tensors = quantized((hidden, weight, bias), FP32)
+    upstream = torch.randn(3, generator=generator, dtype=torch.float64)
+    wide = torch.zeros(3, 5, 40, dtype=FP32)
+    wide[..., ::2] = tensors[0].float()
+    h = wide[..., ::2].detach().requires_grad_()
+    w = tensors[1].float().t().contiguous().t().detach().requires_grad_()
+    b = tensors[2].float().requires_grad_()
+    assert h.stride(2) == 2 and w.stride() == (1, 37)
+    options = dict(average=True, shift=True, softcap=4.0)
+    logps = sequence_logps_from_hidden(h, w, labels, bias=b, average=True, shift=True, logit_softcap=4.0,
+                                       backend=backend)
+    fused = logps, torch.autograd.grad((logps * upstream.float()).sum(), [h, w, b])
+    runs = [logps_run(tensors, labels, d, upstream=upstream, fused=False, **options) for d in (torch.float64, FP32)]
+    assert_rule(fused, *runs, FP32, "strided logps")
+
+
+@interpreted
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_backend_runs_its_kernels_both_ways(monkeypatch, backend):
+    """backend="triton" / "cublas" reach this module in the forward and in the backward, each with
+    matmuls=backend and the filter off (the two strategies and the torch tiles agree to the rule, so the
+    values cannot tell which ran)."""
+    calls = []
+    for name in ("token_stats", "gradients"):
+        def recorded(*args, _real=getattr(kernels, name), _name=name, **kwargs):
+            calls.append((_name, kwargs.get("matmuls", "triton"), kwargs.get("gradient_filter", False)))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, recorded)
+    hidden, weight, _, labels = make_batch(2, 4, 16, 20, generator=torch.Generator().manual_seed(34))
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    torch.autograd.grad(sequence_logps_from_hidden(h, w, labels, backend=backend).sum(), (h, w))
+    assert calls == [("token_stats", backend, False), ("gradients", backend, False)]
+
+
+@interpreted
 @pytest.mark.parametrize("backend, gradient_filter", [("triton", False), ("triton", True), ("cublas", False)])
 @pytest.mark.parametrize("layout", ["column of a matrix", "every other element", "expanded"])
 def test_a_bias_view_is_read_through_its_strides(backend, gradient_filter, layout):
@@ -429,6 +502,33 @@ def test_gradient_filter_bound(monkeypatch):
         assert excess.max() <= rule_slack, f"grad {name}: {excess.max():.3e} beyond the bound > {rule_slack:.3e}"
 
 
+@interpreted
+def test_gradient_filter_keeps_every_tile_above_eps(monkeypatch):
+    """The filter's threshold is the gradients' resolution (fp32 eps here), not a coarser one: every backward
+    tile holds a softmax entry above eps (those outside the labels' block all below bfloat16's eps), so no
+    tile may be skipped and the filtered gradients are exactly the unfiltered ones of the same in-kernel
+    accumulation (and not those of the matmul path, which rounds differently)."""
+    generator = torch.Generator().manual_seed(36)
+    hidden, weight, bias, labels = make_batch(4, 12, 20, 67, generator=generator, ignore_prob=0.1)
+    bias[:16] += 9.0  # the labels' block is likely, the others at p ~ 1e-4
+    labels = torch.where(labels != -100, labels % 16, labels)
+    tensors = quantized((hidden, weight, bias), FP32)
+    # the kernel's tiles: blocks of BN scored tokens (in order) by blocks of BV vocabulary entries
+    p = materialized_logits(*tensors, None)[:, :-1][labels[:, 1:] != -100].softmax(-1)
+    bn, bv = kernels.INTERPRETER_BLOCKS["BN"], kernels.INTERPRETER_BLOCKS["BV"]
+    p = torch.nn.functional.pad(p, (0, -p.shape[1] % bv, 0, -p.shape[0] % bn))
+    tile_max = p.view(p.shape[0] // bn, bn, p.shape[1] // bv, bv).amax(dim=(1, 3))
+    assert tile_max.min() >= 16 * torch.finfo(FP32).eps
+    assert (tile_max[:, 1:] < torch.finfo(torch.bfloat16).eps).all()  # a coarser threshold would skip them
+    upstream = torch.randn(4, generator=generator, dtype=torch.float64)
+    options = dict(average=True, shift=True, softcap=None, upstream=upstream)
+    filtered = logps_run(tensors, labels, FP32, fused=True, backend="triton", gradient_filter=True, **options)
+    accumulating_in_kernel(monkeypatch)
+    plain = logps_run(tensors, labels, FP32, fused=True, backend="triton", **options)
+    for a, b in zip(filtered[1], plain[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Backend choice and bad inputs (no kernel runs)
 # ---------------------------------------------------------------------------------------------
@@ -481,6 +581,28 @@ def test_pinned_configuration_variable(monkeypatch):
         with pytest.raises(ValueError, match=re.escape(f"AMAPO_TRITON_CONFIG must be 'auto' or an index below 3 "
                                                        f"(the fp32 configurations of TUNING), got {bad!r}")):
             kernels._pinned_config("fp32")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="host-side logic: once, in the launcher")
+def test_tf32_only_where_torch_allows_it():
+    """fp32 and mixed operands run exact fp32 dots ("ieee") unless the tensors are on CUDA and
+    torch.backends.cuda.matmul.allow_tf32 is set; two equal 16-bit dtypes take the tensor cores. (_precision
+    reads only dtype and is_cuda: stand-ins for CUDA tensors, so that this runs on a CPU-only machine.)"""
+    def tensor(dtype, is_cuda=True):
+        return types.SimpleNamespace(dtype=dtype, is_cuda=is_cuda)
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for allowed in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = allowed
+            fp32_precision = "tf32" if allowed else "ieee"
+            assert kernels._precision(tensor(FP32), tensor(FP32)) == (True, fp32_precision)
+            assert kernels._precision(tensor(torch.bfloat16), tensor(FP32)) == (True, fp32_precision)
+            assert kernels._precision(tensor(FP32, False), tensor(FP32, False)) == (True, "ieee")
+            for half in (torch.bfloat16, torch.float16):
+                assert kernels._precision(tensor(half), tensor(half))[0] is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter does not autotune")
