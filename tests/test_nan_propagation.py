@@ -27,7 +27,7 @@ def poisoned_batch(dtype, device, shift):
 
 
 @pytest.mark.parametrize("shift", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])  # fp64: ATen's ops on the CPU
 def test_nan_and_inf_rows_propagate_like_torch(device, dtype, shift):
     logits, labels = poisoned_batch(dtype, device, shift)
     leaf = logits.clone().requires_grad_()
