@@ -5,7 +5,6 @@ logits = hidden @ W^T + b in the tested dtype and runs amapo_kernels.reference o
 3 gradients of hidden, weight and bias)."""
 
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ from hypothesis import strategies as st
 import amapo_kernels as ak
 from amapo_kernels.testing import LargestTensor
 from amapo_kernels import reference as ref
-from amapo_kernels.integrations.hf_head import LOGIT_SCALES, fused_logit_softcap
 from amapo_kernels.fused_linear import (
     amapo_loss_from_hidden,
     preference_loss_from_hidden,
@@ -340,25 +338,6 @@ def test_frozen_head_and_return_stats():
     assert set(stats) == set(expected_stats)
     loss.backward()
     assert h.grad is not None and h.grad.dtype == torch.float32
-
-
-def test_fused_head_softcap_of_a_model():
-    """integrations.hf_head.fused_logit_softcap, which the TRL integration and amapo-train pass as logit_softcap:
-    the model's final_logit_softcapping (Gemma 2), also through a training wrapper's .module, None without one,
-    and a ValueError naming the caller's switch for a config that scales its logits (the fused path would
-    compute log-probs of other logits than the model's). Stand-ins for a model: it reads only its config."""
-    def model(**config):
-        text_config = SimpleNamespace(**config)
-        return SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: text_config))
-
-    assert fused_logit_softcap(model(final_logit_softcapping=30.0), "--loss-impl") == 30.0
-    assert fused_logit_softcap(SimpleNamespace(module=model(final_logit_softcapping=30.0)), "--loss-impl") == 30.0
-    assert fused_logit_softcap(model(logit_scale=1.0, output_multiplier=None), "--loss-impl") is None
-    for name in LOGIT_SCALES:
-        for wrapped in (False, True):
-            scaled = model(**{name: 0.5}, final_logit_softcapping=30.0)
-            with pytest.raises(ValueError, match=re.escape(f"loss_impl 'fused' does not apply the model's {name}=0.5")):
-                fused_logit_softcap(SimpleNamespace(module=scaled) if wrapped else scaled, "loss_impl")
 
 
 # ---------------------------------------------------------------------------------------------

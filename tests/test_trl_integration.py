@@ -11,6 +11,7 @@ import os
 import re
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,10 +21,11 @@ pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
 
 from datasets import Dataset  # noqa: E402  (after the importorskip: TRL brings datasets)
-from transformers import PreTrainedTokenizerFast  # noqa: E402
+from transformers import AyaVisionConfig, Gemma2Config, PreTrainedTokenizerFast  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 import amapo_kernels as ak  # noqa: E402
+from amapo_kernels.integrations.hf_head import LOGIT_SCALES, fused_logit_softcap  # noqa: E402
 from amapo_kernels.integrations.trl import PreferenceConfig, PreferenceTrainer  # noqa: E402
 from amapo_train.data import load_records  # noqa: E402
 from amapo_train.model import tiny_llama, train_tiny_tokenizer  # noqa: E402
@@ -130,6 +132,14 @@ def test_amapo_steps_equal_the_driver(tokenizer, hh_pairs, tmp_path, loss_impl):
     for name in ("loss", "rewards/chosen", "rewards/accuracies", "logps/chosen", "num_tokens",
                  "batch_margin_mean", "batch_margin_std", "adaptive_margin"):
         assert name in logged, name
+    inputs = trainer.steps[0]["inputs"]  # step 1's metrics: a reference-free reward is beta x the log-probs
+    model.load_state_dict(trainer.steps[0]["state"])
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    for side, logps in zip(("chosen", "rejected"), ak.sequence_logps(logits, labels, shift=True).chunk(2)):
+        assert logged[f"logps/{side}"] == pytest.approx(logps.mean().item(), rel=1e-6), side
+        assert logged[f"rewards/{side}"] == pytest.approx(2.5 * logps.mean().item(), rel=1e-6), side
 
 
 def test_dpo_steps_equal_trl_dpo(tokenizer, hh_pairs, tmp_path):
@@ -143,6 +153,50 @@ def test_dpo_steps_equal_trl_dpo(tokenizer, hh_pairs, tmp_path):
         assert abs(mine["loss"] - trl_step["loss"]) <= TOLERANCE, (mine["loss"], trl_step["loss"])
     assert abs(ours.steps[0]["loss"] - math.log(2)) <= TOLERANCE  # policy == reference before the first update
     assert abs(ours.steps[-1]["loss"] - math.log(2)) > 10 * TOLERANCE  # later steps are a real comparison
+
+
+DPO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected", "num_tokens")
+
+
+@pytest.mark.parametrize("reference", ["ref_model", "lora"])
+def test_live_reference_and_metrics_equal_trl_dpo(tokenizer, hh_pairs, tmp_path, reference):
+    """precompute_ref_log_probs=False: the reference log-probs come live from the reference model passed in, or
+    from the policy with its LoRA adapter disabled; each step's loss and every metric both trainers log equal TRL's
+    DPOTrainer's (step 1: policy == reference, so the rewards are 0 and no pair is counted accurate), and so do
+    the metrics of an evaluation after training."""
+    runs = {}
+    for name, trainer_class, config_class, options in (
+            ("ours", PreferenceTrainer, PreferenceConfig, dict(loss="dpo")),
+            ("trl", DPOTrainer, DPOConfig, dict(loss_type=["sigmoid"]))):
+        args = config_class(output_dir=str(tmp_path / name), beta=0.1, max_steps=3, precompute_ref_log_probs=False,
+                            **{**TRAINING, "learning_rate": 1e-2}, **options)
+        models = dict(model=tiny_llama(len(tokenizer)))
+        if reference == "ref_model":
+            models["ref_model"] = tiny_llama(len(tokenizer))  # the policy's initial weights, another instance
+        else:
+            models["peft_config"] = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                    task_type="CAUSAL_LM")
+        trainer = recording(trainer_class)(args=args, train_dataset=hh_pairs, eval_dataset=hh_pairs.select(range(8)),
+                                           processing_class=tokenizer, **models)
+        trainer.steps = []
+        runs[name] = trained(trainer)
+        assert (trainer.ref_model is None) == (reference == "lora")
+    ours, theirs = runs["ours"], runs["trl"]
+    for mine, trl_step in zip(ours.steps, theirs.steps, strict=True):
+        assert torch.equal(mine["inputs"]["input_ids"], trl_step["inputs"]["input_ids"]), "not the same batches"
+        assert abs(mine["loss"] - trl_step["loss"]) <= TOLERANCE, (mine["loss"], trl_step["loss"])
+    assert abs(ours.steps[-1]["loss"] - math.log(2)) > 10 * TOLERANCE  # the reference is not the current policy
+    logs = [[entry for entry in trainer.state.log_history if "rewards/chosen" in entry] for trainer in runs.values()]
+    assert len(logs[0]) == len(logs[1]) == 3
+    for step, (mine, trl_log) in enumerate(zip(*logs)):
+        for name in DPO_METRICS:
+            assert mine[name] == pytest.approx(trl_log[name], rel=1e-6, abs=TOLERANCE), (step, name)
+    assert logs[0][0]["rewards/chosen"] == logs[0][0]["rewards/accuracies"] == 0.0
+    assert min(abs(log["rewards/margins"]) for log in logs[0][1:]) > 10 * TOLERANCE  # later steps compare rewards
+    mine, trl_metrics = (trainer.evaluate() for trainer in runs.values())  # eval metrics: eval_ names, own lists
+    for name in DPO_METRICS:
+        assert mine[f"eval_{name}"] == pytest.approx(trl_metrics[f"eval_{name}"], rel=1e-6, abs=TOLERANCE), name
 
 
 def tiny_mixtral(vocab_size):
@@ -172,6 +226,123 @@ def test_moe_router_aux_loss_as_trl_dpo(tokenizer, hh_pairs, tmp_path):
             assert mine["aux_loss"] == pytest.approx(trl_log["aux_loss"], abs=TOLERANCE), loss_impl
 
 
+def tiny_gemma2_softcapped(vocab_size):
+    """Gemma 2 (final_logit_softcapping=30), its head scaled so that logits reach the softcap's range."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=16, final_logit_softcapping=30.0, tie_word_embeddings=False))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(200.0)
+    return model
+
+
+def tiny_phi_with_head_bias(vocab_size):
+    """Phi: an untied lm_head with a bias (initialized to zero, so made random: a bias left out would show)."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    model = PhiForCausalLM(PhiConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4))
+    with torch.no_grad():
+        model.lm_head.bias.normal_(0.0, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("make_model", [tiny_gemma2_softcapped, tiny_phi_with_head_bias])
+def test_fused_logps_are_the_models_logits(tokenizer, hh_pairs, tmp_path, make_model):
+    """loss_impl='fused' computes the log-probs of the logits the model's own forward returns (Gemma 2's final
+    logit softcap applied, Phi's lm_head bias added): DPO's summed log-probs equal an fp64 log-softmax of them."""
+    trainer = make_trainer(PreferenceTrainer, PreferenceConfig, tokenizer, hh_pairs, tmp_path,
+                           model=make_model(len(tokenizer)), loss="dpo", max_steps=1)
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    fused = torch.cat(trainer.compute_ref_log_probs(trainer.model, inputs))
+    with torch.no_grad():  # without preference_labels the forward is the model's own
+        logits = trainer.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
+    token_logps = torch.log_softmax(logits[:, :-1].double(), dim=-1).gather(-1, labels.clamp(min=0)[..., None])
+    expected = (token_logps.squeeze(-1) * (labels != -100)).sum(-1)
+    torch.testing.assert_close(fused.double(), expected, rtol=1e-6, atol=0.0)
+    if make_model is tiny_gemma2_softcapped:
+        assert logits.abs().max() > 15.0, "logits below the softcap's range: it would prove nothing"
+
+
+@pytest.mark.parametrize("model_class, scale", [("Granite", "logits_scaling"), ("Cohere", "logit_scale")])
+def test_fused_refuses_a_logit_scaling(tokenizer, hh_pairs, tmp_path, model_class, scale):
+    """A model that scales its logits after the lm_head (Granite divides by logits_scaling, Cohere multiplies by
+    logit_scale), which the fused head would leave out: loss_impl='fused' refuses it, naming the option; 'ops'
+    (the model's own logits) trains; a scale of 1 is no scaling and the fused path takes it."""
+    import transformers
+
+    def model(value):
+        config = getattr(transformers, f"{model_class}Config")(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, **{scale: value})
+        torch.manual_seed(0)
+        return getattr(transformers, f"{model_class}ForCausalLM")(config)
+
+    with pytest.raises(ValueError, match=f"loss_impl 'fused' does not apply the model's {scale}=0.25; use 'ops'"):
+        make_trainer(PreferenceTrainer, PreferenceConfig, tokenizer, hh_pairs, tmp_path, model=model(0.25),
+                     loss="simpo", max_steps=1)
+    for loss_impl, value in (("ops", 0.25), ("fused", 1.0)):
+        trained(make_trainer(recording(PreferenceTrainer), PreferenceConfig, tokenizer, hh_pairs,
+                             tmp_path / loss_impl, model=model(value), loss="simpo", loss_impl=loss_impl, max_steps=1))
+
+
+def test_hf_head_reads_the_text_config_through_wrappers():
+    """The softcap and the scales are read from the language model's config: a multimodal config's text_config
+    (Aya Vision's Cohere 2 logit_scale, absent from the outer config, is refused), and through a training
+    wrapper's .module (DeepSpeed's engine, whose own .config is DeepSpeed's)."""
+    aya = SimpleNamespace(config=AyaVisionConfig(text_config={"model_type": "cohere2", "logit_scale": 0.25}))
+    with pytest.raises(ValueError, match="loss_impl 'fused' does not apply the model's logit_scale=0.25"):
+        fused_logit_softcap(aya, "loss_impl")
+    engine = SimpleNamespace(module=SimpleNamespace(config=Gemma2Config(final_logit_softcapping=30.0)),
+                             config={"zero_optimization": {"stage": 3}})
+    assert fused_logit_softcap(engine, "loss_impl") == 30.0
+
+
+def test_fused_head_softcap_of_a_model():
+    """integrations.hf_head.fused_logit_softcap, which the TRL integration and amapo-train pass as logit_softcap:
+    the model's final_logit_softcapping (Gemma 2), also through a training wrapper's .module, None without one,
+    and a ValueError naming the caller's switch for a config that scales its logits (the fused path would
+    compute log-probs of other logits than the model's). Stand-ins for a model: it reads only its config."""
+    def model(**config):
+        text_config = SimpleNamespace(**config)
+        return SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: text_config))
+
+    assert fused_logit_softcap(model(final_logit_softcapping=30.0), "--loss-impl") == 30.0
+    assert fused_logit_softcap(SimpleNamespace(module=model(final_logit_softcapping=30.0)), "--loss-impl") == 30.0
+    assert fused_logit_softcap(model(logit_scale=1.0, output_multiplier=None), "--loss-impl") is None
+    for name in LOGIT_SCALES:
+        for wrapped in (False, True):
+            scaled = model(**{name: 0.5}, final_logit_softcapping=30.0)
+            with pytest.raises(ValueError, match=re.escape(f"loss_impl 'fused' does not apply the model's {name}=0.5")):
+                fused_logit_softcap(SimpleNamespace(module=scaled) if wrapped else scaled, "loss_impl")
+
+
+def test_fused_head_refuses_inklings_hidden_scaling_and_truncated_vocabulary():
+    """Inkling divides the hidden states by logits_mup_width_multiplier (24 by default) before its lm_head and
+    keeps only the first unpadded_vocab_size logits: the fused path, which does neither, refuses each, naming
+    it; with neither the model's logits are the lm_head's and it takes them. Stand-in configs, then the real
+    one where this transformers has the model (its fused log-probs were 0.2 nats off the model's own)."""
+    def model(**config):
+        text_config = SimpleNamespace(vocab_size=97, **config)
+        return SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: text_config))
+
+    with pytest.raises(ValueError, match=re.escape("the model's logits_mup_width_multiplier=24.0; use 'ops'")):
+        fused_logit_softcap(model(logits_mup_width_multiplier=24.0), "loss_impl")
+    with pytest.raises(ValueError, match=re.escape("beyond the model's unpadded_vocab_size=90 (its lm_head has "
+                                                   "vocab_size=97 rows); use 'ops'")):
+        fused_logit_softcap(model(logits_mup_width_multiplier=1.0, unpadded_vocab_size=90), "--loss-impl")
+    assert fused_logit_softcap(model(logits_mup_width_multiplier=1.0, unpadded_vocab_size=97), "loss_impl") is None
+    inkling = pytest.importorskip("transformers.models.inkling.configuration_inkling")
+    real = SimpleNamespace(config=inkling.InklingTextConfig(vocab_size=97))
+    with pytest.raises(ValueError, match="logits_mup_width_multiplier=24.0"):
+        fused_logit_softcap(real, "loss_impl")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Reference models
 # ----------------------------------------------------------------------------------------------------
@@ -193,6 +364,21 @@ def test_reference_free_builds_no_reference_model(tokenizer, hh_pairs, tmp_path,
     with pytest.raises(ValueError, match="ref_model"):
         PreferenceTrainer(model=tiny_llama(len(tokenizer)), ref_model=tiny_llama(len(tokenizer)),
                           args=trainer.args, train_dataset=hh_pairs, processing_class=tokenizer)
+
+
+def test_reference_free_with_precompute_off_builds_no_reference_model(tokenizer, hh_pairs, tmp_path, monkeypatch):
+    """precompute_ref_log_probs=False (DPOTrainer's live reference) with a reference-free loss: still no reference
+    model is loaded, and the user's flag is kept."""
+    import trl.trainer.dpo_trainer as dpo_trainer
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a reference-free loss loaded a model")
+
+    monkeypatch.setattr(dpo_trainer, "create_model_from_path", no_model)
+    trainer = make_trainer(PreferenceTrainer, PreferenceConfig, tokenizer, hh_pairs, tmp_path, loss="simpo",
+                           precompute_ref_log_probs=False, max_steps=1)
+    assert trainer.ref_model is None and not trainer.precompute_ref_logps
+    assert not trainer.args.precompute_ref_log_probs
 
 
 def test_reference_methods_get_reference_logps(tokenizer, hh_pairs, tmp_path):
@@ -269,6 +455,20 @@ def test_peft_virtual_token_adapters_raise(tokenizer, hh_pairs, tmp_path):
         trained(trainer)
 
 
+def test_peft_model_passed_in_with_virtual_tokens_raises(tokenizer, hh_pairs, tmp_path):
+    """A PeftModel passed in as the model (no peft_config) is checked too: prompt tuning is refused; a Cartridge
+    (a KV prefix, as prefix tuning) is not."""
+    args = PreferenceConfig(output_dir=str(tmp_path), loss="simpo", max_steps=1, **TRAINING)
+    prompt_tuned = peft.get_peft_model(tiny_llama(len(tokenizer)),
+                                       peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with pytest.raises(ValueError, match="peft_config: PROMPT_TUNING"):
+        PreferenceTrainer(model=prompt_tuned, args=args, train_dataset=hh_pairs, processing_class=tokenizer)
+    cartridge = peft.CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    trainer = PreferenceTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=hh_pairs,
+                                processing_class=tokenizer, peft_config=cartridge)
+    assert trainer.model.peft_config["default"].peft_type.value == "CARTRIDGE"
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}<|eos|>{% endfor %}"
                  "{% if add_generation_prompt %}<|bos|>assistant:{% endif %}")
 
@@ -343,6 +543,15 @@ def test_config_resolves_and_checks_hyperparameters(tmp_path):
         PreferenceTrainer(model=tiny_llama(64), args=DPOConfig(**config), train_dataset=Dataset.from_list([]))
 
 
+def test_trl_loss_options_raise(tmp_path):
+    """Every DPOConfig option that shapes TRL's own loss is refused at a non-default value, naming it."""
+    config = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False)
+    for name, value in (("loss_type", ["ipo"]), ("loss_weights", [1.0]), ("ld_alpha", 0.5),
+                        ("f_divergence_type", "js_divergence"), ("use_weighting", True)):
+        with pytest.raises(ValueError, match=f"^{name}=.* configures TRL's own loss"):
+            PreferenceConfig(**config, **{name: value})
+
+
 # ----------------------------------------------------------------------------------------------------
 # Two processes: AMaPO's statistics over both ranks
 # ----------------------------------------------------------------------------------------------------
@@ -369,6 +578,8 @@ def distributed_worker(rank, tokenizer_dir, out_dir, port):
 
 
 def test_amapo_statistics_span_two_processes(tokenizer, tmp_path):
+    from amapo_kernels.preference import method_defaults
+
     tokenizer_dir = _saved(tokenizer, tmp_path / "tokenizer")
     mp.spawn(distributed_worker, args=(tokenizer_dir, str(tmp_path), free_port()), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
@@ -389,6 +600,10 @@ def test_amapo_statistics_span_two_processes(tokenizer, tmp_path):
         assert abs(sum(trainer_losses) / WORLD - union.item()) <= TOLERANCE, (trainer_losses, union.item())
         assert log[index]["batch_margin_mean"] == pytest.approx(stats["batch_margin_mean"].item(), abs=1e-6)
         assert log[index]["batch_margin_std"] == pytest.approx(stats["batch_margin_std"].item(), abs=1e-6)
+        beta = method_defaults("amapo")["beta"]  # the trainer's: rewards = beta x log-probs
+        for side, logps in (("chosen", chosen), ("rejected", rejected)):  # TRL's metrics: every rank's pairs
+            assert log[index][f"logps/{side}"] == pytest.approx(logps.mean().item(), rel=1e-6)
+            assert log[index][f"rewards/{side}"] == pytest.approx(beta * logps.mean().item(), rel=1e-6)
         local = [ak.amapo_loss(c, r).item() for c, r in per_rank]  # per-rank statistics: not what was trained
         assert max(abs(a - b) for a, b in zip(local, trainer_losses)) > 10 * TOLERANCE
 
