@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_tokenize import llama3_tokenizer
@@ -139,6 +140,33 @@ def test_holdout_split_never_overlaps_training(n, fraction, seed):
     train_ids, held_ids = {r["id"] for r in train}, {r["id"] for r in held_out}
     assert not train_ids & held_ids and train_ids | held_ids == set(range(n)) and train and held_out
     assert data.holdout_split(records, fraction, seed) == (train, held_out)  # seeded
+
+
+@pytest.mark.parametrize("n, fraction, held", [(9, 0.3, 3), (7, 0.5, 4), (5, 0.99, 4), (50, 0.001, 1), (40, 0.1, 4)])
+def test_holdout_split_holds_out_the_rounded_share(n, fraction, held):
+    # round(fraction * n) records (9 x 0.3 = 2.7 -> 3, 7 x 0.5 = 3.5 -> 4), at least one, at most n - 1
+    records = [{"id": i} for i in range(n)]
+    train, held_out = data.holdout_split(records, fraction, seed=0)
+    assert (len(train), len(held_out)) == (n - held, held)
+    assert train == sorted(train, key=lambda r: r["id"]) and held_out == sorted(held_out, key=lambda r: r["id"])
+
+
+def test_holdout_split_is_the_seeds_permutation():
+    # held out: the first round(0.25 * 20) = 5 positions of torch.randperm(20) under the given seed
+    records = [{"id": i} for i in range(20)]
+    held = set(torch.randperm(20, generator=torch.Generator().manual_seed(5)).tolist()[:5])
+    train, held_out = data.holdout_split(records, 0.25, seed=5)
+    assert [r["id"] for r in held_out] == sorted(held) and [r["id"] for r in train] == sorted(set(range(20)) - held)
+    assert data.holdout_split(records, 0.25, seed=6) != (train, held_out)
+
+
+def test_score_columns_give_each_pair_its_chosen_and_rejected_score(tok):
+    records = [{"prompt": "Is the sky blue?", "chosen": " Yes.", "rejected": " No.", "good": 9.0, "bad": 2.0},
+               {"prompt": "Is grass red?", "chosen": " No.", "rejected": " Yes.", "good": 7, "bad": 6}]
+    dataset = data.PreferenceDataset(records, tok, max_length=64, max_prompt_length=32, score_columns=("good", "bad"))
+    assert [(dataset[i]["chosen_score"], dataset[i]["rejected_score"]) for i in range(2)] == [(9.0, 2.0), (7.0, 6.0)]
+    batch = data.collate([dataset[0], dataset[1]], tok.pad_token_id)
+    assert batch["chosen_scores"].tolist() == [9.0, 7.0] and batch["rejected_scores"].tolist() == [2.0, 6.0]
 
 
 def config_for(argv):

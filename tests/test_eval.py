@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ from amapo_train.data import IGNORE_INDEX, PreferenceDataset, collate  # noqa: E
 from amapo_train.eval import cli  # noqa: E402
 from amapo_train.eval.ranking import evaluate_ranking, make_batches, pair_logps, ranking_accuracy  # noqa: E402
 from amapo_train.eval.rmbench import load_rmbench, rmbench_accuracy, rmbench_report, score_rmbench  # noqa: E402
-from amapo_train.eval.splits import best_worst, build_generalization_splits, random_split  # noqa: E402
+from amapo_train.eval.splits import (  # noqa: E402
+    best_worst, build_generalization_splits, normalize_record, random_split)
 
 CORPUS = [
     "the cat sat on the mat",
@@ -138,6 +140,57 @@ def test_bootstrap_interval():
     assert big["ci_low"] < 0.8 < big["ci_high"]
     with pytest.raises(ValueError):
         ranking_accuracy(torch.zeros(0, dtype=torch.bool))
+
+
+def test_bootstrap_interval_is_the_2_5_and_97_5_percent_quantiles_of_pair_resamples():
+    # Three pairs, two right: a resample's accuracy is 0, 1/3, 2/3 or 1 with probability 1/27, 6/27, 12/27, 8/27.
+    # 1/27 = 3.7% lies above 2.5% and below 5%: the 95% interval starts at 0, a 90% one (or 5/95 quantiles) at 1/3.
+    # With 20000 resamples the counts are ~740 zeros and ~4440 thirds, far from the quantile positions 500 and 1000.
+    two_of_three = ranking_accuracy(torch.tensor([True, True, False]), n_boot=20000, seed=0)
+    assert (two_of_three["ci_low"], two_of_three["ci_high"]) == (0.0, 1.0)
+    assert ranking_accuracy(torch.tensor([True, True, False]), n_boot=20000, confidence=0.9)["ci_low"] == \
+        pytest.approx(1 / 3, rel=1e-12)
+    one_of_three = ranking_accuracy(torch.tensor([True, False, False]), n_boot=20000, seed=0)  # the mirror image
+    assert (one_of_three["ci_low"], one_of_three["ci_high"]) == (0.0, 1.0)
+    assert ranking_accuracy(torch.tensor([True, False, False]), n_boot=20000, confidence=0.9)["ci_high"] == \
+        pytest.approx(2 / 3, rel=1e-12)
+    # The seed picks the resamples: the documented draw (torch.Generator seeded with `seed`, pairs drawn with
+    # replacement, linear-interpolation quantiles), and another seed gives another interval.
+    correct = torch.arange(400) % 3 != 0
+    draws = torch.randint(0, 400, (199, 400), generator=torch.Generator().manual_seed(7))
+    quantiles = torch.tensor([(1 - 0.95) / 2, (1 + 0.95) / 2], dtype=torch.float64)
+    low, high = torch.quantile(correct.double()[draws].mean(1), quantiles).tolist()
+    seven = ranking_accuracy(correct, n_boot=199, seed=7)
+    assert (seven["ci_low"], seven["ci_high"]) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
+    assert seven != ranking_accuracy(correct, n_boot=199, seed=8) and seven != ranking_accuracy(correct, n_boot=199)
+
+
+class TableLM(torch.nn.Module):
+    """A causal "LM" whose logits at a position are row `token` of a fixed table: log-probs by hand."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.nn.Embedding.from_pretrained(torch.as_tensor(table, dtype=torch.float32))
+
+    def forward(self, input_ids, attention_mask=None):
+        return type("Output", (), {"logits": self.table(input_ids)})()
+
+
+def test_a_tie_is_wrong_and_the_margin_is_chosen_minus_rejected():
+    table = torch.zeros(6, 6)
+    table[1, 2] = 5.0  # after token 1, token 2 is 5 nats above token 3
+    table[4, 2] = 2.0  # after token 4, token 2 is 2 nats above token 3
+
+    def pair(prompt, chosen, rejected):
+        return {"chosen_input_ids": [prompt, chosen], "chosen_labels": [IGNORE_INDEX, chosen],
+                "rejected_input_ids": [prompt, rejected], "rejected_labels": [IGNORE_INDEX, rejected]}
+    # margins (chosen - rejected log-prob): +5 (right), 0 (identical responses: a tie), -2 (wrong)
+    pairs = [pair(1, 2, 3), pair(1, 2, 2), pair(4, 3, 2)]
+    res = evaluate_ranking(TableLM(table), [collate(pairs, 0)], progress=False, n_boot=50)
+    for name in ("summed", "normalized"):  # one-token responses: the sum is the mean
+        stats = res[name]
+        assert (stats["accuracy"], stats["ties"], stats["n"]) == (pytest.approx(1 / 3), 1, 3)
+        assert stats["mean_margin"] == pytest.approx((5 + 0 - 2) / 3, rel=1e-6)
 
 
 def test_dataset_truncation_and_drop(tiny_tokenizer):
@@ -361,6 +414,31 @@ def test_best_worst_ties_and_random_split():
     train, valid = random_split(items, 0.1, seed=3)
     assert (train, valid) == random_split(items, 0.1, seed=3)
     assert len(valid) == 2 and sorted(train + valid) == sorted(items)
+
+
+def test_completions_without_a_finite_score_are_dropped():
+    record = {"instruction": "q", "completions": [
+        {"model": "A", "response": "a", "overall_score": "N/A"},
+        {"model": "B", "response": "b", "overall_score": "nan"},
+        {"model": "C", "response": "c", "overall_score": float("inf")},
+        {"model": "D", "response": "d", "overall_score": "7"},
+        {"model": "E", "response": "e", "score": -float("inf")}]}
+    assert normalize_record(record)["completions"] == [{"model": "D", "response": "d", "score": 7.0}]
+
+
+def test_random_split_sizes_seed_and_order():
+    # At least one item on each side, whatever the fraction rounds to.
+    assert random_split(["b", "a", "c"], 0.1, seed=0)[1] != [] and len(random_split(["b", "a", "c"], 0.1)[1]) == 1
+    train, valid = random_split(["a", "b"], 0.9, seed=0)
+    assert len(train) == 1 and len(valid) == 1 and sorted(train + valid) == ["a", "b"]
+    # The documented draw: the unique items sorted, shuffled by random.Random(seed), the first round(f * n) valid;
+    # so the input's order and repeats do not matter, and the seed does.
+    items = [f"p{i}" for i in range(20)]
+    expected = sorted(items)
+    random.Random(7).shuffle(expected)
+    given = items[::-1] + items[:5]
+    assert random_split(given, 0.25, seed=7) == (sorted(expected[5:]), sorted(expected[:5]))
+    assert random_split(items, 0.25, seed=7) != random_split(items, 0.25, seed=8)
 
 
 # ------------------------------------------------------------------------------------------------ CLI helpers

@@ -48,3 +48,15 @@ def test_a_launch_that_changes_the_statistics_pool_is_warned_about():
     assert plan["amapo_stats_pairs"] == 8 and plan["effective_batch_size"] == 128
     assert "8 pairs" in plan["warning"] and "used 4" in plan["warning"]
     assert stats_pool_warning(TrainConfig.from_recipe("llama3-8b-base", loss="simpo"), 8) is None
+
+
+@pytest.mark.parametrize("recipe", sorted(AUTHORS))
+def test_recipe_schedule_is_the_authors(recipe):
+    # The recipes' headers: 1 epoch, 10% warm-up, AdamW without weight decay, clipping at 1.0; the authors'
+    # seed 42; AMaPO with the TRL tokenization and the empty system turn of their runs.
+    config = TrainConfig.from_recipe(recipe)
+    assert (config.epochs, config.warmup_ratio, config.weight_decay, config.max_grad_norm, config.seed) == \
+        (1, 0.1, 0.0, 1.0, 42)
+    assert (config.loss, config.tokenization, config.insert_system_message, config.total_batch_size) == \
+        ("amapo", "trl", True, 128)
+    assert config.hparams == {"beta": AUTHORS[recipe][2]} and config.learning_rate == AUTHORS[recipe][3]

@@ -105,6 +105,37 @@ def test_paired_difference_worked_example():
     assert (constant["mean"], constant["ci_low"], constant["ci_high"]) == (1.0, 1.0, 1.0)
 
 
+def test_interval_is_the_2_5_and_97_5_percent_quantiles():
+    # One seed of three pairs, two right: a resampled mean is 0, 1/3, 2/3 or 1 with probability 1/27, 6/27, 12/27,
+    # 8/27. 1/27 = 3.7% lies between 2.5% and 5%: the 95% interval starts at 0, a 90% one at 1/3.
+    values = [[1.0, 1.0, 0.0]]
+    wide = statistics.seed_bootstrap(values, n_boot=20000)
+    assert (wide["mean"], wide["ci_low"], wide["ci_high"]) == (pytest.approx(2 / 3, rel=1e-12), 0.0, 1.0)
+    assert statistics.seed_bootstrap(values, n_boot=20000, confidence=0.9)["ci_low"] == pytest.approx(1 / 3, rel=1e-12)
+    mirror = statistics.seed_bootstrap([[0.0, 0.0, 1.0]], n_boot=20000, confidence=0.9)
+    assert mirror["ci_high"] == pytest.approx(2 / 3, rel=1e-12)
+
+
+def test_each_drawn_seed_resamples_its_own_pairs_and_the_seeds_are_resampled():
+    # Two seeds, each with pairs (1, 0): the seed draw changes nothing, and the four pair draws (two per drawn
+    # seed, independent) give means k/4, k ~ Binomial(4, 1/2): P(0) = 6.25%, P(<= 1/4) = 31.25%, so the 80%
+    # interval is [1/4, 3/4]. The same pair draws for both seeds would give {0, 1/2, 1} and [0, 1]; no pair
+    # resampling [1/2, 1/2].
+    within = statistics.seed_bootstrap([[1.0, 0.0], [1.0, 0.0]], n_boot=20000, confidence=0.8)
+    assert (within["ci_low"], within["ci_high"]) == (0.25, 0.75)
+    # Seeds (1, 1) and (0, 0): only the seed draw matters, means 1, 1/2, 0 with probability 1/4, 1/2, 1/4.
+    across = statistics.seed_bootstrap([[1.0, 1.0], [0.0, 0.0]], n_boot=20000, confidence=0.8)
+    assert (across["mean"], across["ci_low"], across["ci_high"]) == (0.5, 0.0, 1.0)
+
+
+def test_the_seed_picks_the_resamples():
+    values = (torch.rand(3, 40, generator=torch.Generator().manual_seed(0)) < 0.6).double()
+    one = statistics.seed_bootstrap(values, n_boot=300, seed=1)
+    assert one == statistics.seed_bootstrap(values, n_boot=300, seed=1)
+    assert (one["ci_low"], one["ci_high"]) != tuple(statistics.seed_bootstrap(values, n_boot=300, seed=2)[key]
+                                                    for key in ("ci_low", "ci_high"))
+
+
 def test_pairing_resolves_a_difference_that_separate_intervals_cannot():
     # B is A with 10 of 200 right answers turned wrong, on each of 3 seeds: +5 points exactly. The accuracies'
     # own intervals overlap widely; the paired interval (same pairs resampled for both) excludes 0.

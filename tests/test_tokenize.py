@@ -128,6 +128,13 @@ def test_empty_system_message_inserted_when_the_template_has_system_turns(tok):
     assert data.with_system_message(system_first, zephyr) == system_first
 
 
+def test_record_texts_insert_the_empty_system_turn_unless_told_not_to(tok):
+    zephyr = with_template(tok, ZEPHYR_TEMPLATE)
+    rec = record("Hi", "Hello!", "Go away.")
+    assert data.record_texts(rec, zephyr) == ("<|system|>Hi", "Hello!", "Go away.")  # "" system content, then Hi
+    assert data.record_texts(rec, zephyr, insert_system_message=False) == ("Hi", "Hello!", "Go away.")
+
+
 def test_no_system_message_where_the_template_refuses_one(tok):
     # Gemma's template names the system role only to raise "System role not supported": no system turn is
     # inserted (it used to be, and rendering the prompt raised jinja2's TemplateError).
@@ -182,3 +189,19 @@ def test_lengths_that_leave_no_response_token_are_refused(tok, tokenization, max
     with pytest.raises(ValueError, match=r"max_prompt_length must lie in \[1, max_length\)"):
         data.tokenize_pair(tok, *data.record_texts(rec, tok, tokenization=tokenization), max_length=max_length,
                            max_prompt_length=max_prompt_length, tokenization=tokenization)
+
+
+def test_separate_rule_keeps_the_end_of_a_long_prompt_without_bos():
+    class Chars:
+        """One id per character, no BOS token, EOS 2."""
+
+        bos_token, bos_token_id, eos_token_id = None, None, 2
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    pair = data.tokenize_pair(Chars(), "abcdef", "xy", "z", max_length=6, max_prompt_length=3, tokenization="separate")
+    # the prompt cut from the left to its last 3 characters, each response (EOS added) to the 3 tokens left
+    assert pair["chosen_input_ids"] == [ord("d"), ord("e"), ord("f"), ord("x"), ord("y"), 2]
+    assert pair["chosen_labels"] == [-100] * 3 + [ord("x"), ord("y"), 2]
+    assert pair["rejected_input_ids"] == [ord("d"), ord("e"), ord("f"), ord("z"), 2]
