@@ -76,6 +76,18 @@ def random_labels(batch, steps, vocab, *, ignore_prob, generator, device="cpu", 
     return labels.to(device)
 
 
+def logits_beyond_int32(steps=3, vocab=1000, seed=9):
+    """bf16 logits [2, steps, vocab] whose two sequences lie 2^31 + 2^20 elements apart in one buffer (untouched
+    between them, so only a few pages are ever mapped): the second one's rows sit beyond 2^31 elements, where a
+    32-bit offset wraps. Returns (logits, labels)."""
+    batch_stride = 2**31 + 2**20
+    storage = torch.empty(batch_stride + steps * vocab, dtype=torch.bfloat16)
+    logits = storage.as_strided((2, steps, vocab), (batch_stride, vocab, 1))
+    generator = torch.Generator().manual_seed(seed)
+    logits.copy_(peaked_logits(2, steps, vocab, dtype=torch.bfloat16, generator=generator))
+    return logits, random_labels(2, steps, vocab, ignore_prob=0.0, generator=generator)
+
+
 def exact_amapo(chosen, rejected, *, beta, label_smoothing=0.0, variant="code"):
     """AMaPO's loss and d loss / d chosen_logps (d / d rejected is its negative) computed exactly from the fp64
     inputs: the gaps d_i as exact rationals, everything else in mpmath at 60 significant digits. Returns

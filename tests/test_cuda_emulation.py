@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from emulated_cuda import BUILD, as_cpu_kernels, module
-from helpers import assert_within_rule, conditioning_floor, peaked_logits, random_labels, softmax_grad_floor
+from helpers import (assert_within_rule, conditioning_floor, logits_beyond_int32, peaked_logits, random_labels,
+                     softmax_grad_floor)
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -172,13 +173,7 @@ def test_label_check_is_left_out_while_a_graph_is_captured():
 def test_offsets_beyond_int32():
     """Two sequences 2^31 + 2^20 elements apart in one (untouched, lazily mapped) buffer: the second one's rows
     lie beyond 2^31 elements, and its log-probs and in-place gradient must be right."""
-    steps, vocab = 3, 1000
-    batch_stride = 2**31 + 2**20
-    storage = torch.empty(batch_stride + steps * vocab, dtype=torch.bfloat16)
-    logits = storage.as_strided((2, steps, vocab), (batch_stride, vocab, 1))
-    generator = torch.Generator().manual_seed(9)
-    logits.copy_(peaked_logits(2, steps, vocab, dtype=torch.bfloat16, generator=generator))
-    labels = random_labels(2, steps, vocab, ignore_prob=0.0, generator=generator)
+    logits, labels = logits_beyond_int32()
     dense = logits.detach().clone()
     out64, grad64 = reference_logps_and_grads(dense, labels, torch.ones(2, dtype=torch.float64), torch.float64)
     emulated = module()

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from helpers import assert_within_rule, conditioning_floor, peaked_logits, random_labels, softmax_grad_floor
+from helpers import (assert_within_rule, conditioning_floor, logits_beyond_int32, peaked_logits, random_labels,
+                     softmax_grad_floor)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -185,13 +186,7 @@ def test_offsets_beyond_int32_on_the_cpu():
     """The CPU op on two sequences 2^31 + 2^20 elements apart in one (untouched, lazily mapped) buffer: the
     second one's rows lie beyond 2^31 elements, and its log-probs and in-place gradient must be within the rule
     (the emulated CUDA kernels have the same test in test_cuda_emulation.py)."""
-    steps, vocab = 3, 1000
-    batch_stride = 2**31 + 2**20
-    storage = torch.empty(batch_stride + steps * vocab, dtype=torch.bfloat16)
-    logits = storage.as_strided((2, steps, vocab), (batch_stride, vocab, 1))
-    generator = torch.Generator().manual_seed(9)
-    logits.copy_(peaked_logits(2, steps, vocab, dtype=torch.bfloat16, generator=generator))
-    labels = random_labels(2, steps, vocab, ignore_prob=0.0, generator=generator)
+    logits, labels = logits_beyond_int32()
     dense = logits.clone()
     weights = torch.tensor([0.5, -1.5])
     expected = []
