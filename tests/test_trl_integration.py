@@ -21,12 +21,16 @@ pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
 
 from datasets import Dataset  # noqa: E402  (after the importorskip: TRL brings datasets)
-from transformers import AyaVisionConfig, Gemma2Config, PreTrainedTokenizerFast  # noqa: E402
+import transformers  # noqa: E402
+import trl.trainer.dpo_trainer as dpo_trainer  # noqa: E402
+from transformers import (  # noqa: E402
+    AyaVisionConfig, Gemma2Config, Gemma2ForCausalLM, PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast)
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 import amapo_kernels as ak  # noqa: E402
 from amapo_kernels.integrations.hf_head import LOGIT_SCALES, fused_logit_softcap  # noqa: E402
 from amapo_kernels.integrations.trl import PreferenceConfig, PreferenceTrainer  # noqa: E402
+from amapo_kernels.preference import method_defaults  # noqa: E402
 from amapo_train.data import load_records  # noqa: E402
 from amapo_train.model import tiny_llama, train_tiny_tokenizer  # noqa: E402
 
@@ -228,8 +232,6 @@ def test_moe_router_aux_loss_as_trl_dpo(tokenizer, hh_pairs, tmp_path):
 
 def tiny_gemma2_softcapped(vocab_size):
     """Gemma 2 (final_logit_softcapping=30), its head scaled so that logits reach the softcap's range."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(Gemma2Config(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -241,8 +243,6 @@ def tiny_gemma2_softcapped(vocab_size):
 
 def tiny_phi_with_head_bias(vocab_size):
     """Phi: an untied lm_head with a bias (initialized to zero, so made random: a bias left out would show)."""
-    from transformers import PhiConfig, PhiForCausalLM
-
     torch.manual_seed(0)
     model = PhiForCausalLM(PhiConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
                                      num_hidden_layers=2, num_attention_heads=4))
@@ -274,8 +274,6 @@ def test_fused_refuses_a_logit_scaling(tokenizer, hh_pairs, tmp_path, model_clas
     """A model that scales its logits after the lm_head (Granite divides by logits_scaling, Cohere multiplies by
     logit_scale), which the fused head would leave out: loss_impl='fused' refuses it, naming the option; 'ops'
     (the model's own logits) trains; a scale of 1 is no scaling and the fused path takes it."""
-    import transformers
-
     def model(value):
         config = getattr(transformers, f"{model_class}Config")(
             vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -350,8 +348,6 @@ def test_fused_head_refuses_inklings_hidden_scaling_and_truncated_vocabulary():
 
 @pytest.mark.parametrize("loss, hparams", [("amapo", {}), ("simpo", {}), ("cpo", {}), ("slic", {"form": "rank"})])
 def test_reference_free_builds_no_reference_model(tokenizer, hh_pairs, tmp_path, monkeypatch, loss, hparams):
-    import trl.trainer.dpo_trainer as dpo_trainer
-
     def no_model(*args, **kwargs):
         raise AssertionError("a reference-free loss loaded a model")
 
@@ -369,8 +365,6 @@ def test_reference_free_builds_no_reference_model(tokenizer, hh_pairs, tmp_path,
 def test_reference_free_with_precompute_off_builds_no_reference_model(tokenizer, hh_pairs, tmp_path, monkeypatch):
     """precompute_ref_log_probs=False (DPOTrainer's live reference) with a reference-free loss: still no reference
     model is loaded, and the user's flag is kept."""
-    import trl.trainer.dpo_trainer as dpo_trainer
-
     def no_model(*args, **kwargs):
         raise AssertionError("a reference-free loss loaded a model")
 
@@ -578,8 +572,6 @@ def distributed_worker(rank, tokenizer_dir, out_dir, port):
 
 
 def test_amapo_statistics_span_two_processes(tokenizer, tmp_path):
-    from amapo_kernels.preference import method_defaults
-
     tokenizer_dir = _saved(tokenizer, tmp_path / "tokenizer")
     mp.spawn(distributed_worker, args=(tokenizer_dir, str(tmp_path), free_port()), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
