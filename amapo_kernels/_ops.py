@@ -23,8 +23,10 @@ def cpu_kernels() -> str:
     return _C.cpu_kernels()
 
 
-def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+def acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The dtype the ops accumulate in and the losses compute in: float64 where any tensor given is float64
+    (whichever argument holds it), float32 otherwise; None entries are skipped."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _on_one_device(op_name: str, *tensors: torch.Tensor) -> None:
@@ -40,7 +42,7 @@ def _on_one_device(op_name: str, *tensors: torch.Tensor) -> None:
 def _sequence_logps_fwd_fake(logits, labels, ignore_index, average, shift, check_labels=True):
     _on_one_device("sequence_logps_fwd", logits, labels)
     batch, steps = labels.shape
-    dtype = _acc_dtype(logits)
+    dtype = acc_dtype(logits)
     seq = logits.new_empty((batch,), dtype=dtype)
     softmax_stats = logits.new_empty((batch, steps - 1 if shift else steps, 2), dtype=dtype)
     return seq, softmax_stats

@@ -20,8 +20,6 @@ Edge cases: B = 1 or sd = 0 (every d equal) gives m = 0;
 the exponent is capped at 50 (m <= beta * 5.2e21), so loss and gradients stay finite in fp32.
 """
 
-import functools
-
 import torch
 from torch import nn
 
@@ -34,7 +32,7 @@ from amapo_kernels._checks import (
     check_logits_labels,
     check_pair_logps,
 )
-from amapo_kernels._ops import ops, refuse_unsupported_transforms
+from amapo_kernels._ops import acc_dtype, ops, refuse_unsupported_transforms
 from amapo_kernels.batch_statistics import gathered_moments
 from amapo_kernels.sequence_logps import sequence_logps
 
@@ -47,13 +45,6 @@ def batch_moments(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, grou
     `group` (amapo_kernels.batch_statistics). The batch mean is pivot + offset and the unbiased variance
     M2 / (count - 1)."""
     return gathered_moments(chosen_logps.detach().double() - rejected_logps.detach().double(), group)
-
-
-def loss_dtype(*logps: torch.Tensor | None) -> torch.dtype:
-    """The dtype a loss computes in: float64 where torch's promotion of the log-prob tensors given is float64,
-    float32 otherwise (whichever argument holds the float64 one)."""
-    dtype = functools.reduce(torch.promote_types, [x.dtype for x in logps if x is not None])
-    return dtype if dtype == torch.float64 else torch.float32
 
 
 RULES = {"beta": POSITIVE, "label_smoothing": SMOOTHING, "variant": VARIANTS, "ablation": ABLATIONS}
@@ -89,7 +80,7 @@ def amapo_loss(
     _check_hparams(beta, label_smoothing, variant, ablation)
     check_bool("return_stats", return_stats)
     refuse_unsupported_transforms("amapo_kernels.amapo_loss", chosen_logps, rejected_logps)
-    dtype = loss_dtype(chosen_logps, rejected_logps)
+    dtype = acc_dtype(chosen_logps, rejected_logps)
     chosen, rejected = chosen_logps.to(dtype), rejected_logps.to(dtype)
     moments = batch_moments(chosen, rejected, group)
     loss, margins, stats = ops.amapo_loss_fwd(

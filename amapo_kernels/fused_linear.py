@@ -36,7 +36,7 @@ from amapo_kernels._checks import (
     check_same_device,
     check_tensor,
 )
-from amapo_kernels._ops import refuse_unsupported_transforms
+from amapo_kernels._ops import acc_dtype, refuse_unsupported_transforms
 from amapo_kernels.preference import check_call, preference_loss, uses_mean_logps
 
 TOKEN_CHUNK = 1024  # rows of a tile; fp32 tile = TOKEN_CHUNK * VOCAB_CHUNK * 4 bytes = 16 MiB
@@ -75,10 +75,6 @@ def _resolve_backend(backend, gradient_filter, hidden, weight, bias) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _acc_dtype(*tensors) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _tile_matmul(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """a @ b with products and sums in `acc`. On CUDA, two half-precision operands go through the
     tensor cores with an fp32 output (bf16 x bf16 products are exact in fp32, the sum is fp32);
@@ -98,7 +94,7 @@ class _Tiles:
         self.batch, steps, _ = hidden.shape
         self.steps = steps - 1 if shift else steps
         self.vocab = weight.shape[0]
-        self.acc = _acc_dtype(hidden, weight, bias)
+        self.acc = acc_dtype(hidden, weight, bias)
         self.token_chunk, self.vocab_chunk = token_chunk, vocab_chunk
         flat = torch.arange(self.batch * self.steps, device=hidden.device)
         self.rows, self.cols = flat // max(self.steps, 1), flat % max(self.steps, 1)

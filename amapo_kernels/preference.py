@@ -7,6 +7,7 @@ import torch
 from amapo_kernels._checks import (LOGPS_DTYPES, SCORE_DTYPES, check_bool, check_choice, check_hparams,
                                    check_pair_logps, check_per_pair)
 from amapo_kernels import amapo
+from amapo_kernels._ops import acc_dtype
 from amapo_kernels.amapo import amapo_loss
 from amapo_kernels.losses import alpha_dpo, cpo, dpo, focalpo, ipo, kto, odpo, simpo, slic
 
@@ -119,7 +120,7 @@ def preference_loss(
     hparams = check_call(method, chosen_logps.shape[0], chosen_logps.device, ref_chosen_logps, ref_rejected_logps,
                          hparams)
     references = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
-    dtype = amapo.loss_dtype(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    dtype = acc_dtype(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     cast = {name: value.to(dtype) if value is not None else None for name, value in references.items()}
     losses = BASELINES[method].pair_losses(
         chosen_logps.to(dtype), rejected_logps.to(dtype), cast["ref_chosen_logps"], cast["ref_rejected_logps"], **hparams
