@@ -19,7 +19,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast 
 
 from amapo_train import data  # noqa: E402
 from amapo_train.data import IGNORE_INDEX, PreferenceDataset, collate  # noqa: E402
-from amapo_train.eval import cli  # noqa: E402
+from amapo_train.eval import cli, generation  # noqa: E402
+from amapo_train.eval.generation import generate_batch, stop_token_ids  # noqa: E402
 from amapo_train.eval.ranking import evaluate_ranking, make_batches, pair_logps, ranking_accuracy  # noqa: E402
 from amapo_train.eval.rmbench import load_rmbench, rmbench_accuracy, rmbench_report, score_rmbench  # noqa: E402
 from amapo_train.eval.splits import (  # noqa: E402
@@ -660,6 +661,10 @@ def test_generation_presets_and_mtbench_temperatures():
     assert MTBENCH_TEMPERATURES == {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
                                     "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
     assert mtbench_temperature("unlisted") == 0.7 and mtbench_temperature(None) == 0.7
+    llama3_stops = ["<|end_of_text|>", "<|eot_id|>"]  # the Llama-3 configs' stop ids 128001 and 128009
+    assert {name: p["stop_tokens"] for name, p in PRESETS.items()} == {
+        "llama3-8b-base": llama3_stops, "llama3-8b-instruct": llama3_stops, "mistral-7b-base": [],
+        "mistral-7b-instruct": []}
 
     def decoding(*flags):
         return cli.resolve_decoding(cli.build_parser().parse_args(
@@ -736,6 +741,7 @@ EVAL_ARGUMENT_MISTAKES = {  # a value outside what its flag takes: one line, sta
                                 f"--seed {2**32}: must be in [0, 4294967295]"),
     "negative seed": (["generate", "--format", "alpacaeval", "--seed", "-1"], "--seed -1: must be in [0, 4294967295]"),
     "no such tokenization": (["rank", "--tokenization", "joint"], "argument --tokenization: invalid choice: 'joint'"),
+    "no new token": (["generate", "--format", "alpacaeval", "--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
 }
 
 
@@ -769,9 +775,10 @@ def test_console_without_extras(tmp_path, saved_model):
 def test_cli_rank_bundled_source(tmp_path, saved_model):
     out = tmp_path / "rank.json"
     assert cli.main(["rank", "--model", str(saved_model), "--data", "bundled:hh-rlhf", "--limit", "6",
-                     "--out", str(out), "--device", "cpu", "--no-progress", "--n-boot", "20"]) == 0
+                     "--out", str(out), "--device", "cpu", "--no-progress", "--n-boot", "20", "--seed", "5"]) == 0
     res = json.loads(out.read_text())
     assert res["tokenization"]["n_records"] == 6 and res["split"] == "test"
+    assert res["n_boot"] == 20 and res["seed"] == 5  # the bootstrap flags reach the statistics
     assert cli.main(["rank", "--model", str(saved_model), "--data", "bundled:nope", "--device", "cpu"]) == 2
 
 
@@ -873,6 +880,17 @@ def test_cli_rank_unreadable_training_config(tmp_path, capsys):
     assert "cannot be loaded" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("length", [None, "192", 12.5])
+def test_cli_rank_training_config_with_a_non_integer_length(length, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "trainer_state.json").write_text(json.dumps({"config": {"max_length": length}}))
+    assert cli.main(["rank", "--model", str(model), "--data", "bundled:hh-rlhf"]) == 2  # not a TypeError
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"has max_length {length!r} (expected an integer); give --max-length" in lines[0], lines
+
+
 GEMMA_TEMPLATE = (  # Gemma's chat template: no system turn, roles must alternate starting with the user
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
     "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
@@ -931,3 +949,313 @@ def test_ranking_statistics_do_not_depend_on_the_batching(tiny_model, tiny_token
                for size, sort in ((1, False), (5, True), (12, True))]
     assert results[0]["logps"]["index"] == list(range(len(pairs)))
     assert results[1] == results[0] and results[2] == results[0]
+
+
+# ------------------------------------------------------------------------------------------------ CLI glue
+
+
+def one_error_line(capsys):
+    """The one error line on stderr (a model that loaded first may have shown its loading bar there too)."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("amapo-eval: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def save_model(path, tiny_model, tiny_tokenizer, template=None):
+    """The tiny model and tokenizer saved in `path`, the tokenizer with `template` as its chat template."""
+    tiny_model.save_pretrained(path)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend_tokenizer, bos_token="<s>",
+                                        eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+SIMPLE_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                   "{% if add_generation_prompt %}assistant{% endif %}")
+
+
+def test_cli_model_directory_without_config_json(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    assert cli.main(["rank", "--model", str(tmp_path / "model"), "--data", "bundled:hh-rlhf"]) == 2
+    assert "no config.json there" in one_error_line(capsys)
+
+
+def test_cli_empty_data_file(tmp_path, saved_model, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert cli.main(["rank", "--model", str(saved_model), "--data", str(empty), "--device", "cpu"]) == 2
+    assert f"--data {empty}: no records" in one_error_line(capsys)
+
+
+def test_cli_rank_every_pair_dropped(tmp_path, saved_model, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "the cat", "chosen": "", "rejected": "ran"}) + "\n")
+    assert cli.main(["rank", "--model", str(saved_model), "--data", str(data), "--device", "cpu",
+                     "--no-progress"]) == 2
+    assert "no pair left after tokenization" in one_error_line(capsys)
+
+
+def test_cli_rank_training_config_with_a_non_boolean_system_message(tmp_path, tiny_model, tiny_tokenizer, capsys):
+    model = save_model(tmp_path / "model", tiny_model, tiny_tokenizer)
+    # "on" is truthy: taken as is, it would silently mean True
+    config = {"tokenization": "trl", "insert_system_message": "on", "max_length": 64, "max_prompt_length": 32}
+    (tmp_path / "model" / "trainer_state.json").write_text(json.dumps({"config": config}))
+    assert cli.main(["rank", "--model", model, "--data", "bundled:hh-rlhf", "--limit", "2", "--device", "cpu",
+                     "--no-progress", "--n-boot", "10"]) == 2
+    line = one_error_line(capsys)
+    assert "insert_system_message 'on'" in line and "give --tokenization and --insert-system-message" in line
+
+
+@pytest.mark.parametrize("dtype, expected", [("auto", torch.float32), ("float32", torch.float32),
+                                             ("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+def test_load_model_dtype(saved_model, dtype, expected):
+    model, _ = cli.load_model_and_tokenizer(str(saved_model), "cpu", dtype)  # auto: float32 on the CPU
+    assert next(model.parameters()).dtype == expected and not model.training
+
+
+RMBENCH_TEXTS = [
+    ("the cat", ["sat", "sat on the mat", "yes the cat sat on the mat"],
+     ["ran", "ran far away", "no the dog ran far away from the big red house"]),
+    ("a dog", ["good", "good answer", "yes good answer question"], ["bad", "bad answer", "no maybe bad"]),
+    ("hello there", ["hi", "hi how can I help you", "yes hello"], ["no", "bad answer", "maybe no"]),
+]
+
+
+def rmbench_records(domains):
+    return [{"id": i, "prompt": RMBENCH_TEXTS[i % 3][0], "chosen": list(RMBENCH_TEXTS[i % 3][1]),
+             "rejected": list(RMBENCH_TEXTS[i % 3][2]), "domain": domain} for i, domain in enumerate(domains)]
+
+
+def rmbench_expected(model_dir, records, use_template, **lengths):
+    """RM-Bench's numbers of `records` by the library: prompt = a user message, each response the assistant's."""
+    model, tok = cli.load_model_and_tokenizer(model_dir, "cpu")
+
+    def fmt(prompt, chosen, rejected):
+        return data.chat_texts([{"role": "user", "content": prompt}], {"role": "assistant", "content": chosen},
+                               {"role": "assistant", "content": rejected}, tok, use_template)
+
+    chosen, rejected, kept = score_rmbench(model, tok, records, format_pair=fmt, progress=False, **lengths)
+    return rmbench_report(chosen[kept], rejected[kept], [r["domain"] for r, k in zip(records, kept.tolist()) if k])
+
+
+def assert_same_rmbench(got, expected):
+    for key in ("headline", "domains", "subsets", "pooled"):  # fractions of counts: equal, not close
+        assert got[key] == expected[key], key
+
+
+def test_cli_rmbench_numbers_template_and_lengths(tmp_path, tiny_model, tiny_tokenizer):
+    records = rmbench_records(["chat", "math", "code", "safety-refuse", "safety-response", "chat"])
+    data_file = tmp_path / "total_dataset.json"
+    data_file.write_text(json.dumps(records))
+    model = save_model(tmp_path / "model", tiny_model, tiny_tokenizer, SIMPLE_TEMPLATE)
+    out = tmp_path / "rmb.json"
+
+    def rmbench(*flags):
+        assert cli.main(["rmbench", "--model", model, "--data", str(data_file), "--output", str(out),
+                         "--device", "cpu", "--no-progress", *flags]) == 0
+        return json.loads(out.read_text())
+
+    templated = rmbench()
+    assert templated["chat_template"] is True
+    assert_same_rmbench(templated, rmbench_expected(model, records, True))
+    plain = rmbench("--chat-template", "none")
+    assert plain["chat_template"] is False
+    assert_same_rmbench(plain, rmbench_expected(model, records, False))
+    assert plain["pooled"] != templated["pooled"]  # the template changes the tokens, so the numbers
+    cut = rmbench("--chat-template", "none", "--max-length", "4", "--max-prompt-length", "2")
+    assert_same_rmbench(cut, rmbench_expected(model, records, False, max_length=4, max_prompt_length=2))
+    assert cut["pooled"] != plain["pooled"]
+    first_two = rmbench("--limit", "2")
+    assert first_two["n_records"] == 2 and first_two["pooled"]["n"] == 2
+
+
+def test_cli_rmbench_drops_a_prompt_with_an_empty_response(tmp_path, saved_model, capsys):
+    records = rmbench_records(["chat", "math", "code", "safety-refuse"])
+    records[1]["rejected"][2] = ""
+    data_file = tmp_path / "total_dataset.json"
+    data_file.write_text(json.dumps(records))
+    out = tmp_path / "rmb.json"
+    rmbench = ["rmbench", "--model", str(saved_model), "--data", str(data_file), "--device", "cpu", "--no-progress"]
+    assert cli.main([*rmbench, "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert (res["n_records"], res["n_dropped"], res["pooled"]["n"]) == (4, 1, 3)
+    assert list(res["domains"]) == ["chat", "code", "safety"] and res["headline"]["complete"] is False
+    # every prompt unscorable: a user error, not a traceback
+    data_file.write_text(json.dumps([records[1]]))
+    assert cli.main(rmbench) == 2
+    assert "no scorable prompt" in one_error_line(capsys)
+
+
+def test_rmbench_record_checks(tmp_path, tiny_model, tiny_tokenizer):
+    path = tmp_path / "rmb.json"
+    records = rmbench_records(["chat", "math"])
+    del records[1]["id"], records[1]["domain"]
+    path.write_text(json.dumps(records))
+    loaded = load_rmbench(path)
+    assert loaded[0]["id"] == 0 and "id" not in loaded[1] and loaded[1]["domain"] == "unknown"
+    path.write_text(json.dumps([{**records[0], "chosen": ["a", "b", "c", "d"]}]))  # one response too many
+    with pytest.raises(ValueError, match="3 strings"):
+        load_rmbench(path)
+    # an empty rejected response makes its prompt unscorable too
+    holed = [{**loaded[0], "rejected": ["ran", "", "no"]}]
+    chosen, rejected, kept = score_rmbench(tiny_model, tiny_tokenizer, holed, progress=False)
+    assert kept.tolist() == [False] and torch.isnan(rejected[0, 1])
+
+
+def test_eval_package_exports():
+    import amapo_train.eval as eval_package
+
+    assert all(hasattr(eval_package, name) for name in eval_package.__all__)
+    assert eval_package.rmbench_report is rmbench_report
+
+
+def splits_records(n_prompts, n_models, score_key="score"):
+    return [{"prompt_id": f"p{i}", "prompt": f"P{i}", "completions": [
+        {"model": f"m{m}", "response": f"r{i}.{m}", score_key: (i + m) % n_models} for m in range(n_models)]}
+        for i in range(n_prompts)]
+
+
+def test_cli_splits_fractions_seed_and_score_key(tmp_path):
+    data_file = tmp_path / "uf.jsonl"
+    data_file.write_text("\n".join(json.dumps(r) for r in splits_records(20, 8, "rating")) + "\n")
+    out_dir = tmp_path / "splits"
+    assert cli.main(["splits", "--data", str(data_file), "--output", str(out_dir), "--score-key", "rating",
+                     "--valid-prompt-fraction", "0.25", "--valid-model-fraction", "0.5", "--seed", "3"]) == 0
+    manifest = json.loads((out_dir / "split.json").read_text())
+    assert manifest["seed"] == 3
+    assert manifest["valid_prompts"] == random_split([f"p{i}" for i in range(20)], 0.25, seed=3)[1]
+    assert manifest["valid_models"] == random_split([f"m{m}" for m in range(8)], 0.5, seed=3)[1]
+    assert len(manifest["valid_prompts"]) == 5 and len(manifest["valid_models"]) == 4
+    assert all(manifest["stats"][name]["n_pairs"] > 0 for name in ("train", "prompt_ood", "response_ood", "mutual_ood"))
+
+
+def test_cli_splits_unknown_valid_model(tmp_path, capsys):
+    data_file = tmp_path / "uf.jsonl"
+    data_file.write_text("\n".join(json.dumps(r) for r in uf_records()) + "\n")
+    out_dir = tmp_path / "splits"
+    assert cli.main(["splits", "--data", str(data_file), "--output", str(out_dir), "--valid-models", "C,D,Z"]) == 2
+    assert "--valid-models names models not in the data: ['Z']" in one_error_line(capsys)
+    assert not out_dir.exists()
+
+
+# ------------------------------------------------------------------------------------------------ generation glue
+
+
+class ScriptedLM(torch.nn.Module):
+    """generate() appends the tokens `tail` to every row; it records its keyword arguments and one draw of the RNG."""
+
+    def __init__(self, tail):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.tail = tail
+        self.calls = []
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        self.calls.append({**kwargs, "draw": torch.rand(1).item()})
+        return torch.cat([input_ids, torch.tensor(self.tail).expand(input_ids.shape[0], -1)], 1)
+
+
+def test_generate_batch_decoding_cut_and_seed(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ids = tok.convert_tokens_to_ids
+    eos = tok.eos_token_id
+    lm = ScriptedLM([ids("good"), ids("answer"), eos, ids("bad")])
+    prompts = ["the cat", "a dog ran"]
+    kwargs = dict(top_p=0.5, max_new_tokens=4, stop_ids=[eos], seed=3)
+    # only the new tokens, cut at the first stop token
+    assert generate_batch(lm, tok, prompts, temperature=0.8, **kwargs) == ["good answer"] * 2
+    call = lm.calls[-1]
+    assert (call["do_sample"], call["temperature"], call["top_p"], call["max_new_tokens"]) == (True, 0.8, 0.5, 4)
+    assert call["eos_token_id"] == [eos] and call["pad_token_id"] == tok.pad_token_id
+    generate_batch(lm, tok, prompts, temperature=5e-5, **kwargs)  # FastChat: below 1e-4 is greedy
+    assert lm.calls[-1]["do_sample"] is False
+    torch.manual_seed(3)
+    assert lm.calls[0]["draw"] == lm.calls[1]["draw"] == torch.rand(1).item()  # seeded before each call
+    assert generate_batch(lm, tok, prompts, temperature=0.0, top_p=1.0, max_new_tokens=4,
+                          stop_ids=[eos, ids("answer")], seed=0) == ["good"] * 2
+
+
+def test_stop_token_ids(tiny_tokenizer):
+    tok = tiny_tokenizer
+    assert stop_token_ids(tok, []) == [tok.eos_token_id]
+    assert stop_token_ids(tok, ["</s>", "<pad>"]) == [tok.eos_token_id, tok.pad_token_id]
+    with pytest.raises(ValueError, match="no stop token <\\|eot_id\\|>"):
+        stop_token_ids(tok, ["<|eot_id|>"])
+
+
+@pytest.fixture
+def generate_calls(monkeypatch):
+    """The arguments of every generate_batch call the CLI makes; answer k of call n is "answer n.k"."""
+    calls = []
+
+    def fake(model, tokenizer, prompts, *, temperature, top_p, max_new_tokens, stop_ids, seed):
+        calls.append({"prompts": list(prompts), "temperature": temperature, "top_p": top_p,
+                      "max_new_tokens": max_new_tokens, "stop_ids": list(stop_ids), "seed": seed})
+        return [f"answer {len(calls)}.{k}" for k in range(len(prompts))]
+
+    monkeypatch.setattr(generation, "generate_batch", fake)
+    return calls
+
+
+def test_cli_generate_alpacaeval_flags_reach_generation(tmp_path, tiny_model, tiny_tokenizer, generate_calls):
+    model = save_model(tmp_path / "model", tiny_model, tiny_tokenizer, SIMPLE_TEMPLATE)
+    inst = tmp_path / "alpaca.json"
+    instructions = [*GEN_PROMPTS[:3], "hi", "bye"]
+    inst.write_text(json.dumps([{"instruction": i, **({"dataset": "koala"} if i == "hi" else {})}
+                                for i in instructions]))
+    out = tmp_path / "out.json"
+    generate = ["generate", "--model", model, "--instructions", str(inst), "--format", "alpacaeval",
+                "--output", str(out), "--device", "cpu", "--no-progress"]
+    assert cli.main([*generate, "--chat-template", "none", "--batch-size", "2", "--seed", "7", "--temperature", "0.3",
+                     "--top-p", "0.5", "--max-new-tokens", "4"]) == 0
+    assert [c["prompts"] for c in generate_calls] == [[f"\n\nUser: {i}\n\nAssistant:" for i in instructions[k:k + 2]]
+                                                      for k in (0, 2, 4)]
+    assert [c["seed"] for c in generate_calls] == [7, 9, 11]  # seed + index of the batch's first item
+    eos = tiny_tokenizer.eos_token_id
+    assert all((c["temperature"], c["top_p"], c["max_new_tokens"], c["stop_ids"]) == (0.3, 0.5, 4, [eos])
+               for c in generate_calls)
+    rows = json.loads(out.read_text())
+    assert [r["output"] for r in rows] == ["answer 1.0", "answer 1.1", "answer 2.0", "answer 2.1", "answer 3.0"]
+    assert [r["dataset"] for r in rows] == ["alpaca_eval"] * 3 + ["koala", "alpaca_eval"]
+    # Defaults: the chat template, one batch of up to 8, temperature 0.7, 512 new tokens, seed 0.
+    generate_calls.clear()
+    assert cli.main(generate) == 0
+    (call,) = generate_calls
+    assert call["prompts"][0] == "user the cat assistant"
+    assert (call["temperature"], call["top_p"], call["max_new_tokens"], call["seed"]) == (0.7, 1.0, 512, 0)
+    assert json.loads(Path(f"{out}.meta.json").read_text())["chat_template"] is True
+
+
+def test_cli_generate_mtbench_turns_temperatures_and_seeds(tmp_path, saved_model, generate_calls):
+    questions = tmp_path / "question.jsonl"
+    qs = [{"question_id": 1, "category": "writing", "turns": ["the cat", "a dog"]},
+          {"question_id": 2, "category": "math", "turns": ["hello", "the mat"]},
+          {"question_id": 3, "category": "math", "turns": ["yes"]}]
+    questions.write_text("\n".join(json.dumps(q) for q in qs) + "\n")
+    out = tmp_path / "answers.jsonl"
+    assert cli.main(["generate", "--model", str(saved_model), "--instructions", str(questions), "--format", "mtbench",
+                     "--output", str(out), "--max-new-tokens", "5", "--seed", "7", "--device", "cpu",
+                     "--no-progress"]) == 0
+    # Greedy (math) first, then writing at 0.7; each turn one call, its seed offset by 1000003 per turn.
+    got = [(c["temperature"], c["seed"], c["prompts"]) for c in generate_calls]
+    assert got == [
+        (0.0, 8, ["\n\nUser: hello\n\nAssistant:", "\n\nUser: yes\n\nAssistant:"]),
+        (0.0, 8 + 1_000_003, ["\n\nUser: hello\n\nAssistant: answer 1.0\n\nUser: the mat\n\nAssistant:"]),
+        (0.7, 7, ["\n\nUser: the cat\n\nAssistant:"]),
+        (0.7, 7 + 1_000_003, ["\n\nUser: the cat\n\nAssistant: answer 3.0\n\nUser: a dog\n\nAssistant:"]),
+    ]
+    assert all(c["max_new_tokens"] == 5 for c in generate_calls)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["choices"][0]["turns"] for r in rows] == [["answer 3.0", "answer 4.0"], ["answer 1.0", "answer 2.0"],
+                                                       ["answer 1.1"]]
+
+
+def test_cli_generate_preset_for_another_model_family(tmp_path, saved_model, capsys):
+    inst = tmp_path / "alpaca.json"
+    inst.write_text(json.dumps([{"instruction": "the cat"}]))
+    assert cli.main(["generate", "--model", str(saved_model), "--instructions", str(inst), "--format", "alpacaeval",
+                     "--output", str(tmp_path / "out.json"), "--preset", "llama3-8b-base", "--device", "cpu"]) == 2
+    assert "--preset llama3-8b-base: the tokenizer has no stop token <|end_of_text|>, <|eot_id|>" in \
+        one_error_line(capsys)

@@ -132,6 +132,11 @@ def resolve_token_settings(args) -> None:
         raise UserError(f"--model {args.model}: {path} has tokenization {args.tokenization!r} and "
                         f"insert_system_message {args.insert_system_message!r} (expected one of {TOKENIZATIONS}, "
                         "and true or false); give --tokenization and --insert-system-message")
+    for name in ("max_length", "max_prompt_length"):  # a flag's value is an int already: only the file's can be off
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"--model {args.model}: {path} has {name} {value!r} (expected an integer); give {flag}")
     try:
         check_length_flags(args.max_length, args.max_prompt_length)
     except UserError as error:  # say which length the user did not give
