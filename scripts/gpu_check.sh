@@ -12,7 +12,7 @@
 #   bash scripts/gpu_check.sh part3   # amapo-train throughput and peak memory of the fused, ops and eager loss
 #                                     #   paths on a random 1.5B Llama-3 shape (benchmarks/bench_train.py; not yet run)
 #   bash scripts/gpu_check.sh all     # part1 and part2, one after the other, where one call may run longer than
-#                                     #   10 minutes
+#                                     #   10 minutes (refused under the device tool: its $OUT returns 8 files)
 # With the device tool (15 device-minutes a session, the machine's start of a minute or more included, calls of
 # at most 10 minutes, the machine given back after 30 s idle): part1 with BUDGET=300 (~3.5 minutes), then at
 # once part2 with BUDGET set to the budget_left_s that `status` reports less 60 s (at most 570), so that the
@@ -216,7 +216,11 @@ case "$PART" in
   part1) part1 ;;
   part2) part2 ;;
   part3) part3 ;;
-  all) part1; part2 ;;
+  all)  # more than 10 minutes, and part1's and part2's results together are more than the 8 files $OUT returns
+    if [ -n "${OUT:-}" ] && [ "$RESULTS" = "$OUT" ]; then
+      echo "gpu_check.sh all: under the device tool (\$OUT) run part1 and part2 as two calls" >&2; exit 2
+    fi
+    part1; part2 ;;
   *) echo "usage: bash scripts/gpu_check.sh part1|part2|part3|all" >&2; exit 2 ;;
 esac
 # The device tool returns at most 8 files from $OUT: past that, one archive of the logs.

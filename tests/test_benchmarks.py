@@ -4,6 +4,7 @@ of a Python error there costs a call.) No timing is asserted."""
 
 import json
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from amapo_kernels import reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import bench_common  # noqa: E402
 import bench_from_logits  # noqa: E402
 from bench_common import AGREEMENT_LIMIT  # noqa: E402
 import bench_fused_linear  # noqa: E402
@@ -372,6 +374,9 @@ ARGUMENT_MISTAKES = [  # (script, its arguments, the one-line error): refused be
     # an unknown method ran as eager, in a row of its name
     ("bench_fused_linear", ["--sizes", "2x8x8x16", "--repeats", "1", "--methods", "fused,nosuch"],
      "argument --methods: unknown 'nosuch'; known: triton, triton_filter, cublas, fused, op_logits, eager,"),
+    # no method at all: it ran the default methods
+    ("bench_fused_linear", ["--sizes", "2x8x8x16", "--repeats", "1", "--methods", ","],
+     "argument --methods: none given; known: triton, triton_filter,"),
     # a limit of 0 or less was a TypeError (the message formatted --budget's None)
     ("bench_train", ["--timeout", "0"], "argument --timeout: must be a finite number > 0, got 0"),
     ("bench_train", ["--timeout", "-5"], "argument --timeout: must be a finite number > 0, got -5"),
@@ -538,3 +543,395 @@ def test_device_cuda_without_a_gpu_is_one_line_and_status_2(script, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(lines) == 1, lines
     assert lines[0].endswith("error: --device cuda: no CUDA device is available"), lines
+
+
+class FakeClock:
+    """A clock that only runs() move: perf_counter (seconds) and torch.cuda.Event pairs (ms) both read it."""
+
+    def __init__(self, monkeypatch, durations_ms):
+        self.now, self.durations, self.calls = 0.0, list(durations_ms), []
+        clock = self
+        monkeypatch.setattr(bench_common, "time", types.SimpleNamespace(perf_counter=lambda: clock.now / 1e3))
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.at = None
+
+            def record(self):
+                self.at = clock.now
+
+            def elapsed_time(self, end):
+                return end.at - self.at
+
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+    def run(self):
+        self.calls.append("run")
+        self.now += self.durations.pop(0)
+
+    def prepare(self):
+        self.calls.append("prepare")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_time_ms_is_the_median_of_the_timed_runs_after_the_warmup(monkeypatch, device):
+    """Two slow warm-ups (compiles, autotuning) are left out; the median of 5, 1 and 6 ms is 5 (not the mean 4 or
+    the minimum 1); prepare() runs before every run, warm-ups included."""
+    clock = FakeClock(monkeypatch, [100, 100, 5, 1, 6])
+    assert bench_common.time_ms(clock.run, device, warmup=2, repeats=3, prepare=clock.prepare) == pytest.approx(5)
+    assert clock.calls == ["prepare", "run"] * 5
+
+
+def test_copy_bandwidth_counts_bytes_read_and_written_over_ten_copies(monkeypatch):
+    """1 GiB copied 10 times in 100 ms (fake events): 2 x 2**30 x 10 bytes moved, 214.7 GB/s."""
+    clock = FakeClock(monkeypatch, [])
+
+    class Buffer:
+        def numel(self):
+            return 2**30
+
+        def copy_(self, source):
+            clock.now += 10 if source is not None else 0  # each copy: 10 ms of the fake clock
+
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: Buffer())
+    monkeypatch.setattr(torch, "empty_like", lambda tensor: Buffer())
+    # 3 warm-up copies outside the events, 10 timed: 100 ms
+    assert bench_common.copy_bandwidth_gbs() == pytest.approx(2 * 2**30 * 10 / 0.1 / 1e9)
+
+
+def test_memory_baseline_frees_the_gradients_a_run_would_accumulate_into(monkeypatch):
+    """prepare() runs before the baseline is read: a run that accumulates into gradients left from the previous
+    run allocates none, and would be charged 100 bytes less than one that writes them afresh."""
+    memory = FakeCudaMemory(monkeypatch, allocated=1000 + 100)
+    gradients = {"held": True}
+
+    def clear_gradients():
+        memory.allocate(-100 if gradients["held"] else 0)
+        gradients["held"] = False
+
+    def method():  # autograd's accumulation: gradients allocated only where none is held
+        if not gradients["held"]:
+            memory.allocate(100)
+            gradients["held"] = True
+        memory.allocate(500)
+        memory.allocate(-500)
+
+    assert bench_common.cuda_peak_extra_bytes(method, clear_gradients, gradient_bytes=100) == 500
+
+
+def test_errors_are_relative_to_the_reference_and_the_worst_gradient_counts():
+    assert bench_common.relative_error(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0])) == 1.0  # / ||expected||
+    assert bench_common.relative_error(torch.zeros(2), torch.zeros(2)) == 0.0
+    assert bench_common.relative_error(torch.ones(2), torch.zeros(2)) == float("inf")
+    exact, wrong = torch.ones(3), torch.full((3,), 1.5)
+    errors = bench_common.agreement(torch.tensor(1.0), (exact, wrong), torch.tensor(1.0), (exact, exact))
+    assert errors == {"loss_error": 0.0, "grad_error": 0.5}
+    assert bench_common.format_error({"loss_error": 1e-3, "grad_error": 2e-2}) == "2.0e-02"
+    assert bench_common.format_error({"loss_error": 3e-2, "grad_error": 2e-3}) == "3.0e-02"
+    assert bench_common.format_error({"note": "OOM"}) == bench_common.format_error(None) == "-"
+
+
+def test_results_are_written_into_a_folder_that_does_not_exist_yet(tmp_path):
+    """output_path accepts a folder that can be made: write_results makes it."""
+    out, md = tmp_path / "new" / "rows.json", tmp_path / "new" / "md" / "rows.md"
+    bench_common.write_results(out, {"meta": {}, "rows": [1]}, md, "table\n", complete=True)
+    assert json.loads(out.read_text()) == {"meta": {"complete": True}, "rows": [1]} and md.read_text() == "table\n"
+    assert sorted(path.name for path in out.parent.iterdir()) == ["md", "rows.json"]  # no .partial left
+
+
+def test_markdown_table_has_one_separator_per_column():
+    assert bench_common.markdown_table(["a", "b"], [[1, "x"]]) == "| a | b |\n|---|---|\n| 1 | x |\n"
+
+
+def test_bytes_moved_read_scored_rows_twice_and_write_the_whole_gradient():
+    """Logits [2, 4, 8] fp32 (rows of 32 bytes), shift: row t is scored where labels[:, t + 1] is not ignored,
+    3 rows here (labels[0, 0] scores no row). 2 x 3 rows read + 8 rows of gradient written."""
+    logits = torch.zeros(2, 4, 8)
+    labels = torch.tensor([[7, 1, -100, -100], [-100, -100, 5, 6]])
+    assert bench_from_logits.must_move_bytes(logits, labels) == (2 * 3 + 8) * 32
+    assert bench_from_logits.must_move_bytes(logits.bfloat16(), labels) == (2 * 3 + 8) * 16
+
+
+def test_from_logits_limit_fraction_and_ratios(monkeypatch):
+    """With a measured bandwidth, each row's limit is the bytes moved at that bandwidth, "% of limit" is
+    limit time / measured time, and "x ours" is the peer's time / ours (fake timings: ours 2 ms, eager 5 ms)."""
+    timings = {"ours": 2.0, "eager": 5.0}
+    monkeypatch.setattr(bench_from_logits, "peer_fns", lambda device: dict.fromkeys(timings))
+    monkeypatch.setattr(bench_from_logits, "measure",
+                        lambda name, fn, logits, labels, *args: (timings[name], 3 * 2**20, None))
+    ours, eager = bench_from_logits.bench_size("2x8x64", "fp32", "cpu", ["ours", "eager"], 1, bandwidth=0.001)
+    logits, labels = bench_from_logits.make_inputs(2, 8, 64, torch.float32, "cpu")
+    limit_ms = bench_from_logits.must_move_bytes(logits, labels) / 1e6 * 1e3  # 1 MB/s
+    assert ours["limit_ms"] == eager["limit_ms"] == pytest.approx(limit_ms)
+    assert eager["fraction_of_limit"] == pytest.approx(limit_ms / 5.0)
+    assert (ours["time_vs_ours"], eager["time_vs_ours"]) == (1.0, 2.5)
+    row = {**eager, "fraction_of_limit": 0.5, "loss_error": 1e-3, "grad_error": 2e-3}
+    assert bench_from_logits.format_row(row) == ["2x8x64", "fp32", "eager", "5.00", "2.50", "3.0", "50%", "2.0e-03", ""]
+
+
+def test_from_logits_times_after_three_warmups_and_counts_the_logits_gradient_on_cuda(monkeypatch):
+    """The docstring's protocol: 3 untimed warm-ups, --repeats timed runs; CUDA's memory figure keeps the logits'
+    gradient in (what in-place saves), and a peer that overwrites the logits gets them back before each run."""
+    seen = {}
+    monkeypatch.setattr(bench_from_logits, "time_ms",
+                        lambda run, device, warmup, repeats, prepare: seen.update(timing=(warmup, repeats)) or 1.0)
+    monkeypatch.setattr(bench_from_logits, "cuda_peak_extra_bytes",
+                        lambda run, prepare, gradient_bytes: seen.update(memory=(prepare, gradient_bytes)) or 7)
+    logits, labels = bench_from_logits.make_inputs(2, 8, 64, torch.float32, "cpu")
+    fns = bench_from_logits.peer_fns("cpu")
+    assert bench_from_logits.measure("ours", fns["ours"], logits, labels, "cuda", 5, None) == (1.0, 7, None)
+    assert seen == {"timing": (3, 5), "memory": (None, 0)}
+    bench_from_logits.measure("ours_inplace", fns["ours_inplace"], logits, labels, "cuda", 5, None)
+    assert seen["memory"][0] is not None and seen["memory"][1] == 0
+
+
+def test_from_logits_inputs_are_peaked_with_a_quarter_prompt():
+    """Logits of a few nats of entropy (uniform noise has about log V), the first quarter of labels ignored."""
+    logits, labels = bench_from_logits.make_inputs(2, 8, 4096, torch.float32, "cpu")
+    entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    assert 1.0 < entropy.mean().item() < 5.0 < torch.log(torch.tensor(4096.0)).item()
+    assert (labels[:, :2] == -100).all() and (labels[:, 2:] >= 0).all()
+
+
+def test_from_logits_adds_ours_as_the_baseline_of_the_ratios(tmp_path):
+    rows = bench_from_logits.main(["--sizes", "2x8x64", "--dtypes", "fp32", "--peers", "eager", "--repeats", "1"])
+    assert [row["peer"] for row in rows] == ["ours", "eager"] and rows[1]["time_vs_ours"] > 0, rows
+
+
+def test_the_floor_multiplies_only_the_scored_positions():
+    """Its products are over hidden[:, :-1] at the positions whose next label is scored (shift=True): logits of
+    [scored, V], not of every position."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    hidden, weight, labels = bench_fused_linear.make_inputs(2, 8, 16, 64, torch.float32, "cpu")
+    labels[0, 7] = labels[1, 2] = -100
+    products = []
+
+    class Matmuls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.mm:
+                products.append(args)
+            return func(*args, **(kwargs or {}))
+
+    with Matmuls():
+        bench_fused_linear.four_matmuls(hidden, weight, labels)
+    scored = hidden[:, :-1][labels[:, 1:] != -100]
+    assert torch.equal(products[0][0], scored) and torch.equal(products[1][0], scored)
+
+
+def test_fused_linear_inputs_give_peaked_logits():
+    """Weight scaled so that logits have std ~4: a few nats of entropy, far below uniform noise's log V."""
+    hidden, weight, labels = bench_fused_linear.make_inputs(2, 8, 64, 4096, torch.float32, "cpu")
+    logits = (hidden @ weight.t()).detach()
+    entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean().item()
+    assert 3.5 < logits.std().item() < 4.5 and entropy < torch.log(torch.tensor(4096.0)).item() - 3, entropy
+    assert (labels[:, :2] == -100).all() and (labels[:, 2:] >= 0).all()
+
+
+def approximate_gradient_loss(hidden, weight, labels):
+    """AMaPO's loss exactly, its gradients 20% off: a gradient filter's row in miniature."""
+    loss = bench_fused_linear.eager_loss(hidden, weight, labels)
+    return loss + 0.2 * (loss - loss.detach())
+
+
+def test_a_filtered_peer_is_held_to_its_loss_an_exact_one_to_its_gradient(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench_fused_linear.PEER_LOSSES, "cce_filter", approximate_gradient_loss)
+    monkeypatch.setitem(bench_fused_linear.PEER_LOSSES, "cce_nofilter", approximate_gradient_loss)
+    out = tmp_path / "rows.json"
+    bench_fused_linear.main(["--sizes", "2x8x16x64", "--repeats", "1", "--warmup", "0", "--methods",
+                             "cce_filter,cce_nofilter", "--json", str(out)])
+    filtered, exact = json.loads(out.read_text())["results"]
+    assert filtered["note"] == "gradient filter: its gradient is off the exact one by 0.2 (relative)", filtered
+    assert exact["note"].startswith("DISAGREES with the reference"), exact
+
+
+def test_fused_linear_ratios_are_to_ours_per_size():
+    """"x fused" on the CPU ("x triton" on CUDA): each method's time over ours at the same size."""
+    def row(size, method, ms):
+        return {"batch": 2, "steps": size, "width": 16, "vocab": 64, "method": method, "ms": ms, "memory_bytes": 2**20,
+                "note": None}
+
+    rows = [row(8, "fused", 2.0), row(8, "eager", 5.0), row(16, "fused", 4.0), row(16, "eager", 6.0),
+            row(16, "liger_simpo", None)]
+    env = {"torch": "2", "date": "today", "command": "bench"}
+    cpu = bench_fused_linear.markdown_report(rows, types.SimpleNamespace(device="cpu", dtype="fp32"), env, {})
+    assert "| B x T x H x V | dtype | method | fwd+bwd ms | x fused | largest MiB |" in cpu
+    assert "| 2x8x16x64 | fp32 | eager | 5.00 | 2.50 | 1.0 | - |  |" in cpu
+    assert "| 2x16x16x64 | fp32 | eager | 6.00 | 1.50 |" in cpu and "| 2x16x16x64 | fp32 | liger_simpo | - | - |" in cpu
+    gpu = bench_fused_linear.markdown_report(rows, types.SimpleNamespace(device="cuda", dtype="bf16"), env, {})
+    assert "| x triton | extra MiB |" in gpu and "| 2x8x16x64 | bf16 | eager | 5.00 | - |" in gpu  # no triton row
+
+
+def test_fused_linear_raises_a_failure_of_ours(monkeypatch):
+    """A peer's failure is its row's note; ours (fused here) is the benchmark's subject: it raises."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("our kernel broke")
+
+    monkeypatch.setattr(bench_fused_linear, "amapo_loss_from_hidden", broken)
+    with pytest.raises(RuntimeError, match="our kernel broke"):
+        bench_fused_linear.main(["--sizes", "2x8x16x64", "--repeats", "1", "--methods", "fused"])
+
+
+def test_fused_linear_methods_get_their_options(monkeypatch):
+    """Each row runs what its name says: --token-chunk/--vocab-chunk reach fused, the backend and the filter
+    reach the Triton-module rows."""
+    calls = []
+
+    def recording(hidden, weight, labels, **kwargs):
+        calls.append(kwargs)
+        return (hidden.sum() + weight.sum()) * 0
+
+    monkeypatch.setattr(bench_fused_linear, "amapo_loss_from_hidden", recording)
+    hidden, weight, labels = bench_fused_linear.make_inputs(2, 8, 16, 64, torch.float32, "cpu")
+    for name in ("fused", "triton", "triton_filter", "cublas"):
+        bench_fused_linear.step_fn(name, hidden, weight, labels, 8, 32)()
+    assert calls == [dict(shift=True, token_chunk=8, vocab_chunk=32, backend="torch"),
+                     dict(shift=True, backend="triton", gradient_filter=False),
+                     dict(shift=True, backend="triton", gradient_filter=True),
+                     dict(shift=True, backend="cublas", gradient_filter=False)]
+
+
+def test_fused_linear_times_after_its_warmup(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench_fused_linear, "time_ms", lambda run, device, *args: seen.append(args[:2]) or 1.0)
+    hidden, weight, labels = bench_fused_linear.make_inputs(2, 8, 16, 64, torch.float32, "cpu")
+    args = types.SimpleNamespace(device="cpu", warmup=4, repeats=7, token_chunk=8, vocab_chunk=16)
+    bench_fused_linear.measure("fused", hidden, weight, labels, None, args)
+    assert seen == [(4, 7)]
+
+
+def fake_training_run(steps, returncode=0):
+    """A train_command stand-in: it logs `steps` (loss, tokens_per_s, peak_memory_gib) rows to metrics.jsonl."""
+    rows = [json.dumps({"loss": loss, "tokens_per_s": speed, "peak_memory_gib": peak}) for loss, speed, peak in steps]
+    script = ("import pathlib, sys; out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True); "
+              f"(out / 'metrics.jsonl').write_text({''.join(row + chr(10) for row in rows)!r}); sys.exit({returncode})")
+    return lambda args, impl, data, output_dir: [sys.executable, "-c", script, str(output_dir)]
+
+
+def test_train_row_is_the_median_after_the_warmup_steps(tmp_path, monkeypatch):
+    """tokens/s: the median of the steps after --warmup-steps (a slow first step, a fast outlier left out); first
+    loss: step 1's; peak memory: the most of any step."""
+    import bench_train
+
+    steps = [(0.70, 10.0, 1.0), (0.69, 500.0, 3.0), (0.68, 100.0, 2.0), (0.67, 120.0, 2.5), (0.66, 900.0, 2.0),
+             (0.65, 130.0, 1.5)]
+    monkeypatch.setattr(bench_train, "train_command", fake_training_run(steps))
+    args = bench_train.parse_args(["--steps", "6", "--warmup-steps", "2", "--seq-len", "96", "--work-dir",
+                                   str(tmp_path)])
+    row = bench_train.measure(args, "fused", {}, tmp_path, limit=60)
+    assert (row["tokens_per_s"], row["timed_steps"]) == (125.0, 4), row
+    assert (row["first_loss"], row["last_loss"], row["peak_memory_gib"]) == (0.70, 0.65, 3.0), row
+    assert row["tokens_per_step"] == 2 * 2 * 96
+
+
+def test_train_run_that_logs_too_few_steps_failed(tmp_path, monkeypatch):
+    """Exit status 0 but fewer steps than --steps (a run stopped early): no row of numbers from it."""
+    import bench_train
+
+    monkeypatch.setattr(bench_train, "train_command", fake_training_run([(0.7, 100.0, 1.0)] * 2))
+    args = bench_train.parse_args(["--steps", "3", "--warmup-steps", "1", "--work-dir", str(tmp_path)])
+    row = bench_train.measure(args, "ops", {}, tmp_path, limit=60)
+    assert "tokens_per_s" not in row and row["error"] == "exit status 0", row
+
+
+def test_train_table_gives_speed_against_eager():
+    import bench_train
+
+    def row(impl, tokens_per_s):
+        return {"impl": impl, "tokens_per_s": tokens_per_s, "timed_steps": 3, "first_loss": 0.7, "last_loss": 0.6}
+
+    table = bench_train.table([row("fused", 300.0), row("eager", 100.0)])
+    assert "| fused | 300 | 3.00x | - | 3 | 0.7000 | 0.0e+00 | 0.6000 |" in table
+    # eager failed: nothing to compare with
+    table = bench_train.table([row("fused", 300.0), {"impl": "eager", "error": "Killed"}])
+    assert "| fused | 300 | - | - | 3 | 0.7000 | - | 0.6000 |" in table and "| eager | failed: Killed |" in table
+
+
+def test_train_benchmark_stopped_midway_is_partial(tmp_path, monkeypatch):
+    import bench_train
+
+    monkeypatch.setattr(bench_train, "measure", stop_after_first(lambda args, impl, *rest: {"impl": impl, "error": "x"}))
+    out = tmp_path / "rows.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench_train.main(["--seq-len", "32", "--steps", "2", "--warmup-steps", "1", "--work-dir", str(tmp_path),
+                          "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["complete"] is False and saved["rows"] == [{"impl": "fused", "error": "x"}]
+
+
+def test_train_arguments_and_the_command_they_give(tmp_path):
+    """The defaults on the CPU, --warmup-steps that leaves no step to time refused, and the amapo-train command
+    as amapo-train's own parser reads it: prompts cut to half of --seq-len, no final checkpoint."""
+    import bench_train
+    from amapo_train.command_line import build_parser, config_from_args
+
+    args = bench_train.parse_args(["--work-dir", str(tmp_path)])
+    assert (args.shape, args.seq_len, args.steps, args.warmup_steps) == ("llama3-vocab-tiny", 256, 6, 2)
+    assert (args.bf16, args.checkpointing) == (False, True)
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--steps", "3", "--warmup-steps", "3", "--work-dir", str(tmp_path)])
+    args = bench_train.parse_args(["--seq-len", "96", "--pairs", "3", "--steps", "4", "--work-dir", str(tmp_path)])
+    command = bench_train.train_command(args, "ops", {"train": "a.jsonl", "test": "b.jsonl"}, tmp_path / "ops")
+    assert command[1:3] == ["-m", "amapo_train.train"]
+    config = config_from_args(build_parser("").parse_args(command[3:]))
+    assert (config.max_length, config.max_prompt_length, config.loss_impl, config.save_final) == (96, 48, "ops", False)
+    assert (config.per_device_batch_size, config.total_batch_size, config.max_steps) == (3, 3, 4)
+    assert (config.deepspeed, config.bf16, config.gradient_checkpointing) == ("zero3", False, True)
+
+
+def test_train_failure_reason_prefers_a_console_scripts_error_line():
+    import bench_train
+
+    assert bench_train.failure_reason("amapo-train: error: --max-length 0 must be >= 2\nwandb: finishing\n") == (
+        "amapo-train: error: --max-length 0 must be >= 2")
+
+
+def test_profile_step_counts_calls_per_step_largest_first():
+    step = profile_step.make_step("from_logits", "2x16x64", torch.float32, "cpu", "triton", False)
+    kernels = profile_step.kernel_table(step, "cpu", steps=3)
+    calls = {name: count for name, count, _ in kernels}
+    assert calls["amapo_kernels::sequence_logps_fwd"] == calls["amapo_kernels::sequence_logps_bwd"] == 1, calls
+    assert [ms for _, _, ms in kernels] == sorted((ms for _, _, ms in kernels), reverse=True)
+
+
+@pytest.mark.parametrize("path, size, inplace, backend", [("from_logits", "2x16x64", True, "triton"),
+                                                          ("from_hidden", "2x8x16x64", False, "cublas")])
+def test_profile_step_runs_the_options_it_was_given(monkeypatch, path, size, inplace, backend):
+    calls = []
+
+    def recording(*tensors, **kwargs):
+        calls.append(kwargs)
+        return sum(tensor.sum() for tensor in tensors if tensor.is_floating_point()) * 0
+
+    monkeypatch.setattr(profile_step.ak, "amapo_loss_from_logits", recording)
+    monkeypatch.setattr(profile_step.ak, "amapo_loss_from_hidden", recording)
+    profile_step.make_step(path, size, torch.float32, "cpu", backend, inplace)()
+    assert calls == [dict(shift=True, inplace_backward=True) if path == "from_logits" else
+                     dict(shift=True, backend="cublas")]
+
+
+def test_profile_step_warms_up_then_times_twenty_steps(monkeypatch, tmp_path):
+    """The docstring's protocol: --warmup steps, then the wall time as the median of 20; the table's total is the
+    sum of its rows."""
+    steps, timings = [], []
+    monkeypatch.setattr(profile_step, "make_step", lambda *args: lambda: steps.append(1))
+    monkeypatch.setattr(profile_step, "time_ms",
+                        lambda step, device, warmup, repeats: timings.append((len(steps), warmup, repeats)) or 1.0)
+    monkeypatch.setattr(profile_step, "kernel_table", lambda *args: [("aten::mm", 1, 0.5), ("aten::add", 2, 0.25)])
+    out = tmp_path / "profile.json"
+    profile_step.main(["--size", "2x8x64", "--warmup", "2", "--steps", "1", "--json", str(out)])
+    assert timings == [(2, 0, 20)]
+    assert json.loads(out.read_text())["busy_ms"] == 0.75
+
+
+@pytest.mark.parametrize("script", ["bench_from_logits", "bench_fused_linear"])
+def test_cuda_timings_need_twenty_repeats(script, capsys, monkeypatch):
+    """On a GPU (faked here: the check comes before any CUDA call) fewer than 20 repeats are refused."""
+    import importlib
+
+    module = importlib.import_module(script)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--device", "cuda", "--repeats", "19"])
+    assert stop.value.code == 2 and "--device cuda: use --repeats >= 20" in capsys.readouterr().err

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # Each stand-in logs {"tool", "argv", "triton_cache_autotuning"} as a JSON line and exits 0 (1 where its
 # arguments hold $STAND_IN_FAILS); "python" also writes the files named by --json / --markdown, as the
-# benchmarks do.
+# benchmarks do, and a pytest run prints $STAND_IN_PRINTS.
 STAND_IN = """
 import json, os, sys
 tool, argv = os.path.basename(sys.argv[1]), sys.argv[2:]
@@ -29,6 +29,8 @@ with open(os.environ["STAND_IN_LOG"], "a") as log:
                           "triton_cache_autotuning": os.environ.get("TRITON_CACHE_AUTOTUNING")}) + "\\n")
 if os.environ.get("STAND_IN_FAILS") and os.environ["STAND_IN_FAILS"] in argv:
     sys.exit(1)
+if os.environ.get("STAND_IN_PRINTS") and "pytest" in argv:
+    print(os.environ["STAND_IN_PRINTS"])
 if tool == "python3":
     for flag in ("--json", "--markdown"):
         if flag in argv:
@@ -164,3 +166,114 @@ def test_a_failed_wheel_install_is_a_failed_step(gpu_machine, tmp_path):
     done = run_part("part3", {**env, "WHEELS": str(wheels)})
     assert done.returncode == 0
     assert {name: status for name, status, _, _ in summary_rows(results, "part3")}["peer wheels"] == "ok"
+
+
+def step_limits(stdout):
+    """{step name: its time limit} from gpu_check.sh's "== NAME (limit N s)" lines."""
+    return {name: int(limit) for name, limit in re.findall(r"^== (.+) \(limit (\d+) s\)$", stdout, re.M)}
+
+
+def test_each_step_limit_is_cut_to_what_the_budget_leaves(gpu_machine):
+    """BUDGET=200: a step may run at most BUDGET - RESERVE (15 s) less the time spent, its own limit if smaller."""
+    env, log, results = gpu_machine
+    done = run_part("part2", env, budget=200)
+    limits = step_limits(done.stdout)
+    assert limits["bench_from_logits (paper size)"] == 180, limits  # its own, below what is left
+    assert 175 <= limits["bench_fused_linear"] <= 185, limits  # 240, cut to what is left
+    assert all(limit <= 185 for limit in limits.values()), limits
+
+
+def test_bench_train_gets_a_budget_that_ends_before_its_step_limit(gpu_machine):
+    """part3's bench_train writes its rows before gpu_check.sh's own limit on the step kills it."""
+    env, log, results = gpu_machine
+    done = run_part("part3", env)
+    (argv,) = [argv for argv in python_commands(log) if argv and argv[0] == "benchmarks/bench_train.py"]
+    budget = float(argv[argv.index("--budget") + 1])
+    assert 0 < budget < step_limits(done.stdout)["bench_train (llama3-1b, ZeRO-3)"], (budget, done.stdout)
+
+
+def test_sanitizers_fail_on_errors_and_only_initcheck_sees_every_kernel(gpu_machine):
+    env, log, results = gpu_machine
+    run_part("part1", env)
+    sanitizer_calls = {call["argv"][1]: call["argv"] for call in calls(log) if call["tool"] == "compute-sanitizer"}
+    for tool, argv in sanitizer_calls.items():
+        assert argv[argv.index("--error-exitcode") + 1] == "9", argv
+        assert ("--kernel-name" in argv) == (tool != "initcheck"), argv
+
+
+def test_a_skipped_cuda_test_fails_part1(gpu_machine):
+    """On the GPU machine a CUDA test skipped is a failure of the check, with a row of its own."""
+    env, log, results = gpu_machine
+    done = run_part("part1", {**env, "STAND_IN_PRINTS": "SKIPPED [1] tests/test_ops.py:12: CUDA not available"})
+    assert done.returncode == 1
+    assert {name: status for name, status, _, _ in summary_rows(results, "part1")}["no CUDA test skipped"] == "FAILED"
+
+
+@pytest.mark.skipif(not list((ROOT / "amapo_kernels").glob("_C*.so")), reason="the extension is not built here")
+def test_part2_does_not_rebuild_a_built_extension(gpu_machine):
+    env, log, results = gpu_machine
+    run_part("part2", env)
+    assert not [name for name, *_ in summary_rows(results, "part2") if name.startswith("build")]
+
+
+@pytest.mark.parametrize("extra, packed", [(0, False), (1, True)])
+def test_logs_are_packed_past_eight_files(gpu_machine, tmp_path, extra, packed):
+    """The device tool returns 8 files: a folder of exactly 8 is left as it is, one of 9 is packed."""
+    env, log, results = gpu_machine
+    first = tmp_path / "first"
+    first.mkdir()
+    run_part("part1", {**env, "OUT": str(first)})
+    made = len([path for path in first.iterdir() if path.is_file()])
+    assert made <= 8 and not (first / "logs.tar.gz").exists()
+    for index in range(8 - made + extra):  # files already there, as a part run earlier in the same call leaves
+        (results / f"earlier_{index}.log").write_text("")
+    run_part("part1", env)
+    files = [path for path in results.iterdir() if path.is_file()]
+    assert (results / "logs.tar.gz").exists() == packed and len(files) <= 8, sorted(path.name for path in files)
+
+
+def test_all_is_refused_under_the_device_tool(gpu_machine):
+    """`all` leaves part1's and part2's results together, more files than the device tool's $OUT returns (10 with
+    the stand-ins, where it takes 8): refused there in one line, exit status 2, before any step runs."""
+    env, log, results = gpu_machine
+    done = run_part("all", env)
+    assert done.returncode == 2 and "run part1 and part2 as two calls" in done.stderr
+    assert not calls(log) and not list(results.iterdir())
+
+
+def test_sanitize_case_passes_on_the_cpu_and_fails_on_a_wrong_gradient(monkeypatch, capsys):
+    """tools/gpu_sanitize_case.py (run by part1 under each sanitizer) exits non-zero when a case disagrees with
+    the reference, here its gradient alone (50% off)."""
+    import runpy
+
+    import amapo_kernels
+
+    script = str(ROOT / "tools" / "gpu_sanitize_case.py")
+    monkeypatch.setattr(sys, "argv", [script, "cpu"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(script, run_name="__main__")
+    assert done.value.code == 0 and "BAD" not in capsys.readouterr().out
+    exact = amapo_kernels.sequence_logps
+    monkeypatch.setattr(amapo_kernels, "sequence_logps", lambda *args, **kwargs: (
+        lambda out: out + 0.5 * (out - out.detach()))(exact(*args, **kwargs)))
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(script, run_name="__main__")
+    assert done.value.code == 1 and "BAD" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wheels, clash", [(["pydantic_core-2.50.5-cp312-cp312-any.whl", "trl-1.16.0-py3-none-any.whl"],
+                                            False),
+                                           (["PyYAML-6.0-py3-none-any.whl", "pyyaml-6.1-py3-none-any.whl"], True)])
+def test_fetch_peer_wheels_refuses_two_versions_of_a_project(tmp_path, wheels, clash):
+    """pip cannot install two versions of one project: fetch_peer_wheels.sh stops on them, names compared as
+    pip does (case and -_. alike). A stand-in python skips the downloads (no network here)."""
+    dest, python = tmp_path / "wheels", tmp_path / "python"
+    dest.mkdir()
+    for name in wheels:
+        (dest / name).write_text("")
+    python.write_text(f'#!/bin/sh\n[ "$1" = "-m" ] && exit 0\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "fetch_peer_wheels.sh"), str(dest)],
+                          env={**os.environ, "PYTHON": str(python)}, capture_output=True, text=True, timeout=60)
+    assert (done.returncode != 0) == clash, done.stdout + done.stderr
+    assert ("several versions of" in done.stderr) == clash, done.stderr
