@@ -109,6 +109,15 @@ NON_NEGATIVE = Range(0.0)
 SMOOTHING = Range(0.0, 0.5)  # cDPO / SimPO / AMaPO label smoothing: beyond 0.5 the labels flip
 
 
+def _as_float(value) -> float:
+    """float(value), with a Python int beyond float's range (where float() raises OverflowError) taken as
+    infinite, so that the range check refuses it as any other non-finite number."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def check_hparams(method: str, hparams: dict, rules: dict) -> None:
     """The one validation of every method's hyperparameters: rules maps a name to a Range (a finite real
     number inside it) or to a tuple of allowed choices. The error names the method and the argument."""
@@ -119,7 +128,7 @@ def check_hparams(method: str, hparams: dict, rules: dict) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"method={method!r}: {name} must be a real number, got {type(value).__name__}")
-        if float(value) not in rule:
+        if _as_float(value) not in rule:
             raise ValueError(f"method={method!r}: {name} must be a finite number in {rule}, got {value!r}")
 
 
@@ -148,7 +157,7 @@ def check_logit_softcap(logit_softcap) -> float | None:
         return None
     if isinstance(logit_softcap, bool) or not isinstance(logit_softcap, numbers.Real):
         raise TypeError(f"logit_softcap must be None or a real number, got {type(logit_softcap).__name__}")
-    if float(logit_softcap) not in SOFTCAP:
+    if _as_float(logit_softcap) not in SOFTCAP:
         raise ValueError(f"logit_softcap must be None or a positive number within float32's normal range "
                          f"[{SOFTCAP.low:.3g}, {SOFTCAP.high:.3g}] (c * tanh(z / c) is computed in float32), "
                          f"got {logit_softcap!r}")

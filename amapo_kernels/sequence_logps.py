@@ -38,6 +38,8 @@ def sequence_logps(
     """
     check_logits_labels(logits, labels)
     options = (check_ignore_index(ignore_index), check_bool("average", average), check_bool("shift", shift))
+    if shift and logits.shape[1] == 0:  # the op says so too, but meta (fake) tensors never reach its check
+        raise ValueError("shift=True needs T >= 1")
     check_labels = check_bool("check_labels", check_labels)
     inplace_backward = check_bool("inplace_backward", inplace_backward)
     refuse_unsupported_transforms("amapo_kernels.sequence_logps", logits, labels, vmap_refused=(

@@ -198,8 +198,9 @@ def test_direct_amapo_backward_checks_dtypes(device):
     assert all(torch.isfinite(grad).all() for grad in grads)
 
 
-def test_odd_batch_for_from_logits():
-    logits, labels = logits_labels(batch=3)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_odd_batch_for_from_logits(batch):
+    logits, labels = logits_labels(batch=batch)
     with pytest.raises(ValueError, match="even batch"):
         ak.amapo_loss_from_logits(logits, labels)
 
@@ -449,6 +450,7 @@ def test_integer_like_ignore_index(path):
     (float("nan"), ValueError, "logit_softcap must be None or a positive number"),
     (-1.0, ValueError, "logit_softcap must be None or a positive number"),
     ("30", TypeError, "logit_softcap must be None or a real number, got str"),
+    (True, TypeError, "logit_softcap must be None or a real number, got bool"),  # not c = 1.0
 ])
 def test_bad_logit_softcap(value, error, fragment):
     with pytest.raises(error, match=re.escape(fragment)):
@@ -460,6 +462,24 @@ def test_no_steps_with_shift(path):
     hidden, weight, labels = hidden_inputs(steps=0)
     with pytest.raises(ValueError, match=re.escape("shift=True needs T >= 1")):
         PATHS[path](hidden, weight, labels, shift=True)
+
+
+@pytest.mark.parametrize("api", ["sequence_logps", "amapo_loss_from_logits"])
+def test_no_steps_with_shift_on_meta_tensors(api):
+    """Meta (fake) tensors reach the op's fake kernel, not its C++ check (before: a RuntimeError about a
+    negative dimension)."""
+    logits, labels = logits_labels(steps=0)
+    with pytest.raises(ValueError, match=re.escape("shift=True needs T >= 1")):
+        getattr(ak, api)(logits.to("meta"), labels.to("meta"), shift=True)
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400)], ids=["10**400", "-10**400"])
+def test_int_beyond_float_range_is_a_value_error(value):
+    """A Python int that no float holds is a non-finite hyperparameter (before: OverflowError from float())."""
+    with pytest.raises(ValueError, match=re.escape("method='amapo': beta must be a finite number")):
+        ak.amapo_loss(torch.zeros(2), torch.zeros(2), beta=value)
+    with pytest.raises(ValueError, match="logit_softcap must be None or a positive number"):
+        ak.sequence_logps_from_hidden(*hidden_inputs(), logit_softcap=value)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -489,3 +509,152 @@ def test_odpo_refuses_tied_scores():
     with pytest.raises(ValueError, match="chosen_scores must exceed rejected_scores on every pair"):
         ak.preference_loss(*pair, method="odpo", chosen_scores=torch.tensor([2.0, 1.0]),
                            rejected_scores=torch.tensor([1.0, 1.0]), **refs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that nothing behind them repeats: meta tensors, closed bounds, the from-hidden arguments
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["empty vocabulary", "strided vocabulary"])
+@pytest.mark.parametrize("api", ["sequence_logps", "amapo_loss_from_logits"])
+def test_logits_checks_run_on_meta_tensors(case, api):
+    """Meta tensors (as torch.compile's fake ones) reach the ops' fake kernels, not the C++ checks: the wrapper's
+    own checks are the only ones there."""
+    _, logits, labels, error, fragment = next(c for c in LOGITS_CASES if c[0] == case)
+    with pytest.raises(error, match=re.escape(fragment)):
+        getattr(ak, api)(logits.to("meta"), labels.to("meta"))
+
+
+def test_inplace_backward_refuses_shared_elements_before_the_forward():
+    """The wrapper refuses expanded logits at the call, not only later in the backward op."""
+    logits, labels = logits_labels()
+    with pytest.raises(ValueError, match="inplace_backward=True needs logits whose elements do not share memory"):
+        ak.sequence_logps(logits[:, :1].expand(-1, 3, -1), labels, inplace_backward=True)
+
+
+@pytest.mark.parametrize("method", ak.METHODS)
+def test_every_method_checks_the_pair_shapes(method):
+    """Mismatched chosen / rejected log-probs would broadcast into a loss over the wrong pairs."""
+    extra = {} if method == "amapo" else dict(ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2))
+    if method == "odpo":
+        extra.update(chosen_scores=torch.ones(2), rejected_scores=torch.zeros(2))
+    with pytest.raises(ValueError, match=re.escape("rejected_logps must have the shape of chosen_logps (2,), got (1,)")):
+        ak.preference_loss(torch.zeros(2), torch.zeros(1), method=method, **extra)
+
+
+def test_reference_logps_must_be_floating():
+    """Integer tensors are accepted as ODPO's scores (ratings), never as reference log-probs."""
+    with pytest.raises(TypeError, match="ref_chosen_logps must have dtype in .*, got torch.int64"):
+        ak.preference_loss(torch.zeros(2), torch.zeros(2), method="dpo", ref_chosen_logps=torch.zeros(2, dtype=torch.long),
+                           ref_rejected_logps=torch.zeros(2))
+
+
+def test_bool_hyperparameter_is_refused():
+    with pytest.raises(TypeError, match=re.escape("method='dpo': beta must be a real number, got bool")):
+        ak.preference_loss(torch.zeros(2), torch.zeros(2), method="dpo", beta=True,
+                           ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2))
+
+
+def test_closed_upper_bounds_are_allowed():
+    """label_smoothing = 0.5 lies in [0.0, 0.5], and the float32 maximum in the softcap's range."""
+    refs = dict(ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2))
+    for method, extra in (("amapo", {}), ("dpo", refs), ("simpo", {})):
+        assert torch.isfinite(ak.preference_loss(torch.zeros(2), torch.zeros(2), method=method, label_smoothing=0.5,
+                                                 **extra))
+    out = ak.sequence_logps_from_hidden(*hidden_inputs(), logit_softcap=torch.finfo(torch.float32).max)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("value", [-(2**63), 2**63 - 1])
+def test_ignore_index_at_the_int64_bounds(path, value):
+    hidden, weight, labels = hidden_inputs()
+    expected = PATHS[path](hidden, weight, labels)
+    labels[0, 1], expected_labels = value, labels.clone()
+    expected_labels[0, 1] = -100
+    torch.testing.assert_close(PATHS[path](hidden, weight, labels, ignore_index=value),
+                               PATHS[path](hidden, weight, expected_labels))
+    assert not torch.equal(PATHS[path](hidden, weight, labels, ignore_index=value), expected)
+
+
+FROM_HIDDEN_CASES = {  # (override, error, message fragment): the from-hidden path's own argument checks
+    "weight narrower than H": (dict(lm_head_weight=torch.zeros(V, 3, dtype=torch.float64)), ValueError,
+                               "lm_head_weight must be [V, H] with H = hidden.shape[2] = 4, got (7, 3)"),
+    "bias of one element": (dict(bias=torch.zeros(1, dtype=torch.float64)), ValueError,  # would broadcast
+                            "bias must be [V] = [7] to match lm_head_weight, got (1,)"),
+    "bias on meta": (dict(bias=torch.zeros(V, dtype=torch.float64, device="meta")), ValueError,
+                     "tensors must be on one device"),
+    "token_chunk True": (dict(token_chunk=True), ValueError, "token_chunk must be a positive int, got True"),
+    "vocab_chunk True": (dict(vocab_chunk=True), ValueError, "vocab_chunk must be a positive int, got True"),
+}
+
+
+@pytest.mark.parametrize("case", FROM_HIDDEN_CASES)
+def test_from_hidden_arguments(case):
+    override, error, fragment = FROM_HIDDEN_CASES[case]
+    hidden, weight, labels = hidden_inputs()
+    kwargs = {"lm_head_weight": weight, **override}
+    with pytest.raises(error, match=re.escape(fragment)):
+        ak.sequence_logps_from_hidden(hidden, kwargs.pop("lm_head_weight"), labels, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Direct op calls: every shape, dtype and size the kernels index by is checked in C++ (CPU and CUDA host code)
+# ---------------------------------------------------------------------------------------------
+
+
+def direct_calls(device):
+    """(name, call, error, message fragment) of direct op calls with one bad argument each."""
+    logits, labels = (x.to(device) for x in logits_labels())
+    _, stats = ops.sequence_logps_fwd(logits, labels, -100, True, False)
+    ones = torch.ones(2, device=device)
+    pairs, moments = torch.zeros(2, device=device), torch.zeros(4, dtype=torch.float64, device=device)
+    return [
+        ("labels T mismatch", lambda: ops.sequence_logps_fwd(logits, labels[:, :2], -100, True, False),
+         ValueError, "disagree on B or T"),
+        ("int32 labels", lambda: ops.sequence_logps_fwd(logits, labels.int(), -100, True, False),
+         TypeError, "labels must be int64"),
+        ("shift with T = 0", lambda: ops.sequence_logps_fwd(logits[:, :0], labels[:, :0], -100, True, True),
+         ValueError, "shift=True needs T >= 1"),
+        ("empty vocabulary", lambda: ops.sequence_logps_fwd(logits[..., :0], torch.full_like(labels, -100), -100, True,
+                                                            False), ValueError, "empty vocabulary"),
+        ("grad of another B", lambda: ops.sequence_logps_bwd(ones[:1], logits, labels, stats, -100, True, False),
+         ValueError, "grad must be [B]"),
+        ("softmax_stats [B, T, 1]", lambda: ops.sequence_logps_bwd(ones, logits, labels, stats[..., :1], -100, True,
+                                                                  False), ValueError, "softmax_stats must be"),
+        ("float64 softmax_stats", lambda: ops.sequence_logps_bwd(ones, logits, labels, stats.double(), -100, True,
+                                                                False), TypeError, "softmax_stats must be Float"),
+        ("float32 batch_moments", lambda: ops.amapo_loss_fwd(pairs, pairs, moments.float(), 2.0, 0.0, "code", "none"),
+         ValueError, "batch_moments must be float64"),
+        ("rejected of another B", lambda: ops.amapo_loss_fwd(pairs, pairs[:1], moments, 2.0, 0.0, "code", "none"),
+         ValueError, "rejected_logps must have the shape of chosen_logps"),
+        ("margins of another B", lambda: ops.amapo_loss_bwd(torch.ones((), device=device), pairs, pairs, pairs[:1],
+                                                           2.0, 0.0), ValueError, "margins, chosen_logps and"),
+        ("grad not a scalar", lambda: ops.amapo_loss_bwd(ones, pairs, pairs, pairs, 2.0, 0.0),
+         ValueError, "grad must be a scalar"),
+    ]
+
+
+DIRECT_CALLS = [name for name, *_ in direct_calls("cpu")]
+
+
+@pytest.mark.parametrize("case", DIRECT_CALLS)
+def test_direct_op_calls_check_every_argument(device, case):
+    """The wrappers check first, but the ops are public (torch.ops.amapo_kernels) and the kernels index memory by
+    these shapes and dtypes: each bad argument is refused by the op itself, naming it."""
+    _, call, error, fragment = next(c for c in direct_calls(device) if c[0] == case)
+    with pytest.raises(error, match=re.escape(fragment)):
+        call()
+
+
+def test_direct_op_calls_take_empty_inputs(device):
+    """No row (B = 0) or no step (T = 0): empty results, no error and no read."""
+    logits, labels = (x.to(device) for x in logits_labels())
+    for rows in (slice(0, 0), slice(None)):
+        steps = slice(None) if rows.stop == 0 else slice(0, 0)
+        seq, stats = ops.sequence_logps_fwd(logits[rows, steps], labels[rows, steps], -100, True, False)
+        assert seq.shape == (logits[rows].shape[0],) and stats.numel() == 0
+        grad = ops.sequence_logps_bwd(torch.ones_like(seq), logits[rows, steps], labels[rows, steps], stats, -100,
+                                      True, False)
+        assert grad.shape == logits[rows, steps].shape
