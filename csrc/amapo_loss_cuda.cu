@@ -12,7 +12,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> amapo_loss_fwd_cuda(const at::Ten
                                                                    const at::Tensor& batch_moments, double beta,
                                                                    double label_smoothing, c10::string_view variant,
                                                                    c10::string_view ablation) {
-  const c10::cuda::CUDAGuard guard(chosen.device());
+  const c10::cuda::CUDAGuard guard(op_device({&chosen, &rejected, &batch_moments}));
   return amapo_loss_kernels::forward(CudaDevice{}, chosen, rejected, batch_moments, beta, label_smoothing, variant,
                                      ablation);
 }
@@ -20,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> amapo_loss_fwd_cuda(const at::Ten
 std::tuple<at::Tensor, at::Tensor> amapo_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& chosen,
                                                        const at::Tensor& rejected, const at::Tensor& margins,
                                                        double beta, double label_smoothing) {
-  const c10::cuda::CUDAGuard guard(chosen.device());
+  const c10::cuda::CUDAGuard guard(op_device({&chosen, &grad_loss, &rejected, &margins}));
   return amapo_loss_kernels::backward(CudaDevice{}, grad_loss, chosen, rejected, margins, beta, label_smoothing);
 }
 

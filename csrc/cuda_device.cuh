@@ -8,6 +8,8 @@
 
 #include <cuda_runtime.h>
 
+#include <initializer_list>
+
 namespace amapo {
 
 struct CudaDevice {
@@ -27,5 +29,15 @@ struct CudaDevice {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
+
+// The GPU a CUDA op runs on, for its CUDAGuard: the first of its tensors that is on one (the dispatcher chose the
+// CUDA kernel because one is). Guarding on a fixed argument that is the CPU tensor of a mixed call would fail
+// inside CUDAGuard ("non-CUDA DeviceType") before the op's own device check could name the arguments.
+inline c10::Device op_device(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* tensor : tensors) {
+    if (tensor->is_cuda()) return tensor->device();
+  }
+  return (*tensors.begin())->device();  // no CUDA tensor: not reachable through the dispatcher
+}
 
 }  // namespace amapo

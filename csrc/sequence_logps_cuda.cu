@@ -12,13 +12,13 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> sequence_logps_fwd_cuda(const at::Tensor& logits, const at::Tensor& labels,
                                                            int64_t ignore_index, bool average, bool shift,
                                                            bool check_labels) {
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const c10::cuda::CUDAGuard guard(op_device({&logits, &labels}));
   return sequence_logps_kernels::forward(CudaDevice{}, logits, labels, ignore_index, average, shift, check_labels);
 }
 
 at::Tensor sequence_logps_bwd_cuda(const at::Tensor& grad_seq, const at::Tensor& logits, const at::Tensor& labels,
                                    const at::Tensor& softmax_stats, int64_t ignore_index, bool average, bool shift) {
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const c10::cuda::CUDAGuard guard(op_device({&logits, &grad_seq, &labels, &softmax_stats}));
   auto grad = at::empty(logits.sizes(), logits.options());
   sequence_logps_kernels::backward_into(CudaDevice{}, grad_seq, logits, labels, softmax_stats, ignore_index, average,
                                         shift, grad);
@@ -27,7 +27,7 @@ at::Tensor sequence_logps_bwd_cuda(const at::Tensor& grad_seq, const at::Tensor&
 
 void sequence_logps_bwd_inplace_cuda(const at::Tensor& grad_seq, at::Tensor& logits, const at::Tensor& labels,
                                      const at::Tensor& softmax_stats, int64_t ignore_index, bool average, bool shift) {
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const c10::cuda::CUDAGuard guard(op_device({&logits, &grad_seq, &labels, &softmax_stats}));
   sequence_logps_kernels::backward_into(CudaDevice{}, grad_seq, logits, labels, softmax_stats, ignore_index, average,
                                         shift, logits);
 }

@@ -165,3 +165,43 @@ def test_cuda_graph_capture_of_forward_and_backward():
     eager_loss = ak.amapo_loss_from_logits(eager, labels, shift=True)
     eager_loss.backward()
     assert torch.equal(captured_loss, eager_loss) and torch.equal(static.grad, eager.grad)
+
+
+def mixed_device_calls():
+    """(name, call, message fragment) of direct op calls with one tensor on the CPU, the rest on the GPU: the
+    dispatcher picks the CUDA kernel, which would read the CPU tensor's host pointer without the op's own check
+    (the wrappers check first; the ops are public, and the CPU emulation cannot mix devices)."""
+    from amapo_kernels._ops import ops
+
+    logits, labels = torch.randn(2, 3, 7, device="cuda"), torch.randint(0, 7, (2, 3), device="cuda")
+    _, stats = ops.sequence_logps_fwd(logits, labels, -100, True, False)
+    ones, pairs = torch.ones(2, device="cuda"), torch.zeros(2, device="cuda")
+    moments = torch.tensor([2.0, 0.0, 0.0, 0.0], dtype=torch.float64, device="cuda")
+    scalar = torch.ones((), device="cuda")
+    same = "must be on the same device"
+    return [
+        ("labels", lambda: ops.sequence_logps_fwd(logits, labels.cpu(), -100, True, False), same),
+        ("logits", lambda: ops.sequence_logps_fwd(logits.cpu(), labels, -100, True, False), same),
+        ("backward grad", lambda: ops.sequence_logps_bwd(ones.cpu(), logits, labels, stats, -100, True, False), same),
+        ("backward stats", lambda: ops.sequence_logps_bwd(ones, logits, labels, stats.cpu(), -100, True, False), same),
+        ("backward labels", lambda: ops.sequence_logps_bwd(ones, logits, labels.cpu(), stats, -100, True, False), same),
+        ("in-place grad", lambda: ops.sequence_logps_bwd_inplace(ones.cpu(), logits, labels, stats, -100, True,
+                                                                 False), same),
+        ("rejected", lambda: ops.amapo_loss_fwd(pairs, pairs.cpu(), moments, 2.0, 0.0, "code", "none"),
+         "must be on one device"),
+        ("moments", lambda: ops.amapo_loss_fwd(pairs, pairs, moments.cpu(), 2.0, 0.0, "code", "none"),
+         "must be on one device"),
+        ("loss grad", lambda: ops.amapo_loss_bwd(scalar.cpu(), pairs, pairs, pairs, 2.0, 0.0), "must be on one device"),
+        ("margins", lambda: ops.amapo_loss_bwd(scalar, pairs, pairs, pairs.cpu(), 2.0, 0.0), "must be on one device"),
+    ]
+
+
+@pytest.mark.cuda
+@gpu_only
+@pytest.mark.parametrize("case", ["labels", "logits", "backward grad", "backward stats", "backward labels",
+                                  "in-place grad", "rejected", "moments", "loss grad", "margins"])
+def test_direct_op_calls_refuse_a_tensor_on_another_device(case):
+    _, call, fragment = next(c for c in mixed_device_calls() if c[0] == case)
+    with pytest.raises(ValueError, match=fragment):
+        call()
+    torch.cuda.synchronize()  # no kernel ran on a host pointer: nothing is left to fault
