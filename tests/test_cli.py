@@ -7,9 +7,14 @@ import sys
 from pathlib import Path
 
 import importlib.util
+import json
 
 import pytest
 import torch
+
+from amapo_train.command_line import STATE_FILE, check_resume
+from amapo_train.config import TrainConfig, UserError
+from amapo_train.train import cli, dry_run
 
 SCRIPT = shutil.which("amapo-train", path=str(Path(sys.executable).parent))
 
@@ -95,6 +100,11 @@ VALUE_MISTAKES = {  # a value outside what its flag takes; run in process (amapo
     "stop before the first step": (["--stop-after-steps", "-1"], "--stop-after-steps -1: must be >= 1"),
     "a device the driver does not place on": (["--device", "mps"], "argument --device: invalid choice: 'mps'"),
     "a GPU index (CUDA_VISIBLE_DEVICES picks it)": (["--device", "cuda:1"], "argument --device: invalid choice"),
+    "held-out split that is the training split": (["--eval-dataset", "bundled:hh-rlhf", "--test-split", "train"],
+                                                 "--eval-dataset bundled:hh-rlhf is the training data"),
+    "two held-out sources": (["--eval-dataset", "bundled:hh-rlhf", "--eval-fraction", "0.1"],
+                             "give --eval-dataset or --eval-fraction, not both"),
+    "every record held out": (["--eval-fraction", "1"], "--eval-fraction must be in (0, 1), got 1.0"),
 }
 
 
@@ -208,3 +218,39 @@ def test_an_option_off_by_default_can_be_set_back_to_none():
     config = config_from_args(args)
     assert config.hparams["ablation"] is None
     config.validate()
+
+
+def test_local_files_are_checked_before_loading(tmp_path, monkeypatch, capsys):
+    """The training file under another spelling is no held-out data; a model directory needs its config.json."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Hi", "chosen": "yes", "rejected": "no"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    status = cli(["--dataset", "pairs.jsonl", "--eval-dataset", str(pairs), "--dry-run"])
+    assert_one_line_error(status, capsys.readouterr().err, f"--eval-dataset {pairs} is the training data")
+    status = cli(["--model", str(tmp_path), "--dry-run"])
+    assert_one_line_error(status, capsys.readouterr().err, f"--model {tmp_path}: no config.json there")
+
+
+def test_deepspeed_none_turns_a_recipes_deepspeed_off(capsys):
+    assert cli(["--recipe", "llama3-8b-base", "--deepspeed", "none", "--loss-impl", "ops", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["deepspeed_config"] is None
+
+
+def test_resume_checks_the_checkpoint_before_loading_it(tmp_path):
+    """A checkpoint is its trainer_state.json and state/; a run with another seed (data order, held-out split) is
+    refused."""
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 2, "config": {"seed": 1, "output_dir": "a"}}))
+    with pytest.raises(UserError, match="no trainer_state.json and state/"):
+        check_resume(str(checkpoint), TrainConfig(seed=1))
+    (checkpoint / "state").mkdir()
+    check_resume(str(checkpoint), TrainConfig(seed=1, output_dir="b"))
+    with pytest.raises(UserError, match="the checkpoint's run had seed=1; this one has seed=2"):
+        check_resume(str(checkpoint), TrainConfig(seed=2))
+
+
+def test_odpo_reads_ultrafeedbacks_score_columns_unless_told():
+    assert dry_run(TrainConfig(loss="odpo"), 1)["score_columns"] == ["score_chosen", "score_rejected"]
+    assert dry_run(TrainConfig(loss="odpo", rejected_score_column="low"), 1)["score_columns"] == ["score_chosen", "low"]
+    assert TrainConfig(loss="odpo", chosen_score_column="high").score_columns() == ("high", "score_rejected")

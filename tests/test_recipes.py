@@ -60,3 +60,15 @@ def test_recipe_schedule_is_the_authors(recipe):
     assert (config.loss, config.tokenization, config.insert_system_message, config.total_batch_size) == \
         ("amapo", "trl", True, 128)
     assert config.hparams == {"beta": AUTHORS[recipe][2]} and config.learning_rate == AUTHORS[recipe][3]
+
+
+def test_dry_run_plans_for_the_launchers_world_size(monkeypatch, capsys):
+    """Under a launcher (WORLD_SIZE) --dry-run plans its processes, not the recipe's; --world-size overrides both."""
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    main(["--recipe", "llama3-8b-base", "--dry-run"])
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["world_size"], plan["gradient_accumulation_steps"], plan["amapo_stats_pairs"]) == (8, 16, 8)
+    assert "warning" in plan
+    main(["--recipe", "llama3-8b-base", "--dry-run", "--world-size", "2"])
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["world_size"], plan["gradient_accumulation_steps"]) == (2, 64)

@@ -1,14 +1,22 @@
 """The training driver: a short run of the tiny default, exact resume, recipes, data formats."""
 
+import contextlib
 import json
+import math
 import re
+import time
 
 import pytest
 import torch
 
+import amapo_kernels as ak
+from amapo_kernels import reference
 from amapo_train import data
+from amapo_train import model as models
+from amapo_train import train as driver
 from amapo_train.config import RECIPES, TrainConfig, UserError
-from amapo_train.train import dry_run, main
+from amapo_train.train import (dry_run, lm_head_params, log_step, loss_and_metrics, main, make_accelerator, pair_loss,
+                               sequence_logps, set_up)
 
 SHORT = ["--max-train-pairs", "96", "--max-test-pairs", "32", "--log-with", "none", "--device", "cpu",
          "--total-batch-size", "16", "--per-device-batch-size", "8"]
@@ -278,3 +286,299 @@ def test_held_out_data_without_a_pair_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"held-out data .*eval\.jsonl.*: no usable pair \(1 dropped"):
         main([*SHORT, "--eval-dataset", str(empty_responses), "--output-dir", str(tmp_path / "run")])
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_amapo_metrics_are_the_authors():
+    """margin/accuracies: the gap beats mu, the batch's mean gap (not 0); rewards/batch_margin_mean is beta * mu;
+    loss/margin the mean adaptive margin; a tie is no accurate reward."""
+    chosen = torch.tensor([-1.0, -2.0, -3.0, -4.0], dtype=torch.float64)
+    rejected = torch.tensor([-2.0, -2.0, -5.0, -4.5], dtype=torch.float64)  # gaps 1, 0 (a tie), 2, 0.5: mu 0.875
+    _, metrics = loss_and_metrics(chosen, rejected, None, TrainConfig(loss="amapo", hparams={"beta": 2.0}))
+    _, stats = ak.amapo_loss(chosen, rejected, beta=2.0, return_stats=True)
+    assert float(metrics["margin/accuracies"]) == 0.5
+    assert float(metrics["rewards/batch_margin_mean"]) == pytest.approx(2.0 * 0.875)
+    assert float(metrics["loss/margin"]) == pytest.approx(float(stats["adaptive_margin"].mean()))
+    assert float(metrics["loss/margin"]) > 0
+    assert float(metrics["rewards/accuracies"]) == 0.75
+
+
+def test_dpo_rewards_are_each_side_against_its_own_reference():
+    chosen, rejected = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.5])
+    refs = (torch.tensor([-1.5, -2.0]), torch.tensor([-2.0, -3.5]))
+    loss, metrics = loss_and_metrics(chosen, rejected, refs, TrainConfig(loss="dpo", hparams={"beta": 0.5}))
+    # 0.5 * (policy - reference): chosen [0.25, -0.5], rejected [0, 0.5]
+    assert float(metrics["rewards/chosen"]) == pytest.approx(-0.125)
+    assert float(metrics["rewards/rejected"]) == pytest.approx(0.25)
+    assert float(metrics["rewards/accuracies"]) == 0.5
+    assert float(loss) == pytest.approx(float(ak.preference_loss(chosen, rejected, method="dpo", beta=0.5,
+                                                                   ref_chosen_logps=refs[0], ref_rejected_logps=refs[1])))
+
+
+class OneProcess:
+    """accelerate's side of log_step for one CPU process: reduce and gather return their input."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.logged = []
+
+    def reduce(self, tensor, reduction):
+        return tensor
+
+    def gather(self, tensor):
+        return tensor
+
+    def log(self, values, step):
+        self.logged.append((step, values))
+
+
+class ConstantLR:
+    def get_last_lr(self):
+        return [0.25]
+
+
+def test_a_steps_metrics_are_micro_batch_means():
+    """Summed over the 2 micro-batches of a step, a loss of 1.2 is a step loss of 0.6; tokens/s: the step's
+    tokens over its seconds."""
+    accelerator = OneProcess()
+    sums = {"loss": torch.tensor(1.2), "rewards/accuracies": torch.tensor(1.5)}
+    record = log_step(accelerator, sums, 2, 300, time.perf_counter() - 2.0, 7, 1, ConstantLR())
+    assert record["loss"] == pytest.approx(0.6) and record["rewards/accuracies"] == pytest.approx(0.75)
+    assert (record["step"], record["epoch"], record["learning_rate"]) == (7, 1, 0.25)
+    assert record["tokens_per_s"] == pytest.approx(150, rel=0.05)
+    assert accelerator.logged == [(7, record)]
+
+
+def test_dpo_at_learning_rate_zero_stays_at_its_reference(tmp_path):
+    """At learning rate 0 the policy is its reference: every step's DPO loss is log 2 (the mean over the step's 2
+    micro-batches, not their sum) and its rewards 0, on the training pairs and on the held-out ones (each side
+    against its own reference log-prob, from its own split's table); the held-out ranking accuracies logged at
+    the last step are the final evaluation's. --save-steps 1 checkpoints every step but the last (the final
+    checkpoint's, which --save-final off leaves out)."""
+    out = tmp_path / "run"
+    result = main([*SHORT, "--max-train-pairs", "32", "--max-test-pairs", "16", "--loss", "dpo", "--learning-rate",
+                   "0", "--max-steps", "2", "--eval-steps", "2", "--save-steps", "1", "--save-final", "off",
+                   "--output-dir", str(out)])
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        assert record["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+            assert record[key] == pytest.approx(0.0, abs=1e-6), key
+    last = records[-1]
+    assert last["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for key in ("eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margins"):
+        assert last[key] == pytest.approx(0.0, abs=1e-6), key
+    for kind in ("summed", "normalized"):
+        assert last[f"eval_ranking_accuracy/{kind}"] == pytest.approx(result["eval"][kind]["accuracy"]), kind
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert "checkpoint" not in result and not (out / "final").exists()
+
+
+def test_schedule_and_optimizer_follow_the_config(tmp_path):
+    """100 pairs in micro-batches of 8 (the last 4 dropped: AMaPO's statistics are over 8 pairs), 2 per step:
+    6 steps an epoch, 12 in 2 epochs, of which a quarter, 3, warm up linearly; the cosine reaches 0 at step 12;
+    AdamW takes the learning rate and the weight decay."""
+    config = TrainConfig.from_recipe("tiny", max_train_pairs=100, max_test_pairs=8, log_with="none", device="cpu",
+                                     total_batch_size=16, per_device_batch_size=8, epochs=2, warmup_ratio=0.25,
+                                     weight_decay=0.05, learning_rate=0.01, output_dir=str(tmp_path / "run"))
+    run = set_up(config)
+    assert (len(run.loader), run.accelerator.gradient_accumulation_steps) == (12, 2)
+    assert (run.steps_per_epoch, run.total_steps) == (6, 12)
+    assert [(g["lr"], g["weight_decay"]) for g in run.optimizer.param_groups] == [(0.0, 0.05)]  # warm-up from 0
+    factors = [run.scheduler.lr_lambdas[0](step) for step in (1, 3, 12)]
+    assert factors == pytest.approx([1 / 3, 1.0, 0.0], abs=1e-12)
+    assert run.scheduler.base_lrs == [0.01]
+
+
+class Clock:
+    """amapo_train.train's time: each perf_counter() reading one second after the last."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+
+@pytest.fixture
+def collated_tokens(monkeypatch):
+    """The tokens (chosen and rejected attention masks) of each micro-batch the driver collates, in order."""
+    tokens = []
+
+    def counting_collate(pairs, pad_token_id):
+        batch = data.collate(pairs, pad_token_id=pad_token_id)
+        tokens.append(int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()))
+        return batch
+
+    monkeypatch.setattr(driver, "collate", counting_collate)
+    return tokens
+
+
+def test_each_step_is_clipped_once_and_counts_its_tokens(tmp_path, monkeypatch, collated_tokens):
+    """--max-grad-norm reaches the clipping once per optimizer step, not per micro-batch; tokens_per_s is the
+    step's tokens, chosen and rejected (its 2 micro-batches' attention masks), over its seconds."""
+    from accelerate import Accelerator
+
+    norms, tokens = [], collated_tokens
+    clip = Accelerator.clip_grad_norm_
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", lambda self, parameters, max_norm, **kwargs:
+                        norms.append(max_norm) or clip(self, parameters, max_norm, **kwargs))
+
+    monkeypatch.setattr(driver, "time", Clock())
+    out = tmp_path / "run"
+    main([*SHORT, "--max-train-pairs", "32", "--max-test-pairs", "8", "--max-steps", "2", "--max-grad-norm", "0.25",
+          "--eval-steps", "2", "--save-final", "off", "--output-dir", str(out)])
+    assert norms == [0.25, 0.25]
+    records = read_metrics(out)
+    # the first 4 batches collated: the training epoch's micro-batches (the evaluation comes after)
+    assert [r["tokens_per_s"] for r in records] == [tokens[0] + tokens[1], tokens[2] + tokens[3]]
+    # AMaPO's held-out log-probs are length-normalized too (a random model's: about -log(vocabulary) a token)
+    assert abs(records[1]["eval_logps/chosen"] - records[1]["logps/chosen"]) < 1.0
+
+
+def test_the_accelerator_gets_the_configs_precision_tracker_and_accumulation(monkeypatch, tmp_path):
+    import accelerate
+
+    made = []
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: made.append(kwargs))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for bf16, tracker in ((True, "none"), (False, "tensorboard")):
+        make_accelerator(TrainConfig(bf16=bf16, log_with=tracker, device="cpu", total_batch_size=16,
+                                     per_device_batch_size=4, output_dir=str(tmp_path)))
+    assert [(m["mixed_precision"], m["log_with"], m["gradient_accumulation_steps"], m["cpu"]) for m in made] == \
+        [("bf16", None, 4, True), ("no", "tensorboard", 4, True)]
+
+
+def test_fused_path_keeps_a_zero3_lm_head_gathered_until_released(monkeypatch):
+    """Under ZeRO-3 the lm_head weight (marked with a ds_id) is gathered into the caller's ExitStack and stays
+    gathered until the caller closes it (after the backward); without a stack the fused path refuses."""
+    import deepspeed
+
+    events = []
+
+    @contextlib.contextmanager
+    def gathered(params):
+        events.append(("gathered", params))
+        yield
+        events.append(("released", params))
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", gathered)
+    model = models.tiny_llama(32)
+    model.lm_head.weight.ds_id = 0  # how ZeRO-3 marks the parameters it partitions
+    with pytest.raises(ValueError, match="keep_gathered"):
+        lm_head_params(model, None)
+    with contextlib.ExitStack() as keep_gathered:
+        weight, bias = lm_head_params(model, keep_gathered)
+        assert weight is model.lm_head.weight and bias is None
+        assert [(event, params[0] is weight) for event, params in events] == [("gathered", True)]
+    assert [event for event, _ in events] == ["gathered", "released"]
+
+
+def test_fused_mean_logit_is_the_ops_one():
+    """The fused path never forms the logits; its logits/chosen|rejected mean, h . mean_v(W), equals the mean of the
+    ops path's logits over positions and vocabulary."""
+    model = models.tiny_llama(64)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, 64, (4, 9), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    mask = torch.ones_like(input_ids)
+    with torch.no_grad():
+        fused = sequence_logps(model, input_ids, mask, labels, average=True, impl="fused")
+        ops = sequence_logps(model, input_ids, mask, labels, average=True, impl="ops")
+    assert torch.allclose(fused[0], ops[0], rtol=1e-4)
+    assert torch.allclose(fused[1], ops[1], rtol=1e-4, atol=1e-6)
+
+
+def test_a_micro_batchs_metrics_are_each_sides():
+    """pair_loss: the first half of the concatenated rows is the chosen side, and each pair's reference log-probs
+    are the table's row of its batch["index"] (here in reverse order)."""
+    model = models.tiny_llama(64)
+    pairs = [{"chosen_input_ids": [1, 5, 6, 7], "chosen_labels": [-100, 5, 6, 7], "rejected_input_ids": [1, 5, 9],
+              "rejected_labels": [-100, 5, 9], "index": 1},
+             {"chosen_input_ids": [1, 8, 3], "chosen_labels": [-100, 8, 3], "rejected_input_ids": [1, 2, 4, 4, 4],
+              "rejected_labels": [-100, -100, 4, 4, 4], "index": 0}]
+    batch = data.collate(pairs, pad_token_id=0)
+    table = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]], dtype=torch.float64)
+    _, metrics = pair_loss(model, batch, TrainConfig(loss="dpo", loss_impl="ops", hparams={"beta": 1.0}), table)
+    with torch.no_grad():
+        for side, refs in (("chosen", [-3.0, -1.0]), ("rejected", [-4.0, -2.0])):
+            logits = model(input_ids=batch[f"{side}_input_ids"], attention_mask=batch[f"{side}_attention_mask"]).logits
+            logps = reference.sequence_logps(logits.float(), batch[f"{side}_labels"], shift=True, average=False)
+            assert float(metrics[f"logps/{side}"]) == pytest.approx(float(logps.mean()), rel=1e-5), side
+            assert float(metrics[f"rewards/{side}"]) == pytest.approx(float((logps.double() - torch.tensor(refs)).mean()),
+                                                                       rel=1e-5), side
+            assert float(metrics[f"logits/{side}"]) == pytest.approx(float(logits.mean()), rel=1e-5, abs=1e-7), side
+
+
+def test_an_epoch_ends_at_its_last_full_step(tmp_path):
+    """40 pairs are 5 micro-batches of 8, one step of 3 an epoch: the 2 left over make no step of their own (the
+    end of the data would sync them as one), and the next epoch starts afresh."""
+    out = tmp_path / "run"
+    main([*SHORT, "--max-train-pairs", "40", "--max-test-pairs", "4", "--total-batch-size", "24", "--epochs", "2",
+          "--save-final", "off", "--output-dir", str(out)])
+    assert [(r["step"], r["epoch"]) for r in read_metrics(out)] == [(1, 0), (2, 1)]
+
+
+def test_fused_refuses_a_logit_scale_before_any_step(tmp_path):
+    """A model that scales its logits (here logit_scale=0.5) is refused with --loss-impl fused as a user error, before
+    training: the fused path would leave the scale out."""
+    tokenizer = models.train_tiny_tokenizer(["Hello there.", "General Kenobi!"], vocab_size=300)
+    model = models.tiny_llama(len(tokenizer))
+    model.config.logit_scale = 0.5
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    with pytest.raises(UserError, match="'fused' does not apply the model's logit_scale=0.5"):
+        main([*SHORT, "--model", str(tmp_path / "model"), "--loss-impl", "fused", "--max-steps", "1",
+              "--output-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_local_model_loads_in_fp32_with_a_pad_token_and_the_template_override(tmp_path):
+    """The fp32 master copy whatever dtype the checkpoint holds; a tokenizer without a pad token pads with its EOS;
+    --chat-template replaces the tokenizer's template."""
+    tokenizer = models.train_tiny_tokenizer(["Hello there.", "General Kenobi!"], vocab_size=300)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path)
+    models.tiny_llama(len(tokenizer)).to(torch.bfloat16).save_pretrained(tmp_path)
+    model, loaded = models.load_model_and_tokenizer(TrainConfig(model=str(tmp_path), chat_template="mistral"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert loaded.pad_token_id == loaded.eos_token_id is not None
+    assert loaded.chat_template == data.CHAT_TEMPLATES["mistral"]
+
+
+def test_the_seed_initializes_the_tiny_model(monkeypatch):
+    tokenizer = models.train_tiny_tokenizer(["Hello there.", "General Kenobi!"], vocab_size=300)
+    monkeypatch.setattr(models, "load_tokenizer", lambda config: tokenizer)
+    weights = [models.load_model_and_tokenizer(TrainConfig(seed=seed))[0].lm_head.weight for seed in (1, 1, 2)]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+
+
+def test_a_single_local_file_holds_out_a_seeded_tenth_unless_told(tmp_path):
+    """Without --eval-dataset or --eval-fraction, a local file holds out 10% of its records; a Hub (or bundled)
+    source is evaluated on its --test-split."""
+    pairs = tmp_path / "pairs.jsonl"
+    plan = dry_run(TrainConfig(dataset=str(pairs), seed=3), 1)
+    assert plan["eval_data"].startswith(f"0.1 of {pairs} held out (seed 3)")
+    assert dry_run(TrainConfig.from_recipe("llama3-8b-base"), 4)["eval_data"] == \
+        "HuggingFaceH4/ultrafeedback_binarized split test_prefs (training: split train_prefs)"
+
+
+def test_a_checkpoints_save_time_is_not_the_next_steps(tmp_path, monkeypatch, collated_tokens):
+    """tokens_per_s of the step after a checkpoint is its own tokens over its own seconds: the checkpoint (here 100 s
+    on amapo_train.train's clock) is left out, as the evaluation is."""
+    clock, tokens = Clock(), collated_tokens
+    save = driver.save_checkpoint
+
+    def slow_save(*args, **kwargs):
+        clock.now += 100.0
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "time", clock)
+    monkeypatch.setattr(driver, "save_checkpoint", slow_save)
+    out = tmp_path / "run"
+    main([*SHORT, "--max-train-pairs", "32", "--max-test-pairs", "8", "--max-steps", "2", "--save-steps", "1",
+          "--save-final", "off", "--output-dir", str(out)])
+    assert [r["tokens_per_s"] for r in read_metrics(out)] == [tokens[0] + tokens[1], tokens[2] + tokens[3]]

@@ -489,9 +489,10 @@ def train_steps(run: TrainingRun, config: TrainConfig, step: int, last: int, log
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
                                  tok_s=f"{record['tokens_per_s']:.0f}")
-            sums, tokens, started = {}, 0, time.perf_counter()
             if config.save_steps and step % config.save_steps == 0 and step < run.total_steps:
                 save_checkpoint(accelerator, model, run.tokenizer, config, step, f"checkpoint-{step}")
+            # the next step's clock starts after the evaluation and the checkpoint, which are not its time
+            sums, tokens, started = {}, 0, time.perf_counter()
             if step >= last or step % run.steps_per_epoch == 0:  # the epoch's last full step
                 break
     progress.close()
