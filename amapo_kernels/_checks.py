@@ -79,6 +79,15 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_shift(shift, steps: int) -> bool:
+    """shift=True pairs position t with label t + 1, so it needs T >= 1 (the ops check it too; meta tensors and the
+    from-hidden path, which no op checks first, rely on this one)."""
+    check_bool("shift", shift)
+    if shift and steps == 0:
+        raise ValueError("shift=True needs T >= 1")
+    return shift
+
+
 def check_even_batch(name: str, batch) -> None:
     if batch.shape[0] % 2:
         raise ValueError(

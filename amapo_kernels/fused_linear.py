@@ -34,6 +34,7 @@ from amapo_kernels._checks import (
     check_data,
     check_logit_softcap,
     check_same_device,
+    check_shift,
     check_tensor,
 )
 from amapo_kernels._ops import acc_dtype, refuse_unsupported_transforms
@@ -320,9 +321,7 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, logit_softcap, tok
     if labels.shape != hidden.shape[:2]:
         raise ValueError(f"labels must be [B, T] = {tuple(hidden.shape[:2])} to match hidden, got {tuple(labels.shape)}")
     ignore_index = check_ignore_index(ignore_index)  # the from-logits path's checks, shared
-    check_bool("shift", shift)
-    if shift and hidden.shape[1] == 0:
-        raise ValueError("shift=True needs T >= 1")  # as the from-logits op says
+    check_shift(shift, hidden.shape[1])
     check_logit_softcap(logit_softcap)
     _check_positive_int("token_chunk", token_chunk)
     _check_positive_int("vocab_chunk", vocab_chunk)

@@ -2,7 +2,7 @@
 
 import torch
 
-from amapo_kernels._checks import check_bool, check_ignore_index, check_logits_labels
+from amapo_kernels._checks import check_bool, check_ignore_index, check_logits_labels, check_shift
 from amapo_kernels._ops import ops, refuse_unsupported_transforms
 
 
@@ -37,9 +37,7 @@ def sequence_logps(
     (not with inplace_backward=True: an error naming it).
     """
     check_logits_labels(logits, labels)
-    options = (check_ignore_index(ignore_index), check_bool("average", average), check_bool("shift", shift))
-    if shift and logits.shape[1] == 0:  # the op says so too, but meta (fake) tensors never reach its check
-        raise ValueError("shift=True needs T >= 1")
+    options = (check_ignore_index(ignore_index), check_bool("average", average), check_shift(shift, logits.shape[1]))
     check_labels = check_bool("check_labels", check_labels)
     inplace_backward = check_bool("inplace_backward", inplace_backward)
     refuse_unsupported_transforms("amapo_kernels.sequence_logps", logits, labels, vmap_refused=(
