@@ -899,6 +899,24 @@ GEMMA_TEMPLATE = (  # Gemma's chat template: no system turn, roles must alternat
 )
 
 
+def one_error_line(capsys):
+    """The one error line on stderr (a model that loaded first may have shown its loading bar there too)."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("amapo-eval: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def save_model(path, tiny_model, tiny_tokenizer, template=None):
+    """The tiny model and tokenizer saved in `path`, the tokenizer with `template` as its chat template."""
+    tiny_model.save_pretrained(path)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend_tokenizer, bos_token="<s>",
+                                        eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def test_cli_rank_chat_template_refusing_a_system_turn(tmp_path, tiny_model, tiny_tokenizer, capsys):
     conversation = {"prompt": [{"role": "user", "content": "the cat"}],
                     "chosen": [{"role": "assistant", "content": "sat on the mat"}],
@@ -908,13 +926,7 @@ def test_cli_rank_chat_template_refusing_a_system_turn(tmp_path, tiny_model, tin
     rank = ["rank", "--data", str(data), "--device", "cpu", "--no-progress", "--n-boot", "10"]
 
     def model_with(template):
-        path = tmp_path / f"model{len(template)}"
-        tiny_model.save_pretrained(path)
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend_tokenizer, bos_token="<s>",
-                                            eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-        tokenizer.chat_template = template
-        tokenizer.save_pretrained(path)
-        return str(path)
+        return save_model(tmp_path / f"model{len(template)}", tiny_model, tiny_tokenizer, template)
 
     # A template that refuses only a system turn: no empty one is inserted (it was, and rendering raised
     # jinja2's TemplateError, a traceback).
@@ -926,11 +938,8 @@ def test_cli_rank_chat_template_refusing_a_system_turn(tmp_path, tiny_model, tin
     # Gemma's whole template also refuses an assistant message rendered alone (how --tokenization trl renders
     # a response): one line naming the cause, and the way out (the model loads first: its loading bar may show).
     assert cli.main([*rank, "--model", gemma]) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("amapo-eval: error: ")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    assert "refuses a record: Conversation roles must alternate" in errors[0]
-    assert "--tokenization separate" in errors[0]
+    error = one_error_line(capsys)
+    assert "refuses a record: Conversation roles must alternate" in error and "--tokenization separate" in error
     assert cli.main([*rank, "--model", gemma, "--tokenization", "separate"]) == 0
 
 
@@ -952,24 +961,6 @@ def test_ranking_statistics_do_not_depend_on_the_batching(tiny_model, tiny_token
 
 
 # ------------------------------------------------------------------------------------------------ CLI glue
-
-
-def one_error_line(capsys):
-    """The one error line on stderr (a model that loaded first may have shown its loading bar there too)."""
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("amapo-eval: error: ")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
-
-
-def save_model(path, tiny_model, tiny_tokenizer, template=None):
-    """The tiny model and tokenizer saved in `path`, the tokenizer with `template` as its chat template."""
-    tiny_model.save_pretrained(path)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend_tokenizer, bos_token="<s>",
-                                        eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    tokenizer.chat_template = template
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 SIMPLE_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
