@@ -4,6 +4,7 @@ the names it takes as given (a model, a concatenated batch, log-probs) defined h
 
 import math
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -52,3 +53,20 @@ def test_readme_usage_examples_run_as_written():
     assert model.lm_head.weight.grad.abs().sum() > 0
     assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
     assert namespace["logps"].shape == (4,) and torch.isfinite(namespace["logps"]).all()
+
+
+def test_package_exports_the_compiled_ops_and_its_version():
+    import tomllib
+
+    import amapo_kernels
+
+    namespace = {}
+    exec("from amapo_kernels import *", namespace)
+    assert {"ABLATIONS", "AMaPOLoss", "METHODS", "VARIANTS", "amapo_loss", "amapo_loss_from_hidden",
+            "amapo_loss_from_logits", "cpu_kernels", "has_cuda_kernels", "preference_loss",
+            "preference_loss_from_hidden", "reference", "sequence_logps", "sequence_logps_from_hidden"} <= set(namespace)
+    # the ops, not the fp64 reference of the same name (the demo compares the two)
+    assert amapo_kernels.sequence_logps is sys.modules["amapo_kernels.sequence_logps"].sequence_logps
+    assert amapo_kernels.preference_loss is not amapo_kernels.reference.preference_loss
+    pyproject = tomllib.loads((README.parent / "pyproject.toml").read_text())
+    assert amapo_kernels.__version__ == pyproject["project"]["version"]

@@ -735,6 +735,63 @@ def test_blocks_per_sm_follow_the_hopper_limits():
     assert blocks(121, 8, 0) == 2  # 121 registers round up to 128 a thread: 16 warps
     assert blocks(64, 8, 0) == 4  # the from-logits backward's bound
     assert blocks(32, 4, 0) == 16  # 64 warps
+    assert blocks(16, 4, 0) == 16  # the warps bind, not the registers' 32
+    assert blocks(130, 4, 0) == 3  # 130 registers round up to 136 a thread, not down to 128 (4 blocks)
+    assert blocks(200, 2, 0) == 4  # registers are counted a partition at a time: 2 warps of 6400 in 16384
+    assert blocks(32, 4, 113) == 2 and blocks(32, 4, 114) == 1  # 1 KiB reserved a block, of 228 KiB an SM
+
+
+PTXAS_LOG = """ptxas info    : Compiling entry function 'kernel' for 'sm_90a'
+ptxas info    : Function properties for kernel
+    24 bytes stack frame, 20 bytes spill stores, 16 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers, 24 bytes cumulative stack size
+"""
+
+
+def fake_hopper_build(monkeypatch, ptx, log, kwargs, operands="tf32"):
+    """tool.build_for_hopper with Triton's compiler replaced by one that prints `log` (as ptxas -v) and
+    returns `ptx`: the reading of a build without building. Returns (build, the kwargs it compiled with)."""
+    tool = hopper_build()
+    compiled_with = {}
+
+    class Kernel:
+        signature = params = None
+
+        def _pack_args(self, backend, kwargs, bound, specialization, options):
+            compiled_with.update(kwargs)
+            return types.SimpleNamespace(num_warps=8, num_stages=3), None, None, None
+
+    def compile(source, target, options):
+        print(log)
+        return types.SimpleNamespace(asm={"ptx": ptx}, metadata=types.SimpleNamespace(shared=4096))
+
+    monkeypatch.setattr(tool, "kernels", types.SimpleNamespace(kernel=Kernel()))
+    monkeypatch.setattr(tool, "make_backend", lambda target: None)
+    monkeypatch.setattr(tool, "create_function_from_signature", lambda *args: lambda *a, **k: (None, None, None))
+    monkeypatch.setattr(tool, "ASTSource", lambda *args: None)
+    monkeypatch.setattr(tool.triton, "compile", compile)
+    return tool.build_for_hopper(tool.Launch("kernel", (), kwargs), operands, "plain"), compiled_with
+
+
+@pytest.mark.skipif(INTERPRETED, reason="a check of the build table's parsing: once, in the launcher")
+def test_hopper_build_reads_ptx_and_ptxas_report(monkeypatch):
+    ptx = "wgmma.fence.sync.aligned;\nwgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16\ncp.async.ca.shared.global"
+    kwargs = {"BN": 128, "BV": 64, "BK": 32, "PRECISION": "ieee", "SOFTCAP": False}
+    build, compiled_with = fake_hopper_build(monkeypatch, ptx, PTXAS_LOG, kwargs)
+    assert build.wgmma and build.pipelined  # cp.async.ca pipelines as well as cp.async.cg
+    assert (build.registers, build.spill_bytes, build.shared) == (168, 36, 4096)  # stores and loads
+    assert build.config == {"BN": 128, "BV": 64, "BK": 32, "num_warps": 8, "num_stages": 3}
+    assert compiled_with["PRECISION"] == "tf32"  # recorded as fp32 on the CPU, built as a tf32 GPU runs it
+
+    build, _ = fake_hopper_build(monkeypatch, "wgmma.fence.sync.aligned;\nld.global", PTXAS_LOG, {"BN": 64})
+    assert not build.wgmma and not build.pipelined  # a fence is no MMA
+
+
+@pytest.mark.skipif(INTERPRETED, reason="a check of the build table's parsing: once, in the launcher")
+def test_hopper_build_without_a_spill_report_is_an_error(monkeypatch):
+    log = PTXAS_LOG.replace("20 bytes spill stores, ", "")
+    with pytest.raises(RuntimeError, match="no ptxas -v report"):
+        fake_hopper_build(monkeypatch, "", log, {})
 
 
 # ---------------------------------------------------------------------------------------------
