@@ -64,7 +64,7 @@ CUDA_CHOICES = {"0": False, "off": False, "false": False, "no": False,
 
 
 def want_cuda() -> Path | None:
-    choice = os.environ.get("AMAPO_CUDA", "auto").strip().lower()
+    choice = (os.environ.get("AMAPO_CUDA") or "auto").strip().lower()  # set but empty: unset, as ${AMAPO_CUDA:-auto}
     if choice not in CUDA_CHOICES:  # a typo must not silently mean "auto"
         sys.exit(f"amapo_kernels: AMAPO_CUDA must be 1 (build the CUDA kernels), 0 (do not) or auto, "
                  f"got {os.environ['AMAPO_CUDA']!r}")

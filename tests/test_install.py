@@ -2,17 +2,23 @@
 was compiled against warns, and an isolated build stops at once with the --no-build-isolation message.
 The end-to-end install paths (fresh venv, other torch) are exercised by scripts/check_install.sh in CI."""
 
+import contextlib
+import io
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from setuptools import Distribution
 
+import amapo_kernels
 from amapo_kernels import _C, _extension
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,3 +169,290 @@ def test_a_cmake_too_old_is_named(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "version (3, 25) (3, 26)" in result.stdout, result.stdout + result.stderr
     assert "cmake_minimum_required(VERSION 3.26)" in (ROOT / "CMakeLists.txt").read_text()
+
+
+def test_load_warns_when_the_extension_was_built_against_another_torch(monkeypatch):
+    stale = types.ModuleType("amapo_kernels._C")
+    stale.__file__, stale.torch_version = _C.__file__, "0.0.1"
+    monkeypatch.setattr(_extension.importlib, "import_module", lambda name: stale)
+    with pytest.warns(_extension.TorchMismatchWarning, match=r"compiled against torch 0\.0\.1"):
+        assert _extension.load() is stale
+    del stale.torch_version  # a build that does not record its torch: nothing to compare, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _extension.load()
+        _extension.check_torch_version(None)
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="needs readelf (binutils)")
+def test_has_cuda_kernels_says_whether_the_build_has_them():
+    needed = subprocess.run(["readelf", "-d", _C.__file__], capture_output=True, text=True, check=True).stdout
+    assert amapo_kernels.has_cuda_kernels() == ("libtorch_cuda" in needed)
+
+
+@pytest.fixture(scope="module")
+def setup_py():
+    """setup.py's globals, loaded in this process (its setup() call with --name only prints the name): the
+    functions look their helpers up there, so a test can replace them (monkeypatch.setitem)."""
+    argv, cwd = sys.argv, os.getcwd()
+    sys.argv = ["setup.py", "--name"]
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            namespace = runpy.run_path(str(ROOT / "setup.py"), run_name="not_main")
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+    return namespace["want_cuda"].__globals__
+
+
+@pytest.mark.parametrize("arch_list, architectures", [
+    ("9.0;8.0", "90-real;80-real"), ("9.0a", "90a-real"), ("8.6+PTX", "86"), (" 8.0 9.0,", "80-real;90-real"),
+    ("9.0;", "90-real")])
+def test_torch_cuda_arch_list_becomes_cmake_architectures(setup_py, monkeypatch, arch_list, architectures):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    assert setup_py["cuda_architectures"]() == architectures
+
+
+def test_cuda_architectures_default_to_this_gpu_else_hopper(setup_py, monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert setup_py["cuda_architectures"]() == "90-real"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert setup_py["cuda_architectures"]() == "89-real"
+
+
+def test_amapo_cuda_auto_builds_the_cuda_kernels_where_it_can(setup_py, monkeypatch):
+    want_cuda, toolkit = setup_py["want_cuda"], Path("/opt/cuda")
+    monkeypatch.setitem(setup_py, "cuda_toolkit_root", lambda: toolkit)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.delenv("AMAPO_CUDA", raising=False)
+    assert want_cuda() == toolkit
+    for value, expected in [("auto", toolkit), (" On ", toolkit), ("OFF", None), ("false", None), ("true", toolkit)]:
+        monkeypatch.setenv("AMAPO_CUDA", value)
+        assert want_cuda() == expected, value
+    monkeypatch.setitem(setup_py, "cuda_toolkit_root", lambda: None)
+    monkeypatch.setenv("AMAPO_CUDA", "auto")
+    assert want_cuda() is None
+    monkeypatch.setenv("AMAPO_CUDA", "1")
+    with pytest.raises(SystemExit, match="AMAPO_CUDA=1 but no CUDA toolkit was found"):
+        want_cuda()
+
+
+def test_a_cpu_only_torch_builds_no_cuda_kernels(setup_py, monkeypatch):
+    monkeypatch.setitem(setup_py, "cuda_toolkit_root", lambda: Path("/opt/cuda"))
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setenv("AMAPO_CUDA", "auto")
+    assert setup_py["want_cuda"]() is None
+    monkeypatch.setenv("AMAPO_CUDA", "yes")
+    with pytest.raises(SystemExit, match="is a CPU-only build"):
+        setup_py["want_cuda"]()
+
+
+def fake_nvcc(bin_dir: Path, top: Path) -> Path:
+    """An nvcc whose -dryrun names its toolkit root on stderr between other lines, as nvcc's does."""
+    bin_dir.mkdir(parents=True)
+    nvcc = bin_dir / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho '#$ _NVVM_BRANCH_=nvvm' >&2\necho '#$ TOP={top}/bin/..' >&2\n"
+                    "echo '#$ PATH=/somewhere' >&2\n")
+    nvcc.chmod(0o755)
+    return nvcc
+
+
+def test_toolkit_root_is_asked_of_nvcc_cuda_home_first(setup_py, tmp_path, monkeypatch):
+    home, on_path = tmp_path / "cuda-home", tmp_path / "cuda-path"
+    fake_nvcc(home / "bin", home)
+    fake_nvcc(on_path / "bin", on_path)
+    monkeypatch.setenv("PATH", str(on_path / "bin"))
+    monkeypatch.setenv("CUDA_HOME", str(home))
+    assert setup_py["cuda_toolkit_root"]() == home.resolve()
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-toolkit-here"))  # then PATH's nvcc
+    assert setup_py["cuda_toolkit_root"]() == on_path.resolve()
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert setup_py["cuda_toolkit_root"]() is None
+
+
+def test_build_tools_beside_the_interpreter_come_first(setup_py, tmp_path, monkeypatch):
+    package_bin, path_bin = tmp_path / "package", tmp_path / "path"
+    for directory in (package_bin, path_bin):
+        directory.mkdir()
+        (directory / "cmake").write_text("#!/bin/sh\n")
+        (directory / "cmake").chmod(0o755)
+    monkeypatch.setenv("PATH", str(path_bin))
+    monkeypatch.setitem(sys.modules, "fake_cmake", types.SimpleNamespace(BIN_DIR=str(package_bin)))
+    tool = setup_py["python_env_tool"]
+    assert tool("fake_cmake", "BIN_DIR", "cmake") == str(package_bin / "cmake")
+    (package_bin / "cmake").unlink()  # the package without the program: PATH's
+    assert tool("fake_cmake", "BIN_DIR", "cmake") == str(path_bin / "cmake")
+    monkeypatch.setitem(sys.modules, "fake_cmake", None)  # not installed
+    assert tool("fake_cmake", "BIN_DIR", "cmake") == str(path_bin / "cmake")
+
+
+def build_commands(setup_py, monkeypatch, tmp_path, cuda_root, cmake_version=(3, 26), tools=True) -> list[list[str]]:
+    """The cmake command lines CMakeBuild runs (recorded, none run), in a build tree under tmp_path."""
+    commands = []
+    monkeypatch.setitem(setup_py, "ROOT", tmp_path)
+    monkeypatch.setitem(setup_py, "want_cuda", lambda: cuda_root)
+    monkeypatch.setitem(setup_py, "python_env_tool", lambda module, attribute, program: f"/tools/{program}" if tools else None)
+    monkeypatch.setitem(setup_py, "cmake_version", lambda cmake: cmake_version)
+    monkeypatch.setitem(setup_py, "subprocess", types.SimpleNamespace(run=lambda command, **kw: commands.append(command)))
+    extension = setup_py["CMakeExtension"]("amapo_kernels._C")
+    build = setup_py["CMakeBuild"](Distribution({"ext_modules": [extension]}))
+    build.ensure_finalized()
+    build.build_extension(extension)
+    return commands
+
+
+def test_build_passes_cmake_the_toolkit_architectures_and_cmake_args(setup_py, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    monkeypatch.setenv("CMAKE_ARGS", '-DCMAKE_CUDA_FLAGS="-Xptxas -v" -DEXTRA=1')
+    monkeypatch.setenv("MAX_JOBS", "3")
+    configure, build = build_commands(setup_py, monkeypatch, tmp_path, Path("/opt/cuda"))
+    assert configure[:3] == ["/tools/cmake", "-S", str(tmp_path)]
+    build_dir = configure[configure.index("-B") + 1]
+    assert Path(build_dir).parent == tmp_path / "build" and build_dir.endswith("-cuda")
+    for arg in ["-DAMAPO_WITH_CUDA=ON", "-DCMAKE_CUDA_COMPILER=/opt/cuda/bin/nvcc",
+                "-DAMAPO_CUDA_ARCHITECTURES=90a-real", "-DCMAKE_CUDA_FLAGS=-Xptxas -v", "-DEXTRA=1",
+                "-DCMAKE_MAKE_PROGRAM=/tools/ninja", f"-DPython3_EXECUTABLE={sys.executable}"]:
+        assert arg in configure, (arg, configure)
+    assert configure[configure.index("-G") + 1] == "Ninja"
+    output = next(arg for arg in configure if arg.startswith("-DCMAKE_LIBRARY_OUTPUT_DIRECTORY="))
+    assert output.endswith("/amapo_kernels")  # the package's folder: the library lands as amapo_kernels/_C*.so
+    assert build == ["/tools/cmake", "--build", build_dir, "--parallel", "3"]
+
+
+def test_build_without_a_toolkit_is_cpu_only(setup_py, tmp_path, monkeypatch):
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    configure, _ = build_commands(setup_py, monkeypatch, tmp_path, None)
+    assert "-DAMAPO_WITH_CUDA=OFF" in configure and configure[configure.index("-B") + 1].endswith("-cpu")
+    assert not any(arg.startswith(("-DCMAKE_CUDA_COMPILER", "-DAMAPO_CUDA_ARCHITECTURES")) for arg in configure)
+
+
+def test_build_refuses_a_cmake_too_old_before_running_it(setup_py, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match=r"cmake >= 3\.26 is needed to build \(found /tools/cmake, version 3\.25\)"):
+        build_commands(setup_py, monkeypatch, tmp_path, None, cmake_version=(3, 25))
+    with pytest.raises(SystemExit, match="cmake >= 3.26"):
+        build_commands(setup_py, monkeypatch, tmp_path, None, cmake_version=(2, 99))
+    with pytest.raises(SystemExit, match="cmake >= 3.26 is needed to build: pip install cmake"):
+        build_commands(setup_py, monkeypatch, tmp_path, None, tools=False)  # no cmake at all
+
+
+def test_a_cmake_that_does_not_say_its_version_is_too_old(setup_py, tmp_path):
+    silent = tmp_path / "cmake"
+    silent.write_text("#!/bin/sh\necho 'cmake: error while loading shared libraries' >&2\nexit 127\n")
+    silent.chmod(0o755)
+    assert setup_py["cmake_version"](str(silent)) == (0, 0)
+
+
+def test_torch_build_info_describes_the_running_torch():
+    from torch.utils import cpp_extension
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        runpy.run_path(str(ROOT / "tools" / "torch_build_info.py"), run_name="__main__")
+    includes, library_dir, cxx11_abi, cuda_include, version = printed.getvalue().split(";")
+    assert includes.split("|") == cpp_extension.include_paths()
+    assert library_dir == cpp_extension.library_paths()[0] and (Path(library_dir) / "libtorch_cpu.so").exists()
+    assert cxx11_abi == str(int(torch._C._GLIBCXX_USE_CXX11_ABI)) and version == torch.__version__
+    wheels = Path(torch.__file__).parents[1] / "nvidia"  # torch's CUDA wheels' headers, where installed
+    if torch.version.cuda is not None and any(wheels.glob("*/include/cublas_v2.h")):
+        assert (Path(cuda_include) / "cublas_v2.h").exists(), cuda_include
+    else:
+        assert cuda_include == ""
+
+
+# A python for scripts/setup_env.sh that runs nothing: it logs each call, and the requirement (-r) and constraint
+# (-c) files given to pip (temporary files, gone afterwards); its torch is $FAKE_TORCH (distribution $FAKE_DIST).
+FAKE_PYTHON = r"""#!/bin/bash
+echo "call: $*" >>"$FAKE_LOG"
+if [ "$1" = -m ] && [ "$2" = pip ]; then
+  previous=""
+  for arg in "$@"; do
+    case "$previous" in -r | -c) echo "file $previous:"; cat "$arg";; esac
+    previous="$arg"
+  done >>"$FAKE_LOG"
+  exit 0
+fi
+case "$2" in
+  *sys.prefix*) echo /fake/prefix ;;
+  *"print(torch.__version__)"*) echo "$FAKE_TORCH" ;;
+  *"m.version("*) echo "$FAKE_DIST" ;;
+  *startswith*) [[ $2 =~ startswith\(\'([^\']*)\'\) ]] && [[ $FAKE_TORCH == "${BASH_REMATCH[1]}"* ]] ;;
+esac
+"""
+
+PINNED_TORCH = re.search(r"^torch==(\S+)$", (ROOT / "requirements.txt").read_text(), re.MULTILINE).group(1)
+
+
+def write_fake_python(path: Path, script: str = FAKE_PYTHON) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    path.chmod(0o755)
+    return path
+
+
+def setup_env(tmp_path, torch_version=PINNED_TORCH + "+cu130", dist_version=PINNED_TORCH, python_in="", **env):
+    """Runs scripts/setup_env.sh, copied into a tree of its own under tmp_path (so that it never touches this
+    checkout's .venv: the tree's .venv holds a decoy), with the fake python (AMAPO_PYTHON, or python_in=a
+    venv's bin/python). Returns the run and the calls logged."""
+    tree = tmp_path / "tree"
+    (tree / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "setup_env.sh", tree / "scripts")
+    shutil.copy(ROOT / "requirements.txt", tree)
+    write_fake_python(tree / ".venv" / "bin" / "python", '#!/bin/sh\necho "decoy: $*" >>"$FAKE_LOG"\n')
+    python = write_fake_python(Path(python_in) if python_in else tmp_path / "python")
+    log = tmp_path / "calls.log"
+    log.touch()
+    env = {"PATH": "/usr/bin:/bin", "FAKE_LOG": str(log), "FAKE_TORCH": torch_version, "FAKE_DIST": dist_version,
+           **({} if python_in else {"AMAPO_PYTHON": str(python)}), **env}
+    run = subprocess.run(["bash", str(tree / "scripts" / "setup_env.sh")], capture_output=True, text=True,
+                         timeout=60, env=env)
+    return run, log.read_text().replace(str(tree), "TREE")
+
+
+def test_setup_env_installs_the_pinned_torch_by_default(tmp_path):
+    run, calls = setup_env(tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "call: -m pip install -q -r TREE/requirements.txt\n" in calls
+    assert "call: -m pip install -q --no-build-isolation --no-deps -e TREE\n" in calls
+    # Another torch than requirements.txt's pin (the pip install kept it): stop, naming the way to keep it.
+    run, _ = setup_env(tmp_path / "other", torch_version="2.13.0+cpu", dist_version="2.13.0")
+    assert run.returncode == 1 and "did not install (AMAPO_USE_EXISTING_TORCH=1 keeps yours)" in run.stdout
+
+
+@pytest.mark.parametrize("value", ["1", "yes"])
+def test_setup_env_keeps_the_existing_torch(tmp_path, value):
+    run, calls = setup_env(tmp_path, torch_version="2.13.0+cu130", dist_version="2.13.0",
+                           AMAPO_USE_EXISTING_TORCH=value)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "using the existing torch 2.13.0+cu130" in run.stdout
+    requirements = calls.split("file -r:\n")[1].split("file -c:\n")[0]
+    assert "numpy" in requirements and not re.search(r"^torch\b", requirements, re.MULTILINE)
+    # The pin is the distribution's version, which pip matches (a pin on torch.__version__'s "+cu130" did not).
+    assert calls.split("file -c:\n")[1].startswith("torch==2.13.0\n")
+    assert "-r TREE/requirements.txt" not in calls
+    assert "call: -m pip install -q --no-build-isolation --no-deps -e TREE\n" in calls
+
+
+def test_setup_env_refuses_an_unknown_torch_mode(tmp_path):
+    run, calls = setup_env(tmp_path, AMAPO_USE_EXISTING_TORCH="maybe")
+    assert run.returncode == 2 and "AMAPO_USE_EXISTING_TORCH must be 1 or 0, got 'maybe'" in run.stdout
+    assert "pip install" not in calls
+
+
+def test_setup_env_uses_the_venv_amapo_venv_names(tmp_path):
+    venv = tmp_path / "elsewhere"
+    run, calls = setup_env(tmp_path, python_in=str(venv / "bin" / "python"), AMAPO_VENV=str(venv))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "creating" not in run.stdout and "-e TREE" in calls and "decoy" not in calls
+
+
+def test_an_empty_amapo_cuda_means_auto(setup_py, monkeypatch):
+    """`AMAPO_CUDA= pip install ...` (or `export AMAPO_CUDA=`) is the shell's way to unset it, and setup_env.sh
+    announces it as auto (${AMAPO_CUDA:-auto}): the build must not then stop on "got ''"."""
+    monkeypatch.setitem(setup_py, "cuda_toolkit_root", lambda: Path("/opt/cuda"))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setenv("AMAPO_CUDA", "")
+    assert setup_py["want_cuda"]() == Path("/opt/cuda")
