@@ -141,33 +141,48 @@ def test_test_command_refuses_an_interpreter_that_is_not_python(interpreter):
     assert f"AMAPO_PYTHON={interpreter} is not a Python interpreter" in run.stderr
 
 
+@pytest.fixture(scope="module")
+def setup_py():
+    """setup.py's globals, loaded in this process (its setup() call with --name only prints the name): the
+    functions look their helpers up there, so a test can replace them (monkeypatch.setitem)."""
+    argv, cwd = sys.argv, os.getcwd()
+    sys.argv = ["setup.py", "--name"]
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            namespace = runpy.run_path(str(ROOT / "setup.py"), run_name="not_main")
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+    return namespace["want_cuda"].__globals__
+
+
 @pytest.mark.parametrize("value, builds", [("maybe", None), ("no", False), ("yes", True), ("0", False)])
-def test_amapo_cuda_takes_only_known_values(value, builds):
+def test_amapo_cuda_takes_only_known_values(setup_py, monkeypatch, value, builds):
     """AMAPO_CUDA: 1/on/true/yes, 0/off/false/no or auto; anything else once meant "auto" silently (so "no"
-    built the CUDA kernels). Checked through setup.py's own want_cuda, without building."""
-    code = ("import sys, runpy; sys.argv = ['setup.py', '--name']; "
-            "env = runpy.run_path('setup.py', run_name='not_main'); print('choice', env['want_cuda']())")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "AMAPO_CUDA": value})
+    built the CUDA kernels). Checked through setup.py's own want_cuda, without building: a refusal is its
+    sys.exit message (one line, no traceback)."""
+    monkeypatch.setenv("AMAPO_CUDA", value)
     if builds is None:
-        assert result.returncode != 0 and "AMAPO_CUDA must be 1" in result.stderr, result.stderr
-        assert "Traceback" not in result.stderr
+        with pytest.raises(SystemExit, match="AMAPO_CUDA must be 1"):
+            setup_py["want_cuda"]()
     elif builds is False:
-        assert "choice None" in result.stdout, result.stdout + result.stderr
+        assert setup_py["want_cuda"]() is None
     else:  # required: a toolkit is found here (CI's nvcc) and torch is a CUDA build, or it says why not
-        assert ("choice /" in result.stdout) or "AMAPO_CUDA=1 but" in result.stderr, result.stdout + result.stderr
+        try:
+            assert isinstance(setup_py["want_cuda"](), Path)
+        except SystemExit as refusal:
+            assert "AMAPO_CUDA=1 but" in str(refusal), refusal
 
 
-def test_a_cmake_too_old_is_named(tmp_path):
+def test_a_cmake_too_old_is_named(setup_py, tmp_path):
     """A cmake older than CMakeLists.txt's minimum (the system's 3.25 here) was run anyway: CMake's own error
     and a traceback of the whole command, never the fix. setup.py now reads its version first."""
     fake = tmp_path / "cmake"
     fake.write_text("#!/bin/sh\necho 'cmake version 3.25.1'\n")
     fake.chmod(0o755)
-    code = ("import sys, runpy; sys.argv = ['setup.py', '--name']; env = runpy.run_path('setup.py', "
-            f"run_name='not_main'); print('version', env['cmake_version']({str(fake)!r}), env['MIN_CMAKE'])")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert "version (3, 25) (3, 26)" in result.stdout, result.stdout + result.stderr
+    assert (setup_py["cmake_version"](str(fake)), setup_py["MIN_CMAKE"]) == ((3, 25), (3, 26))
     assert "cmake_minimum_required(VERSION 3.26)" in (ROOT / "CMakeLists.txt").read_text()
 
 
@@ -188,23 +203,6 @@ def test_load_warns_when_the_extension_was_built_against_another_torch(monkeypat
 def test_has_cuda_kernels_says_whether_the_build_has_them():
     needed = subprocess.run(["readelf", "-d", _C.__file__], capture_output=True, text=True, check=True).stdout
     assert amapo_kernels.has_cuda_kernels() == ("libtorch_cuda" in needed)
-
-
-@pytest.fixture(scope="module")
-def setup_py():
-    """setup.py's globals, loaded in this process (its setup() call with --name only prints the name): the
-    functions look their helpers up there, so a test can replace them (monkeypatch.setitem)."""
-    argv, cwd = sys.argv, os.getcwd()
-    sys.argv = ["setup.py", "--name"]
-    os.chdir(ROOT)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            namespace = runpy.run_path(str(ROOT / "setup.py"), run_name="not_main")
-    finally:
-        sys.argv = argv
-        os.chdir(cwd)
-    return namespace["want_cuda"].__globals__
 
 
 @pytest.mark.parametrize("arch_list, architectures", [
