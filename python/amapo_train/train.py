@@ -1,7 +1,8 @@
 """amapo-train: preference training of a causal LM with any loss of amapo_kernels, on accelerate
-(DeepSpeed ZeRO-2/3 through the recipe's `deepspeed:` key). With no arguments: the tiny default on CPU.
+(DeepSpeed ZeRO-2/3 through the recipe's `deepspeed:` key). With no arguments: the tiny default, on the
+CPU (or the GPU, where there is one).
 
-    amapo-train                                   # recipes/tiny.yaml: tiny Llama, bundled HH-RLHF, CPU
+    amapo-train                                   # recipes/tiny.yaml: tiny Llama, bundled HH-RLHF, CPU or GPU
     amapo-train --recipe llama3-8b-base --dry-run # check a paper recipe without downloading anything
     accelerate launch --num_processes 4 -m amapo_train.train --recipe llama3-8b-base
     amapo-train --resume runs/tiny-amapo/checkpoint-30
