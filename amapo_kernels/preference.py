@@ -61,6 +61,22 @@ def batch_statistics_of(method: str) -> bool:
     return method == "amapo" or getattr(BASELINES[method], "BATCH_STATISTICS", False)
 
 
+def statistics_pool_error(method: str, hparams: dict, batch_sizes: dict, processes: int) -> str | None:
+    """Why `method` cannot train on these batches, None where it can: amapo's margin and alpha_dpo's alpha * M*
+    term are z-scores over the batch, which in a trainer is one micro-batch of every process (gradient
+    accumulation does not pool them). Over one pair there is no spread, every z-score is 0, and the loss would
+    train without its margin (AMaPO: a margin-free SimPO) without a word. batch_sizes: {the setting as its
+    trainer names it, e.g. "--per-device-batch-size 1": pairs per micro-batch and process}. The driver and the
+    TRL trainer refuse such a batch size with this message."""
+    z_scored = method == "amapo" or (method == "alpha_dpo" and {**method_defaults(method), **hparams}["alpha"] != 0)
+    for setting, size in batch_sizes.items():
+        if z_scored and size * processes < 2:
+            return (f"{setting} with {processes} process(es): loss={method!r} takes z-scores over the pairs of one "
+                    "micro-batch of every process (gradient accumulation does not pool them), so over 1 pair, "
+                    "where every z-score is 0; give it 2 pairs or more, or launch more processes")
+    return None
+
+
 def needs_reference(method: str, hparams: dict) -> bool:
     """Whether `method` with `hparams` (defaults filled in) needs reference-model log-probs."""
     return method != "amapo" and BASELINES[method].needs_reference({**method_defaults(method), **hparams})

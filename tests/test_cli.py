@@ -105,6 +105,16 @@ VALUE_MISTAKES = {  # a value outside what its flag takes; run in process (amapo
     "two held-out sources": (["--eval-dataset", "bundled:hh-rlhf", "--eval-fraction", "0.1"],
                              "give --eval-dataset or --eval-fraction, not both"),
     "every record held out": (["--eval-fraction", "1"], "--eval-fraction must be in (0, 1), got 1.0"),
+    # AMaPO's mean/std and alpha-DPO's z-score span one micro-batch of every process: over one pair every z-score
+    # is 0, and AMaPO would train without its margin
+    "AMaPO's statistics over one pair": (["--per-device-batch-size", "1", "--total-batch-size", "16"],
+                                         "--per-device-batch-size 1 with 1 process(es): loss='amapo' takes z-scores"),
+    "alpha-DPO's z-score over one pair": (["--loss", "alpha_dpo", "--per-device-batch-size", "1",
+                                           "--total-batch-size", "16"], "so over 1 pair, where every z-score is 0"),
+    "the 8B recipe on one process": (["--recipe", "llama3-8b-base", "--world-size", "1"],
+                                     "--per-device-batch-size 1 with 1 process(es): loss='amapo'"),
+    "AMaPO's held-out loss over one pair": (["--eval-batch-size", "1", "--eval-steps", "5"],
+                                            "--eval-batch-size 1 with 1 process(es): loss='amapo'"),
 }
 
 
@@ -131,6 +141,18 @@ def test_boundary_numbers_are_accepted(capsys):
     for args in (["--max-grad-norm", "0", "--save-steps", "0", "--eval-steps", "0", "--warmup-ratio", "0"],
                  ["--warmup-ratio", "1", "--learning-rate", "0", "--seed", str(2**32 - 1), "--max-steps", "1"],
                  ["--max-length", "2", "--max-prompt-length", "1", "--world-size", "1"]):
+        assert cli([*args, "--dry-run"]) == 0, capsys.readouterr().err
+
+
+def test_one_pair_batches_without_z_scores_are_accepted(capsys):
+    """The guard of the one-pair cases above: a method without z-scores, alpha-DPO with alpha = 0, AMaPO's one
+    pair per device over two processes, and a held-out batch of one pair with no held-out loss during training
+    (eval_steps 0: only the ranking accuracy, which takes no batch statistics) are planned."""
+    from amapo_train.train import cli
+
+    one_pair = ["--per-device-batch-size", "1", "--total-batch-size", "16"]
+    for args in ([*one_pair, "--loss", "simpo"], [*one_pair, "--loss", "alpha_dpo", "--hparam", "alpha=0"],
+                 [*one_pair, "--world-size", "2"], ["--eval-batch-size", "1", "--eval-steps", "0"]):
         assert cli([*args, "--dry-run"]) == 0, capsys.readouterr().err
 
 

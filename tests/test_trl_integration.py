@@ -251,12 +251,30 @@ def tiny_phi_with_head_bias(vocab_size):
     return model
 
 
-@pytest.mark.parametrize("make_model", [tiny_gemma2_softcapped, tiny_phi_with_head_bias])
+def tiny_xlstm_softcapped(vocab_size):
+    """xLSTM: its own name for the final softcap (output_logit_soft_cap, 30 by default), its head scaled so that
+    logits reach the softcap's range; its chunkwise kernel takes sequences padded to a multiple of 64."""
+    torch.manual_seed(0)
+    model = transformers.xLSTMForCausalLM(transformers.xLSTMConfig(
+        vocab_size=vocab_size, hidden_size=64, embedding_dim=64, num_heads=4, num_blocks=2, qk_dim_factor=0.5,
+        v_dim_factor=1.0, output_logit_soft_cap=30.0, mode="train", chunkwise_kernel="chunkwise--native_autograd",
+        sequence_kernel="native_sequence__native", step_kernel="native"))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(200.0)
+    return model
+
+
+tiny_xlstm_softcapped.options = {"pad_to_multiple_of": 64}
+
+
+@pytest.mark.parametrize("make_model", [tiny_gemma2_softcapped, tiny_phi_with_head_bias, tiny_xlstm_softcapped])
 def test_fused_logps_are_the_models_logits(tokenizer, hh_pairs, tmp_path, make_model):
-    """loss_impl='fused' computes the log-probs of the logits the model's own forward returns (Gemma 2's final
-    logit softcap applied, Phi's lm_head bias added): DPO's summed log-probs equal an fp64 log-softmax of them."""
+    """loss_impl='fused' computes the log-probs of the logits the model's own forward returns (Gemma 2's and
+    xLSTM's final logit softcaps applied, Phi's lm_head bias added): DPO's summed log-probs equal an fp64
+    log-softmax of them."""
     trainer = make_trainer(PreferenceTrainer, PreferenceConfig, tokenizer, hh_pairs, tmp_path,
-                           model=make_model(len(tokenizer)), loss="dpo", max_steps=1)
+                           model=make_model(len(tokenizer)), loss="dpo", max_steps=1,
+                           **getattr(make_model, "options", {}))
     inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     fused = torch.cat(trainer.compute_ref_log_probs(trainer.model, inputs))
     with torch.no_grad():  # without preference_labels the forward is the model's own
@@ -265,8 +283,40 @@ def test_fused_logps_are_the_models_logits(tokenizer, hh_pairs, tmp_path, make_m
     token_logps = torch.log_softmax(logits[:, :-1].double(), dim=-1).gather(-1, labels.clamp(min=0)[..., None])
     expected = (token_logps.squeeze(-1) * (labels != -100)).sum(-1)
     torch.testing.assert_close(fused.double(), expected, rtol=1e-6, atol=0.0)
-    if make_model is tiny_gemma2_softcapped:
+    if make_model in (tiny_gemma2_softcapped, tiny_xlstm_softcapped):
         assert logits.abs().max() > 15.0, "logits below the softcap's range: it would prove nothing"
+
+
+def tiny_modernbert_decoder(vocab_size):
+    """ModernBERT-decoder (the Ettin decoders): logits = decoder(lm_head(h)), lm_head a prediction head (dense,
+    activation, norm) before the output embeddings."""
+    torch.manual_seed(0)
+    return transformers.ModernBertDecoderForCausalLM(transformers.ModernBertDecoderConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        pad_token_id=0))
+
+
+def tiny_llama4_text(vocab_size):
+    """Llama 4's text model: base_model_prefix 'language_model' names no attribute, so base_model is the model."""
+    torch.manual_seed(0)
+    return transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=16, num_local_experts=2))
+
+
+@pytest.mark.parametrize("make_model, message", [
+    (tiny_modernbert_decoder, "also applies its 'lm_head' (ModernBertDecoderPredictionHead); use 'ops'"),
+    (tiny_llama4_text, "which Llama4ForCausalLM does not have (base_model_prefix='language_model'); use 'ops'")])
+def test_fused_refuses_a_head_it_would_not_compute(tokenizer, hh_pairs, tmp_path, make_model, message):
+    """A module with weights between the decoder and the output embeddings (ModernBERT-decoder's prediction head:
+    the fused log-probs were 0.1 nats per token off the model's own, silently), or no decoder module to run:
+    loss_impl='fused' refuses the model, naming the option; 'ops' (the model's own logits) trains."""
+    with pytest.raises(ValueError, match=f"^loss_impl 'fused' .*{re.escape(message)}"):
+        make_trainer(PreferenceTrainer, PreferenceConfig, tokenizer, hh_pairs, tmp_path,
+                     model=make_model(len(tokenizer)), loss="simpo", max_steps=1, router_aux_loss_coef=0.0)
+    trained(make_trainer(recording(PreferenceTrainer), PreferenceConfig, tokenizer, hh_pairs, tmp_path / "ops",
+                         model=make_model(len(tokenizer)), loss="simpo", loss_impl="ops", max_steps=1,
+                         router_aux_loss_coef=0.0))
 
 
 @pytest.mark.parametrize("model_class, scale", [("Granite", "logits_scaling"), ("Cohere", "logit_scale")])
@@ -373,6 +423,20 @@ def test_reference_free_with_precompute_off_builds_no_reference_model(tokenizer,
                            precompute_ref_log_probs=False, max_steps=1)
     assert trainer.ref_model is None and not trainer.precompute_ref_logps
     assert not trainer.args.precompute_ref_log_probs
+
+
+def test_reference_free_hashes_no_weights(tokenizer, hh_pairs, tmp_path, monkeypatch):
+    """DPOTrainer hashes every weight (copied to the CPU) as the key of precomputed reference log-probs: seconds
+    per billion parameters on every rank, wasted by a reference-free loss, which precomputes nothing."""
+    hashed = []
+    monkeypatch.setattr(dpo_trainer, "hash_module", lambda module: hashed.append(module) or "hash")
+    for precompute in (True, False):
+        make_trainer(PreferenceTrainer, PreferenceConfig, tokenizer, hh_pairs, tmp_path, loss="amapo",
+                     precompute_ref_log_probs=precompute, max_steps=1)
+    assert hashed == []
+    trainer = make_trainer(PreferenceTrainer, PreferenceConfig, tokenizer, hh_pairs, tmp_path / "dpo", loss="dpo",
+                           max_steps=1)  # the guard: a reference method's cache key is still TRL's hash
+    assert hashed == [trainer.model]
 
 
 def test_reference_methods_get_reference_logps(tokenizer, hh_pairs, tmp_path):
@@ -505,7 +569,7 @@ def test_config_resolves_and_checks_hyperparameters(tmp_path):
     assert args.beta == 2.0
     args = PreferenceConfig(**config, loss="amapo", beta=3.0, amapo_variant="paper", amapo_ablation="no_exp")
     assert args.loss_hparams == {"beta": 3.0, "label_smoothing": 0.0, "variant": "paper", "ablation": "no_exp"}
-    assert PreferenceConfig(**config, loss="ipo").beta == 1.0  # no beta: rewards are the log-ratios
+    assert PreferenceConfig(**config, loss="ipo").beta is None  # no beta: rewards are the log-ratios, unscaled
     assert PreferenceConfig(**config, loss_hparams='{"beta": 2.5}').loss_hparams["beta"] == 2.5  # CLI JSON
     assert PreferenceConfig(**config, loss_hparams='{"beta": "2.5"}').loss_hparams["beta"] == 2.5  # as TRL's dicts
     with pytest.raises(ValueError, match="loss_hparams must be a JSON object"):
@@ -537,6 +601,21 @@ def test_config_resolves_and_checks_hyperparameters(tmp_path):
         PreferenceTrainer(model=tiny_llama(64), args=DPOConfig(**config), train_dataset=Dataset.from_list([]))
 
 
+@pytest.mark.parametrize("loss, hparams", [("amapo", {}), ("dpo", {}), ("ipo", {"tau": 0.5}), ("slic", {}),
+                                           ("slic", {"form": "hinge"})])
+def test_config_builds_again_from_itself(tmp_path, loss, hparams):
+    """A constructed PreferenceConfig is a valid input: dataclasses.replace (a sweep's copy) and a rebuild from its
+    fields give the same config. A method without beta kept beta=1.0 after construction, which the constructor
+    then refused ("beta=1.0 does not apply to loss='ipo'")."""
+    import dataclasses
+
+    args = PreferenceConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, loss=loss, loss_hparams=hparams)
+    copy = dataclasses.replace(args, learning_rate=1e-5)
+    assert (copy.loss_hparams, copy.beta, copy.learning_rate) == (args.loss_hparams, args.beta, 1e-5)
+    rebuilt = PreferenceConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
+    assert (rebuilt.loss_hparams, rebuilt.beta) == (args.loss_hparams, args.beta)
+
+
 def test_trl_loss_options_raise(tmp_path):
     """Every DPOConfig option that shapes TRL's own loss is refused at a non-default value, naming it."""
     config = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False)
@@ -544,6 +623,27 @@ def test_trl_loss_options_raise(tmp_path):
                         ("f_divergence_type", "js_divergence"), ("use_weighting", True)):
         with pytest.raises(ValueError, match=f"^{name}=.* configures TRL's own loss"):
             PreferenceConfig(**config, **{name: value})
+
+
+@pytest.mark.parametrize("loss, name", [("amapo", "per_device_train_batch_size"),
+                                        ("alpha_dpo", "per_device_train_batch_size"),
+                                        ("amapo", "per_device_eval_batch_size")])
+def test_z_score_methods_refuse_one_pair_batches(tokenizer, hh_pairs, tmp_path, loss, name):
+    """AMaPO's mean and std (alpha_dpo's z-score) span one micro-batch of every process, not the accumulated
+    batch: with one pair there (the paper's recipe, per_device_train_batch_size=1 x 32 accumulation, on one
+    process) every z-score is 0 and AMaPO's margin with it, a margin-free SimPO trained silently. An error naming
+    the batch size; a method without batch statistics trains on one pair, and alpha_dpo with alpha=0 (no z-score
+    term) is built."""
+    sizes = {"per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, name: 1}
+    args = PreferenceConfig(output_dir=str(tmp_path), loss=loss, max_steps=1, gradient_accumulation_steps=2,
+                            **{**TRAINING, **sizes})
+    with pytest.raises(ValueError, match=f"^{name}=1 with 1 process.*loss='{loss}'"):
+        PreferenceTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=hh_pairs,
+                          eval_dataset=hh_pairs.select(range(4)), processing_class=tokenizer)
+    trained(make_trainer(recording(PreferenceTrainer), PreferenceConfig, tokenizer, hh_pairs, tmp_path / "simpo",
+                         loss="simpo", max_steps=1, per_device_train_batch_size=1))
+    make_trainer(PreferenceTrainer, PreferenceConfig, tokenizer, hh_pairs, tmp_path / "alpha0", loss="alpha_dpo",
+                 loss_hparams={"alpha": 0.0}, max_steps=1, per_device_train_batch_size=1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -669,6 +769,17 @@ def test_readme_trl_script_runs(tmp_path, monkeypatch):
     exec(compile(block.group(1), "README.md (Use with TRL)", "exec"), namespace)
     assert namespace["trainer"].state.global_step > 0
     assert namespace["trainer"].ref_model is None
+
+
+def test_model_card_names_no_dpo_paper(tokenizer, hh_pairs, tmp_path):
+    """The model card TRL writes with every checkpoint (and pushes to the Hub) cites the trainer's paper:
+    DPOTrainer's is the DPO paper, which an AMaPO run did not train."""
+    trainer = make_trainer(PreferenceTrainer, PreferenceConfig, tokenizer, hh_pairs, tmp_path, loss="amapo",
+                           max_steps=1)
+    trainer.create_model_card(model_name="tiny")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "amapo-kernels" in card  # the card was written, with this trainer's tags
+    assert "Direct Preference Optimization" not in card and "rafailov" not in card
 
 
 def load_runner():

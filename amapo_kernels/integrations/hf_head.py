@@ -8,10 +8,14 @@ for the TRL integration and amapo-train, so that neither computes log-probs of l
 # only a softcap.
 LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling",
                 "logits_mup_width_multiplier")
+# Final logit softcaps, `c * tanh(z / c)` in each modeling file: Gemma 2's name (and most models'), and xLSTM's
+# (output_logit_soft_cap, 30 by default), which the fused path applies as logit_softcap.
+SOFTCAPS = ("final_logit_softcapping", "output_logit_soft_cap")
 
 
 def fused_logit_softcap(model, switch: str) -> float | None:
-    """The model's final logit softcap for sequence_logps_from_hidden(logit_softcap=...), None without one.
+    """The model's final logit softcap for sequence_logps_from_hidden(logit_softcap=...), None without one
+    (SOFTCAPS: Gemma 2's final_logit_softcapping, xLSTM's output_logit_soft_cap).
     A ValueError naming `switch` (the caller's option that chose the fused path) for a model whose config
     scales its logits or drops the lm_head's last rows (Inkling's unpadded_vocab_size), which the fused path
     would leave out."""
@@ -25,4 +29,24 @@ def fused_logit_softcap(model, switch: str) -> float | None:
     if unpadded is not None and unpadded != vocab:
         raise ValueError(f"{switch} 'fused' does not drop the logits beyond the model's unpadded_vocab_size="
                          f"{unpadded!r} (its lm_head has vocab_size={vocab!r} rows); use 'ops'")
-    return getattr(text_config, "final_logit_softcapping", None)
+    _check_head_is_the_output_embeddings(model, switch)
+    return next((getattr(text_config, name) for name in SOFTCAPS if getattr(text_config, name, None) is not None),
+                None)
+
+
+def _check_head_is_the_output_embeddings(model, switch: str) -> None:
+    """The fused path multiplies the decoder's last hidden states by the output embeddings' weight alone. A
+    model with another module with parameters beside its decoder and its output embeddings applies it around them
+    (ModernBERT-decoder's prediction head, BERT-style `cls.predictions.transform`): its log-probs would be of
+    other logits than the model's, so refuse it, naming `switch`. A stand-in without modules is not checked."""
+    if not hasattr(model, "get_output_embeddings") or not hasattr(model, "named_children"):
+        return
+    head, decoder = model.get_output_embeddings(), getattr(model, "base_model", None)
+    if decoder is model:  # base_model_prefix names no attribute (Llama 4's, Mllama's text models)
+        raise ValueError(f"{switch} 'fused' runs the decoder as the model's base_model, which {type(model).__name__} "
+                         f"does not have (base_model_prefix={model.base_model_prefix!r}); use 'ops'")
+    for name, child in model.named_children():
+        if child is not head and child is not decoder and next(child.parameters(), None) is not None:
+            raise ValueError(f"{switch} 'fused' computes the logits as the output embeddings "
+                             f"({type(head).__name__}) of the decoder's hidden states, but "
+                             f"{type(model).__name__} also applies its {name!r} ({type(child).__name__}); use 'ops'")

@@ -28,6 +28,7 @@ import inspect
 import json
 import sys
 import types
+import unittest.mock
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ try:
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
     from transformers.training_args import _convert_str_dict
     from trl import DPOConfig, DPOTrainer
+    from trl.trainer import dpo_trainer as trl_dpo_trainer
     from trl.models.utils import disable_gradient_checkpointing
     from trl.trainer.utils import use_adapter
 except ImportError as error:  # pragma: no cover - exercised only without the extra
@@ -47,7 +49,8 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 import amapo_kernels as ak
 from amapo_kernels._checks import check_choice
 from amapo_kernels.integrations.hf_head import fused_logit_softcap
-from amapo_kernels.preference import METHODS, method_defaults, needs_reference, resolved_hparams, uses_mean_logps
+from amapo_kernels.preference import (METHODS, method_defaults, needs_reference, resolved_hparams,
+                                      statistics_pool_error, uses_mean_logps)
 
 LOSS_IMPLS = ("fused", "ops")
 # ODPO's per-pair scores would need dataset columns TRL's collator does not carry.
@@ -89,7 +92,8 @@ class PreferenceConfig(DPOConfig):
     beta: float | None = field(
         default=None,
         metadata={"help": "TRL's name for the method's beta: sets loss_hparams['beta'] (default: the method's). "
-                          "After construction, the beta the logged rewards are scaled by (1 for a method without)."},
+                          "After construction, the beta the logged rewards are scaled by (None for a method "
+                          "without one: its rewards are unscaled)."},
     )
     precompute_ref_log_probs: bool = field(
         default=True,
@@ -111,7 +115,9 @@ class PreferenceConfig(DPOConfig):
         self.loss_hparams = self._resolve_hparams()
         if self.sync_ref_model and self.is_reference_free:
             raise ValueError(f"sync_ref_model=True: loss={self.loss!r} uses no reference model")
-        self.beta = self.loss_hparams.get("beta", 1.0)
+        # None for a method without beta (its rewards are unscaled): a value here would be refused by the check
+        # above when the config is built again (dataclasses.replace, a to_dict() round trip)
+        self.beta = self.loss_hparams.get("beta")
 
     @property
     def is_reference_free(self) -> bool:
@@ -143,6 +149,8 @@ class PreferenceTrainer(DPOTrainer):
 
     _tag_names = ["trl", "amapo-kernels"]
     _name = "Preference"
+    # DPOTrainer's is the DPO paper, which the model card of every checkpoint would cite as the method trained
+    _paper = {}
 
     def __init__(self, model, ref_model=None, args: PreferenceConfig | None = None, *rest, **kwargs):
         if args is None:
@@ -156,13 +164,19 @@ class PreferenceTrainer(DPOTrainer):
             raise ValueError(f"ref_model: loss={args.loss!r} is reference-free and uses no reference model")
         passed = inspect.signature(DPOTrainer.__init__).bind(self, model, ref_model, args, *rest, **kwargs).arguments
         _check_peft_adapter(model, passed.get("peft_config"))
+        _check_statistics_pool(args, passed.get("eval_dataset") is not None)
         asked_precompute = args.precompute_ref_log_probs
         if self.reference_free:
             # DPOTrainer keeps no reference model in memory when reference log-probs are precomputed, and
             # _precompute_ref_logps (below) computes none for a reference-free loss.
             args.precompute_ref_log_probs = True
+        # DPOTrainer keys the precomputed reference log-probs by a hash of every weight, copied to the CPU (seconds
+        # per billion parameters, on every rank); a reference-free loss precomputes nothing, so it needs no key.
+        no_hash = (unittest.mock.patch.object(trl_dpo_trainer, "hash_module", lambda module: None)
+                   if self.reference_free else contextlib.nullcontext())
         try:
-            super().__init__(model, ref_model, args, *rest, **kwargs)
+            with no_hash:
+                super().__init__(model, ref_model, args, *rest, **kwargs)
         finally:
             args.precompute_ref_log_probs = asked_precompute
         if self._is_vlm:
@@ -265,10 +279,11 @@ class PreferenceTrainer(DPOTrainer):
     def _record_metrics(self, mode, inputs, chosen, rejected, references, stats) -> None:
         """TRL's metric names over every rank's pairs, plus AMaPO's batch statistics."""
         gather, metrics = self.accelerator.gather, self._metrics[mode]
-        chosen_reward, rejected_reward = self.args.beta * chosen, self.args.beta * rejected
+        beta = 1.0 if self.args.beta is None else self.args.beta
+        chosen_reward, rejected_reward = beta * chosen, beta * rejected
         if references:
-            chosen_reward = chosen_reward - self.args.beta * references["ref_chosen_logps"].to(chosen)
-            rejected_reward = rejected_reward - self.args.beta * references["ref_rejected_logps"].to(rejected)
+            chosen_reward = chosen_reward - beta * references["ref_chosen_logps"].to(chosen)
+            rejected_reward = rejected_reward - beta * references["ref_rejected_logps"].to(rejected)
         chosen_reward, rejected_reward = gather(chosen_reward), gather(rejected_reward)
         metrics["rewards/chosen"].append(chosen_reward.mean().item())
         metrics["rewards/rejected"].append(rejected_reward.mean().item())
@@ -302,6 +317,19 @@ def _hparams_dict(value) -> dict:
         raise TypeError(f"loss_hparams must be a dict (a JSON object on the command line), "
                         f"got {type(value).__name__} {value!r}")
     return value
+
+
+def _check_statistics_pool(args: PreferenceConfig, evaluates: bool) -> None:
+    """amapo's and alpha_dpo's z-scores need two pairs or more in one micro-batch of every process
+    (preference.statistics_pool_error): raise, naming the batch size, before anything is tokenized or
+    precomputed (the paper's recipe, per_device_train_batch_size=1, on one process would otherwise train AMaPO
+    without its margin)."""
+    sizes = {f"per_device_train_batch_size={args.per_device_train_batch_size}": args.per_device_train_batch_size}
+    if evaluates:
+        sizes[f"per_device_eval_batch_size={args.per_device_eval_batch_size}"] = args.per_device_eval_batch_size
+    error = statistics_pool_error(args.loss, args.loss_hparams, sizes, args.world_size)
+    if error:
+        raise ValueError(error)
 
 
 def _check_peft_adapter(model, peft_config) -> None:

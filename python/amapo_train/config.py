@@ -5,7 +5,7 @@ import os
 import typing
 from pathlib import Path
 
-from amapo_kernels.preference import METHODS, method_defaults, resolved_hparams
+from amapo_kernels.preference import METHODS, method_defaults, resolved_hparams, statistics_pool_error
 from amapo_train.cli_errors import UserError, check_range
 from amapo_train.data import FORMATS, check_lengths
 
@@ -131,6 +131,7 @@ class TrainConfig:
                 check_range(f"--{name.replace('_', '-')}", getattr(self, name), low, high)
         check_length_flags(self.max_length, self.max_prompt_length)
         self.gradient_accumulation_steps(world_size)
+        self.check_statistics_pool(world_size)
         if self.loss_impl == "fused" and world_size > 1 and not self.deepspeed_config_path():
             # the fused path runs the decoder outside the wrapper's forward: DDP would not sync its gradients
             raise UserError(f"--loss-impl fused with {world_size} processes needs --deepspeed (zero2 or zero3); "
@@ -151,6 +152,17 @@ class TrainConfig:
                 f"{self.per_device_batch_size} x world size {world_size}"
             )
         return self.total_batch_size // per_step
+
+    def check_statistics_pool(self, world_size: int) -> None:
+        """amapo's and alpha_dpo's z-scores span one micro-batch of every process: a batch of one pair there
+        (the 8B recipe's one pair per device, launched on one process) would train AMaPO without its margin.
+        The held-out loss (every eval_steps) is refused likewise."""
+        sizes = {f"--per-device-batch-size {self.per_device_batch_size}": self.per_device_batch_size}
+        if self.eval_steps:
+            sizes[f"--eval-batch-size {self.eval_batch_size}"] = self.eval_batch_size
+        error = statistics_pool_error(self.loss, self.hparams, sizes, world_size)
+        if error:
+            raise UserError(error)
 
     def amapo_stats_pairs(self, world_size: int = 1) -> int:
         """The pairs over which AMaPO's batch mean and std are taken: one micro-batch of every process."""
