@@ -177,8 +177,10 @@ def run_recipe(tmp_path, name, processes, extra):
 def test_recipe_path_zero3_fused_equals_ops(tmp_path, processes):
     """The recipe's fused lm_head under ZeRO-3 (weight partitioned, gathered for forward and backward) trains,
     evaluates during training, and gives the losses of the op-from-logits path on the same batches. fp32
-    (--bf16 false) so the comparison is tight: the two paths differ by fp32 rounding only."""
-    batch = ["--total-batch-size", str(2 * processes), "--bf16", "false"]
+    (--bf16 false) so the comparison is tight: the two paths differ by fp32 rounding only. Two pairs a micro-batch
+    over the processes: AMaPO's statistics over one pair are refused (test_cli)."""
+    batch = ["--total-batch-size", str(2 * processes), "--per-device-batch-size", str(2 // processes),
+             "--bf16", "false"]
     fused = run_recipe(tmp_path, "fused", processes, [*batch, "--loss-impl", "fused"])
     ops = run_recipe(tmp_path, "ops", processes, [*batch, "--loss-impl", "ops"])
     assert [r["step"] for r in fused] == [1, 2]
