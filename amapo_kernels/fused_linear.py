@@ -19,10 +19,14 @@ O(B*T) plus one tile. The backward recomputes each tile's logits and applies
     coef[b, t] = upstream grad of row b (/ its scored-label count if length-normalized; 0 if ignored),
 times the softcap derivative 1 - (s / c)^2, accumulating grad_hidden = g @ W and grad_W = g^T @ hidden,
 grad_b = sum g in fp32, one tile at a time. Gradients come back in the inputs' own dtypes.
+Inside torch.autocast, float32 hidden / weight / bias are first cast to the autocast dtype, as nn.Linear's
+operands would be (_autocast_operands), whatever the backend.
 
 The lm_head weight is an ordinary tensor argument, so under DeepSpeed ZeRO-3 the gathered parameter's
 gradient reaches its accumulation hook as it would from nn.Linear (see tests/test_zero3.py).
 """
+
+import functools
 
 import torch
 
@@ -69,6 +73,30 @@ def _resolve_backend(backend, gradient_filter, hidden, weight, bias) -> str:
     if backend in _TRITON_MODULE_BACKENDS:
         _triton_kernels().check_supported(hidden, weight, bias, backend)
     return backend
+
+
+def _autocast_operands(hidden, weight, bias):
+    """The lm_head's operands as nn.Linear would take them in the caller's torch.autocast region: float32
+    ones cast to the autocast dtype (float64 kept), the casts on the autograd graph, so that gradients reach
+    float32 master weights as float32 and every backend computes what the model's own lm_head would (bf16
+    operands, fp32 accumulation; Triton on tensor cores instead of exact fp32). Inside, autocast is off
+    (_no_autocast): each backend's products then follow these dtypes alone, forward and backward alike."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.dtype == torch.float32 else t for t in (hidden, weight, bias))
+
+
+def _no_autocast(function):
+    """function with torch.autocast off on its first tensor's device: the torch tiles' torch.mm would otherwise
+    be cast by an enclosing region (the forward) and not by the backward's, which runs outside it."""
+    @functools.wraps(function)
+    def run(ctx, *args):
+        device_type = next(a for a in args if isinstance(a, torch.Tensor)).device.type
+        with torch.autocast(device_type, enabled=False):
+            return function(ctx, *args)
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +264,7 @@ class _SequenceLogpsFromHidden(torch.autograd.Function):
     """[B] per-sequence log-probs of labels under softcap(hidden @ W^T + b); see the module docstring."""
 
     @staticmethod
+    @_no_autocast
     def forward(ctx, hidden, weight, bias, labels, ignore_index, average, shift, softcap, token_chunk, vocab_chunk,
                 backend, gradient_filter):
         tiles = _Tiles(hidden, weight, bias, labels, shift, softcap, token_chunk, vocab_chunk, ignore_index)
@@ -270,6 +299,7 @@ class _GradientsFromHidden(torch.autograd.Function):
     (as the ops' double backward does), instead of their being silently constant."""
 
     @staticmethod
+    @_no_autocast
     def forward(ctx, grad_seq, hidden, weight, bias, labels, softmax_stats, needs, options):
         ignore_index, average, shift, softcap, token_chunk, vocab_chunk, backend, gradient_filter = options
         need_hidden, need_weight, need_bias = needs
@@ -371,6 +401,7 @@ def sequence_logps_from_hidden(
     refuse_unsupported_transforms("amapo_kernels.sequence_logps_from_hidden", hidden, lm_head_weight, bias, labels,
                                   vmap_refused="amapo_kernels.sequence_logps_from_hidden")
     softcap = None if logit_softcap is None else float(logit_softcap)
+    hidden, lm_head_weight, bias = _autocast_operands(hidden, lm_head_weight, bias)
     backend = _resolve_backend(backend, gradient_filter, hidden, lm_head_weight, bias)
     return _SequenceLogpsFromHidden.apply(
         hidden, lm_head_weight, bias, labels, check_ignore_index(ignore_index), average, shift, softcap,

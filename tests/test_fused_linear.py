@@ -327,6 +327,48 @@ def test_strided_hidden_and_mixed_dtypes():
     assert grad_h.dtype == torch.bfloat16 and grad_w.dtype == torch.float32
 
 
+def autocast_runs(tensors, labels, device_type, dtype, backend):
+    """[B] log-probs and the gradients reaching float32 leaves (hidden, weight, bias) of
+    sequence_logps_from_hidden: called inside torch.autocast(device_type, dtype), and called outside it on the
+    leaves cast to dtype, as nn.Linear's autocast would cast them."""
+    upstream = torch.linspace(-1.0, 1.0, labels.shape[0], dtype=torch.float64)
+    runs = []
+    for autocast in (True, False):
+        leaves = [t.float().to(labels.device).requires_grad_() for t in tensors]
+        with torch.autocast(device_type, dtype=dtype, enabled=autocast):
+            operands = leaves if autocast else [t.to(dtype) for t in leaves]
+            logps = sequence_logps_from_hidden(operands[0], operands[1], labels, bias=operands[2], shift=True,
+                                               token_chunk=5, vocab_chunk=16, backend=backend)
+        grads = torch.autograd.grad((logps * upstream.to(logps)).sum(), leaves)
+        assert all(g.dtype == torch.float32 for g in grads)
+        runs.append((logps, grads))
+    return runs
+
+
+def assert_autocast_is_linears(tensors, labels, device_type, dtype, backend):
+    """Under torch.autocast the lm_head's float32 operands are cast to the autocast dtype as nn.Linear's are:
+    every backend computes, forward and backward, exactly what it computes on operands cast by hand (the
+    torch tiles' torch.mm was cast in the forward only, the Triton kernels ignored autocast)."""
+    (inside, inside_grads), (cast, cast_grads) = autocast_runs(tensors, labels, device_type, dtype, backend)
+    torch.testing.assert_close(inside, cast, rtol=0, atol=0)
+    for a, b in zip(inside_grads, cast_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_casts_the_operands_as_linear_does(dtype):
+    generator = torch.Generator().manual_seed(44)
+    hidden, weight, bias, labels = make_batch(4, 7, 12, 37, generator=generator)
+    assert_autocast_is_linears((hidden, weight, bias), labels, "cpu", dtype, "torch")
+    # float64 operands are left as they are, as autocast leaves them
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with torch.autocast("cpu", dtype=dtype):
+        inside = sequence_logps_from_hidden(leaves[0], leaves[1], labels, bias=leaves[2], token_chunk=5)
+    outside = sequence_logps_from_hidden(hidden, weight, labels, bias=bias, token_chunk=5)
+    assert inside.dtype == torch.float64
+    torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+
+
 def test_frozen_head_and_return_stats():
     generator = torch.Generator().manual_seed(17)
     hidden, weight, bias, labels = make_batch(4, 5, 6, 21, generator=generator)

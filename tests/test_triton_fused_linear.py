@@ -25,6 +25,7 @@ from helpers import assert_within_rule
 from hypothesis import given
 from hypothesis import strategies as st
 from test_fused_linear import (
+    assert_autocast_is_linears,
     assert_rule,
     fused_run,
     leaves,
@@ -441,6 +442,17 @@ def test_torch_compile_of_the_caller_matches_eager():
         torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
+@interpreted
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_casts_the_operands_as_linear_does(backend):
+    """Under torch.autocast the kernels take the lm_head's operands in the autocast dtype, as nn.Linear would
+    (they ignored autocast: exact fp32 products where the model's own lm_head runs in half precision). fp16
+    here: the interpreter's tl.dot of bf16 blocks is wrong (the module docstring)."""
+    generator = torch.Generator().manual_seed(45)
+    hidden, weight, bias, labels = make_batch(4, 7, 20, 37, generator=generator)
+    assert_autocast_is_linears((hidden, weight, bias), labels, "cpu", torch.float16, backend)
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradient filter: off by default, and within its documented bound when on
 # ---------------------------------------------------------------------------------------------
@@ -841,6 +853,13 @@ def test_cuda_autotuned_matches_reference(dtype):
     tensors, labels = cuda_batch(3, 150, 320, 5003, seed=9, dtype=dtype)
     assert tensors[2] is not None
     assert_logps_rule(tensors, labels, dtype, average=True, shift=True, softcap=None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@cuda
+def test_cuda_autocast_casts_the_operands_as_linear_does(backend):
+    tensors, labels = cuda_batch(3, 150, 320, 5001, seed=12, dtype=torch.float32)
+    assert_autocast_is_linears(tensors, labels, "cuda", torch.bfloat16, backend)
 
 
 @pytest.mark.parametrize("method", ["amapo", "dpo", "simpo"])

@@ -165,8 +165,8 @@ def reference_logps_table(accelerator, model, dataset, config) -> torch.Tensor:
     model.eval()
     for batch in tqdm(loader, desc="reference log-probs", disable=not accelerator.is_main_process):
         input_ids, attention_mask, labels = concatenated(batch)
-        # the policy's own implementation: under bf16 the ops path reads bf16 logits, the fused one fp32 tiles, so
-        # another one would make the policy differ from its reference at step 0
+        # the policy's own implementation: under bf16 the ops path reads bf16-rounded logits, the fused one unrounded
+        # fp32 sums of bf16 products, so another one would make the policy differ from its reference at step 0
         with contextlib.ExitStack() as gathered:  # the fused path's ZeRO-3 lm_head gather, for this batch
             logps, _ = sequence_logps(model, input_ids, attention_mask, labels, average=uses_mean_logps(config.loss),
                                       impl=config.loss_impl, keep_gathered=gathered)
