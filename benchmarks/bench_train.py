@@ -192,7 +192,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--shape", help="random:SHAPE model (default: llama3-1b on cuda, llama3-vocab-tiny on cpu)")
     parser.add_argument("--seq-len", type=int_at_least(2), help="tokens per sequence (default 2048 on cuda, 256 on cpu)")
-    parser.add_argument("--pairs", type=int_at_least(1), default=2, help="pairs per step (2 x pairs sequences)")
+    parser.add_argument("--pairs", type=int_at_least(2), default=2,
+                        help="pairs per step (2 x pairs sequences; AMaPO's batch statistics need 2 or more)")
     parser.add_argument("--steps", type=int_at_least(1), help="optimizer steps per impl (default 20 on cuda, 6 on cpu)")
     parser.add_argument("--warmup-steps", type=int_at_least(0), help="first steps left out of tokens/s (default 5 / 2)")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of {IMPLS}")

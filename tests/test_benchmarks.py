@@ -369,7 +369,7 @@ ARGUMENT_MISTAKES = [  # (script, its arguments, the one-line error): refused be
     ("bench_fused_linear", ["--token-chunk", "x"], "argument --token-chunk: expected an integer, got 'x'"),
     ("profile_step", ["--size", "2x8x64,2x8x64"], "--size for from_logits: one BxTxV size"),
     ("profile_step", ["--size", "2x8x64", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
-    ("bench_train", ["--pairs", "0"], "argument --pairs: must be >= 1, got 0"),
+    ("bench_train", ["--pairs", "1"], "argument --pairs: must be >= 2, got 1"),  # AMaPO statistics over 1 pair
     ("bench_train", ["--bf16", "yes"], "argument --bf16: invalid choice: 'yes'"),
     # an unknown method ran as eager, in a row of its name
     ("bench_fused_linear", ["--sizes", "2x8x8x16", "--repeats", "1", "--methods", "fused,nosuch"],
