@@ -24,6 +24,19 @@ def check_tensor(name: str, value, *, dims: int | None = None, dtypes=None) -> N
         raise TypeError(f"{name} must have dtype in ({allowed}), got {value.dtype}")
 
 
+def check_local(name: str, value) -> None:
+    """A DTensor (FSDP2's sharded parameters, tensor parallelism) is refused where the computation needs local
+    tensors, naming the argument: the fused lm_head's tiles mix it with plain tensors ("got mixed torch.Tensor and
+    DTensor" from inside a matmul), and the Triton kernels cannot take its data pointer. A caller that holds one
+    has not yet had it gathered (torch.distributed.tensor is then imported: no import is added here)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if value is not None and dtensor is not None and isinstance(value, dtensor.DTensor):
+        raise TypeError(
+            f"{name} is a DTensor (placements {tuple(value.placements)}); the fused lm_head needs local tensors: pass "
+            f"{name}.full_tensor(), or call it inside the model's forward, where FSDP2 has gathered the parameters"
+        )
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:

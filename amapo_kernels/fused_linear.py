@@ -36,6 +36,7 @@ from amapo_kernels._checks import (
     check_even_batch,
     check_ignore_index,
     check_data,
+    check_local,
     check_logit_softcap,
     check_same_device,
     check_shift,
@@ -134,7 +135,13 @@ class _Tiles:
         return self.batch * self.steps
 
     def token_ranges(self):
-        return [(n0, min(n0 + self.token_chunk, self.count)) for n0 in range(0, self.count, self.token_chunk)]
+        # Only the number of chunks is concrete, the last chunk ends at the count itself: under torch.compile the
+        # count B * Ts is symbolic, and range(0, count, chunk) / min(n0 + chunk, count) would pin it to its value
+        # (a recompile for every new B * T, and an error for a dimension marked dynamic)
+        chunks, size = -(-self.count // self.token_chunk), self.token_chunk
+        if chunks == 0:
+            return []
+        return [(i * size, (i + 1) * size) for i in range(chunks - 1)] + [((chunks - 1) * size, self.count)]
 
     def vocab_ranges(self):
         return [(v0, min(v0 + self.vocab_chunk, self.vocab)) for v0 in range(0, self.vocab, self.vocab_chunk)]
@@ -338,6 +345,8 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, logit_softcap, tok
     check_tensor("labels", labels, dims=2, dtypes=(torch.int64,))
     if bias is not None:
         check_tensor("bias", bias, dims=1, dtypes=LOGITS_DTYPES)
+    for name, tensor in (("hidden", hidden), ("lm_head_weight", weight), ("labels", labels), ("bias", bias)):
+        check_local(name, tensor)
     check_same_device(hidden=hidden, lm_head_weight=weight, labels=labels, bias=bias)
     vocab, width = weight.shape
     if vocab == 0:

@@ -65,6 +65,7 @@ around them and runs them eagerly (host-side grids and chunk loops, autotuning, 
 
 import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -605,6 +606,21 @@ def _product_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
+def _alert_atomics(what: str) -> None:
+    """As torch's own CUDA ops with atomics (index_add_, scatter_add_, ...) do under
+    torch.use_deterministic_algorithms(True): a RuntimeError, or a warning with warn_only=True. fp32 atomic adds
+    sum the programs' partials in the order they happen to run, so those gradients' bits change from run to run."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (f"amapo_kernels.sequence_logps_from_hidden's Triton backward ({what}: fp32 atomic adds) does not "
+               "have a deterministic implementation, but you set 'torch.use_deterministic_algorithms(True)'; "
+               "backend='torch' is deterministic")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, stacklevel=3)
+    else:
+        raise RuntimeError(message)
+
+
 @torch.compiler.disable
 def gradients(hidden, weight, bias, labels, softmax_stats, coefs, *, shift, softcap, ignore_index,
               need_hidden, need_weight, need_bias, gradient_filter=False, accumulate="auto", matmuls="triton"):
@@ -622,6 +638,10 @@ def gradients(hidden, weight, bias, labels, softmax_stats, coefs, *, shift, soft
     if matmuls == "cublas" and (gradient_filter or accumulate == "in_kernel"):
         raise ValueError("matmuls='cublas' recomputes the logits with cuBLAS for the g chunks; the gradient filter "
                          "and accumulate='in_kernel' run on the accumulating Triton kernel (matmuls='triton')")
+    if (gradient_filter or accumulate == "in_kernel") and (need_hidden or need_weight or need_bias):
+        _alert_atomics("the accumulating kernel" + (" of gradient_filter=True" if gradient_filter else ""))
+    elif need_bias:
+        _alert_atomics("the bias gradient")
     problem = _Problem(hidden, weight, bias, labels, shift, softcap, ignore_index)
     scored = problem.scored_tokens() if need_hidden or need_weight or need_bias else None
     if scored is None or scored.numel() == 0:

@@ -195,3 +195,37 @@ def test_group_restricts_the_statistics_to_its_ranks(tmp_path):
         for method, (loss, grad) in ranks_results.items():
             torch.testing.assert_close(loss, alone[method][0], rtol=1e-14, atol=0)
             torch.testing.assert_close(grad, alone[method][1], rtol=1e-14, atol=0)
+
+
+def test_dtensor_inputs_of_the_fused_lm_head_are_refused_by_name(tmp_path):
+    """FSDP2 and tensor parallelism hold the lm_head weight as a DTensor (outside the model's forward, a shard):
+    passed to the fused lm_head it is refused with an error naming the argument, not a failure inside the tiles'
+    matmul ("got mixed torch.Tensor and DTensor") or at the Triton launch; its full_tensor() gives the plain
+    weight's loss, and the gradient reaches the sharded parameter."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        generator = torch.Generator().manual_seed(22)
+        hidden = torch.randn(4, STEPS, 8, generator=generator)
+        weight = torch.randn(VOCAB, 8, generator=generator) / 8**0.5
+        labels = random_labels(4, STEPS, VOCAB, ignore_prob=0.2, generator=generator)
+        sharded = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
+        refused = {"lm_head_weight": (hidden, sharded, labels),
+                   "hidden": (distribute_tensor(hidden, mesh, [Replicate()]), weight, labels)}
+        for name, args in refused.items():
+            with pytest.raises(TypeError, match=f"{name} is a DTensor"):
+                ak.amapo_loss_from_hidden(*args, shift=True)
+            with pytest.raises(TypeError, match=f"{name} is a DTensor"):
+                ak.sequence_logps_from_hidden(*args, shift=True)
+        loss = ak.amapo_loss_from_hidden(hidden, sharded.full_tensor(), labels, shift=True)
+        plain = weight.clone().requires_grad_()
+        expected = ak.amapo_loss_from_hidden(hidden, plain, labels, shift=True)
+        torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+        loss.backward()
+        expected.backward()
+        torch.testing.assert_close(sharded.grad.full_tensor(), plain.grad, rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()

@@ -508,3 +508,32 @@ def test_torch_compile_of_the_caller_matches_eager():
     for compiled, eager in zip(torch.autograd.grad(compiled_loss, (hidden, weight)),
                                torch.autograd.grad(eager_loss, (hidden, weight))):
         torch.testing.assert_close(compiled, eager)
+
+
+def test_torch_compile_with_dynamic_batch_and_length_compiles_once():
+    """A training loop's batches change B and T: compiled with both marked dynamic (fullgraph), the torch
+    backend is one graph for every token count within one token chunk, not one per B * T (whose 9th value
+    would hit dynamo's recompile limit, a hard error under fullgraph=True)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(32)
+    weight = torch.randn(37, 16, generator=generator, requires_grad=True)
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def loss_fn(h, w, labels):
+        return ak.amapo_loss_from_hidden(h, w, labels, shift=True, backend="torch")
+
+    compiled_fn = torch.compile(loss_fn, backend=counter, fullgraph=True)
+    for batch, steps in ((4, 9), (6, 7), (10, 12), (8, 5)):
+        hidden = torch.randn(batch, steps, 16, generator=generator, requires_grad=True)
+        labels = torch.randint(0, 37, (batch, steps), generator=generator)
+        for tensor in (hidden, labels):
+            torch._dynamo.mark_dynamic(tensor, 0)
+            torch._dynamo.mark_dynamic(tensor, 1)
+        compiled_loss, eager_loss = compiled_fn(hidden, weight, labels), loss_fn(hidden, weight, labels)
+        torch.testing.assert_close(compiled_loss, eager_loss)
+        for compiled, eager in zip(torch.autograd.grad(compiled_loss, (hidden, weight)),
+                                   torch.autograd.grad(eager_loss, (hidden, weight))):
+            torch.testing.assert_close(compiled, eager)
+    assert counter.frame_count == 1

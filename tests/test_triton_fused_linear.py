@@ -426,6 +426,43 @@ def test_a_bias_view_is_read_through_its_strides(backend, gradient_filter, layou
 
 
 @interpreted
+def test_deterministic_algorithms_alert_on_the_atomic_gradients():
+    """torch.use_deterministic_algorithms(True) makes torch's CUDA ops with atomics raise (or warn with
+    warn_only=True); so does the Triton backward where its fp32 atomic adds order the sums by scheduling: the bias
+    gradient, and every gradient of the accumulating kernel (gradient_filter=True). Without them (no bias
+    gradient) and on backend="torch" it runs, with the gradients of the default mode."""
+    generator = torch.Generator().manual_seed(27)
+    hidden, weight, bias, labels = make_batch(4, 6, 20, 37, generator=generator)
+
+    def gradients(bias_grad=True, **kwargs):
+        h, w, b = hidden.float().requires_grad_(), weight.float().requires_grad_(), bias.float()
+        b.requires_grad_(bias_grad)
+        loss = ak.amapo_loss_from_hidden(h, w, labels, bias=b, shift=True, **kwargs)
+        return torch.autograd.grad(loss, [h, w] + [b] * bias_grad)
+
+    expected = {(backend, bias_grad): gradients(bias_grad, backend=backend)
+                for backend in ("triton", "torch") for bias_grad in (True, False)}
+    alerted = [dict(backend="triton"), dict(backend="cublas"), dict(backend="triton", gradient_filter=True),
+               dict(backend="triton", gradient_filter=True, bias_grad=False)]
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        for kwargs in alerted:
+            with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+                gradients(**kwargs)
+        for backend, bias_grad in (("triton", False), ("torch", True), ("torch", False)):
+            for got, want in zip(gradients(bias_grad, backend=backend), expected[backend, bias_grad]):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="does not have a deterministic implementation"):
+            got = gradients(backend="triton")
+        for got, want in zip(got, expected["triton", True]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+@interpreted
 def test_torch_compile_of_the_caller_matches_eager():
     """The Triton entry points are a graph break for a compiled caller: same loss and gradients."""
     torch._dynamo.reset()
