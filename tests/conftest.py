@@ -7,11 +7,12 @@ from hypothesis import HealthCheck, settings
 
 import amapo_kernels
 
-# Deterministic, bounded property tests: the same examples on every run (CI and local).
+# Deterministic, bounded property tests: the same examples on every run (CI and local). AMAPO_HYPOTHESIS_EXPLORE=1
+# draws new random examples on each run instead, a local search beyond the fixed ones (a failure prints its blob).
 settings.register_profile(
     "ci",
     max_examples=int(os.environ.get("AMAPO_HYPOTHESIS_EXAMPLES", "25")),
-    derandomize=True,
+    derandomize=os.environ.get("AMAPO_HYPOTHESIS_EXPLORE") != "1",
     deadline=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
