@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import importlib.util
+import os
 import json
 
 import pytest
@@ -276,3 +277,15 @@ def test_odpo_reads_ultrafeedbacks_score_columns_unless_told():
     assert dry_run(TrainConfig(loss="odpo"), 1)["score_columns"] == ["score_chosen", "score_rejected"]
     assert dry_run(TrainConfig(loss="odpo", rejected_score_column="low"), 1)["score_columns"] == ["score_chosen", "low"]
     assert TrainConfig(loss="odpo", chosen_score_column="high").score_columns() == ("high", "score_rejected")
+
+
+def test_a_hub_model_that_cannot_be_reached_is_a_one_line_error(tmp_path):
+    """Offline, `--model org/name` was a 100-line traceback and exit status 1 (after ~50 s of retries without
+    HF_HUB_OFFLINE); a dataset that cannot be reached was already one line."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "amapo_train.train", "--model", "no-such-org/no-such-model",
+                          "--max-steps", "1", "--log-with", "none", "--device", "cpu", "--output-dir",
+                          str(tmp_path / "run")], capture_output=True, text=True, timeout=300, env=env)
+    lines = [line for line in run.stderr.splitlines() if line.startswith("amapo-train: error:")]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert len(lines) == 1 and "--model no-such-org/no-such-model: cannot be loaded: " in lines[0], run.stderr

@@ -249,3 +249,40 @@ def test_every_format_is_a_dataset_format_choice(fmt):
     config = config_for(["--dataset-format", fmt])
     config.validate()
     assert config.dataset_format == fmt
+
+
+GOOD = {"prompt": "Hi", "chosen": "a", "rejected": "b"}
+SPLIT_MISTAKES = {  # a record in a known format that splits into no (prompt, chosen, rejected)
+    "hh-rlhf without a shared assistant turn": ({"chosen": "\n\nHuman: a\n\nAssistant: yes", "rejected": "no"},
+                                                "must share a prefix ending in"),
+    "implicit-text without a shared prompt": ({"chosen": "Alpha", "rejected": "Beta"}, "share no prefix"),
+    "implicit conversations differing before the answer": (
+        {"chosen": [USER, YES], "rejected": [{"role": "user", "content": "Other?"}, NO]}, "differ before their last"),
+    "a null content": ({"prompt": [USER], "chosen": [{"role": "assistant", "content": None}], "rejected": [NO]},
+                       "every message needs a string 'role' and 'content'"),
+    "a multi-part content": ({"prompt": [{"role": "user", "content": [{"type": "text", "text": "q"}]}],
+                              "chosen": [YES], "rejected": [NO]}, "every message needs a string 'role' and 'content'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPLIT_MISTAKES))
+def test_a_record_that_splits_into_no_pair_is_a_one_line_error_before_the_model_loads(name, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """Such a record was found only once the model had loaded, with a traceback (a null content: a TypeError), or,
+    a list content, rendered as its Python repr and trained on."""
+    from amapo_train import model as models
+    from amapo_train.train import cli
+
+    def no_model(config):
+        raise AssertionError("the model loaded before the data was checked")
+
+    monkeypatch.setattr(models, "load_model_and_tokenizer", no_model)
+    record, message = SPLIT_MISTAKES[name]
+    pairs, held_out = tmp_path / "pairs.jsonl", tmp_path / "held_out.jsonl"
+    pairs.write_text("\n".join(json.dumps(r) for r in [GOOD, record, GOOD]))
+    held_out.write_text(json.dumps(GOOD))
+    status = cli(["--dataset", str(pairs), "--eval-dataset", str(held_out), "--output-dir", str(tmp_path / "run")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"amapo-train: error: --dataset {pairs}: training record 1: ") and message in lines[0]
+    assert not (tmp_path / "run").exists()

@@ -1250,3 +1250,45 @@ def test_cli_generate_preset_for_another_model_family(tmp_path, saved_model, cap
                      "--output", str(tmp_path / "out.json"), "--preset", "llama3-8b-base", "--device", "cpu"]) == 2
     assert "--preset llama3-8b-base: the tokenizer has no stop token <|end_of_text|>, <|eot_id|>" in \
         one_error_line(capsys)
+
+
+def test_python_dash_m_runs_amapo_eval():
+    """`python -m amapo_train.train` is amapo-train; `python -m amapo_train.eval` was 'cannot be directly executed'."""
+    run = subprocess.run([sys.executable, "-m", "amapo_train.eval", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and "rank" in run.stdout and "rmbench" in run.stdout, run.stderr
+
+
+def test_cli_rank_a_message_without_string_content_is_a_user_error(tmp_path, saved_model, capsys):
+    """A null content was a TypeError traceback after the model had loaded."""
+    records = [{"prompt": [{"role": "user", "content": "the cat"}], "chosen": [{"role": "assistant", "content": None}],
+                "rejected": [{"role": "assistant", "content": "ran"}]}]
+    data_file = tmp_path / "conv.jsonl"
+    data_file.write_text("\n".join(json.dumps(r) for r in records))
+    assert cli.main(["rank", "--model", str(saved_model), "--data", str(data_file), "--device", "cpu"]) == 2
+    assert "every message needs a string 'role' and 'content'" in one_error_line(capsys)
+
+
+def test_cli_rank_reproduces_eval_json_of_a_local_file_run(tmp_path, capsys):
+    """A single local file trains on 90% and evaluates on a seeded 10% (eval.json); those records are written beside
+    it, so rank scores the pairs eval.json scored (ranking the whole file would count the training pairs too)."""
+    from amapo_train.train import load_splits, main as train_main
+    from amapo_train.command_line import build_parser, config_from_args
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps(r) for r in data.load_records("bundled:hh-rlhf", "train", 40)))
+    run = tmp_path / "run"
+    argv = ["--dataset", str(pairs), "--max-steps", "1", "--total-batch-size", "8", "--per-device-batch-size", "8",
+            "--log-with", "none", "--device", "cpu", "--output-dir", str(run)]
+    train_main(argv)
+    held_out = run / "held_out.jsonl"
+    assert [json.loads(line) for line in held_out.read_text().splitlines()] == \
+        load_splits(config_from_args(build_parser("").parse_args(argv)))[1]
+    expected = json.loads((run / "eval.json").read_text())
+    out = tmp_path / "rank.json"
+    assert cli.main(["rank", "--model", str(run / "final"), "--data", str(held_out), "--device", "cpu",
+                     "--no-progress", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n_pairs"] == expected["n_pairs"] == 4
+    for key in ("summed", "normalized"):
+        assert result[key] == expected[key], key

@@ -588,3 +588,64 @@ def test_a_checkpoints_save_time_is_not_the_next_steps(tmp_path, monkeypatch, co
     main([*SHORT, "--max-train-pairs", "32", "--max-test-pairs", "8", "--max-steps", "2", "--save-steps", "1",
           "--save-final", "off", "--output-dir", str(out)])
     assert [r["tokens_per_s"] for r in read_metrics(out)] == [tokens[0] + tokens[1], tokens[2] + tokens[3]]
+
+
+def test_the_tiny_models_checkpoint_stops_at_its_tokenizers_eos(tmp_path):
+    """The tiny (and random:SHAPE) model's config kept LlamaConfig's ids, bos 1 / eos 2, which in the tiny tokenizer
+    are <|eos|> and <|pad|>: a checkpoint loaded with plain transformers generated until <|pad|>."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ("tiny", "random:llama3-vocab-tiny"):
+        model, tokenizer = models.load_model_and_tokenizer(TrainConfig(model=name))
+        model.save_pretrained(tmp_path / "saved")
+        tokenizer.save_pretrained(tmp_path / "saved")
+        loaded, loaded_tokenizer = (AutoModelForCausalLM.from_pretrained(tmp_path / "saved"),
+                                    AutoTokenizer.from_pretrained(tmp_path / "saved"))
+        expected = (loaded_tokenizer.bos_token_id, loaded_tokenizer.eos_token_id, loaded_tokenizer.pad_token_id)
+        assert expected == (0, 1, 2)
+        for settings in (loaded.config, loaded.generation_config):
+            assert (settings.bos_token_id, settings.eos_token_id, settings.pad_token_id) == expected, name
+
+
+def test_the_seeded_tiny_model_is_unchanged_by_its_token_ids():
+    """The ids are set after the init: the weights (the embedding's padding row included) are the seed's."""
+    config = TrainConfig()
+    model, tokenizer = models.load_model_and_tokenizer(config)
+    plain = models.tiny_llama(len(tokenizer), seed=config.seed)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+
+
+def test_a_blank_response_is_counted_as_what_it_is(tmp_path, capsys):
+    """The trl tokenization never cuts a response to nothing: a pair it drops has a blank response in the data,
+    which the log called 'empty response after truncation'."""
+    pairs, held_out = tmp_path / "pairs.jsonl", tmp_path / "held_out.jsonl"
+    good = [{"prompt": f"Question {i}?", "chosen": f" Yes {i}.", "rejected": f" No {i}."} for i in range(9)]
+    pairs.write_text("\n".join(json.dumps(r) for r in [{**good[0], "chosen": "   "}, *good]))
+    held_out.write_text("\n".join(json.dumps(r) for r in good[:2]))
+    main(["--dataset", str(pairs), "--eval-dataset", str(held_out), "--log-with", "none", "--device", "cpu",
+          "--total-batch-size", "8", "--per-device-batch-size", "8", "--max-steps", "1", "--save-final", "off",
+          "--output-dir", str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    assert "data: 9 train / 2 test pairs (1 / 0 dropped: an empty or blank response, in the data or after " \
+           "truncation)" in printed, printed
+
+
+def test_a_chat_template_refusing_a_record_is_a_user_error(tmp_path, capsys):
+    """A template that refuses a conversation (Gemma's 'System role not supported') was a jinja2 traceback once the
+    model had loaded; amapo-eval already said it in one line."""
+    tokenizer = models.train_tiny_tokenizer(["What color is the sky? It is blue. It is green."] * 4, vocab_size=300)
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}"
+                               "{% endfor %}")
+    model_dir = tmp_path / "model"
+    models.tiny_llama(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    record = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What color?"}],
+              "chosen": [{"role": "assistant", "content": "Blue."}], "rejected": [{"role": "assistant", "content": "Green."}]}
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps(record) for _ in range(10)))
+    status = driver.cli(["--model", str(model_dir), "--dataset", str(pairs), "--log-with", "none", "--device", "cpu",
+                         "--output-dir", str(tmp_path / "run")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("amapo-train: error:")]
+    assert status == 2 and len(errors) == 1, errors
+    assert f"--dataset {pairs}: System role not supported" in errors[0]

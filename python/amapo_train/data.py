@@ -417,12 +417,35 @@ def record_format(record: dict, fmt: str = "auto") -> str:
     return found
 
 
+def check_record(record: dict, fmt: str = "auto") -> str:
+    """`record`'s format (record_format), and what record_texts needs of it that no tokenizer decides: the
+    prompt the two sides share (HH-RLHF's marker, implicit-text's prefix, a conversation's history) and
+    every message a {role, content} dict of strings. Without it, such a record fails only once the model
+    is loaded, with a traceback (None content: a TypeError), or a list content is rendered as its Python
+    repr and trained on."""
+    fmt = record_format(record, fmt)
+    if fmt == "hh-rlhf":
+        split_hh_pair(record["chosen"], record["rejected"])
+    elif fmt == "implicit-text":
+        split_implicit_text(record["chosen"], record["rejected"])
+    elif fmt in ("conversational", "implicit", "ultrafeedback"):
+        if fmt == "conversational" and not all(isinstance(m, dict) for m in record["prompt"]):
+            raise ValueError(f"{fmt} record: 'prompt' must be a list of {{role, content}} messages")
+        history, chosen, rejected = chat_pair(record, fmt)
+        for message in (*history, chosen, rejected):
+            if not (isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+                raise ValueError(f"{fmt} record: every message needs a string 'role' and 'content', got "
+                                 f"{message!r:.80}")
+    return fmt
+
+
 def check_detected_formats(records: list[dict], where: str, fmt: str = "auto") -> None:
-    """Every record is in a known format, and in `fmt` unless "auto" (record_format); a ValueError naming the
-    first that is not, before any tokenizer or model is needed."""
+    """Every record is in a known format, and in `fmt` unless "auto", and splits into a prompt and two
+    responses (check_record); a ValueError naming the first that is not, before any tokenizer or model is
+    needed."""
     for position, record in enumerate(records):
         try:
-            record_format(record, fmt)
+            check_record(record, fmt)
         except ValueError as error:
             raise ValueError(f"{where} record {position}: {error}") from None
 

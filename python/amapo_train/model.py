@@ -7,6 +7,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from amapo_train.cli_errors import UserError, one_line
 from amapo_train.data import CHAT_TEMPLATES, load_records
 
 TINY = "tiny"
@@ -69,6 +70,18 @@ def random_llama(shape: str, tokenizer_size: int, seed: int) -> LlamaForCausalLM
     return LlamaForCausalLM(config)
 
 
+def with_token_ids(model, tokenizer):
+    """`model` with the tokenizer's BOS / EOS / PAD ids in its config and generation config (LlamaConfig's
+    defaults, 1 and 2, are the tiny tokenizer's <|eos|> and <|pad|>), so that a saved checkpoint stops
+    generating at <|eos|> under plain transformers. Set after the init: the weights (and the embedding's
+    padding_idx) stay the seed's."""
+    for settings in (model.config, model.generation_config):
+        settings.bos_token_id = tokenizer.bos_token_id
+        settings.eos_token_id = tokenizer.eos_token_id
+        settings.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 def load_tokenizer(config):
     """The tokenizer of a TrainConfig: the tiny one (trained on the bundled data; also for random:SHAPE), or
     AutoTokenizer.from_pretrained(config.model) with a pad token (its EOS when it has none) and the chat
@@ -77,7 +90,7 @@ def load_tokenizer(config):
         records = load_records(config.dataset, config.train_split) if config.dataset.startswith("bundled:") else \
             load_records("bundled:hh-rlhf", "train")
         return train_tiny_tokenizer([record[side] for record in records for side in ("chosen", "rejected")])
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    tokenizer = from_pretrained(AutoTokenizer, config.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if config.chat_template:
@@ -91,8 +104,19 @@ def load_model_and_tokenizer(config):
     mixed precision) or DeepSpeed's bf16, as the authors' Trainer (torch_dtype null) does."""
     tokenizer = load_tokenizer(config)
     if config.model == TINY:
-        return tiny_llama(len(tokenizer), seed=config.seed), tokenizer
+        return with_token_ids(tiny_llama(len(tokenizer), seed=config.seed), tokenizer), tokenizer
     if random_shape(config.model):
-        return random_llama(random_shape(config.model), len(tokenizer), seed=config.seed), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
+        return with_token_ids(random_llama(random_shape(config.model), len(tokenizer), seed=config.seed),
+                              tokenizer), tokenizer
+    model = from_pretrained(AutoModelForCausalLM, config.model, dtype=torch.float32)
     return model, tokenizer
+
+
+def from_pretrained(auto_class, model: str, **kwargs):
+    """auto_class.from_pretrained(model): a Hub name that cannot be reached (offline: after huggingface_hub's
+    retries), a repository that does not exist or a directory that holds no model is a user error naming
+    --model and why, not a page of traceback."""
+    try:
+        return auto_class.from_pretrained(model, **kwargs)
+    except (OSError, ValueError) as error:
+        raise UserError(f"--model {model}: cannot be loaded: {one_line(error)}") from error

@@ -36,6 +36,12 @@ from amapo_train.data import (IGNORE_INDEX, PreferenceDataset, check_detected_fo
 # extras then says how to install them (cli) instead of failing at import.
 
 DEFAULT_EVAL_FRACTION = 0.1  # held out of a single local file given without --eval-dataset / --eval-fraction
+# Why a pair is dropped (PreferenceDataset.dropped): a response blank in the data (the only cause under the default
+# trl tokenization, whose truncation always leaves each response a token) or cut to nothing (separate).
+DROPPED = "an empty or blank response, in the data or after truncation"
+# The records an --eval-fraction split held out of the training file, written beside eval.json: no other source names
+# them, and `amapo-eval rank --data OUTPUT_DIR/held_out.jsonl` then scores the pairs eval.json scored.
+HELD_OUT_FILE = "held_out.jsonl"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -273,10 +279,23 @@ def datasets(config, tokenizer, splits):
                   score_columns=config.score_columns())
     tokenized = []
     for records in splits:
-        dataset = PreferenceDataset(records, tokenizer, **kwargs)
+        with tokenization_errors(config):
+            dataset = PreferenceDataset(records, tokenizer, **kwargs)
         dataset.pad_token_id = tokenizer.pad_token_id
         tokenized.append(dataset)
     return tuple(tokenized)
+
+
+@contextlib.contextmanager
+def tokenization_errors(config):
+    """What only the tokenizer finds in a record (its chat template refusing a conversation, a prompt the two
+    sides tokenize differently) as a user error naming the data, as amapo-eval says it, not a traceback."""
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+    try:
+        yield
+    except (ValueError, TemplateError) as error:
+        raise UserError(f"--dataset {config.dataset}: {error}") from error
 
 
 def dry_run(config: TrainConfig, world_size: int) -> dict:
@@ -402,11 +421,17 @@ def set_up(config: TrainConfig) -> TrainingRun:
     accelerator.print(f"accelerate: {accelerator.distributed_type.value}, {accelerator.num_processes} process(es), "
                       f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}")
     accelerator.print(f"data: {len(train_set)} train / {len(test_set)} test pairs "
-                      f"({train_set.dropped} / {test_set.dropped} dropped: empty response after truncation)")
+                      f"({train_set.dropped} / {test_set.dropped} dropped: {DROPPED})")
+    if held_out_plan(config)[0]:  # a seeded share of the training file: kept, so the evaluation can be rerun
+        if accelerator.is_main_process:
+            held_out = Path(config.output_dir) / HELD_OUT_FILE
+            held_out.parent.mkdir(parents=True, exist_ok=True)
+            held_out.write_text("".join(json.dumps(record) + "\n" for record in test_records))
+        eval_source += f", written to {Path(config.output_dir) / HELD_OUT_FILE}"
     accelerator.print(f"eval data: {eval_source}")
     if len(test_set) == 0:  # the held-out ranking accuracy (and every eval_ metric) would have nothing to rank
-        raise UserError(f"held-out data {eval_source}: no usable pair ({test_set.dropped} dropped: empty response "
-                        "after truncation)")
+        raise UserError(f"held-out data {eval_source}: no usable pair ({test_set.dropped} dropped: "
+                        f"{DROPPED})")
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed)).tolist()
     loader = DataLoader(Subset(train_set, order), batch_size=config.per_device_batch_size, drop_last=True,
                         collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id))
@@ -528,9 +553,10 @@ def show_examples(config: TrainConfig, count: int) -> None:
 
     tokenizer = load_tokenizer(config)
     records = load_splits(config)[0][:count]
-    dataset = PreferenceDataset(records, tokenizer, fmt=config.dataset_format, max_length=config.max_length,
-                                max_prompt_length=config.max_prompt_length, tokenization=config.tokenization,
-                                insert_system_message=config.insert_system_message)
+    with tokenization_errors(config):
+        dataset = PreferenceDataset(records, tokenizer, fmt=config.dataset_format, max_length=config.max_length,
+                                    max_prompt_length=config.max_prompt_length, tokenization=config.tokenization,
+                                    insert_system_message=config.insert_system_message)
     for index in range(len(dataset)):
         pair = dataset[index]
         print(f"=== pair {index} (record {dataset.record_index[index]})")
@@ -540,7 +566,7 @@ def show_examples(config: TrainConfig, count: int) -> None:
             print(f"--- {side}: {len(ids)} tokens, {scored} scored")
             print(marked_text(tokenizer, ids, labels))
     if dataset.dropped:
-        print(f"({dataset.dropped} of the first {len(records)} records dropped: empty response after truncation)")
+        print(f"({dataset.dropped} of the first {len(records)} records dropped: {DROPPED})")
 
 
 def marked_text(tokenizer, ids, labels) -> str:

@@ -44,7 +44,7 @@ from amapo_train.config import NUMBER_RANGES, TOKENIZATIONS, TrainConfig, check_
 from amapo_train.data import (
     PreferenceDataset,
     chat_texts,
-    detect_format,
+    check_record,
     has_chat_template,
     load_records,
     looks_local,
@@ -219,8 +219,8 @@ def cmd_rank(args) -> dict:
 
     records = read_records("--data", args.data, args.split, args.limit)
     try:
-        for record in records:  # a record in no known format fails here, before the model loads
-            detect_format(record)
+        for record in records:  # a record in no known format, or one that splits into no pair, fails here, before
+            check_record(record)  # the model loads
     except ValueError as error:
         raise UserError(f"--data {args.data}: {_one_line(error)}") from error
     from jinja2 import TemplateError
