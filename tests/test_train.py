@@ -649,3 +649,17 @@ def test_a_chat_template_refusing_a_record_is_a_user_error(tmp_path, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("amapo-train: error:")]
     assert status == 2 and len(errors) == 1, errors
     assert f"--dataset {pairs}: System role not supported" in errors[0]
+
+
+def test_a_fresh_run_over_an_earlier_one_says_what_it_replaces(tmp_path, capsys):
+    """A fresh run into an earlier run's directory starts metrics.jsonl anew and leaves the earlier checkpoints
+    beside its own: a warning names them (a rerun of the same command still runs); the first run gets none."""
+    out = tmp_path / "run"
+    common = [*SHORT, "--max-train-pairs", "32", "--max-test-pairs", "8", "--output-dir", str(out)]
+    main([*common, "--max-steps", "2", "--save-steps", "1"])
+    assert "holds an earlier run" not in capsys.readouterr().out
+    main([*common, "--max-steps", "1", "--save-steps", "0"])
+    printed = capsys.readouterr().out
+    assert f"warning: --output-dir {out} holds an earlier run (metrics.jsonl, checkpoint-1/, final/): " \
+           "this run starts metrics.jsonl anew" in printed, printed
+    assert [r["step"] for r in read_metrics(out)] == [1]

@@ -474,6 +474,11 @@ def start_metrics_log(run: TrainingRun, config: TrainConfig, step: int) -> Path:
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise UserError(f"--output-dir {config.output_dir}: {error.strerror or error}") from None
+        earlier = earlier_run(Path(config.output_dir)) if step == 0 else []  # a resume continues its own run
+        if earlier:
+            run.accelerator.print(f"warning: --output-dir {config.output_dir} holds an earlier run "
+                                  f"({', '.join(earlier)}): this run starts metrics.jsonl anew and overwrites "
+                                  "checkpoints of the same names, the others stay (--resume continues a run)")
         rewrite_metrics(log_path, up_to_step=step)
     run.accelerator.init_trackers("amapo-train", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
     return log_path
@@ -534,6 +539,15 @@ def record_step(run: TrainingRun, config: TrainConfig, step: int, record: dict, 
     if accelerator.is_main_process:
         with log_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def earlier_run(output_dir: Path) -> list[str]:
+    """What an earlier run left in `output_dir`: a non-empty metrics.jsonl and its checkpoints (a fresh run there
+    replaces the log and mixes its checkpoints with those; said, not refused, so that a rerun of the same command
+    still runs)."""
+    log = output_dir / "metrics.jsonl"
+    found = ["metrics.jsonl"] if log.is_file() and log.stat().st_size else []
+    return found + sorted(f"{state.parent.name}/" for state in output_dir.glob(f"*/{STATE_FILE}"))
 
 
 def rewrite_metrics(log_path: Path, up_to_step: int) -> None:
