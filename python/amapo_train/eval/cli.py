@@ -218,9 +218,9 @@ def cmd_rank(args) -> dict:
     from amapo_train.eval.ranking import evaluate_ranking, make_batches
 
     records = read_records("--data", args.data, args.split, args.limit)
-    try:
-        for record in records:  # a record in no known format, or one that splits into no pair, fails here, before
-            check_record(record)  # the model loads
+    try:  # a record in no known format, or one that splits into no pair, fails here, before the model loads
+        for record in records:
+            check_record(record)
     except ValueError as error:
         raise UserError(f"--data {args.data}: {_one_line(error)}") from error
     from jinja2 import TemplateError
