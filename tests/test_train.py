@@ -663,3 +663,12 @@ def test_a_fresh_run_over_an_earlier_one_says_what_it_replaces(tmp_path, capsys)
     assert f"warning: --output-dir {out} holds an earlier run (metrics.jsonl, checkpoint-1/, final/): " \
            "this run starts metrics.jsonl anew" in printed, printed
     assert [r["step"] for r in read_metrics(out)] == [1]
+
+
+def test_a_data_error_of_several_lines_is_said_on_one():
+    """What the tokenizer raises about a record (a template's message can span lines) is one line of the CLI's
+    error, as every user error."""
+    with pytest.raises(UserError) as info:
+        with driver.tokenization_errors(TrainConfig()):
+            raise ValueError("the template refuses\n  a system turn")
+    assert str(info.value) == "--dataset bundled:hh-rlhf: the template refuses a system turn"

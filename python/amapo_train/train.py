@@ -26,7 +26,7 @@ import amapo_kernels as ak
 from amapo_kernels import reference
 from amapo_kernels.integrations.hf_head import fused_logit_softcap
 from amapo_kernels.preference import method_defaults, needs_reference, uses_mean_logps
-from amapo_train.cli_errors import UserError, require_extras, run_console_script
+from amapo_train.cli_errors import UserError, one_line, require_extras, run_console_script
 from amapo_train.config import TrainConfig
 from amapo_train.command_line import STATE_FILE, build_parser, check_run, config_from_args, default_world_size
 from amapo_train.data import (IGNORE_INDEX, PreferenceDataset, check_detected_formats, check_scores, collate,
@@ -268,7 +268,7 @@ def load_splits(config: TrainConfig) -> tuple[list[dict], list[dict], str]:
             if config.score_columns():
                 check_scores(records, config.score_columns(), where)
     except (OSError, ValueError, ImportError) as error:  # missing file, bad JSON, bad record, no `datasets`
-        raise UserError(f"--dataset {config.dataset}: {error}") from error
+        raise UserError(f"--dataset {config.dataset}: {one_line(error)}") from error
     return train, test, source
 
 
@@ -295,7 +295,7 @@ def tokenization_errors(config):
     try:
         yield
     except (ValueError, TemplateError) as error:
-        raise UserError(f"--dataset {config.dataset}: {error}") from error
+        raise UserError(f"--dataset {config.dataset}: {one_line(error)}") from error
 
 
 def dry_run(config: TrainConfig, world_size: int) -> dict:
