@@ -34,7 +34,8 @@ the fp32 logits once, chunk by chunk, 3.2 GB each way at the paper's size (S = 6
 
 Tile sizes: on a GPU each kernel is autotuned (once per (V, H, dtypes) key; the number of tokens is not
 in the key, so a new batch shape does not tune again) over a few Hopper configurations (TUNING), or runs
-the one that AMAPO_TRITON_CONFIG=<index> pins; the interpreter gets the smallest tl.dot tiles
+the one that AMAPO_TRITON_CONFIG=<index> pins (under torch.use_deterministic_algorithms(True) without it, the
+one of least shared memory: DETERMINISTIC_CONFIGS); the interpreter gets the smallest tl.dot tiles
 (INTERPRETER_BLOCKS), so small test shapes already span several blocks, splits and chunks, and a test swaps
 in each GPU tile there (test_gpu_tiles_match_reference).
 
@@ -425,15 +426,35 @@ def _pinned_config(operands: str) -> triton.Config | None:
     return configs[int(value)]
 
 
+def _smallest_config(configs: list) -> triton.Config:
+    """The configuration whose K-loop pipeline takes the least shared memory: the one every GPU that can
+    run any of them can run."""
+    return min(configs, key=lambda c: (c.kwargs["BN"] + c.kwargs["BV"]) * c.kwargs["BK"] * c.num_stages)
+
+
+# Under torch.use_deterministic_algorithms(True) without AMAPO_TRITON_CONFIG: the autotuner picks by timing, so
+# two processes (or two runs) could pick different tiles and sum each dot product in another order.
+DETERMINISTIC_CONFIGS = {operands: _smallest_config(configs) for operands, configs in TUNING.items()}
+
+
+def _launch_config(operands: str) -> triton.Config | None:
+    """The configuration a GPU launch runs: AMAPO_TRITON_CONFIG's, else DETERMINISTIC_CONFIGS' under
+    torch.use_deterministic_algorithms(True), else None (autotune)."""
+    config = _pinned_config(operands)
+    if config is None and torch.are_deterministic_algorithms_enabled():
+        return DETERMINISTIC_CONFIGS[operands]
+    return config
+
+
 def _launch(kernel_name: str, dot_f32: bool, grid, *args, **flags) -> None:
-    """Launches a kernel with grid(meta): autotuned on a GPU (or the pinned configuration), the
-    interpreter's blocks on the CPU."""
+    """Launches a kernel with grid(meta): autotuned on a GPU (or the configuration _launch_config fixes),
+    the interpreter's blocks on the CPU."""
     kernel = globals()[kernel_name]
     if INTERPRETED:
         kernel[grid(INTERPRETER_BLOCKS)](*args, **flags, **INTERPRETER_BLOCKS)
         return
     operands = "fp32" if dot_f32 else "half"
-    config = _pinned_config(operands)
+    config = _launch_config(operands)
     if config is None:
         _tuned(kernel_name, operands)[grid](*args, **flags)
     else:

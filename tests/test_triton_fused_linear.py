@@ -632,6 +632,23 @@ def test_pinned_configuration_variable(monkeypatch):
             kernels._pinned_config("fp32")
 
 
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter has its own blocks")
+@pytest.mark.parametrize("warn_only", [False, True])
+def test_deterministic_mode_fixes_the_configuration(monkeypatch, warn_only):
+    """Under torch.use_deterministic_algorithms(True) a launch does not autotune (timing can pick other tiles
+    in another process, and another summation order): it runs the configuration of least shared memory of
+    its operands (half: 128 x 128 x 64, 3 stages; fp32: 64 x 64 x 32, 3 stages), unless AMAPO_TRITON_CONFIG
+    pins one."""
+    monkeypatch.delenv("AMAPO_TRITON_CONFIG", raising=False)
+    assert kernels._launch_config("half") is None
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    monkeypatch.setattr(torch, "is_deterministic_algorithms_warn_only_enabled", lambda: warn_only)
+    assert kernels._launch_config("half") is kernels.TUNING["half"][4]
+    assert kernels._launch_config("fp32") is kernels.TUNING["fp32"][0]
+    monkeypatch.setenv("AMAPO_TRITON_CONFIG", "1")
+    assert kernels._launch_config("half") is kernels.TUNING["half"][1]
+
+
 @pytest.mark.skipif(INTERPRETED, reason="host-side logic: once, in the launcher")
 def test_tf32_only_where_torch_allows_it():
     """fp32 and mixed operands run exact fp32 dots ("ieee") unless the tensors are on CUDA and
