@@ -264,8 +264,10 @@ def test_resume_checks_the_checkpoint_before_loading_it(tmp_path):
     refused."""
     checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()
-    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 2, "config": {"seed": 1, "output_dir": "a"}}))
     with pytest.raises(UserError, match="no trainer_state.json and state/"):
+        check_resume(str(checkpoint), TrainConfig(seed=1))
+    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 2, "config": {"seed": 1, "output_dir": "a"}}))
+    with pytest.raises(UserError, match=r"a model without the training state \(state/\) to resume from"):
         check_resume(str(checkpoint), TrainConfig(seed=1))
     (checkpoint / "state").mkdir()
     check_resume(str(checkpoint), TrainConfig(seed=1, output_dir="b"))

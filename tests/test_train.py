@@ -1,6 +1,7 @@
 """The training driver: a short run of the tiny default, exact resume, recipes, data formats."""
 
 import contextlib
+import dataclasses
 import json
 import math
 import re
@@ -15,6 +16,7 @@ from amapo_train import data
 from amapo_train import model as models
 from amapo_train import train as driver
 from amapo_train.config import RECIPES, TrainConfig, UserError
+from amapo_train.command_line import check_resume
 from amapo_train.train import (dry_run, lm_head_params, log_step, loss_and_metrics, main, make_accelerator, pair_loss,
                                sequence_logps, set_up)
 
@@ -663,6 +665,51 @@ def test_a_fresh_run_over_an_earlier_one_says_what_it_replaces(tmp_path, capsys)
     assert f"warning: --output-dir {out} holds an earlier run (metrics.jsonl, checkpoint-1/, final/): " \
            "this run starts metrics.jsonl anew" in printed, printed
     assert [r["step"] for r in read_metrics(out)] == [1]
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints_of_this_run(tmp_path, capsys):
+    """--save-total-limit 2 with a checkpoint every step of 4: checkpoint-2 and checkpoint-3 stay (the 4th step's
+    is final/, not counted), checkpoint-1 is deleted; another run's checkpoint (another seed) is left alone
+    though older. final/ is the model without the accelerate state (AdamW's, 12 bytes a parameter, of no use once
+    the run is done): an earlier run's state/ there is removed, and --resume refuses it."""
+    out = tmp_path / "run"
+    another_run = out / "checkpoint-0"
+    (another_run / "state").mkdir(parents=True)
+    (another_run / driver.STATE_FILE).write_text(json.dumps({"step": 0, "config": {"seed": 7}}))
+    (out / "final" / "state").mkdir(parents=True)
+    args = [*SHORT, "--max-test-pairs", "8", "--save-steps", "1", "--save-total-limit", "2", "--output-dir", str(out)]
+    result = main([*args, "--max-steps", "4"])
+    printed = capsys.readouterr().out
+    assert "--save-total-limit counts those of this run's settings" in printed, printed
+    assert f"deleted {out / 'checkpoint-1'} (--save-total-limit 2)" in printed, printed
+    assert sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "logs") == [
+        "checkpoint-0", "checkpoint-2", "checkpoint-3", "final"]
+    assert (out / "checkpoint-3" / "state").is_dir() and (another_run / "state").is_dir()
+    assert result["checkpoint"] == str(out / "final") and not (out / "final" / "state").exists()
+    assert json.loads((out / "final" / driver.STATE_FILE).read_text())["step"] == 4
+    with pytest.raises(UserError, match=r"final: a model without the training state \(state/\) to resume from"):
+        check_resume(str(out / "final"), TrainConfig())
+
+
+def test_pruning_counts_this_runs_checkpoints_up_to_the_step_saved(tmp_path):
+    """Of checkpoints with this run's settings at steps 1, 2, 3 and an earlier run's 9 (past the step just
+    saved, 3), a limit of 2 deletes step 1 only; one without state/, one of other settings and an unreadable
+    one are never counted."""
+    config = TrainConfig(output_dir=str(tmp_path))
+
+    def checkpoint(name, step, settings=dataclasses.asdict(config), state=True, text=None):
+        (tmp_path / name / "state").mkdir(parents=True) if state else (tmp_path / name).mkdir()
+        stored = text if text is not None else json.dumps({"step": step, "config": settings})
+        (tmp_path / name / driver.STATE_FILE).write_text(stored)
+
+    for step in (1, 2, 3, 9):
+        checkpoint(f"checkpoint-{step}", step)
+    checkpoint("checkpoint-0", 0, state=False)
+    checkpoint("checkpoint-00", 0, settings={**dataclasses.asdict(config), "seed": 1})
+    checkpoint("checkpoint-000", 0, text="{not json")
+    assert driver.prune_checkpoints(tmp_path, config, keep=2, step=3) == [tmp_path / "checkpoint-1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-0", "checkpoint-00", "checkpoint-000", "checkpoint-2", "checkpoint-3", "checkpoint-9"]
 
 
 def test_a_data_error_of_several_lines_is_said_on_one():

@@ -21,9 +21,9 @@ STATE_FILE = "trainer_state.json"
 # Settings a resumed run may change: where and how often it writes, evaluates and logs, and how it computes the
 # same steps. Every other one (model, data, loss, optimisation, schedule, seed, precision, DeepSpeed) must be
 # the checkpoint's, or the restored optimizer, scheduler and data position would belong to another run.
-RESUME_MAY_CHANGE = ("output_dir", "save_steps", "save_final", "log_with", "eval_steps", "eval_batch_size",
-                     "eval_dataset", "test_split", "max_test_pairs", "device", "loss_impl", "gradient_checkpointing",
-                     "num_processes")
+RESUME_MAY_CHANGE = ("output_dir", "save_steps", "save_total_limit", "save_final", "log_with", "eval_steps",
+                     "eval_batch_size", "eval_dataset", "test_split", "max_test_pairs", "device", "loss_impl",
+                     "gradient_checkpointing", "num_processes")
 CHOICES = {"loss": METHODS, "loss_impl": LOSS_IMPLS, "tokenization": TOKENIZATIONS, "chat_template": CHAT_TEMPLATES,
            "log_with": TRACKERS, "dataset_format": DATASET_FORMATS, "device": DEVICES}
 # The importable module each tracker needs (accelerate's tensorboard tracker: torch.utils.tensorboard).
@@ -63,6 +63,8 @@ HELP = {  # one line per TrainConfig field; a recipe sets the same keys
     "deepspeed": "zero2, zero3 or a DeepSpeed JSON config path",
     "output_dir": "checkpoints, metrics.jsonl and eval.json go here",
     "save_steps": "checkpoint every N steps (0: none but the final one)",
+    "save_total_limit": "keep the N newest checkpoint-STEP directories of this run's settings, deleting older "
+                        "ones (0: all; final/ is not counted)",
     "save_final": "the final checkpoint (off: a throughput run that keeps no model)",
     "log_with": "experiment tracker",
     "eval_batch_size": "pairs per held-out forward pass",
@@ -195,20 +197,30 @@ def check_resume(directory: str, config: TrainConfig) -> None:
     path = Path(directory)
     if not path.is_dir():
         raise UserError(f"--resume {directory}: no such directory")
-    if not (path / STATE_FILE).is_file() or not (path / "state").is_dir():
+    if not (path / STATE_FILE).is_file():
         raise UserError(f"--resume {directory}: not a checkpoint of amapo-train (no {STATE_FILE} and state/)")
+    if not (path / "state").is_dir():
+        raise UserError(f"--resume {directory}: a model without the training state (state/) to resume from: the "
+                        "final checkpoint of a finished run has none; resume from a checkpoint-STEP directory")
     try:
         saved = json.loads((path / STATE_FILE).read_text())["config"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise UserError(f"--resume {directory}: unreadable {STATE_FILE}: {error}") from None
-    current = json.loads(json.dumps(dataclasses.asdict(config)))  # as the checkpoint stored it
-    changed = [name for name in sorted(current)  # a setting newer than the checkpoint is not compared
-               if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != current[name]]
+    changed = changed_settings(saved, config)
     if changed:
-        was = ", ".join(f"{name}={saved[name]!r}" for name in changed)
-        now = ", ".join(f"{name}={current[name]!r}" for name in changed)
+        was = ", ".join(f"{name}={old!r}" for name, (old, _) in changed.items())
+        now = ", ".join(f"{name}={new!r}" for name, (_, new) in changed.items())
         raise UserError(f"--resume {directory}: the checkpoint's run had {was}; this one has {now} (resume with "
                         f"the checkpoint's settings)")
+
+
+def changed_settings(saved: dict, config: TrainConfig) -> dict[str, tuple]:
+    """{name: (the checkpoint's value, this run's)} of the settings, RESUME_MAY_CHANGE aside, in which a
+    checkpoint's stored config differs from `config`: empty for a checkpoint of this run."""
+    current = json.loads(json.dumps(dataclasses.asdict(config)))  # as the checkpoint stored it
+    # a setting newer than the checkpoint (not in `saved`) is not compared
+    return {name: (saved[name], current[name]) for name in sorted(current)
+            if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != current[name]}
 
 
 def default_world_size(config: TrainConfig) -> int:

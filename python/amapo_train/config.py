@@ -23,13 +23,13 @@ DATA_HPARAMS = {"odpo": {"chosen_scores": "--chosen-score-column", "rejected_sco
 # The score columns ODPO reads when no flag names them (UltraFeedback-binarized's).
 DEFAULT_SCORE_COLUMNS = ("score_chosen", "score_rejected")
 # The values each numeric field takes, (lowest, highest), None: no bound; an unset optional field (None) is not
-# checked. 0 turns off max_grad_norm, save_steps and eval_steps; max_steps and the max_*_pairs caps are left
+# checked. 0 turns off max_grad_norm, save_steps, save_total_limit and eval_steps; max_steps and the max_*_pairs caps are left
 # unset for "no cap" (a 0 would read as no cap, not as nothing). The seed feeds numpy's 32-bit one too.
 NUMBER_RANGES = {
     "learning_rate": (0, None), "total_batch_size": (1, None), "per_device_batch_size": (1, None),
     "num_processes": (1, None), "epochs": (1, None), "max_steps": (1, None), "warmup_ratio": (0, 1),
     "weight_decay": (0, None), "max_grad_norm": (0, None), "seed": (0, 2**32 - 1), "save_steps": (0, None),
-    "eval_batch_size": (1, None), "eval_steps": (0, None), "max_train_pairs": (1, None),
+    "save_total_limit": (0, None), "eval_batch_size": (1, None), "eval_steps": (0, None), "max_train_pairs": (1, None),
     "max_test_pairs": (1, None),
 }
 BOOLEANS = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
@@ -90,6 +90,8 @@ class TrainConfig:
     # output
     output_dir: str = "runs/tiny-amapo"
     save_steps: int | None = None  # also at the end
+    # the newest step checkpoints kept (their AdamW state: 12 bytes a parameter); None or 0: all
+    save_total_limit: int | None = None
     save_final: bool = True  # the final checkpoint (off: a throughput run that keeps no model)
     log_with: str = "tensorboard"  # tensorboard | wandb | none
     eval_batch_size: int = 8

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -28,7 +29,8 @@ from amapo_kernels.integrations.hf_head import fused_logit_softcap
 from amapo_kernels.preference import method_defaults, needs_reference, uses_mean_logps
 from amapo_train.cli_errors import UserError, one_line, require_extras, run_console_script
 from amapo_train.config import TrainConfig
-from amapo_train.command_line import STATE_FILE, build_parser, check_run, config_from_args, default_world_size
+from amapo_train.command_line import (STATE_FILE, build_parser, changed_settings, check_run, config_from_args,
+                                      default_world_size)
 from amapo_train.data import (IGNORE_INDEX, PreferenceDataset, check_detected_formats, check_scores, collate,
                               concatenated, holdout_split, load_records, looks_local)
 
@@ -345,16 +347,44 @@ def stats_pool_warning(config: TrainConfig, world_size: int) -> str | None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(accelerator, model, tokenizer, config, step: int, name: str) -> Path:
+def save_checkpoint(accelerator, model, tokenizer, config, step: int, name: str, resumable: bool = True) -> Path:
+    """The model (from_pretrained loads it), its tokenizer and STATE_FILE; a resumable checkpoint also holds
+    the accelerate state for --resume (optimizer, scheduler, RNGs: AdamW's fp32 weights and moments, 12 bytes a
+    parameter), which a finished run's final/ has no use for. After a resumable one, --save-total-limit prunes."""
     directory = Path(config.output_dir) / name
-    accelerator.save_state(str(directory / "state"))
+    if resumable:
+        accelerator.save_state(str(directory / "state"))
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
+        if not resumable:  # an earlier run's state there would pass for this model's
+            shutil.rmtree(directory / "state", ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(directory)
         (directory / STATE_FILE).write_text(json.dumps({"step": step, "config": dataclasses.asdict(config)}, indent=2))
+        if resumable and config.save_total_limit:
+            for pruned in prune_checkpoints(Path(config.output_dir), config, config.save_total_limit, step):
+                accelerator.print(f"deleted {pruned} (--save-total-limit {config.save_total_limit})")
     accelerator.wait_for_everyone()
     return directory
+
+
+def prune_checkpoints(output_dir: Path, config: TrainConfig, keep: int, step: int) -> list[Path]:
+    """Deletes all but the `keep` newest checkpoint-STEP directories of `output_dir`, up to `step` (the one just
+    saved), that --resume would accept for this run (its settings, a state/); returns them. Another run's
+    checkpoints, an earlier run's past `step`, and final/ are not counted."""
+    resumable = []
+    for state_file in output_dir.glob(f"checkpoint-*/{STATE_FILE}"):
+        try:
+            stored = json.loads(state_file.read_text())
+            saved_step, saved = int(stored["step"]), dict(stored["config"])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # not a checkpoint this run can judge: left alone
+        if saved_step <= step and (state_file.parent / "state").is_dir() and not changed_settings(saved, config):
+            resumable.append((saved_step, state_file.parent))
+    pruned = [directory for _, directory in sorted(resumable)[:-keep]]
+    for directory in pruned:
+        shutil.rmtree(directory)
+    return pruned
 
 
 @dataclasses.dataclass
@@ -386,7 +416,7 @@ def train(config: TrainConfig, resume: str | None = None, stop_after_steps: int 
     if step >= run.total_steps:
         if config.save_final:
             result["checkpoint"] = str(save_checkpoint(run.accelerator, run.model, run.tokenizer, config, step,
-                                                       "final"))
+                                                       "final", resumable=False))
         result["eval"] = evaluate(run.accelerator, run.model, run.test_set, config)
     elif stop_after_steps:
         result["checkpoint"] = str(save_checkpoint(run.accelerator, run.model, run.tokenizer, config, step,
@@ -476,9 +506,11 @@ def start_metrics_log(run: TrainingRun, config: TrainConfig, step: int) -> Path:
             raise UserError(f"--output-dir {config.output_dir}: {error.strerror or error}") from None
         earlier = earlier_run(Path(config.output_dir)) if step == 0 else []  # a resume continues its own run
         if earlier:
+            others = ("--save-total-limit counts those of this run's settings" if config.save_total_limit
+                      else "the others stay")
             run.accelerator.print(f"warning: --output-dir {config.output_dir} holds an earlier run "
                                   f"({', '.join(earlier)}): this run starts metrics.jsonl anew and overwrites "
-                                  "checkpoints of the same names, the others stay (--resume continues a run)")
+                                  f"checkpoints of the same names, {others} (--resume continues a run)")
         rewrite_metrics(log_path, up_to_step=step)
     run.accelerator.init_trackers("amapo-train", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
     return log_path
