@@ -117,6 +117,20 @@ def test_raises_when_the_logits_changed_before_backward(device):
         logps.sum().backward()
 
 
+@pytest.mark.parametrize("halves", ["slices", "chunk"])
+def test_raises_on_two_views_of_one_buffer(device, halves):
+    """The chosen and rejected halves of concatenated logits, each with inplace_backward=True: the first backward
+    writes its half, and the second, whose view shares the buffer's version counter (and, for chunk's views,
+    may not be written in place at all), raises instead of computing. One call on the whole logits works."""
+    base, labels = inputs(device, torch.float32)
+    logits = base.clone().requires_grad_() * 1
+    chosen, rejected = logits.chunk(2) if halves == "chunk" else (logits[:2], logits[2:])
+    margin = (ak.sequence_logps(chosen, labels[:2], inplace_backward=True)
+              - ak.sequence_logps(rejected, labels[2:], inplace_backward=True))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation|modified inplace"):
+        margin.sum().backward()
+
+
 def test_opcheck(device):
     base, labels = inputs(device, torch.float32)
     _, stats = ops.sequence_logps_fwd(base, labels, -100, True, True)
