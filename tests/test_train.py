@@ -48,13 +48,16 @@ def test_tiny_default_runs_end_to_end(tmp_path):
     assert 0.0 <= evaluation["normalized"]["ci_low"] <= evaluation["normalized"]["accuracy"] <= 1.0
 
 
-def test_resume_gives_the_same_losses(tmp_path):
+def test_resume_gives_the_same_losses(tmp_path, capsys):
+    """--resume last takes the newest checkpoint of --output-dir (here the --stop-after-steps one)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = [*SHORT, "--max-steps", "6", "--loss", "dpo"]  # dpo: reference log-probs are precomputed too
     main([*common, "--output-dir", str(straight)])
-    first = main([*common, "--output-dir", str(split), "--stop-after-steps", "3"])
-    assert first["steps"] == 3
-    main([*common, "--output-dir", str(split), "--resume", first["checkpoint"]])
+    first = main([*common, "--output-dir", str(split), "--save-steps", "2", "--stop-after-steps", "3"])
+    assert first["steps"] == 3 and first["checkpoint"] == str(split / "checkpoint-3")
+    capsys.readouterr()
+    main([*common, "--output-dir", str(split), "--resume", "last"])
+    assert f"resumed from {split / 'checkpoint-3'} at step 3" in capsys.readouterr().out
     expected, resumed = read_metrics(straight), read_metrics(split)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(expected, resumed):
@@ -710,6 +713,10 @@ def test_pruning_counts_this_runs_checkpoints_up_to_the_step_saved(tmp_path):
     assert driver.prune_checkpoints(tmp_path, config, keep=2, step=3) == [tmp_path / "checkpoint-1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "checkpoint-0", "checkpoint-00", "checkpoint-000", "checkpoint-2", "checkpoint-3", "checkpoint-9"]
+    assert check_resume("last", config) == str(tmp_path / "checkpoint-9")  # --resume last: the newest
+    with pytest.raises(UserError, match=f"--resume last: --output-dir {tmp_path / 'none'} holds no checkpoint-STEP "
+                                        "directory of this run's settings"):
+        check_resume("last", TrainConfig(output_dir=str(tmp_path / "none")))
 
 
 def test_a_data_error_of_several_lines_is_said_on_one():

@@ -18,6 +18,7 @@ from amapo_train.config import (BOOLEANS, CHAT_TEMPLATES, CONFIGS, DATASET_FORMA
 from amapo_train.data import looks_local
 
 STATE_FILE = "trainer_state.json"
+LAST = "last"  # --resume last: the newest checkpoint of this run's settings in --output-dir
 # Settings a resumed run may change: where and how often it writes, evaluates and logs, and how it computes the
 # same steps. Every other one (model, data, loss, optimisation, schedule, seed, precision, DeepSpeed) must be
 # the checkpoint's, or the restored optimizer, scheduler and data position would belong to another run.
@@ -100,7 +101,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                              "recipe's num_processes, else 1)")
     parser.add_argument("--show-examples", type=int, metavar="N",
                         help="print N tokenized training pairs with the scored tokens marked, and exit")
-    parser.add_argument("--resume", metavar="DIR", help="a checkpoint directory of an earlier run of the same recipe")
+    parser.add_argument("--resume", metavar="DIR", help="a checkpoint directory of an earlier run of the same recipe, "
+                                                        f"or '{LAST}': the newest of --output-dir (./{LAST}: a "
+                                                        "directory of that name)")
     parser.add_argument("--stop-after-steps", type=int, help="stop (and checkpoint) early, keeping the schedule")
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
@@ -129,8 +132,9 @@ def config_from_args(args) -> TrainConfig:
     return config
 
 
-def check_run(config: TrainConfig, args, world_size: int) -> None:
-    """Everything checkable before a model or data set is loaded (run by --dry-run too)."""
+def check_run(config: TrainConfig, args, world_size: int) -> str | None:
+    """Everything checkable before a model or data set is loaded (run by --dry-run too). Returns the checkpoint
+    directory to resume from, if any."""
     check_range("--world-size", world_size, 1)
     for flag, value in (("--show-examples", args.show_examples), ("--stop-after-steps", args.stop_after_steps)):
         if value is not None:
@@ -147,13 +151,13 @@ def check_run(config: TrainConfig, args, world_size: int) -> None:
     check_model(config.model)
     check_deepspeed(config)
     check_output_path("--output-dir", config.output_dir, directory=True)
-    if args.resume:
-        check_resume(args.resume, config)
+    resume = check_resume(args.resume, config) if args.resume else None
     check_device(config.device)
     module = TRACKER_MODULES.get(config.log_with)
     if module and importlib.util.find_spec(module) is None:
         raise UserError(f"--log-with {config.log_with}: `{module}` is not installed (pip install {module}, "
                         "or --log-with none)")
+    return resume
 
 
 def check_source(flag: str, source: str) -> None:
@@ -192,8 +196,15 @@ def check_deepspeed(config: TrainConfig) -> None:
         raise UserError(f"--deepspeed {config.deepspeed}: not a JSON DeepSpeed config: {error}") from None
 
 
-def check_resume(directory: str, config: TrainConfig) -> None:
-    """--resume names a checkpoint of amapo-train whose run had this run's settings (RESUME_MAY_CHANGE aside)."""
+def check_resume(directory: str, config: TrainConfig) -> str:
+    """--resume names a checkpoint of amapo-train whose run had this run's settings (RESUME_MAY_CHANGE aside), or
+    LAST; returns the checkpoint's directory."""
+    if directory == LAST:
+        checkpoints = run_checkpoints(Path(config.output_dir), config)
+        if not checkpoints:
+            raise UserError(f"--resume {LAST}: --output-dir {config.output_dir} holds no checkpoint-STEP directory "
+                            "of this run's settings")
+        return str(checkpoints[-1][1])
     path = Path(directory)
     if not path.is_dir():
         raise UserError(f"--resume {directory}: no such directory")
@@ -212,6 +223,24 @@ def check_resume(directory: str, config: TrainConfig) -> None:
         now = ", ".join(f"{name}={new!r}" for name, (_, new) in changed.items())
         raise UserError(f"--resume {directory}: the checkpoint's run had {was}; this one has {now} (resume with "
                         f"the checkpoint's settings)")
+    return directory
+
+
+def run_checkpoints(output_dir: Path, config: TrainConfig, up_to_step: int | None = None) -> list[tuple[int, Path]]:
+    """(step, directory) of the checkpoint-STEP directories of `output_dir` (up to `up_to_step`) that --resume
+    would accept for this run (its settings, a state/), oldest first. A directory whose STATE_FILE does not
+    read as one is not counted."""
+    found = []
+    for state_file in output_dir.glob(f"checkpoint-*/{STATE_FILE}"):
+        try:
+            stored = json.loads(state_file.read_text())
+            step, saved = int(stored["step"]), dict(stored["config"])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+        if ((up_to_step is None or step <= up_to_step) and (state_file.parent / "state").is_dir()
+                and not changed_settings(saved, config)):
+            found.append((step, state_file.parent))
+    return sorted(found)
 
 
 def changed_settings(saved: dict, config: TrainConfig) -> dict[str, tuple]:

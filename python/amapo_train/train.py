@@ -5,7 +5,7 @@ CPU (or the GPU, where there is one).
     amapo-train                                   # recipes/tiny.yaml: tiny Llama, bundled HH-RLHF, CPU or GPU
     amapo-train --recipe llama3-8b-base --dry-run # check a paper recipe without downloading anything
     accelerate launch --num_processes 4 -m amapo_train.train --recipe llama3-8b-base
-    amapo-train --resume runs/tiny-amapo/checkpoint-30
+    amapo-train --resume runs/tiny-amapo/checkpoint-30   # or --resume last: the newest of --output-dir
 """
 
 import contextlib
@@ -29,8 +29,8 @@ from amapo_kernels.integrations.hf_head import fused_logit_softcap
 from amapo_kernels.preference import method_defaults, needs_reference, uses_mean_logps
 from amapo_train.cli_errors import UserError, one_line, require_extras, run_console_script
 from amapo_train.config import TrainConfig
-from amapo_train.command_line import (STATE_FILE, build_parser, changed_settings, check_run, config_from_args,
-                                      default_world_size)
+from amapo_train.command_line import (STATE_FILE, build_parser, check_run, config_from_args, default_world_size,
+                                      run_checkpoints)
 from amapo_train.data import (IGNORE_INDEX, PreferenceDataset, check_detected_formats, check_scores, collate,
                               concatenated, holdout_split, load_records, looks_local)
 
@@ -372,16 +372,7 @@ def prune_checkpoints(output_dir: Path, config: TrainConfig, keep: int, step: in
     """Deletes all but the `keep` newest checkpoint-STEP directories of `output_dir`, up to `step` (the one just
     saved), that --resume would accept for this run (its settings, a state/); returns them. Another run's
     checkpoints, an earlier run's past `step`, and final/ are not counted."""
-    resumable = []
-    for state_file in output_dir.glob(f"checkpoint-*/{STATE_FILE}"):
-        try:
-            stored = json.loads(state_file.read_text())
-            saved_step, saved = int(stored["step"]), dict(stored["config"])
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-            continue  # not a checkpoint this run can judge: left alone
-        if saved_step <= step and (state_file.parent / "state").is_dir() and not changed_settings(saved, config):
-            resumable.append((saved_step, state_file.parent))
-    pruned = [directory for _, directory in sorted(resumable)[:-keep]]
+    pruned = [directory for _, directory in run_checkpoints(output_dir, config, up_to_step=step)[:-keep]]
     for directory in pruned:
         shutil.rmtree(directory)
     return pruned
@@ -715,14 +706,14 @@ def run(argv=None):
         world_size = default_world_size(config) if args.world_size is None else args.world_size
     else:  # this launch's (one process without a launcher; make_accelerator says so to DeepSpeed)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    check_run(config, args, world_size)
+    resume = check_run(config, args, world_size)
     if args.dry_run:
         print(json.dumps(dry_run(config, world_size), indent=2))
         return None
     if args.show_examples:
         show_examples(config, args.show_examples)
         return None
-    return train(config, resume=args.resume, stop_after_steps=args.stop_after_steps)
+    return train(config, resume=resume, stop_after_steps=args.stop_after_steps)
 
 
 def main(argv=None):
