@@ -273,6 +273,9 @@ def test_resume_checks_the_checkpoint_before_loading_it(tmp_path):
     check_resume(str(checkpoint), TrainConfig(seed=1, output_dir="b"))
     with pytest.raises(UserError, match="the checkpoint's run had seed=1; this one has seed=2"):
         check_resume(str(checkpoint), TrainConfig(seed=2))
+    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 2, "config": 5}))
+    with pytest.raises(UserError, match="unreadable trainer_state.json"):
+        check_resume(str(checkpoint), TrainConfig(seed=1))
 
 
 def test_odpo_reads_ultrafeedbacks_score_columns_unless_told():

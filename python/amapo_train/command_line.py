@@ -214,8 +214,8 @@ def check_resume(directory: str, config: TrainConfig) -> str:
         raise UserError(f"--resume {directory}: a model without the training state (state/) to resume from: the "
                         "final checkpoint of a finished run has none; resume from a checkpoint-STEP directory")
     try:
-        saved = json.loads((path / STATE_FILE).read_text())["config"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        saved = dict(json.loads((path / STATE_FILE).read_text())["config"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise UserError(f"--resume {directory}: unreadable {STATE_FILE}: {error}") from None
     changed = changed_settings(saved, config)
     if changed:
