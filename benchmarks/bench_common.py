@@ -162,9 +162,12 @@ AGREEMENT_LIMIT = 0.05
 
 
 def relative_error(actual, expected):
-    """||actual - expected|| / ||expected|| in fp32 (0 if both are 0)."""
+    """||actual - expected|| / ||expected|| in fp32 (0 if both are 0; inf where either holds a NaN: a NaN error
+    would lose every comparison, and max() over the errors, or the limit, would pass it as agreeing)."""
     difference = torch.linalg.vector_norm(actual.float() - expected.float()).item()
     scale = torch.linalg.vector_norm(expected.float()).item()
+    if math.isnan(difference) or math.isnan(scale):
+        return float("inf")
     return difference / scale if scale else (0.0 if difference == 0 else float("inf"))
 
 

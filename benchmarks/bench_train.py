@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT))
 
+from amapo_train.cli_errors import UserError, one_line  # noqa: E402
 from amapo_train.data import load_records, split_hh_pair  # noqa: E402
 from bench_common import (AGREEMENT_LIMIT, Parser, environment, int_at_least, markdown_table,  # noqa: E402
                           output_path, positive_float, write_results)
@@ -134,6 +135,8 @@ def measure(args, impl: str, data: dict, work: Path, limit: float) -> dict:
     command = train_command(args, impl, data, output_dir)
     started = time.perf_counter()
     log = output_dir.with_suffix(".log")
+    # an earlier run's log in this work dir would be read as this run's if this one stops before starting its own
+    (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     with log.open("w") as handle:
         try:
             returncode = subprocess.run(command, env=run_env(args.device), stdout=handle, stderr=subprocess.STDOUT,
@@ -187,17 +190,42 @@ def table(rows: list[dict]) -> str:
                            "vs eager's", "last loss"], cells)
 
 
+def deepspeed_config(text: str) -> str:
+    """argparse type: what amapo-train's --deepspeed takes (zero2, zero3, none or a JSON file), by its own rule
+    (a typo must not cost a launch of every impl); a file as an absolute path, since the runs start in ROOT."""
+    from amapo_train.command_line import check_deepspeed
+    from amapo_train.config import CONFIGS, TrainConfig
+
+    config = TrainConfig(deepspeed=text)
+    try:
+        check_deepspeed(config)
+    except UserError as error:
+        raise argparse.ArgumentTypeError(one_line(error).removeprefix("--deepspeed ")) from None
+    path = config.deepspeed_config_path()
+    return text if path is None or Path(path).parent == CONFIGS else str(Path(path).resolve())
+
+
+def random_shape(text: str) -> str:
+    """argparse type: a shape of amapo-train's `--model random:SHAPE`."""
+    from amapo_train.model import RANDOM_SHAPES
+
+    if text not in RANDOM_SHAPES:
+        raise argparse.ArgumentTypeError(f"unknown shape {text!r}; shapes: {sorted(RANDOM_SHAPES)}")
+    return text
+
+
 def parse_args(argv=None):
     parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--shape", help="random:SHAPE model (default: llama3-1b on cuda, llama3-vocab-tiny on cpu)")
+    parser.add_argument("--shape", type=random_shape,
+                        help="random:SHAPE model (default: llama3-1b on cuda, llama3-vocab-tiny on cpu)")
     parser.add_argument("--seq-len", type=int_at_least(2), help="tokens per sequence (default 2048 on cuda, 256 on cpu)")
     parser.add_argument("--pairs", type=int_at_least(2), default=2,
                         help="pairs per step (2 x pairs sequences; AMaPO's batch statistics need 2 or more)")
     parser.add_argument("--steps", type=int_at_least(1), help="optimizer steps per impl (default 20 on cuda, 6 on cpu)")
     parser.add_argument("--warmup-steps", type=int_at_least(0), help="first steps left out of tokens/s (default 5 / 2)")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of {IMPLS}")
-    parser.add_argument("--deepspeed", default="zero3", help="zero3, zero2 or none")
+    parser.add_argument("--deepspeed", type=deepspeed_config, default="zero3", help="zero3, zero2, none or a JSON file")
     parser.add_argument("--bf16", choices=("on", "off"), help="default: on on cuda")
     parser.add_argument("--checkpointing", choices=("on", "off"), default="on", help="gradient checkpointing")
     parser.add_argument("--timeout", type=positive_float, default=900, help="seconds per impl, at most")

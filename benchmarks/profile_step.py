@@ -110,6 +110,8 @@ def main(argv=None):
     if len(sizes) != 1:
         parser.error(f"--size for {args.path}: one {dims} size, got {args.size!r}")
     args.size = sizes[0]
+    if args.inplace and args.path != "from_logits":  # the step would run without it, its label would claim it
+        parser.error(f"--inplace: from_logits only (inplace_backward), not --path {args.path}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if args.path == "from_hidden":

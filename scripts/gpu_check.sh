@@ -89,18 +89,21 @@ BUILD=(env AMAPO_CUDA=1 "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}" "MAX
 part1() {
   start_summary part1
   install_wheels "$RESULTS/env.txt"
-  {
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
-    nvcc --version | tail -2
+  (  # a subshell whose status says whether every probe ran: the row was "ok" whatever they printed
+    probe=0
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || probe=1
+    nvcc --version | tail -2 || probe=1
     "$PY" -c 'import sys, sysconfig, os, torch, triton
 inc = sysconfig.get_paths()["include"]
 print("python", sys.version.split()[0], sys.executable, "| Python.h:", os.path.exists(inc + "/Python.h"))
 print("torch", torch.__version__, "cuda", torch.version.cuda, "| triton", triton.__version__)
 print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability(),
-      "SMs", torch.cuda.get_device_properties(0).multi_processor_count)'
+      "SMs", torch.cuda.get_device_properties(0).multi_processor_count)' || probe=1
     for tool in compute-sanitizer ncu cmake ninja; do echo "$tool: $(command -v $tool || echo MISSING)"; done
-  } 2>&1 | tee -a "$RESULTS/env.txt"
-  summary_row environment ok 0 env.txt
+    exit $probe
+  ) 2>&1 | tee -a "$RESULTS/env.txt"
+  if [ "${PIPESTATUS[0]}" -eq 0 ]; then summary_row environment ok 0 env.txt
+  else FAILED=1; summary_row environment "FAILED (a probe failed)" 0 env.txt; fi
 
   run_step "build (AMAPO_CUDA=1, -Xptxas -v)" "$RESULTS/build.log" 420 "${BUILD[@]}" || { echo "build failed"; return 1; }
   grep -E "registers|spill" "$RESULTS/build.log" | sort -u | head -20

@@ -322,6 +322,29 @@ def test_long_pairs_fill_every_sequence_to_seq_len():
             assert sum(label != -100 for label in pair[f"{side}_labels"]) == 128
 
 
+def nan_gradient_loss(logits, labels):
+    """eager's loss exactly, its gradient NaN: a kernel that writes garbage in its backward."""
+    scaled = logits * 1
+    scaled.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    return bench_from_logits.eager_loss(scaled, labels)
+
+
+def test_a_nan_gradient_disagrees_with_the_reference(tmp_path, monkeypatch):
+    """A NaN error loses every comparison: max() over (loss, gradient) errors kept the loss's, and the row of a
+    peer whose gradient is all NaN read "err vs ref 0.0e+00", agreeing."""
+    exact, nan = torch.ones(3), torch.full((3,), float("nan"))
+    assert bench_common.relative_error(nan, exact) == float("inf")
+    errors = bench_common.agreement(torch.tensor(1.0), (exact, nan), torch.tensor(1.0), (exact, exact))
+    assert errors == {"loss_error": 0.0, "grad_error": float("inf")}  # the second gradient's NaN counts too
+    assert bench_common.disagreement(errors).startswith("DISAGREES") and bench_common.format_error(errors) == "inf"
+    peers = bench_from_logits.peer_fns
+    monkeypatch.setattr(bench_from_logits, "peer_fns", lambda device: {**peers(device), "trl": nan_gradient_loss})
+    ours, wrong = bench_from_logits.main(["--sizes", "2x8x64", "--dtypes", "fp32", "--peers", "ours,trl", "--repeats",
+                                          "1", "--markdown", str(tmp_path / "rows.md")])
+    assert wrong["note"].startswith("DISAGREES with the reference"), wrong
+    assert "| trl | " in (tmp_path / "rows.md").read_text() and "DISAGREES" in (tmp_path / "rows.md").read_text()
+
+
 def test_a_gradient_filter_is_held_to_its_loss_and_reports_its_gradient_error():
     from bench_common import disagreement
 
@@ -381,6 +404,14 @@ ARGUMENT_MISTAKES = [  # (script, its arguments, the one-line error): refused be
     ("bench_train", ["--timeout", "0"], "argument --timeout: must be a finite number > 0, got 0"),
     ("bench_train", ["--timeout", "-5"], "argument --timeout: must be a finite number > 0, got -5"),
     ("bench_train", ["--budget", "nan"], "argument --budget: must be a finite number > 0, got nan"),
+    # profiled without it, and labelled "inplace_backward" in the printed line, the JSON and the markdown
+    ("profile_step", ["--path", "from_hidden", "--backend", "torch", "--size", "2x8x16x64", "--dtype", "fp32",
+                      "--inplace", "--warmup", "0", "--steps", "1"], "--inplace: from_logits only"),
+    # a typo amapo-train refuses: every impl was launched and failed on it, exit status 1
+    ("bench_train", ["--deepspeed", "zero4"],
+     "argument --deepspeed: zero4: no such file, and not one of ['zero2', 'zero3'] or none"),
+    ("bench_train", ["--shape", "llama3-1B"],
+     "argument --shape: unknown shape 'llama3-1B'; shapes: ['llama3-1b', 'llama3-vocab-tiny']"),
 ]
 
 
@@ -823,6 +854,32 @@ def test_train_row_is_the_median_after_the_warmup_steps(tmp_path, monkeypatch):
     assert (row["tokens_per_s"], row["timed_steps"]) == (125.0, 4), row
     assert (row["first_loss"], row["last_loss"], row["peak_memory_gib"]) == (0.70, 0.65, 3.0), row
     assert row["tokens_per_step"] == 2 * 2 * 96
+
+
+def test_train_timeout_counts_only_the_steps_this_run_logged(tmp_path, monkeypatch):
+    """A work dir reused (gpu_check.sh part3's /tmp/bench_train, the default results/bench_train): a run stopped
+    before it starts its metrics.jsonl was reported with the earlier run's steps ("2 of 2 steps logged")."""
+    import bench_train
+
+    (tmp_path / "fused").mkdir()
+    (tmp_path / "fused" / "metrics.jsonl").write_text('{"loss": 0.7, "tokens_per_s": 100.0}\n' * 2)  # an earlier run
+    monkeypatch.setattr(bench_train, "train_command",
+                        lambda *args: [sys.executable, "-c", "import time; time.sleep(60)"])
+    args = bench_train.parse_args(["--steps", "2", "--warmup-steps", "1", "--work-dir", str(tmp_path)])
+    row = bench_train.measure(args, "fused", {}, tmp_path, limit=0.5)
+    assert row["error"] == "timed out after 0.5 s, 0 of 2 steps logged", row
+
+
+def test_train_deepspeed_file_is_passed_as_an_absolute_path(tmp_path, monkeypatch):
+    """The runs start in the repository's root: a JSON config named relative to the caller's directory reaches
+    them as an absolute path; the bundled names pass as they are."""
+    import bench_train
+
+    (tmp_path / "ds.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert bench_train.parse_args(["--deepspeed", "ds.json"]).deepspeed == str(tmp_path / "ds.json")
+    for name in ("zero2", "zero3", "none"):
+        assert bench_train.parse_args(["--deepspeed", name]).deepspeed == name
 
 
 def test_train_run_that_logs_too_few_steps_failed(tmp_path, monkeypatch):

@@ -201,6 +201,15 @@ def test_sanitizers_fail_on_errors_and_only_initcheck_sees_every_kernel(gpu_mach
         assert ("--kernel-name" in argv) == (tool != "initcheck"), argv
 
 
+def test_a_failed_environment_probe_fails_part1(gpu_machine):
+    """nvidia-smi failing (no driver; likewise torch or triton not importable): the environment row said "ok",
+    whatever the probes printed, and part1 exited 0."""
+    env, log, results = gpu_machine
+    done = run_part("part1", {**env, "STAND_IN_FAILS": "--format=csv,noheader"})  # nvidia-smi's query alone
+    assert done.returncode == 1
+    assert {name: status for name, status, _, _ in summary_rows(results, "part1")}["environment"].startswith("FAILED")
+
+
 def test_a_skipped_cuda_test_fails_part1(gpu_machine):
     """On the GPU machine a CUDA test skipped is a failure of the check, with a row of its own."""
     env, log, results = gpu_machine
