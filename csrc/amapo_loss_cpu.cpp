@@ -2,10 +2,22 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "amapo_loss.h"
 
 namespace amapo {
 namespace {
+
+// double -> scalar_t, beyond scalar_t's range +-inf as IEEE rounding (and the CUDA kernels' cvt) gives: a C++
+// cast of an out-of-range double is undefined, and fill_ refuses one ("cannot be converted ... without overflow").
+template <typename scalar_t>
+scalar_t narrow(double x) {
+  constexpr double largest = static_cast<double>(std::numeric_limits<scalar_t>::max());
+  if (x > largest) return std::numeric_limits<scalar_t>::infinity();
+  if (x < -largest) return -std::numeric_limits<scalar_t>::infinity();
+  return static_cast<scalar_t>(x);  // NaN stays NaN
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> amapo_loss_fwd_cpu(const at::Tensor& chosen, const at::Tensor& rejected,
                                                                   const at::Tensor& batch_moments, double beta,
@@ -30,10 +42,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> amapo_loss_fwd_cpu(const at::Tens
     for (int64_t i = 0; i < n; ++i) {
       const double d = double(cp[i]) - double(rp[i]);
       const double m = adaptive_margin(d, stats, beta, var, abl);
-      mp[i] = static_cast<scalar_t>(m);
+      mp[i] = narrow<scalar_t>(m);
       total += pair_loss(beta * d - m, label_smoothing);
     }
-    loss.fill_(n > 0 ? total / double(n) : 0.0);
+    loss.fill_(narrow<scalar_t>(n > 0 ? total / double(n) : 0.0));
   });
   return {loss, margins, stats_out};
 }
@@ -56,8 +68,8 @@ std::tuple<at::Tensor, at::Tensor> amapo_loss_bwd_cpu(const at::Tensor& grad_los
     for (int64_t i = 0; i < n; ++i) {
       const double x = beta * (double(cp[i]) - double(rp[i])) - double(mp[i]);
       const double g = scale * pair_loss_grad(x, label_smoothing);
-      gc[i] = static_cast<scalar_t>(g);
-      gr[i] = static_cast<scalar_t>(-g);
+      gc[i] = narrow<scalar_t>(g);
+      gr[i] = narrow<scalar_t>(-g);
     }
   });
   return {grad_chosen, grad_rejected};

@@ -287,3 +287,15 @@ def test_mixed_dtypes_compute_in_the_promoted_dtype(device):
         loss = ak.amapo_loss(c, r)
         assert loss.dtype == torch.float64
         assert torch.equal(loss, ak.amapo_loss(c.double(), r.double()))
+
+
+def test_a_loss_beyond_float32_is_inf_not_an_error(device):
+    """beta = 1e20 is a valid beta; with the exponent at its cap the fp64 loss (1.3e39) is beyond float32, whose
+    loss is then inf, as the CUDA kernel's static_cast gives (before, on the CPU: RuntimeError "value cannot be
+    converted to type float without overflow", from fill_)."""
+    chosen, rejected = torch.tensor([100.0, 100.0, 100.0, -100.0], device=device), torch.zeros(4, device=device)
+    expected = ref.amapo_loss(chosen.double().cpu(), rejected.double().cpu(), beta=1e20)
+    assert expected.item() > torch.finfo(torch.float32).max
+    loss = ak.amapo_loss(chosen, rejected, beta=1e20)
+    assert loss.item() == math.inf
+    torch.testing.assert_close(ak.amapo_loss(chosen.double(), rejected.double(), beta=1e20).cpu(), expected)
