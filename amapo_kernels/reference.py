@@ -124,7 +124,7 @@ def cpo(lc, lr, rc, rr, *, beta=0.1, nll_weight=1.0):
 
 
 def odpo(lc, lr, rc, rr, *, beta=0.1, alpha=1.0, chosen_scores=None, rejected_scores=None):
-    delta_r = alpha * torch.log(chosen_scores.to(lc.dtype) - rejected_scores.to(lc.dtype))
+    delta_r = alpha * torch.log(chosen_scores.double() - rejected_scores.double()).to(lc.dtype)
     return _sigmoid_loss(beta * ((lc - rc) - (lr - rr)) - delta_r)
 
 

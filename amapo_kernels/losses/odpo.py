@@ -17,8 +17,10 @@ def needs_reference(hparams) -> bool:
 
 
 def pair_losses(chosen, rejected, ref_chosen, ref_rejected, *, beta, alpha, chosen_scores, rejected_scores):
-    score_gap = chosen_scores.to(chosen.dtype) - rejected_scores.to(chosen.dtype)
+    # the gap in float64, not in the loss dtype: two distinct scores (float64, or int64 above 2**24) must not round
+    # to one float32 value (a tie refused) or to a gap of another size (a wrong offset); only the offset is cast
+    score_gap = chosen_scores.to(torch.float64) - rejected_scores.to(torch.float64)
     check_data(torch.all(score_gap > 0), "chosen_scores must exceed rejected_scores on every pair (ODPO's offset is log of the gap)")
-    offset = alpha * torch.log(score_gap)
+    offset = (alpha * torch.log(score_gap)).to(chosen.dtype)
     logits = beta * ((chosen - ref_chosen) - (rejected - ref_rejected)) - offset
     return -F.logsigmoid(logits)
