@@ -38,9 +38,35 @@ def _on_one_device(op_name: str, *tensors: torch.Tensor) -> None:
                            f"{sorted(str(device) for device in devices)}")
 
 
+_LOGITS_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_VARIANTS = ("code", "paper")
+_ABLATIONS = ("none", "no_znorm", "no_exp", "no_adaptive", "no_zero")
+
+
+def _check_logits_labels(logits, labels, shift) -> None:
+    """The C++ ops' own checks (csrc/common.h check_logits_labels), for the fake kernels: a direct call on meta or
+    fake tensors is refused as the real op refuses it, instead of returning tensors of made-up shapes."""
+    torch._check_value(logits.dim() == 3, lambda: f"logits must be [B, T, V], got {logits.dim()} dims")
+    torch._check_value(labels.dim() == 2, lambda: f"labels must be [B, T], got {labels.dim()} dims")
+    torch._check_value(logits.shape[0] == labels.shape[0] and logits.shape[1] == labels.shape[1],
+                       lambda: "logits [B, T, V] and labels [B, T] disagree on B or T")
+    torch._check_value(logits.shape[2] > 0, lambda: "logits has an empty vocabulary (V = 0)")
+    torch._check_value(logits.shape[2] == 1 or logits.stride(2) == 1,
+                       lambda: "logits must have a contiguous vocabulary dimension")
+    torch._check_value(not shift or logits.shape[1] >= 1, lambda: "shift=True needs T >= 1")
+    torch._check_type(labels.dtype == torch.int64, lambda: "labels must be int64")
+    torch._check_type(logits.dtype in _LOGITS_DTYPES, lambda: "logits must be float32, float64, float16 or bfloat16")
+
+
+def _check_pair_dtypes(chosen, rejected) -> None:
+    torch._check_type(chosen.dtype in (torch.float32, torch.float64), lambda: "chosen_logps must be float32 or float64")
+    torch._check_type(rejected.dtype == chosen.dtype, lambda: "rejected_logps must have chosen_logps' dtype")
+
+
 @torch.library.register_fake("amapo_kernels::sequence_logps_fwd")
 def _sequence_logps_fwd_fake(logits, labels, ignore_index, average, shift, check_labels=True):
     _on_one_device("sequence_logps_fwd", logits, labels)
+    _check_logits_labels(logits, labels, shift)
     batch, steps = labels.shape
     dtype = acc_dtype(logits)
     seq = logits.new_empty((batch,), dtype=dtype)
@@ -51,18 +77,42 @@ def _sequence_logps_fwd_fake(logits, labels, ignore_index, average, shift, check
 @torch.library.register_fake("amapo_kernels::sequence_logps_bwd")
 def _sequence_logps_bwd_fake(grad, logits, labels, softmax_stats, ignore_index, average, shift):
     _on_one_device("sequence_logps_bwd", grad, logits, labels, softmax_stats)
+    _check_sequence_logps_bwd(grad, logits, labels, softmax_stats, shift)
     return logits.new_empty(logits.shape)
 
 
 @torch.library.register_fake("amapo_kernels::sequence_logps_bwd_inplace")
 def _sequence_logps_bwd_inplace_fake(grad, logits, labels, softmax_stats, ignore_index, average, shift):
     _on_one_device("sequence_logps_bwd_inplace", grad, logits, labels, softmax_stats)
+    _check_sequence_logps_bwd(grad, logits, labels, softmax_stats, shift)
     return None
+
+
+def _check_sequence_logps_bwd(grad, logits, labels, softmax_stats, shift) -> None:
+    """csrc/sequence_logps.h check_backward_inputs, for the fake kernels."""
+    _check_logits_labels(logits, labels, shift)
+    steps = logits.shape[1] - 1 if shift else logits.shape[1]
+    torch._check_value(grad.dim() == 1 and grad.shape[0] == logits.shape[0], lambda: "grad must be [B]")
+    torch._check_value(softmax_stats.dim() == 3 and softmax_stats.shape[0] == logits.shape[0]
+                       and softmax_stats.shape[1] == steps and softmax_stats.shape[2] == 2,
+                       lambda: "softmax_stats must be [B, T - shift, 2]")
+    torch._check_type(softmax_stats.dtype == acc_dtype(logits), lambda: f"softmax_stats must be {acc_dtype(logits)}")
 
 
 @torch.library.register_fake("amapo_kernels::amapo_loss_fwd")
 def _amapo_loss_fwd_fake(chosen_logps, rejected_logps, batch_moments, beta, label_smoothing, variant, ablation):
     _on_one_device("amapo_loss_fwd", chosen_logps, rejected_logps, batch_moments)
+    # csrc/amapo_loss.h check_pairs, parse_variant, parse_ablation
+    torch._check_value(chosen_logps.dim() == 1, lambda: "chosen_logps must be 1-D [B]")
+    torch._check_value(rejected_logps.shape == chosen_logps.shape,
+                       lambda: "rejected_logps must have the shape of chosen_logps")
+    _check_pair_dtypes(chosen_logps, rejected_logps)
+    torch._check_value(batch_moments.dim() == 1 and batch_moments.shape[0] == 4
+                       and batch_moments.dtype == torch.float64,
+                       lambda: "batch_moments must be float64 [count, pivot, mean offset, M2]")
+    torch._check_value(variant in _VARIANTS, lambda: f"variant must be 'code' or 'paper', got '{variant}'")
+    torch._check_value(ablation in _ABLATIONS, lambda: "ablation must be one of none, no_znorm, no_exp, "
+                       f"no_adaptive, no_zero; got '{ablation}'")
     loss = chosen_logps.new_empty(())
     margins = chosen_logps.new_empty(chosen_logps.shape)
     return loss, margins, batch_moments.new_empty((2,))
@@ -71,6 +121,14 @@ def _amapo_loss_fwd_fake(chosen_logps, rejected_logps, batch_moments, beta, labe
 @torch.library.register_fake("amapo_kernels::amapo_loss_bwd")
 def _amapo_loss_bwd_fake(grad, chosen_logps, rejected_logps, margins, beta, label_smoothing):
     _on_one_device("amapo_loss_bwd", grad, chosen_logps, rejected_logps, margins)
+    # csrc/amapo_loss.h check_pair_backward_inputs
+    torch._check_value(chosen_logps.dim() == 1 and margins.shape == chosen_logps.shape
+                       and rejected_logps.shape == chosen_logps.shape,
+                       lambda: "margins, chosen_logps and rejected_logps must all be [B]")
+    torch._check_value(grad.numel() == 1, lambda: "grad must be a scalar")
+    _check_pair_dtypes(chosen_logps, rejected_logps)
+    torch._check_type(margins.is_floating_point() and grad.is_floating_point(),
+                      lambda: "margins and grad must be floating point")
     return chosen_logps.new_empty(chosen_logps.shape), rejected_logps.new_empty(rejected_logps.shape)
 
 

@@ -43,7 +43,7 @@ from amapo_kernels._checks import (
     check_tensor,
 )
 from amapo_kernels._ops import acc_dtype, refuse_unsupported_transforms
-from amapo_kernels.preference import check_call, preference_loss, uses_mean_logps
+from amapo_kernels.preference import check_call, check_float_range, preference_loss, uses_mean_logps
 
 TOKEN_CHUNK = 1024  # rows of a tile; fp32 tile = TOKEN_CHUNK * VOCAB_CHUNK * 4 bytes = 16 MiB
 VOCAB_CHUNK = 4096
@@ -473,7 +473,9 @@ def preference_loss_from_hidden(
     states (chosen rows first), summed or length-normalized as the method defines
     (amapo_kernels.preference.BASELINES[method].LOGPS; amapo: length-normalized). hparams go to the method."""
     _check_pair_batch(hidden)
-    check_call(method, hidden.shape[0] // 2, hidden.device, ref_chosen_logps, ref_rejected_logps, hparams)
+    resolved = check_call(method, hidden.shape[0] // 2, hidden.device, ref_chosen_logps, ref_rejected_logps, hparams)
+    # the dtype preference_loss will compute in: the log-probs' (float64 where an operand is) and the references'
+    check_float_range(method, resolved, acc_dtype(hidden, lm_head_weight, bias, ref_chosen_logps, ref_rejected_logps))
     average = uses_mean_logps(method)
     logps = sequence_logps_from_hidden(
         hidden, lm_head_weight, labels, bias=bias, ignore_index=ignore_index, average=average, shift=shift,

@@ -4,8 +4,8 @@ import inspect
 
 import torch
 
-from amapo_kernels._checks import (LOGPS_DTYPES, SCORE_DTYPES, check_bool, check_choice, check_hparams,
-                                   check_pair_logps, check_per_pair)
+from amapo_kernels._checks import (LOGPS_DTYPES, SCORE_DTYPES, Range, _as_float, check_bool, check_choice,
+                                   check_hparams, check_pair_logps, check_per_pair)
 from amapo_kernels import amapo
 from amapo_kernels._ops import acc_dtype
 from amapo_kernels.amapo import amapo_loss
@@ -92,6 +92,7 @@ def check_call(method: str, pairs: int, device: torch.device, ref_chosen_logps, 
     if method == "amapo":  # amapo_loss's keywords; group and return_stats are its own, not hyperparameters
         resolved_hparams(method, {k: v for k, v in hparams.items() if k not in ("group", "return_stats")})
         check_bool("return_stats", hparams.get("return_stats", False))
+        _check_unused_references(pairs, device, ref_chosen_logps, ref_rejected_logps)
         return hparams
     module = BASELINES[method]
     # group= (the ranks sharing the batch statistics) is a keyword of the methods that have some, not a
@@ -108,6 +109,27 @@ def check_call(method: str, pairs: int, device: torch.device, ref_chosen_logps, 
             raise ValueError(f"method={method!r} needs {name}")
         check_per_pair(name, hparams[name], pairs, device, SCORE_DTYPES)
     return {**hparams, **keywords}
+
+
+def _check_unused_references(pairs, device, ref_chosen_logps, ref_rejected_logps) -> None:
+    """Reference log-probs given to a reference-free method (amapo) are not used, but are checked as every other
+    method checks them: a wrong shape, dtype, device or type is an error naming them, never silently passed over."""
+    for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        if value is not None:
+            check_per_pair(name, value, pairs, device, LOGPS_DTYPES)
+
+
+def check_float_range(method: str, hparams: dict, dtype: torch.dtype) -> None:
+    """A real hyperparameter of a baseline (`hparams` resolved) must be finite in the dtype its loss computes in: a
+    value beyond float32's range multiplies a float32 tensor as inf (inf * 0 = NaN where the fp64 loss is finite).
+    amapo_loss computes in float64 (a float32 loss beyond float32's range is inf)."""
+    if method == "amapo":
+        return
+    limit = torch.finfo(dtype).max
+    for name, rule in BASELINES[method].RULES.items():
+        if isinstance(rule, Range) and abs(_as_float(hparams[name])) > limit:
+            raise ValueError(f"method={method!r}: {name} must be within {dtype}'s range (the loss computes in "
+                             f"{dtype}; pass float64 log-probs for larger values), got {hparams[name]!r}")
 
 
 def preference_loss(
@@ -130,13 +152,15 @@ def preference_loss(
     float64 where a log-prob tensor given is float64 (torch's promotion), in float32 otherwise.
     """
     check_choice("method", method, METHODS)
-    if method == "amapo":
-        return amapo_loss(chosen_logps, rejected_logps, **hparams)
     check_pair_logps(chosen_logps, rejected_logps)
+    if method == "amapo":
+        _check_unused_references(chosen_logps.shape[0], chosen_logps.device, ref_chosen_logps, ref_rejected_logps)
+        return amapo_loss(chosen_logps, rejected_logps, **hparams)
     hparams = check_call(method, chosen_logps.shape[0], chosen_logps.device, ref_chosen_logps, ref_rejected_logps,
                          hparams)
     references = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
     dtype = acc_dtype(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    check_float_range(method, hparams, dtype)
     cast = {name: value.to(dtype) if value is not None else None for name, value in references.items()}
     losses = BASELINES[method].pair_losses(
         chosen_logps.to(dtype), rejected_logps.to(dtype), cast["ref_chosen_logps"], cast["ref_rejected_logps"], **hparams

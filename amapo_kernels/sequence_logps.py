@@ -28,7 +28,8 @@ def sequence_logps(
         runs after this one, autograd raises "modified by an inplace operation" instead of computing with
         overwritten values. Eager mode only: under torch.compile the ordinary backward is used. Refused
         (errors, never a wrong gradient): logits whose elements share memory (expand, overlapping
-        as_strided), and a backward with create_graph=True.
+        as_strided), a leaf that requires grad or a view of one (a model's logits are neither), and a
+        backward with create_graph=True.
     check_labels: on CUDA, check before any kernel runs that every scored label lies in [0, V) (a clear
         ValueError). The check costs one host sync per call; False skips it for users who validated their
         data once (and it is skipped anyway while a CUDA graph is captured): an out-of-range label then gives
@@ -44,6 +45,7 @@ def sequence_logps(
         "amapo_kernels.sequence_logps(inplace_backward=True)" if inplace_backward else None))
     if inplace_backward and not torch.compiler.is_compiling():
         _check_no_internal_overlap(logits)
+        _check_not_a_leaf(logits)
         return _InplaceBackward.apply(logits, labels, *options, check_labels)
     seq_logps, _ = ops.sequence_logps_fwd(logits, labels, *options, check_labels)
     return seq_logps
@@ -69,6 +71,19 @@ def _check_no_internal_overlap(logits: torch.Tensor) -> None:
             f"inplace_backward=True needs logits whose elements do not share memory, got strides {logits.stride()} "
             f"for shape {tuple(logits.shape)} (an expand or an overlapping as_strided view); call .contiguous() "
             "first or pass inplace_backward=False"
+        )
+
+
+def _check_not_a_leaf(logits: torch.Tensor) -> None:
+    """The backward writes the gradient over the logits: on a leaf that requires grad (or a view of one) that
+    would overwrite the leaf's values with its own gradient and leave leaf.grad aliasing leaf (torch refuses
+    such an in-place op; the op's own check cannot, as it runs with grad mode off)."""
+    root = logits._base if logits._is_view() else logits
+    if logits.requires_grad and root is not None and root.is_leaf and root.requires_grad:
+        raise ValueError(
+            "inplace_backward=True writes the gradient over the logits, which here are "
+            f"{'a view of ' if root is not logits else ''}a leaf that requires grad (their values would be lost "
+            "and .grad would alias them); pass inplace_backward=False, or logits computed from the leaf"
         )
 
 

@@ -119,6 +119,19 @@ def trl_loss(logits, labels):
     return pair_loss(masked_mean(token_logps.float(), mask))
 
 
+class _ModelOutput(torch.autograd.Function):
+    """The benchmark's leaf logits as a model's output (a non-leaf tensor over the same storage, no copy):
+    sequence_logps(inplace_backward=True) refuses a leaf that requires grad, whose values it would overwrite."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        return logits.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def ours_unchecked(logits, labels):
     if logits.device.type != "cuda":
         raise PeerUnavailable("check_labels=False saves a host sync on CUDA; on the CPU the check always runs")
@@ -128,8 +141,8 @@ def ours_unchecked(logits, labels):
 def peer_fns(device):
     fns = {
         "ours": lambda logits, labels: ak.amapo_loss_from_logits(logits, labels, shift=True),
-        "ours_inplace": lambda logits, labels: ak.amapo_loss_from_logits(logits, labels, shift=True,
-                                                                         inplace_backward=True),
+        "ours_inplace": lambda logits, labels: ak.amapo_loss_from_logits(_ModelOutput.apply(logits), labels,
+                                                                         shift=True, inplace_backward=True),
         "ours_unchecked": ours_unchecked,
         "eager": eager_loss,
         "compile": torch.compile(eager_loss),

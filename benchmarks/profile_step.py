@@ -43,7 +43,8 @@ def make_step(path, size, dtype, device, backend, inplace):
             if inplace:
                 work.copy_(logits)  # the in-place backward overwrote it (timed too: it is a copy of the logits)
             leaf = work.detach().requires_grad_()
-            ak.amapo_loss_from_logits(leaf, labels, shift=True, inplace_backward=inplace).backward()
+            logits_in = bench_from_logits._ModelOutput.apply(leaf) if inplace else leaf  # not a leaf: see there
+            ak.amapo_loss_from_logits(logits_in, labels, shift=True, inplace_backward=inplace).backward()
 
         return step
     import bench_fused_linear

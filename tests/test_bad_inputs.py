@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import amapo_kernels as ak
+from amapo_kernels import reference as ref
 from amapo_kernels._ops import ops
 
 V = 7
@@ -658,3 +659,69 @@ def test_direct_op_calls_take_empty_inputs(device):
         grad = ops.sequence_logps_bwd(torch.ones_like(seq), logits[rows, steps], labels[rows, steps], stats, -100,
                                       True, False)
         assert grad.shape == logits[rows, steps].shape
+
+
+def test_direct_op_calls_on_meta_tensors_check_their_arguments():
+    """The fake (meta) kernels refuse what the real ops refuse, instead of returning tensors of made-up shapes
+    (before: logits [2, 3, V] with labels [3, 3] gave seq_logps of shape [3])."""
+    logits, labels = torch.randn(2, 3, V, device="meta"), torch.zeros(2, 3, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="disagree on B or T"):
+        ops.sequence_logps_fwd(logits, torch.zeros(3, 3, dtype=torch.long, device="meta"), -100, True, False)
+    with pytest.raises(TypeError, match="labels must be int64"):
+        ops.sequence_logps_fwd(logits, labels.int(), -100, True, False)
+    with pytest.raises(ValueError, match="empty vocabulary"):
+        ops.sequence_logps_fwd(logits[..., :0], labels, -100, True, False)
+    with pytest.raises(ValueError, match="shift=True needs T >= 1"):
+        ops.sequence_logps_fwd(logits[:, :0], labels[:, :0], -100, True, True)
+    _, stats = ops.sequence_logps_fwd(logits, labels, -100, True, False)
+    with pytest.raises(ValueError, match="softmax_stats must be"):
+        ops.sequence_logps_bwd(torch.ones(2, device="meta"), logits, labels, stats[:, :1], -100, True, False)
+    pairs, moments = torch.zeros(2, device="meta"), torch.zeros(4, dtype=torch.float64, device="meta")
+    with pytest.raises(ValueError, match="rejected_logps must have the shape of chosen_logps"):
+        ops.amapo_loss_fwd(pairs, pairs[:1], moments, 2.0, 0.0, "code", "none")
+    with pytest.raises(ValueError, match="variant must be"):
+        ops.amapo_loss_fwd(pairs, pairs, moments, 2.0, 0.0, "x", "none")
+    with pytest.raises(TypeError, match="chosen_logps must be float32 or float64"):
+        ops.amapo_loss_fwd(pairs.long(), pairs.long(), moments, 2.0, 0.0, "code", "none")
+    with pytest.raises(ValueError, match="grad must be a scalar"):
+        ops.amapo_loss_bwd(pairs, pairs, pairs, pairs, 2.0, 0.0)
+
+
+@pytest.mark.parametrize("path", ["preference_loss", "preference_loss_from_hidden"])
+def test_amapo_checks_reference_logps_it_is_given(path):
+    """method='amapo' takes no reference log-probs; given, they are checked as every other method checks them
+    (before: a string, or a tensor of another length, was passed over without a word)."""
+    for refs, error, fragment in [
+        ({"ref_chosen_logps": "garbage"}, TypeError, "ref_chosen_logps must be a torch.Tensor"),
+        ({"ref_chosen_logps": torch.zeros(2), "ref_rejected_logps": torch.zeros(5)}, ValueError,
+         "ref_rejected_logps must have the shape of chosen_logps (2,)"),
+        ({"ref_rejected_logps": torch.zeros(2, dtype=torch.long)}, TypeError, "ref_rejected_logps must have dtype"),
+    ]:
+        with pytest.raises(error, match=re.escape(fragment)):
+            if path == "preference_loss":
+                ak.preference_loss(torch.randn(2), torch.randn(2), method="amapo", **refs)
+            else:
+                ak.preference_loss_from_hidden(torch.randn(4, 3, 4), torch.randn(V, 4), torch.zeros(4, 3, dtype=torch.long),
+                                               method="amapo", **refs)
+    ak.preference_loss(torch.randn(2), torch.randn(2), method="amapo", ref_chosen_logps=torch.zeros(2),
+                       ref_rejected_logps=torch.zeros(2))  # valid ones are still accepted (and unused)
+
+
+@pytest.mark.parametrize("method, name", [("kto", "beta"), ("odpo", "alpha"), ("alpha_dpo", "beta")])
+def test_hyperparameter_beyond_the_compute_dtype_is_refused(method, name):
+    """A hyperparameter above float32's largest value is finite as a Python float but inf once it multiplies a
+    float32 tensor: kto's loss (bounded, 0.4167 in fp64) came out NaN. Refused naming it; float64 log-probs take it."""
+    chosen, rejected = torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-2.0, -1.0, -3.5])
+    refs = {"ref_chosen_logps": torch.tensor([-1.5, -1.5, -3.0]), "ref_rejected_logps": torch.tensor([-1.5, -1.5, -3.0])}
+    extra = {"chosen_scores": torch.tensor([2.0, 3.0, 4.0]), "rejected_scores": torch.ones(3)} if method == "odpo" else {}
+    with pytest.raises(ValueError, match=re.escape(f"method={method!r}: {name} must be within torch.float32's range")):
+        ak.preference_loss(chosen, rejected, method=method, **refs, **extra, **{name: 1e39})
+    hidden, labels = torch.randn(6, 3, 4), torch.zeros(6, 3, dtype=torch.long)  # 3 pairs, chosen rows first
+    with pytest.raises(ValueError, match=re.escape(f"method={method!r}: {name} must be within torch.float32's range")):
+        ak.preference_loss_from_hidden(hidden, torch.randn(V, 4), labels, method=method, **refs, **extra,
+                                       **{name: 1e39})
+    as64 = {key: value.double() for key, value in refs.items()}
+    loss = ak.preference_loss(chosen.double(), rejected.double(), method=method, **as64, **extra, **{name: 1e39})
+    expected = ref.preference_loss(chosen.double(), rejected.double(), method=method, **as64,
+                                   **{k: v.double() for k, v in extra.items()}, **{name: 1e39})
+    torch.testing.assert_close(loss, expected)

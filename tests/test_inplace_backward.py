@@ -148,3 +148,18 @@ def test_compiled_caller_uses_the_ordinary_backward():
     expected = base.clone().requires_grad_()
     ak.amapo_loss_from_logits(expected, labels, shift=True).backward()
     torch.testing.assert_close(leaf.grad, expected.grad)
+
+
+@pytest.mark.parametrize("view", [False, True])
+def test_refuses_a_leaf_that_requires_grad(view):
+    """Writing the gradient over a leaf that requires grad (or a view of one) destroyed the leaf's values and left
+    leaf.grad aliasing leaf (an optimizer step then computed from the gradient); torch refuses such an in-place
+    op, and so does the wrapper, before the forward."""
+    base, labels = inputs("cpu", torch.float32)
+    leaf = base.clone().requires_grad_()
+    logits = leaf[:2] if view else leaf
+    with pytest.raises(ValueError, match="inplace_backward=True writes the gradient over the logits"):
+        ak.sequence_logps(logits, labels[: logits.shape[0]], inplace_backward=True)
+    with pytest.raises(ValueError, match="a leaf that requires grad"):
+        ak.amapo_loss_from_logits(logits, labels[: logits.shape[0]], inplace_backward=True)
+    assert torch.equal(leaf.detach(), base) and leaf.grad is None
