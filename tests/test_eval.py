@@ -740,6 +740,14 @@ EVAL_ARGUMENT_MISTAKES = {  # a value outside what its flag takes: one line, sta
     "sampling seed too large": (["generate", "--format", "alpacaeval", "--seed", str(2**32)],
                                 f"--seed {2**32}: must be in [0, 4294967295]"),
     "negative seed": (["generate", "--format", "alpacaeval", "--seed", "-1"], "--seed -1: must be in [0, 4294967295]"),
+    # random.Random(-1) is random.Random(1): a negative split seed silently repeated another seed's split
+    "negative split seed": (["splits", "--seed", "-1"], "--seed -1: must be in [0, 4294967295]"),
+    # an empty --output (`--output "$OUT"`, OUT unset): rank wrote no file and exited 0, splits wrote into the
+    # working directory, generate failed with IsADirectoryError after generating every answer
+    "empty results file": (["rank", "--output", ""], "--output is empty: give a file path"),
+    "empty split directory": (["splits", "--output", ""], "--output is empty: give a directory path"),
+    "empty answers file": (["generate", "--format", "alpacaeval", "--output", ""],
+                           "--output is empty: give a file path"),
     "no such tokenization": (["rank", "--tokenization", "joint"], "argument --tokenization: invalid choice: 'joint'"),
     "no new token": (["generate", "--format", "alpacaeval", "--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
 }
@@ -1292,3 +1300,97 @@ def test_cli_rank_reproduces_eval_json_of_a_local_file_run(tmp_path, capsys):
     assert result["n_pairs"] == expected["n_pairs"] == 4
     for key in ("summed", "normalized"):
         assert result[key] == expected[key], key
+
+
+# ------------------------------------------------------------------------------------------------ audit findings
+
+
+def damage(model_dir: Path, name: str) -> None:
+    """Breaks one file of a saved model the way a truncated download or a hand edit does."""
+    if name == "truncated weights":
+        weights = model_dir / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif name == "pickled weights that are not":
+        (model_dir / "model.safetensors").unlink()
+        (model_dir / "pytorch_model.bin").write_bytes(b"garbage\n")
+    elif name == "tokenizer.json of another layout":
+        (model_dir / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "Bogus"}}))
+    elif name == "config.json with an impossible shape":
+        config = json.loads((model_dir / "config.json").read_text())
+        config["hidden_size"] = config["num_attention_heads"] * 8 + 1
+        (model_dir / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("name", ["truncated weights", "pickled weights that are not",
+                                  "tokenizer.json of another layout", "config.json with an impossible shape"])
+def test_cli_a_damaged_model_directory_is_a_user_error(name, tmp_path, saved_model, capsys):
+    # Only OSError and ValueError were caught: safetensors' SafetensorError, torch.load's UnpicklingError, the
+    # tokenizer's KeyError and huggingface_hub's validation error were tracebacks (exit 1).
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(saved_model, model)
+    damage(model, name)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "the cat", "chosen": "sat", "rejected": "ran"}) + "\n")
+    assert cli.main(["rank", "--model", str(model), "--data", str(data), "--device", "cpu", "--no-progress"]) == 2
+    assert f"--model {model}: cannot be loaded" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("completions", [None, [1, 2], "a1 a2", {"model": "A", "response": "x", "score": 1}])
+def test_cli_splits_malformed_completions_are_a_user_error(completions, tmp_path, capsys):
+    # null and non-object entries were a TypeError traceback; a string or an object was silently read as no
+    # completion at all (iterated as characters or keys).
+    data = tmp_path / "uf.jsonl"
+    records = [*uf_records(), {"prompt": "p9", "completions": completions}]
+    data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert cli.main(["splits", "--data", str(data), "--output", str(tmp_path / "out"), "--valid-models", "C,D"]) == 2
+    line = one_error_line(capsys)
+    assert f"record {len(records) - 1}" in line and "'completions'" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def refuse_to_load(monkeypatch):
+    monkeypatch.setattr(cli, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model loaded"))
+
+
+def test_cli_generate_mtbench_category_not_a_string(tmp_path, saved_model, capsys, monkeypatch):
+    # An unhashable category was a TypeError traceback (dict lookup of FastChat's temperatures), after the model
+    # had loaded; it is a malformed question, found with the others before anything loads.
+    refuse_to_load(monkeypatch)
+    questions = tmp_path / "question.jsonl"
+    questions.write_text(json.dumps({"question_id": 81, "category": ["math"], "turns": ["2+2?"]}) + "\n")
+    assert cli.main(["generate", "--model", str(saved_model), "--instructions", str(questions), "--format", "mtbench",
+                     "--output", str(tmp_path / "answers.jsonl"), "--device", "cpu", "--no-progress"]) == 2
+    line = one_error_line(capsys)
+    assert "record 0" in line and "category" in line, line
+
+
+def test_cli_generate_mtbench_duplicate_question_id(tmp_path, saved_model, capsys, monkeypatch):
+    # Two questions with one id got one answer_id; FastChat's judge keys answers by question_id and kept one.
+    refuse_to_load(monkeypatch)
+    questions = tmp_path / "question.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": 81, "category": "writing", "turns": [turn]}) + "\n"
+                                 for turn in ("a poem", "a song")))
+    assert cli.main(["generate", "--model", str(saved_model), "--instructions", str(questions), "--format", "mtbench",
+                     "--output", str(tmp_path / "answers.jsonl"), "--device", "cpu", "--no-progress"]) == 2
+    line = one_error_line(capsys)
+    assert "record 1" in line and "question_id 81" in line, line
+
+
+def test_cli_rmbench_drops_an_empty_response_with_a_chat_template_too(tmp_path, tiny_model, tiny_tokenizer):
+    # With a chat template the empty response was rendered as the template's end-of-turn text and scored as an
+    # answer: the prompt stayed in the headline, while the same file scored without a template dropped it.
+    records = rmbench_records(["chat", "math", "code", "safety-refuse"])
+    records[1]["chosen"][0] = ""
+    data_file = tmp_path / "total_dataset.json"
+    data_file.write_text(json.dumps(records))
+    end_of_turn = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+                   "{% if add_generation_prompt %}assistant{% endif %}")  # each turn ends with EOS, as Llama-3's
+    model = save_model(tmp_path / "model", tiny_model, tiny_tokenizer, end_of_turn)
+    out = tmp_path / "rmb.json"
+    for template in ("auto", "none"):
+        assert cli.main(["rmbench", "--model", model, "--data", str(data_file), "--output", str(out), "--device", "cpu",
+                         "--no-progress", "--chat-template", template]) == 0
+        res = json.loads(out.read_text())
+        assert (res["chat_template"], res["n_dropped"], res["pooled"]["n"]) == (template == "auto", 1, 3), template

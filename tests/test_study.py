@@ -178,6 +178,13 @@ STUDY_MISTAKES = {  # argv -> the start of its one-line message; all refused bef
     ("--seeds", "1", "1"): "seeds must be distinct",
     ("--workers", "0"): "--workers must be >= 1",
     ("--device", "foo"): "--device 'foo'",
+    # torch parses these names, but the study runs on cpu or cuda only: they failed after the SFT runs started
+    ("--device", "meta"): "--device meta: only cpu and cuda are supported",
+    ("--device", "mps"): "--device mps: only cpu and cuda are supported",
+    # amapo-train's seed range; 2**64 overflowed torch's generator inside the first run (a traceback)
+    ("--seeds", str(2**64)): f"--seeds {2**64}: must be in [0, 4294967295]",
+    ("--seeds", "-1"): "--seeds -1: must be in [0, 4294967295]",
+    ("--out-dir", ""): "--out-dir is empty: give a directory path",  # it wrote the results into the working directory
     ("--workers", "two"): "argument --workers: invalid int value",  # argparse's own errors: one line too
     ("--out-dir", "/dev/null/study"): "--out-dir /dev/null/study: /dev/null is not a directory",
     ("--hh-rlhf", "--runs-dir", "/dev/null/runs"): "--runs-dir /dev/null/runs: /dev/null is not a directory",
@@ -242,3 +249,20 @@ def test_optional_hh_rlhf_part(tmp_path):
     results = hh_rlhf.hh_rlhf_study(tmp_path, ("AMaPO (paper)",), 32, "cpu", log=lambda line: None)
     assert list(results) == ["AMaPO (paper)"]
     assert "| AMaPO (paper) |" in hh_rlhf.markdown(results)
+
+
+def test_results_md_names_the_command_that_made_it(tmp_path, monkeypatch):
+    # The footer said "Regenerate: `python -m amapo_train.study`" whatever the flags, so a --quick (or --seeds,
+    # --scale) report told its reader that the default study would give its numbers.
+    starts = [fake_run(0.5, 0.5) for _ in QUICK_CONFIG.seeds]
+    grid_runs = {m.label: [[fake_run(0.5, 0.5) for _ in QUICK_CONFIG.seeds] for _ in m.grid] for m in METHODS}
+    pool_runs = {pool: grid_runs["AMaPO"][0] for pool in QUICK_CONFIG.pools}
+    summary = statistics.summarize(QUICK_CONFIG, starts, grid_runs, pool_runs)
+    timing = {"runs": 1, "run_seconds_mean": 0.1, "workers": 1, "device": "cpu"}
+    monkeypatch.setattr("amapo_train.study.run.run_study", lambda *args: (summary, timing))
+    out = tmp_path / "study"
+    assert study.main(["--quick", "--seeds", "0", "1", "--out-dir", str(out)]) == 0
+    text = (out / "results.md").read_text()
+    assert f"Regenerate: `python -m amapo_train.study --quick --seeds 0 1 --out-dir {out}`" in text, text[-300:]
+    command = json.loads((out / "results.json").read_text())["command"]
+    assert command.endswith(f"--quick --seeds 0 1 --out-dir {out}"), command

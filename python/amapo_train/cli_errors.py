@@ -74,6 +74,8 @@ def check_output_path(flag: str, path: str, *, directory: bool) -> None:
     """`path` (a directory, or a file when not `directory`) can be written: its folder exists or can be made,
     its nearest existing ancestor being a writable directory. Checked without creating anything (--dry-run
     leaves no trace), before the work whose results would go there."""
+    if not str(path).strip():  # `--output "$OUT"` with OUT unset: Path("") is the working directory
+        raise UserError(f"{flag} is empty: give a {'directory' if directory else 'file'} path")
     target = Path(path).expanduser().absolute()
     if not directory and target.is_dir():
         raise UserError(f"{flag} {path}: is a directory, not a file")

@@ -185,12 +185,11 @@ def load_model_and_tokenizer(path: str, device: str | None = None, dtype: str = 
     """``AutoModelForCausalLM`` / ``AutoTokenizer`` from a local path, eval mode, on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from amapo_train.model import from_pretrained
+
     device, torch_dtype = _device_dtype(device, dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
-    except (OSError, ValueError) as error:  # incomplete directory, unknown architecture, no tokenizer
-        raise UserError(f"--model {path}: cannot be loaded: {_one_line(error)}") from error
+    tokenizer = from_pretrained(AutoTokenizer, path, local_files_only=True)
+    model = from_pretrained(AutoModelForCausalLM, path, local_files_only=True, dtype=torch_dtype)
     model.to(device).eval()
     return model, tokenizer
 
@@ -323,7 +322,12 @@ def cmd_splits(args) -> dict:
 
     try:
         raw = read_records("--data", args.data, args.split, args.limit)
-        records = [normalize_record(r, args.score_key) for r in raw]
+        records = []
+        for i, record in enumerate(raw):
+            try:
+                records.append(normalize_record(record, args.score_key))
+            except ValueError as error:
+                raise ValueError(f"record {i}: {error}") from None
     except ValueError as error:
         raise UserError(f"--data {args.data}: {_one_line(error)}") from error
     prompt_ids = [r["prompt_id"] for r in records]
@@ -409,6 +413,7 @@ def _batches(n: int, batch_size: int):
 
 
 def _check_items(items: list[dict], fmt: str, source: str) -> None:
+    seen = {}  # MT-Bench question_id -> record: FastChat's judge keys answers by it, a duplicate would be lost
     for i, item in enumerate(items):
         if fmt == "alpacaeval" and not isinstance(item.get("instruction"), str):
             raise UserError(f"--instructions {source}: record {i} has no string 'instruction' "
@@ -417,6 +422,15 @@ def _check_items(items: list[dict], fmt: str, source: str) -> None:
                                      and all(isinstance(t, str) for t in item["turns"]) and "question_id" in item):
             raise UserError(f"--instructions {source}: record {i} is not an MT-Bench question "
                             f"{{question_id, category?, turns: [str, ...]}} (columns: {sorted(item)})")
+        if fmt == "mtbench" and not isinstance(item.get("category"), (str, type(None))):  # picks its temperature
+            raise UserError(f"--instructions {source}: record {i} has category {item['category']!r}; an MT-Bench "
+                            "category is a string (writing, math, ...)")
+        if fmt == "mtbench":
+            key = json.dumps(item["question_id"])
+            if key in seen:
+                raise UserError(f"--instructions {source}: record {i} repeats question_id {item['question_id']} of "
+                                f"record {seen[key]}; each question needs its own id")
+            seen[key] = i
 
 
 def generate_alpacaeval(model, tokenizer, items, decoding, stop_ids, use_template, bar) -> list[dict]:
@@ -613,11 +627,12 @@ def check_args(args) -> None:
         resolve_token_settings(args)
     if hasattr(args, "max_prompt_length"):
         check_length_flags(args.max_length, args.max_prompt_length)
-    if args.command in ("rank", "generate"):
-        # amapo-train's seed range. torch's generators take seeds up to 2**64 - 1, so generate's offsets (the
-        # batch's first item, 1000003 per MT-Bench turn) added to a seed below 2**32 stay far inside them.
+    if args.command in ("rank", "generate", "splits"):
+        # amapo-train's seed range (for splits, random.Random(-n) is random.Random(n): another seed's split).
+        # torch's generators take seeds up to 2**64 - 1, so generate's offsets (the batch's first item, 1000003
+        # per MT-Bench turn) added to a seed below 2**32 stay far inside them.
         check_range("--seed", args.seed, *NUMBER_RANGES["seed"])
-    if args.output:
+    if args.output is not None:  # "" too: rank wrote nothing, splits wrote into the working directory
         check_output_path("--output", args.output, directory=args.command == "splits")
     if args.command == "splits":
         for flag, fraction in (("--valid-prompt-fraction", args.valid_prompt_fraction),

@@ -190,5 +190,9 @@ def score_rmbench(
         for idx, c, r in zip(lp["index"], lp["chosen_mean"], lp["rejected_mean"]):
             chosen[idx // 3, idx % 3] = c
             rejected[idx // 3, idx % 3] = r
+    # An empty response is not scorable however it is rendered: a chat template gives it its end-of-turn text,
+    # which PreferenceDataset keeps and which would be scored as if it were an answer.
+    empty = torch.tensor([not all(rec["chosen"]) or not all(rec["rejected"]) for rec in records], dtype=torch.bool)
+    chosen[empty] = rejected[empty] = math.nan
     kept = ~(torch.isnan(chosen).any(1) | torch.isnan(rejected).any(1))
     return chosen, rejected, kept

@@ -82,8 +82,12 @@ def normalize_record(record: dict, score_key: str | None = None) -> dict:
     if not isinstance(prompt, str):
         raise ValueError("record needs a string 'prompt' (or UltraFeedback's 'instruction')")
     prompt_id = record.get("prompt_id", record.get("id", prompt))
+    raw = record.get("completions", [])
+    # a string or an object would be iterated as characters or keys, silently giving no completion
+    if not (isinstance(raw, list) and all(isinstance(comp, dict) for comp in raw)):
+        raise ValueError(f"'completions' must be a list of {{model, response, score}} objects, got {raw!r:.60}")
     completions = []
-    for comp in record.get("completions", []):
+    for comp in raw:
         score = _score(comp, score_key)
         if score is None or not isinstance(comp.get("response"), str) or "model" not in comp:
             continue

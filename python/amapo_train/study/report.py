@@ -6,6 +6,8 @@ import torch
 
 from amapo_train.study.task import SPLITS
 
+DEFAULT_COMMAND = "python -m amapo_train.study"  # results.json written before it recorded its command line
+
 
 def setting_text(setting: dict) -> str:
     return ", ".join(f"{name}={value:g}" for name, value in setting.items())
@@ -71,7 +73,7 @@ def markdown(result: dict) -> str:
         lines.append(f"- {name}: " + "; ".join(parts))
     lines += ["", f"Run time: {timing['total_seconds'] / 60:.1f} min on {timing['device']} with {timing['workers']} "
               f"worker process(es); {timing['runs']} preference runs, {timing['run_seconds_mean']:.1f} s each on "
-              f"average (wall time inside a worker). Regenerate: `python -m amapo_train.study`."]
+              f"average (wall time inside a worker). Regenerate: `{result.get('command', DEFAULT_COMMAND)}`."]
     return "\n".join(lines) + "\n"
 
 

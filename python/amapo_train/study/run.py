@@ -7,12 +7,16 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import shlex
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from amapo_train.cli_errors import OneLineParser, UserError, check_output_path, run_console_script
+from amapo_train.cli_errors import (OneLineParser, UserError, check_device, check_output_path, check_range,
+                                    run_console_script)
+from amapo_train.config import NUMBER_RANGES
 from amapo_train.study import hh_rlhf, report
 from amapo_train.study.design import BY_LABEL, GRIDS, METHODS, POOL_METHOD, QUICK, StudyConfig, scaled
 from amapo_train.study.statistics import summarize, tune
@@ -95,8 +99,9 @@ def parse_config(args) -> StudyConfig:
         torch.device(args.device)
     except RuntimeError as error:
         raise UserError(f"--device {args.device!r}: {error}") from None
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: no CUDA device is available")
+    check_device(args.device)  # cpu or cuda (mps, meta, ... parse but fail inside the first run), a GPU that is there
+    for seed in args.seeds or ():  # amapo-train's range: 2**64 overflowed torch's generator inside the first run
+        check_range("--seeds", seed, *NUMBER_RANGES["seed"])
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     # The results are written only at the end: a directory that cannot be made would lose the whole study.
@@ -144,8 +149,10 @@ def run(argv=None) -> dict:
         labels = ("SimPO", "AMaPO") if args.quick else BY_LABEL
         hh = hh_rlhf.hh_rlhf_study(Path(args.runs_dir), labels, 64 if args.quick else None, config.device)
     timing["total_seconds"] = time.perf_counter() - clock
+    # the command line as given, so that results.md says how to regenerate these numbers (--quick, --seeds, ...)
+    command = shlex.join([*PROG.split(), *(sys.argv[1:] if argv is None else argv)])
     result = {"config": dataclasses.asdict(config), "grids": GRIDS, "summary": summary, "hh_rlhf": hh,
-              "timing": timing}
+              "timing": timing, "command": command}
     text = report.markdown(result) + (hh_rlhf.markdown(hh) if hh else "")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
