@@ -5,6 +5,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from amapo_kernels import _extension
+from amapo_kernels._checks import LOGITS_DTYPES
 
 _C = _extension.load()  # registers torch.ops.amapo_kernels.*; a failure names its cause and fix
 
@@ -38,9 +39,9 @@ def _on_one_device(op_name: str, *tensors: torch.Tensor) -> None:
                            f"{sorted(str(device) for device in devices)}")
 
 
-_LOGITS_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_VARIANTS = ("code", "paper")
-_ABLATIONS = ("none", "no_znorm", "no_exp", "no_adaptive", "no_zero")
+# the amapo_loss_fwd op's variant and ablation strings (csrc/amapo_loss.h parse_variant, parse_ablation)
+OP_VARIANTS = ("code", "paper")
+OP_ABLATIONS = ("none", "no_znorm", "no_exp", "no_adaptive", "no_zero")
 
 
 def _check_logits_labels(logits, labels, shift) -> None:
@@ -55,7 +56,7 @@ def _check_logits_labels(logits, labels, shift) -> None:
                        lambda: "logits must have a contiguous vocabulary dimension")
     torch._check_value(not shift or logits.shape[1] >= 1, lambda: "shift=True needs T >= 1")
     torch._check_type(labels.dtype == torch.int64, lambda: "labels must be int64")
-    torch._check_type(logits.dtype in _LOGITS_DTYPES, lambda: "logits must be float32, float64, float16 or bfloat16")
+    torch._check_type(logits.dtype in LOGITS_DTYPES, lambda: "logits must be float32, float64, float16 or bfloat16")
 
 
 def _check_pair_dtypes(chosen, rejected) -> None:
@@ -110,8 +111,8 @@ def _amapo_loss_fwd_fake(chosen_logps, rejected_logps, batch_moments, beta, labe
     torch._check_value(batch_moments.dim() == 1 and batch_moments.shape[0] == 4
                        and batch_moments.dtype == torch.float64,
                        lambda: "batch_moments must be float64 [count, pivot, mean offset, M2]")
-    torch._check_value(variant in _VARIANTS, lambda: f"variant must be 'code' or 'paper', got '{variant}'")
-    torch._check_value(ablation in _ABLATIONS, lambda: "ablation must be one of none, no_znorm, no_exp, "
+    torch._check_value(variant in OP_VARIANTS, lambda: f"variant must be 'code' or 'paper', got '{variant}'")
+    torch._check_value(ablation in OP_ABLATIONS, lambda: "ablation must be one of none, no_znorm, no_exp, "
                        f"no_adaptive, no_zero; got '{ablation}'")
     loss = chosen_logps.new_empty(())
     margins = chosen_logps.new_empty(chosen_logps.shape)

@@ -32,12 +32,12 @@ from amapo_kernels._checks import (
     check_logits_labels,
     check_pair_logps,
 )
-from amapo_kernels._ops import acc_dtype, ops, refuse_unsupported_transforms
+from amapo_kernels._ops import OP_ABLATIONS, OP_VARIANTS, acc_dtype, ops, refuse_unsupported_transforms
 from amapo_kernels.batch_statistics import gathered_moments
 from amapo_kernels.sequence_logps import sequence_logps
 
-VARIANTS = ("code", "paper")
-ABLATIONS = (None, "no_znorm", "no_exp", "no_adaptive", "no_zero")
+VARIANTS = OP_VARIANTS
+ABLATIONS = (None, *OP_ABLATIONS[1:])  # None: the op's "none"
 
 
 def batch_moments(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, group=None) -> torch.Tensor:
