@@ -38,6 +38,8 @@ MISTAKES = {
     "bad boolean": (["--bf16", "maybe"], "argument --bf16: expected one of"),
     "bad tracker": (["--log-with", "foo"], "argument --log-with: invalid choice"),
     "bad batch arithmetic": (["--total-batch-size", "30", "--per-device-batch-size", "16"], "not a multiple"),
+    "unknown attention": (["--attn-implementation", "flash"],  # checked before the model loads
+                          "--attn-implementation must be one of ['eager', "),
     "fused under plain DDP": (["--loss-impl", "fused", "--world-size", "2"],  # the decoder would run outside DDP
                               "--loss-impl fused with 2 processes needs --deepspeed (zero2 or zero3)"),
 }

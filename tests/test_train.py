@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import re
@@ -668,6 +669,36 @@ def test_a_fresh_run_over_an_earlier_one_says_what_it_replaces(tmp_path, capsys)
     assert f"warning: --output-dir {out} holds an earlier run (metrics.jsonl, checkpoint-1/, final/): " \
            "this run starts metrics.jsonl anew" in printed, printed
     assert [r["step"] for r in read_metrics(out)] == [1]
+
+
+def test_attention_implementation_is_set_on_the_model(tmp_path, monkeypatch):
+    """--attn-implementation reaches the model (tiny, random:SHAPE and from_pretrained alike: set after the load);
+    one that cannot run here is one line naming the flag, not transformers' traceback."""
+    seen, original = {}, models.with_attention
+
+    def spy(model, name):
+        model = original(model, name)
+        seen["impl"] = model.config._attn_implementation
+        return model
+
+    monkeypatch.setattr(models, "with_attention", spy)
+    main([*SHORT, "--max-steps", "1", "--save-final", "off", "--attn-implementation", "eager",
+          "--output-dir", str(tmp_path / "eager")])
+    assert seen["impl"] == "eager"
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(UserError, match="--attn-implementation flash_attention_2: FlashAttention2 .* installed"):
+            main([*SHORT, "--max-steps", "1", "--save-final", "off", "--attn-implementation", "flash_attention_2",
+                  "--output-dir", str(tmp_path / "fa2")])
+
+
+def test_checkpointing_is_non_reentrant():
+    """As the authors' configs ask (use_reentrant: False), whatever transformers' default: its 4.x default was
+    the reentrant form."""
+    model = models.tiny_llama(64)
+    models.enable_checkpointing(model)
+    layer = model.model.layers[0]
+    assert layer.gradient_checkpointing
+    assert layer._gradient_checkpointing_func.keywords == {"use_reentrant": False}
 
 
 def test_save_total_limit_keeps_the_newest_checkpoints_of_this_run(tmp_path, capsys):

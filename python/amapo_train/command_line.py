@@ -24,7 +24,7 @@ LAST = "last"  # --resume last: the newest checkpoint of this run's settings in 
 # the checkpoint's, or the restored optimizer, scheduler and data position would belong to another run.
 RESUME_MAY_CHANGE = ("output_dir", "save_steps", "save_total_limit", "save_final", "log_with", "eval_steps",
                      "eval_batch_size", "eval_dataset", "test_split", "max_test_pairs", "device", "loss_impl",
-                     "gradient_checkpointing", "num_processes")
+                     "gradient_checkpointing", "attn_implementation", "num_processes")
 CHOICES = {"loss": METHODS, "loss_impl": LOSS_IMPLS, "tokenization": TOKENIZATIONS, "chat_template": CHAT_TEMPLATES,
            "log_with": TRACKERS, "dataset_format": DATASET_FORMATS, "device": DEVICES}
 # The importable module each tracker needs (accelerate's tensorboard tracker: torch.utils.tensorboard).
@@ -61,6 +61,8 @@ HELP = {  # one line per TrainConfig field; a recipe sets the same keys
     "seed": "seed of the model init, data order and --eval-fraction split",
     "bf16": "bf16 mixed precision (on/off)",
     "gradient_checkpointing": "recompute activations in the backward (on/off)",
+    "attn_implementation": "transformers' attention (eager, sdpa, flash_attention_2 with flash-attn installed, "
+                           "flex_attention, ...; default: transformers', sdpa)",
     "deepspeed": "zero2, zero3 or a DeepSpeed JSON config path",
     "output_dir": "checkpoints, metrics.jsonl and eval.json go here",
     "save_steps": "checkpoint every N steps (0: none but the final one)",

@@ -35,6 +35,21 @@ NUMBER_RANGES = {
 BOOLEANS = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
 
 
+def attention_implementations() -> list[str]:
+    """The attention implementations transformers registers (eager, sdpa, flash_attention_2, flex_attention, ...)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+
+
+def check_attention(name: str | None) -> None:
+    """A name transformers knows, or a Hub kernel (org/repo, for transformers' `kernels` integration): checked
+    before the model loads; whether the kernel can run here is known when it is set."""
+    if name is not None and "/" not in name and name not in attention_implementations():
+        raise UserError(f"--attn-implementation must be one of {attention_implementations()} or a Hub kernel "
+                        f"(org/repo), got {name!r}")
+
+
 def settable_hparams(method: str) -> dict:
     """The hyperparameters of `method` a recipe or --hparam may set, with their defaults."""
     return {name: value for name, value in method_defaults(method).items()
@@ -86,6 +101,9 @@ class TrainConfig:
     seed: int = 42
     bf16: bool = False
     gradient_checkpointing: bool = False
+    # transformers' attention implementation (attention_implementations()); None: transformers' default (sdpa). The
+    # authors ran flash_attention_2 (flash-attn, not a dependency of this package); Gemma 2 trains with eager.
+    attn_implementation: str | None = None
     deepspeed: str | None = None  # "zero3", "zero2" or a path to a DeepSpeed JSON config
     # output
     output_dir: str = "runs/tiny-amapo"
@@ -120,6 +138,7 @@ class TrainConfig:
             raise UserError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
         if self.eval_fraction is not None and self.eval_dataset:
             raise UserError("give --eval-dataset or --eval-fraction, not both")
+        check_attention(self.attn_implementation)
         for name, value, accepted in (("loss-impl", self.loss_impl, LOSS_IMPLS),
                                       ("tokenization", self.tokenization, TOKENIZATIONS),
                                       ("chat-template", self.chat_template, (None, *CHAT_TEMPLATES)),

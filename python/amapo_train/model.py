@@ -104,12 +104,34 @@ def load_model_and_tokenizer(config):
     mixed precision) or DeepSpeed's bf16, as the authors' Trainer (torch_dtype null) does."""
     tokenizer = load_tokenizer(config)
     if config.model == TINY:
-        return with_token_ids(tiny_llama(len(tokenizer), seed=config.seed), tokenizer), tokenizer
-    if random_shape(config.model):
-        return with_token_ids(random_llama(random_shape(config.model), len(tokenizer), seed=config.seed),
-                              tokenizer), tokenizer
-    model = from_pretrained(AutoModelForCausalLM, config.model, dtype=torch.float32)
-    return model, tokenizer
+        model = with_token_ids(tiny_llama(len(tokenizer), seed=config.seed), tokenizer)
+    elif random_shape(config.model):
+        model = with_token_ids(random_llama(random_shape(config.model), len(tokenizer), seed=config.seed), tokenizer)
+    else:
+        model = from_pretrained(AutoModelForCausalLM, config.model, dtype=torch.float32)
+    return with_attention(model, config.attn_implementation), tokenizer
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of every decoder layer, non-reentrant as the authors' configs ask
+    (use_reentrant: False; transformers 4.x defaults to the reentrant form). transformers 5 names it
+    activation_checkpointing_enable, gradient_checkpointing_enable being a deprecated alias there."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def with_attention(model, name: str | None):
+    """`model` with transformers' attention implementation `name` (None: as loaded, transformers' default). A
+    kernel that cannot run here (flash_attention_2 without flash-attn, ...) is an error naming the flag."""
+    if name is not None:
+        try:
+            model.set_attn_implementation(name)
+        except (ImportError, ValueError) as error:
+            raise UserError(f"--attn-implementation {name}: {one_line(error)}") from None
+    return model
 
 
 def from_pretrained(auto_class, model: str, **kwargs):

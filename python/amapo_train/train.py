@@ -422,7 +422,7 @@ def set_up(config: TrainConfig) -> TrainingRun:
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    from amapo_train.model import load_model_and_tokenizer
+    from amapo_train.model import enable_checkpointing, load_model_and_tokenizer
 
     train_records, test_records, eval_source = load_splits(config)
     accelerator = make_accelerator(config)
@@ -437,7 +437,7 @@ def set_up(config: TrainConfig) -> TrainingRun:
         except ValueError as error:
             raise UserError(str(error)) from None
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     train_set, test_set = datasets(config, tokenizer, (train_records, test_records))
     accelerator.print(f"accelerate: {accelerator.distributed_type.value}, {accelerator.num_processes} process(es), "
                       f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}")
