@@ -205,3 +205,48 @@ def test_separate_rule_keeps_the_end_of_a_long_prompt_without_bos():
     assert pair["chosen_input_ids"] == [ord("d"), ord("e"), ord("f"), ord("x"), ord("y"), 2]
     assert pair["chosen_labels"] == [-100] * 3 + [ord("x"), ord("y"), 2]
     assert pair["rejected_input_ids"] == [ord("d"), ord("e"), ord("f"), ord("z"), 2]
+
+
+@pytest.mark.parametrize("tokenization", ["trl", "separate"])
+def test_blank_assistant_message_is_dropped_under_a_chat_template(tok, tokenization):
+    # README: "Pairs with an empty response text are dropped and counted". With a chat template the rendered
+    # response is never blank (header + <|eot_id|>), so the blank answer used to be kept and trained on.
+    blank = record("Hi", "Hello!", "   ")
+    dataset = data.PreferenceDataset([blank], tok, tokenization=tokenization)
+    assert dataset.stats == {"n_records": 1, "n_kept": 0, "n_dropped_empty": 1}
+    assert data.PreferenceDataset([blank], tok, use_chat_template=False).stats == dataset.stats  # as without one
+
+
+def test_separate_rule_inserts_the_empty_system_turn_unless_told_not_to(tok):
+    # --insert-system-message is documented without restriction; "separate" used to ignore it
+    zephyr = with_template(tok, ZEPHYR_TEMPLATE)
+    rec = record("Hi", "Hello!", "Go away.")
+    assert data.record_texts(rec, zephyr, tokenization="separate") == ("<|system|>Hi", "Hello!", "Go away.")
+    assert data.record_texts(rec, zephyr, tokenization="separate", insert_system_message=False) == \
+        ("Hi", "Hello!", "Go away.")
+
+
+def test_conversational_completion_of_several_messages_is_refused(tok):
+    # the messages before the last one of a several-message completion used to be moved, silently, into the
+    # unscored prompt (the authors and TRL score the whole completion)
+    rec = {"prompt": [{"role": "user", "content": "Hi"}],
+           "chosen": [{"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Sky?"},
+                      {"role": "assistant", "content": "Blue."}],
+           "rejected": [{"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Sky?"},
+                        {"role": "assistant", "content": "Green."}]}
+    for check in (data.check_record, lambda r: data.record_texts(r, tok)):
+        with pytest.raises(ValueError, match="one assistant message"):
+            check(rec)
+
+
+def test_docs_say_which_trl_the_trl_rule_is():
+    # the rule is TRL 0.9's tokenize_row, not the DPOTrainer of the TRL the project pins (1.16, the one
+    # PreferenceTrainer uses): the help and the README must say so and name the differences
+    from pathlib import Path
+
+    from amapo_train.command_line import HELP
+
+    assert "TRL 0.9" in HELP["tokenization"] and "1.16" in HELP["tokenization"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    paragraph = readme[readme.index("- Tokenization (`tokenization: trl`"):readme.index("- Loss: `--loss`")]
+    assert "TRL 1.16" in paragraph and "keep_start" in paragraph

@@ -44,7 +44,8 @@ HELP = {  # one line per TrainConfig field; a recipe sets the same keys
     "max_test_pairs": "use the first N held-out records only",
     "max_length": "prompt + response tokens",
     "max_prompt_length": "prompt tokens kept when a pair overflows --max-length",
-    "tokenization": "trl: the authors' / TRL's joint tokenization; separate: the older rule",
+    "tokenization": "trl: the authors' joint tokenization (TRL 0.9's tokenize_row, not TRL 1.16's DPOTrainer: "
+                    "README, Training driver); separate: the older rule",
     "chat_template": "override the tokenizer's chat template (mistral: the authors' Mistral-Instruct one)",
     "insert_system_message": "an empty system turn when a chat has none (on/off)",
     "loss": "preference loss (amapo_kernels.preference_loss method)",

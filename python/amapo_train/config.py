@@ -77,8 +77,9 @@ class TrainConfig:
     max_test_pairs: int | None = None
     max_length: int = 2048
     max_prompt_length: int = 1800
-    # tokenization: "trl" (the authors' / TRL's: prompt and response tokenized jointly and split, the
-    # prompt cut only when the pair overflows) | "separate" (the driver's older rule, see amapo_train.data)
+    # tokenization: "trl" (the authors' = TRL 0.9's tokenize_row, not TRL 1.16's DPOTrainer: prompt and
+    # response tokenized jointly and split, the prompt cut only when the pair overflows) | "separate" (the
+    # driver's older rule, see amapo_train.data)
     tokenization: str = "trl"
     chat_template: str | None = None  # "mistral": the authors' override of Mistral-Instruct's template
     insert_system_message: bool = True  # an empty system turn when a chat has none (the authors' default)

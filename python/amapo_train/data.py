@@ -13,14 +13,16 @@ Mistral-Instruct template is ``CHAT_TEMPLATES["mistral"]``); without a template 
 ' ' + content (``render_prompt``, ``chat_texts``).
 
 Tokens (``tokenize_pair``). ``tokenization="trl"`` (default; the authors' trainer and TRL 0.9's
-DPOTrainer): prompt + response tokenized jointly and split at the prompt's tokens (``split_answer``),
+DPOTrainer.tokenize_row, keep_end; not TRL 1.16's DPOTrainer, see the README): prompt + response
+tokenized jointly and split at the prompt's tokens (``split_answer``),
 BOS before the prompt and EOS after each response unless there; only a pair whose prompt + longer response
 exceeds ``max_length`` is truncated: the prompt to its last ``max_prompt_length`` tokens, then, if still
 too long, both responses to ``max_length - max_prompt_length``. ``tokenization="separate"`` (the driver's
 older rule, kept as an option): prompt and responses tokenized apart, the prompt always cut from the left
 to ``max_prompt_length`` (BOS kept), each response cut to the room left; with a chat template the
-assistant header ends the prompt and is not scored. Either way a pair with an empty (or whitespace-only)
-response text is dropped.
+assistant header ends the prompt and is not scored (the empty system message is inserted as for "trl").
+Either way a pair with an empty (or whitespace-only) response text, or a blank answer message (which a chat
+template would render as a non-blank header and end-of-turn: ``record_texts`` returns it as it is), is dropped.
 
 Batch format (the contract between data, training and evaluation; ``collate``), every tensor int64
 [N, L], right-padded to one length L across chosen and rejected:
@@ -140,9 +142,9 @@ def detect_format(record: dict) -> str:
 
 def chat_pair(record: dict, fmt: str) -> tuple[list[dict], dict, dict]:
     """(history, chosen assistant message, rejected assistant message) of a message-list record: the
-    history is 'prompt' (conversational) followed by the messages the two conversations share before
-    their last one, which must be the assistant's (a UltraFeedback conversation without its user turn
-    takes its string 'prompt' as the user message)."""
+    history is 'prompt' (conversational, whose 'chosen' and 'rejected' hold one assistant message each)
+    or the messages the two conversations share before their last one, which must be the assistant's (a
+    UltraFeedback conversation without its user turn takes its string 'prompt' as the user message)."""
     chosen, rejected = record["chosen"], record["rejected"]
     if not (chosen and rejected and all(isinstance(m, dict) for m in (*chosen, *rejected))
             and chosen[-1].get("role") == "assistant" and rejected[-1].get("role") == "assistant"):
@@ -151,6 +153,9 @@ def chat_pair(record: dict, fmt: str) -> tuple[list[dict], dict, dict]:
     if chosen[:-1] != rejected[:-1]:
         raise ValueError(f"{fmt} record: 'chosen' and 'rejected' differ before their last message (the "
                          "prompt they share)")
+    if fmt == "conversational" and (len(chosen) != 1 or len(rejected) != 1):
+        raise ValueError(f"{fmt} record: 'chosen' and 'rejected' must each hold one assistant message (the answer), "
+                         f"got {len(chosen)} and {len(rejected)} messages; put earlier turns in 'prompt'")
     history = list(chosen[:-1])
     if fmt == "conversational":
         history = [*record["prompt"], *history]
@@ -252,10 +257,13 @@ def render_prompt(tokenizer, messages: list[dict], use_chat_template: bool = Tru
 
 
 def chat_texts(history: list[dict], chosen_message: dict, rejected_message: dict, tokenizer,
-               use_chat_template: bool = True) -> tuple[str, str, str]:
-    """(prompt, chosen response, rejected response) of a chat pair: with a chat template a response is the
-    rendering of history + [message] minus the rendered prompt (so it carries the end-of-turn text);
-    without one, the plain prompt of `render_prompt` and ' ' + content."""
+               use_chat_template: bool = True, insert_system_message: bool = True) -> tuple[str, str, str]:
+    """(prompt, chosen response, rejected response) of a chat pair: with a chat template (and an empty
+    system message when `insert_system_message`, as ``authors_chat_texts``) a response is the rendering of
+    history + [message] minus the rendered prompt (so it carries the end-of-turn text); without one, the
+    plain prompt of `render_prompt` and ' ' + content."""
+    if use_chat_template and has_chat_template(tokenizer) and insert_system_message:
+        history = with_system_message(history, tokenizer)
     prompt = render_prompt(tokenizer, history, use_chat_template)
     if use_chat_template and has_chat_template(tokenizer):
 
@@ -272,8 +280,8 @@ def record_texts(record: dict, tokenizer, fmt: str = "auto", *, use_chat_templat
     """(prompt, chosen response, rejected response) as text, chat template applied where there is one
     (message lists only; `use_chat_template=False` renders them as plain dialogue). With a chat template,
     `tokenization="trl"` renders as the authors do (``authors_chat_texts``: the assistant header in the
-    response, an empty system message when `insert_system_message`), "separate" as ``chat_texts`` (the
-    header in the prompt, masked)."""
+    response), "separate" as ``chat_texts`` (the header in the prompt, masked); either inserts an empty
+    system message when `insert_system_message`."""
     fmt = record_format(record, fmt)
     if fmt == "hh-rlhf":
         return split_hh_pair(record["chosen"], record["rejected"])
@@ -283,9 +291,13 @@ def record_texts(record: dict, tokenizer, fmt: str = "auto", *, use_chat_templat
         return split_implicit_text(record["chosen"], record["rejected"])
     if fmt in ("conversational", "implicit", "ultrafeedback"):
         history, chosen, rejected = chat_pair(record, fmt)
+        if not chosen["content"].strip() or not rejected["content"].strip():
+            # a template renders a blank answer as its header and end-of-turn, never blank: the answers as
+            # they are, so that tokenize_pair drops the pair as it drops a blank string response
+            return render_prompt(tokenizer, history, use_chat_template), chosen["content"], rejected["content"]
         if tokenization == "trl" and use_chat_template and has_chat_template(tokenizer):
             return authors_chat_texts(history, chosen, rejected, tokenizer, insert_system_message)
-        return chat_texts(history, chosen, rejected, tokenizer, use_chat_template)
+        return chat_texts(history, chosen, rejected, tokenizer, use_chat_template, insert_system_message)
     raise ValueError(f"dataset_format must be one of {['auto', *FORMATS]}, got {fmt!r}")
 
 
@@ -309,7 +321,7 @@ def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, *, max_len
     """Token ids and labels of one pair (conventions in the module docstring); None when a response text is
     empty or whitespace (a pair that would score only EOS).
 
-    "trl" (default): the authors' / TRL's DPO rule (``tokenize_pair_trl``); "separate": the driver's older
+    "trl" (default): the authors' / TRL 0.9's DPO rule (``tokenize_pair_trl``); "separate": the driver's older
     rule (``tokenize_pair_separate``)."""
     check_lengths(max_length, max_prompt_length)
     if tokenization == "separate":
@@ -466,7 +478,8 @@ def check_scores(records: list[dict], columns: tuple[str, str], where: str) -> N
 
 class PreferenceDataset(torch.utils.data.Dataset):
     """Tokenized pairs of `records` (any format of FORMATS); `dropped` counts pairs left with an empty
-    response, `record_index[i]` is the position in `records` of item i, `stats` sums it up. Item i is
+    response (a blank answer message too, chat template or not), `record_index[i]` is the position in
+    `records` of item i, `stats` sums it up. Item i is
     tokenize_pair's dict plus `index` i, and `chosen_score` / `rejected_score` (the record's columns
     `score_columns`) when given."""
 
