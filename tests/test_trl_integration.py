@@ -230,6 +230,31 @@ def test_moe_router_aux_loss_as_trl_dpo(tokenizer, hh_pairs, tmp_path):
             assert mine["aux_loss"] == pytest.approx(trl_log["aux_loss"], abs=TOLERANCE), loss_impl
 
 
+def tiny_phimoe(vocab_size):
+    """Phi-3.5-MoE's family: its config names the experts num_local_experts (no num_experts alias); the model's
+    forward passes its own num_experts / num_experts_per_tok to the load-balancing loss."""
+    torch.manual_seed(0)
+    return transformers.PhimoeForCausalLM(transformers.PhimoeConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2))
+
+
+def test_moe_router_aux_loss_of_a_config_without_num_experts(tokenizer, hh_pairs, tmp_path):
+    """PhiMoE (also DBRX, JetMoE, GraniteMoE): the config has no `num_experts`, and its router loss is on by
+    default (router_aux_loss_coef=0.001). loss_impl='fused' (the default) raised AttributeError at the first
+    training step; it now trains with the loss and the aux_loss of 'ops' (the model's own forward)."""
+    runs = {}
+    for loss_impl in ("ops", "fused"):
+        runs[loss_impl] = trained(make_trainer(recording(PreferenceTrainer), PreferenceConfig, tokenizer, hh_pairs,
+                                               tmp_path / loss_impl, model=tiny_phimoe(len(tokenizer)), loss="simpo",
+                                               loss_impl=loss_impl, max_steps=1, max_length=64))
+    ops, fused = runs["ops"], runs["fused"]
+    assert fused.aux_loss_enabled and ops.state.log_history[0]["aux_loss"] > 0
+    assert abs(fused.steps[0]["loss"] - ops.steps[0]["loss"]) <= TOLERANCE
+    assert fused.state.log_history[0]["aux_loss"] == pytest.approx(ops.state.log_history[0]["aux_loss"],
+                                                                   abs=TOLERANCE)
+
+
 def tiny_gemma2_softcapped(vocab_size):
     """Gemma 2 (final_logit_softcapping=30), its head scaled so that logits reach the softcap's range."""
     torch.manual_seed(0)
@@ -471,6 +496,30 @@ def test_cached_reference_logps_are_the_methods(tokenizer, tmp_path):
     assert not torch.allclose(values["dpo", "fused"], values["alpha_dpo", "fused"])  # sums vs means
 
 
+@pytest.mark.parametrize("settings", [
+    [dict(max_length=256, truncation_mode="keep_end"), dict(max_length=32, truncation_mode="keep_end")],
+    [dict(max_length=None, bf16=True), dict(max_length=None, bf16=False)]])
+def test_cached_reference_logps_are_of_this_runs_truncation_and_precision(tokenizer, tmp_path, settings):
+    """The reference log-probs TRL caches depend on the collator's truncation (keep_end: max_length is in no
+    dataset fingerprint) and on the autocast precision: a second run on the same data file with another
+    max_length, or fp32 after bf16, reused the first run's values (long completions' log-probs of the untruncated
+    sequences; bf16 values 2e-3 nats off)."""
+    import json
+
+    from datasets import load_dataset
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in load_records("bundled:hh-rlhf", "train", 8)))
+    for index, options in enumerate(settings):
+        dataset = load_dataset("json", data_files=str(data), split="train", cache_dir=str(tmp_path / "cache"))
+        trainer = make_trainer(PreferenceTrainer, PreferenceConfig, tokenizer, dataset, tmp_path / str(index),
+                               loss="dpo", max_steps=1, **options)
+        cached = torch.tensor(trainer.train_dataset["ref_chosen_logps"][:4])
+        fresh, _ = trainer.compute_ref_log_probs(trainer.model, trainer.data_collator(
+            [trainer.train_dataset[i] for i in range(4)]))
+        assert torch.equal(cached, fresh.float()), (options, cached, fresh)
+
+
 # ----------------------------------------------------------------------------------------------------
 # PEFT, dataset formats, configuration errors
 # ----------------------------------------------------------------------------------------------------
@@ -616,6 +665,35 @@ def test_config_builds_again_from_itself(tmp_path, loss, hparams):
     assert (rebuilt.loss_hparams, rebuilt.beta) == (args.loss_hparams, args.beta)
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda args: setattr(args, "beta", 0.5), r"beta=0.5 and loss_hparams\['beta'\]=2.0 disagree"),
+    (lambda args: args.loss_hparams.update(beta=0.5), r"beta=2.0 and loss_hparams\['beta'\]=0.5 disagree"),
+    (lambda args: setattr(args, "loss", "ipo"), r"loss='ipo' has no hyperparameter")])
+def test_config_changed_after_construction_is_checked(tokenizer, hh_pairs, tmp_path, monkeypatch, change, message):
+    """`args.beta = 0.5` between PreferenceConfig and PreferenceTrainer (as one does with a DPOConfig, whose
+    DPOTrainer reads args.beta) trained with the beta of loss_hparams (2.0) while the rewards were logged x 0.5.
+    A config changed after construction is checked again: an error naming both values, before tokenization."""
+    def no_tokenization(*args, **kwargs):
+        raise AssertionError("the dataset was tokenized before the error")
+
+    monkeypatch.setattr(DPOTrainer, "_prepare_dataset", no_tokenization)
+    args = PreferenceConfig(output_dir=str(tmp_path), loss="simpo", max_steps=1, **TRAINING)
+    change(args)
+    with pytest.raises((ValueError, TypeError), match=message):
+        PreferenceTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=hh_pairs,
+                          processing_class=tokenizer)
+
+
+def test_sync_ref_model_names_the_precompute_default(tmp_path):
+    """sync_ref_model=True needs a live reference, but precompute_ref_log_probs is True by default here (False in
+    DPOConfig): DPOTrainer's error came after the datasets were tokenized, naming a flag the user never set. Now
+    PreferenceConfig refuses it, naming both; with precompute_ref_log_probs=False it is built."""
+    config = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, loss="dpo", sync_ref_model=True)
+    with pytest.raises(ValueError, match="sync_ref_model=True.*precompute_ref_log_probs=False"):
+        PreferenceConfig(**config)
+    assert PreferenceConfig(**config, precompute_ref_log_probs=False).sync_ref_model
+
+
 def test_trl_loss_options_raise(tmp_path):
     """Every DPOConfig option that shapes TRL's own loss is refused at a non-default value, naming it."""
     config = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False)
@@ -644,6 +722,18 @@ def test_z_score_methods_refuse_one_pair_batches(tokenizer, hh_pairs, tmp_path, 
                          loss="simpo", max_steps=1, per_device_train_batch_size=1))
     make_trainer(PreferenceTrainer, PreferenceConfig, tokenizer, hh_pairs, tmp_path / "alpha0", loss="alpha_dpo",
                  loss_hparams={"alpha": 0.0}, max_steps=1, per_device_train_batch_size=1)
+
+
+def test_z_score_methods_refuse_a_one_pair_eval_batch_passed_to_evaluate(tokenizer, hh_pairs, tmp_path):
+    """The eval batch size is checked for an eval set given to the constructor; one given to evaluate() ran with
+    per_device_eval_batch_size=1: eval_batch_margin_std 0, AMaPO's eval loss without its margin, silently."""
+    trainer = make_trainer(PreferenceTrainer, PreferenceConfig, tokenizer, hh_pairs, tmp_path, loss="amapo",
+                           max_steps=1, per_device_eval_batch_size=1)
+    with pytest.raises(ValueError, match="^per_device_eval_batch_size=1 with 1 process.*loss='amapo'"):
+        trainer.evaluate(hh_pairs.select(range(4)))
+    simpo = make_trainer(PreferenceTrainer, PreferenceConfig, tokenizer, hh_pairs, tmp_path / "simpo", loss="simpo",
+                         max_steps=1, per_device_eval_batch_size=1)
+    assert math.isfinite(simpo.evaluate(hh_pairs.select(range(4)))["eval_loss"])
 
 
 # ----------------------------------------------------------------------------------------------------

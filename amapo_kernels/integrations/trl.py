@@ -115,6 +115,10 @@ class PreferenceConfig(DPOConfig):
         self.loss_hparams = self._resolve_hparams()
         if self.sync_ref_model and self.is_reference_free:
             raise ValueError(f"sync_ref_model=True: loss={self.loss!r} uses no reference model")
+        if self.sync_ref_model and self.precompute_ref_log_probs:  # DPOTrainer's error comes after tokenization
+            raise ValueError("sync_ref_model=True updates the reference model, whose log-probs "
+                             "precompute_ref_log_probs (True by default here, unlike DPOConfig) computes once: "
+                             "set precompute_ref_log_probs=False")
         # None for a method without beta (its rewards are unscaled): a value here would be refused by the check
         # above when the config is built again (dataclasses.replace, a to_dict() round trip)
         self.beta = self.loss_hparams.get("beta")
@@ -159,6 +163,9 @@ class PreferenceTrainer(DPOTrainer):
         if not isinstance(args, PreferenceConfig):
             raise TypeError(f"args must be a PreferenceConfig (a DPOConfig with the loss of amapo_kernels), "
                             f"got {type(args).__name__}")
+        # fields set after construction (args.beta = ..., as with a DPOConfig) must agree with loss_hparams, which
+        # the loss reads: checked again, before anything is tokenized
+        args.loss_hparams = args._resolve_hparams()
         self.reference_free = args.is_reference_free
         if self.reference_free and ref_model is not None:
             raise ValueError(f"ref_model: loss={args.loss!r} is reference-free and uses no reference model")
@@ -201,14 +208,23 @@ class PreferenceTrainer(DPOTrainer):
             return dataset
         self._add_heads()
         # TRL names the cached log-probs after (dataset, reference weights) alone; ours are also summed or
-        # length-normalized per the method, and computed by loss_impl's path: a cache of other values is no hit.
+        # length-normalized per the method, computed by loss_impl's path, on sequences the collator truncated
+        # (max_length is in no dataset fingerprint with keep_end), under the autocast precision: a cache of other
+        # values is no hit.
         model_hash = self._precompute_model_hash
         self._precompute_model_hash = Hasher.hash((model_hash, "amapo_kernels", self.args.loss_impl,
-                                                   "mean" if uses_mean_logps(self.args.loss) else "sum"))
+                                                   "mean" if uses_mean_logps(self.args.loss) else "sum",
+                                                   self.args.max_length, self.args.truncation_mode,
+                                                   str(self.accelerator.mixed_precision)))
         try:
             return super()._precompute_ref_logps(dataset, name, batch_size)
         finally:
             self._precompute_model_hash = model_hash
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        if eval_dataset is not None and not isinstance(eval_dataset, str):  # the constructor checked its own
+            _check_statistics_pool(self.args, evaluates=True)
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def compute_ref_log_probs(self, model, inputs):
         """(chosen, rejected) reference log-probs of a batch, by this library: `model` is the reference model,
@@ -279,7 +295,7 @@ class PreferenceTrainer(DPOTrainer):
     def _record_metrics(self, mode, inputs, chosen, rejected, references, stats) -> None:
         """TRL's metric names over every rank's pairs, plus AMaPO's batch statistics."""
         gather, metrics = self.accelerator.gather, self._metrics[mode]
-        beta = 1.0 if self.args.beta is None else self.args.beta
+        beta = self.args.loss_hparams.get("beta", 1.0)  # the loss's (None for a method without beta: unscaled)
         chosen_reward, rejected_reward = beta * chosen, beta * rejected
         if references:
             chosen_reward = chosen_reward - beta * references["ref_chosen_logps"].to(chosen)
@@ -353,8 +369,14 @@ def _load_balancing_loss(model, router_logits, attention_mask):
     if function is None or router_logits is None:
         raise ValueError(f"router_aux_loss_coef: loss_impl='fused' finds no router load-balancing loss for "
                          f"{type(model).__name__} (output_router_logits=True); set router_aux_loss_coef=0.0")
+    # the model's own attributes, which its forward passes (PhiMoE's, JetMoE's, DBRX's configs have no num_experts)
     config = model.config.get_text_config()
-    return function(router_logits, config.num_experts, config.num_experts_per_tok, attention_mask)
+    experts, top_k = (getattr(model, name, None) or getattr(config, name, None)
+                      for name in ("num_experts", "num_experts_per_tok"))
+    if experts is None or top_k is None:
+        raise ValueError(f"router_aux_loss_coef: loss_impl='fused' finds no num_experts / num_experts_per_tok on "
+                         f"{type(model).__name__} or its config; set router_aux_loss_coef=0.0 or use 'ops'")
+    return function(router_logits, experts, top_k, attention_mask)
 
 
 def _add_sequence_logps_head(model) -> None:
