@@ -701,8 +701,8 @@ def test_amapo_checks_reference_logps_it_is_given(path):
             if path == "preference_loss":
                 ak.preference_loss(torch.randn(2), torch.randn(2), method="amapo", **refs)
             else:
-                ak.preference_loss_from_hidden(torch.randn(4, 3, 4), torch.randn(V, 4), torch.zeros(4, 3, dtype=torch.long),
-                                               method="amapo", **refs)
+                ak.preference_loss_from_hidden(torch.randn(4, 3, 4), torch.randn(V, 4),
+                                               torch.zeros(4, 3, dtype=torch.long), method="amapo", **refs)
     ak.preference_loss(torch.randn(2), torch.randn(2), method="amapo", ref_chosen_logps=torch.zeros(2),
                        ref_rejected_logps=torch.zeros(2))  # valid ones are still accepted (and unused)
 
@@ -712,8 +712,10 @@ def test_hyperparameter_beyond_the_compute_dtype_is_refused(method, name):
     """A hyperparameter above float32's largest value is finite as a Python float but inf once it multiplies a
     float32 tensor: kto's loss (bounded, 0.4167 in fp64) came out NaN. Refused naming it; float64 log-probs take it."""
     chosen, rejected = torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-2.0, -1.0, -3.5])
-    refs = {"ref_chosen_logps": torch.tensor([-1.5, -1.5, -3.0]), "ref_rejected_logps": torch.tensor([-1.5, -1.5, -3.0])}
-    extra = {"chosen_scores": torch.tensor([2.0, 3.0, 4.0]), "rejected_scores": torch.ones(3)} if method == "odpo" else {}
+    reference = torch.tensor([-1.5, -1.5, -3.0])
+    refs = {"ref_chosen_logps": reference, "ref_rejected_logps": reference}
+    extra = ({"chosen_scores": torch.tensor([2.0, 3.0, 4.0]), "rejected_scores": torch.ones(3)} if method == "odpo"
+             else {})
     with pytest.raises(ValueError, match=re.escape(f"method={method!r}: {name} must be within torch.float32's range")):
         ak.preference_loss(chosen, rejected, method=method, **refs, **extra, **{name: 1e39})
     hidden, labels = torch.randn(6, 3, 4), torch.zeros(6, 3, dtype=torch.long)  # 3 pairs, chosen rows first

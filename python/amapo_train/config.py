@@ -23,20 +23,20 @@ DATA_HPARAMS = {"odpo": {"chosen_scores": "--chosen-score-column", "rejected_sco
 # The score columns ODPO reads when no flag names them (UltraFeedback-binarized's).
 DEFAULT_SCORE_COLUMNS = ("score_chosen", "score_rejected")
 # The values each numeric field takes, (lowest, highest), None: no bound; an unset optional field (None) is not
-# checked. 0 turns off max_grad_norm, save_steps, save_total_limit and eval_steps; max_steps and the max_*_pairs caps are left
-# unset for "no cap" (a 0 would read as no cap, not as nothing). The seed feeds numpy's 32-bit one too.
+# checked. 0 turns off max_grad_norm, save_steps, save_total_limit and eval_steps; max_steps and the max_*_pairs
+# caps are left unset for "no cap" (a 0 would read as no cap, not as nothing). The seed feeds numpy's 32-bit one.
 NUMBER_RANGES = {
     "learning_rate": (0, None), "total_batch_size": (1, None), "per_device_batch_size": (1, None),
     "num_processes": (1, None), "epochs": (1, None), "max_steps": (1, None), "warmup_ratio": (0, 1),
     "weight_decay": (0, None), "max_grad_norm": (0, None), "seed": (0, 2**32 - 1), "save_steps": (0, None),
-    "save_total_limit": (0, None), "eval_batch_size": (1, None), "eval_steps": (0, None), "max_train_pairs": (1, None),
-    "max_test_pairs": (1, None),
+    "save_total_limit": (0, None), "eval_batch_size": (1, None), "eval_steps": (0, None),
+    "max_train_pairs": (1, None), "max_test_pairs": (1, None),
 }
 BOOLEANS = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
 
 
 def attention_implementations() -> list[str]:
-    """The attention implementations transformers registers (eager, sdpa, flash_attention_2, flex_attention, ...)."""
+    """The attention implementations transformers registers (eager, sdpa, flash_attention_2, ...)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     return ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
@@ -102,8 +102,8 @@ class TrainConfig:
     seed: int = 42
     bf16: bool = False
     gradient_checkpointing: bool = False
-    # transformers' attention implementation (attention_implementations()); None: transformers' default (sdpa). The
-    # authors ran flash_attention_2 (flash-attn, not a dependency of this package); Gemma 2 trains with eager.
+    # transformers' attention implementation (attention_implementations()); None: transformers' default
+    # (sdpa). The authors ran flash_attention_2 (flash-attn, not a dependency here); Gemma 2 trains with eager.
     attn_implementation: str | None = None
     deepspeed: str | None = None  # "zero3", "zero2" or a path to a DeepSpeed JSON config
     # output
