@@ -12,8 +12,10 @@ loss = mean_i[ -(1-eps) * logsigmoid(beta*d_i - m_i) - eps * logsigmoid(-(beta*d
 Ablations (paper Table 5), with s = mu (code) or beta*mu (paper) the oracle estimate and g_i the gate above:
     "no_znorm":    the exponent uses the raw gap instead of the z-score: (mu - d_i) * s  [paper: beta*(mu - d_i) * s]
     "no_exp":      linear scaling instead of exp: m_i = beta * z_i * s  where gated
-    "no_adaptive": Eq. 8 with the oracle mu: m_i = beta * mu where gated (one constant per batch)
-    "no_zero":     no zero margin for correctly ranked pairs: the exp margin on every pair
+    "no_adaptive": Eq. 8 with the oracle mu: m_i = beta * mu where d_i < mu (Eq. 8's gate r_i < mu_r, both
+                   variants, either sign of mu; one constant per batch)
+    "no_zero":     no zero margin for correctly ranked pairs: the exp margin on every pair (paper: gamma_i
+                   keeps Eq. 9's max(., 0), so m_i >= beta)
 Statistics: per-rank (count, mean, M2) merged with Chan's formula around a pivot, so mu - d_i and sd keep
 full fp64 relative precision at any spread (see batch_moments).
 Edge cases: B = 1 or sd = 0 (every d equal) gives m = 0;

@@ -67,7 +67,9 @@ def amapo_margin(chosen_logps, rejected_logps, *, beta=2.0, variant="code", abla
     z = raw_gap / sigma
     gamma = (raw_gap if ablation == "no_znorm" else z) * mu
     if variant == "paper":
-        incorrect = gamma > 0  # gamma = max(., 0); h(0) = 0
+        gamma = gamma.clamp(min=0)  # Eq. 9: gamma = max(., 0) (kept by no_zero, which removes only h(0) = 0)
+        # Eq. 10 gates on gamma > 0; no_adaptive is Eq. 8, whose gate is r < mu_r whatever the sign of mu_r
+        incorrect = raw_gap > 0 if ablation == "no_adaptive" else gamma > 0
     else:
         incorrect = d < mu
     if ablation == "no_zero":

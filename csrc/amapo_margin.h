@@ -46,8 +46,12 @@ AMAPO_HOST_DEVICE double adaptive_margin(double d, BatchStats stats, double beta
   const double oracle = unit * mean;
   const double gap = unit * stats.gap(d);
   const double difficulty = ablation == Ablation::NoZnorm ? gap : gap / (unit * stats.std);
-  const double exponent = difficulty * oracle;
-  const bool gated = ablation == Ablation::NoZero || (paper ? exponent > 0 : gap > 0);
+  double exponent = difficulty * oracle;
+  // Eq. 9: gamma = max(., 0), which no_zero keeps (it removes only Eq. 10's h(0) = 0); a NaN stays NaN
+  if (paper && exponent < 0) exponent = 0.0;
+  // Eq. 10 gates the paper variant on gamma > 0; no_adaptive is Eq. 8, gated on r < mu_r whatever mu_r's sign
+  const bool gated = ablation == Ablation::NoZero ||
+                     ((paper && ablation != Ablation::NoAdaptive) ? exponent > 0 : gap > 0);
   if (!gated) return 0.0;
   switch (ablation) {
     case Ablation::NoExp:

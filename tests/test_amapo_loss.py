@@ -299,3 +299,33 @@ def test_a_loss_beyond_float32_is_inf_not_an_error(device):
     loss = ak.amapo_loss(chosen, rejected, beta=1e20)
     assert loss.item() == math.inf
     torch.testing.assert_close(ak.amapo_loss(chosen.double(), rejected.double(), beta=1e20).cpu(), expected)
+
+
+def margins_of(impl, chosen, rejected, **options):
+    """Per-pair margins from the op (amapo_loss's stats) or from the fp64 reference."""
+    if impl == "op":
+        _, stats = ak.amapo_loss(chosen, rejected, return_stats=True, **options)
+        return stats["adaptive_margin"].tolist()
+    return ref.amapo_margin(chosen, rejected, **options).tolist()
+
+
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_paper_no_adaptive_gates_as_eq8(impl):
+    """Eq. 8: gamma = I[(gamma* - r) > 0] * gamma*, gamma* = mu_r: the constant margin goes to the pairs whose
+    reward is below the batch mean whatever the sign of mu_r (the paper variant gated on z * mu_r > 0, which for
+    mu_r < 0 picked the best-ranked pairs instead). Worked out by hand, not from the reference."""
+    chosen = torch.tensor([-2.0, -1.5, -1.0], dtype=torch.float64)  # d = [-1, -0.5, 0], beta 2: r = [-2, -1, 0]
+    rejected = torch.full((3,), -1.0, dtype=torch.float64)
+    assert margins_of(impl, chosen, rejected, beta=2.0, variant="paper", ablation="no_adaptive") == [-1.0, 0.0, 0.0]
+    # mu_r > 0: both gates agree
+    assert margins_of(impl, rejected, chosen, beta=2.0, variant="paper", ablation="no_adaptive") == [0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_paper_no_zero_keeps_eq9_max(impl):
+    """'no_zero' removes only Eq. 10's h(0) = 0: with Eq. 9's gamma = max(z * mu_r, 0) a correctly ranked pair
+    gets beta * e^0 = beta, never less (the max was dropped: beta * e^(z * mu_r) < beta)."""
+    chosen = torch.tensor([-1.0, -0.5, 0.0], dtype=torch.float64)  # d = [0, 0.5, 1], beta 2: z = [1, 0, -1], mu_r 1
+    rejected = torch.full((3,), -1.0, dtype=torch.float64)
+    margins = margins_of(impl, chosen, rejected, beta=2.0, variant="paper", ablation="no_zero")
+    assert margins == pytest.approx([2.0 * math.e, 2.0, 2.0], rel=1e-15)
