@@ -1,5 +1,7 @@
 """The tolerance rule of the project and input generators shared by the tests."""
 
+import socket
+
 import torch
 
 from amapo_kernels.testing import peaked_logits  # noqa: F401  (re-exported for the tests)
@@ -130,3 +132,10 @@ def small_spread_pairs(spread, pairs=6, seed=0):
     chosen = rejected + d
     assert torch.equal((chosen - rejected) + rejected, chosen)
     return chosen, rejected
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a process group's MASTER_PORT."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from helpers import free_port
 
 import amapo_kernels as ak
 from amapo_kernels import reference
@@ -184,13 +185,10 @@ def test_collate_pads_both_sides_to_one_length():
 def test_deepspeed_zero3_on_cpu(tmp_path):
     """The driver under DeepSpeed ZeRO-3 (one CPU process, gloo): it trains and checkpoints."""
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
     out = tmp_path / "run"
@@ -216,13 +214,10 @@ def test_two_cpu_processes(tmp_path):
     """Data parallel on 2 CPU processes (torchrun, gloo): trains, and the held-out evaluation gathers
     every process's pairs (20 pairs, not one shard of them)."""
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                "-m", "amapo_train.train", "--max-train-pairs", "64", "--max-test-pairs", "20", "--log-with", "none",

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from helpers import free_port
 
 from amapo_train.train import main
 
@@ -83,13 +84,10 @@ def test_fused_under_a_one_process_launcher(tmp_path):
     path, which calls the decoder and the head itself, once failed there ("'DistributedDataParallel' object
     has no attribute 'get_decoder'"). It now trains as the same run without a launcher."""
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     launched = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port)}
     losses = {}

@@ -9,13 +9,13 @@ import importlib.util
 import math
 import os
 import re
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import free_port
 
 pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
@@ -741,12 +741,6 @@ def test_z_score_methods_refuse_a_one_pair_eval_batch_passed_to_evaluate(tokeniz
 # ----------------------------------------------------------------------------------------------------
 
 WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def distributed_worker(rank, tokenizer_dir, out_dir, port):

@@ -5,12 +5,12 @@ global state (process group, hooks, accelerator) does not leak into the other te
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 pytest.importorskip("deepspeed")
 
@@ -107,12 +107,6 @@ def main():
 if __name__ == "__main__":
     main()
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_lm_head_grad_under_zero3(tmp_path):

@@ -154,7 +154,7 @@ def check_run(config: TrainConfig, args, world_size: int) -> str | None:
     check_model(config.model)
     check_deepspeed(config)
     check_output_path("--output-dir", config.output_dir, directory=True)
-    resume = check_resume(args.resume, config) if args.resume else None
+    resume = check_resume(args.resume, config, world_size) if args.resume else None
     check_device(config.device)
     module = TRACKER_MODULES.get(config.log_with)
     if module and importlib.util.find_spec(module) is None:
@@ -199,14 +199,16 @@ def check_deepspeed(config: TrainConfig) -> None:
         raise UserError(f"--deepspeed {config.deepspeed}: not a JSON DeepSpeed config: {error}") from None
 
 
-def check_resume(directory: str, config: TrainConfig) -> str:
+def check_resume(directory: str, config: TrainConfig, world_size: int | None = None) -> str:
     """--resume names a checkpoint of amapo-train whose run had this run's settings (RESUME_MAY_CHANGE aside), or
-    LAST; returns the checkpoint's directory."""
+    LAST; returns the checkpoint's directory. Under DeepSpeed, also the checkpoint's number of processes (ZeRO's
+    optimizer state is partitioned over them), when `world_size` is given."""
     if directory == LAST:
         checkpoints = run_checkpoints(Path(config.output_dir), config)
         if not checkpoints:
             raise UserError(f"--resume {LAST}: --output-dir {config.output_dir} holds no checkpoint-STEP directory "
                             "of this run's settings")
+        check_resume_processes(LAST, checkpoints[-1][1], config, world_size)
         return str(checkpoints[-1][1])
     path = Path(directory)
     if not path.is_dir():
@@ -226,7 +228,19 @@ def check_resume(directory: str, config: TrainConfig) -> str:
         now = ", ".join(f"{name}={new!r}" for name, (_, new) in changed.items())
         raise UserError(f"--resume {directory}: the checkpoint's run had {was}; this one has {now} (resume with "
                         f"the checkpoint's settings)")
+    check_resume_processes(directory, path, config, world_size)
     return directory
+
+
+def check_resume_processes(flag_value: str, path: Path, config: TrainConfig, world_size: int | None) -> None:
+    """A DeepSpeed checkpoint resumes on the number of processes that saved it (DeepSpeed cannot repartition
+    ZeRO's optimizer state); without DeepSpeed any number does. Checkpoints older than the stored count pass."""
+    if world_size is None or not config.deepspeed_config_path():
+        return
+    saved = json.loads((path / STATE_FILE).read_text()).get("world_size")
+    if saved is not None and saved != world_size:
+        raise UserError(f"--resume {flag_value}: {path} is a DeepSpeed checkpoint of {saved} process(es), this launch "
+                        f"has {world_size} (DeepSpeed cannot repartition ZeRO's optimizer state): launch {saved}")
 
 
 def run_checkpoints(output_dir: Path, config: TrainConfig, up_to_step: int | None = None) -> list[tuple[int, Path]]:

@@ -360,7 +360,8 @@ def save_checkpoint(accelerator, model, tokenizer, config, step: int, name: str,
             shutil.rmtree(directory / "state", ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(directory)
-        (directory / STATE_FILE).write_text(json.dumps({"step": step, "config": dataclasses.asdict(config)}, indent=2))
+        (directory / STATE_FILE).write_text(json.dumps({"step": step, "world_size": accelerator.num_processes,
+                                                        "config": dataclasses.asdict(config)}, indent=2))
         if resumable and config.save_total_limit:
             for pruned in prune_checkpoints(Path(config.output_dir), config, config.save_total_limit, step):
                 accelerator.print(f"deleted {pruned} (--save-total-limit {config.save_total_limit})")
@@ -634,13 +635,24 @@ def log_step(accelerator, sums, accumulation, tokens, started, step, epoch, sche
     return record
 
 
+def distinct_pairs(accelerator, pairs: int) -> int:
+    """How many of this process's `pairs` (its batch of a prepared evaluation loader) are held-out pairs of their
+    own, the first ones: accelerate completes the last batch of every process with pairs from the start
+    (even_batches), which gather_for_metrics drops: the last round's `remainder` pairs are the real ones, in
+    process order."""
+    state = accelerator.gradient_state
+    if not state.end_of_dataloader or state.remainder <= 0:
+        return pairs
+    return min(max(state.remainder - accelerator.process_index * pairs, 0), pairs)
+
+
 @torch.no_grad()
 def evaluate_loss(accelerator, model, test_set, config, ref_table) -> dict:
-    """Held-out metrics during training: eval_loss and the training metrics (eval_ prefix, micro-batch
-    means over every process) and the ranking accuracy on summed and length-normalized log-probs."""
+    """Held-out metrics during training: eval_loss and the training metrics (eval_ prefix, each micro-batch's
+    weighted by its pairs, every held-out pair counted once over the processes) and the ranking accuracy on summed and length-normalized log-probs."""
     loader = accelerator.prepare(DataLoader(test_set, batch_size=config.eval_batch_size,
                                             collate_fn=partial(collate, pad_token_id=test_set.pad_token_id)))
-    sums, batches, ranked = {}, 0, []
+    sums, counted, ranked = {}, 0, []
     model.eval()
     for batch in loader:
         with contextlib.ExitStack() as keep_gathered:
@@ -650,21 +662,25 @@ def evaluate_loss(accelerator, model, test_set, config, ref_table) -> dict:
         counts = (labels[:, 1:] != IGNORE_INDEX).sum(1).clamp(min=1).to(summed.dtype)
         logps = summed / counts if uses_mean_logps(config.loss) else summed
         pairs = batch["index"].shape[0]
+        kept = distinct_pairs(accelerator, pairs)  # the others repeat held-out pairs to even out the processes
         refs = None
         if ref_table is not None:
-            ref = ref_table[batch["index"].cpu()].to(logps.device)
+            ref = ref_table[batch["index"][:kept].cpu()].to(logps.device)
             refs = (ref[:, 0], ref[:, 1])
-        _, metrics = loss_and_metrics(logps[:pairs], logps[pairs:], refs, config, batch_hparams(batch, logps.device))
-        for key, value in metrics.items():
-            sums[key] = sums.get(key, 0.0) + value.float()
-        batches += 1
+        hparams = {key: value[:kept] for key, value in batch_hparams(batch, logps.device).items()}
+        # every process computes the loss, kept pairs or none: the batch statistics are gathered from all of them
+        _, metrics = loss_and_metrics(logps[:kept], logps[pairs:pairs + kept], refs, config, hparams)
+        for key, value in metrics.items():  # weighted by the pairs: each held-out pair counts once
+            sums[key] = sums.get(key, 0.0) + (kept * value.float() if kept else torch.zeros_like(value.float()))
+        counted += kept
         means = summed / counts
         ranked.append(accelerator.gather_for_metrics(torch.stack(
             [summed[:pairs] > summed[pairs:], means[:pairs] > means[pairs:]], 1).float()))
     model.train()
     keys = sorted(sums)
-    values = accelerator.reduce(torch.stack([sums[k] / batches for k in keys]).to(accelerator.device), "mean")
-    result = {f"eval_{key}": float(value) for key, value in zip(keys, values)}
+    totals = accelerator.reduce(torch.stack([*(sums[k] for k in keys), torch.tensor(float(counted))]).to(
+        accelerator.device), "sum")
+    result = {f"eval_{key}": float(value / totals[-1]) for key, value in zip(keys, totals)}
     ranked = torch.cat(ranked).mean(0)
     result["eval_ranking_accuracy/summed"] = float(ranked[0])
     result["eval_ranking_accuracy/normalized"] = float(ranked[1])
