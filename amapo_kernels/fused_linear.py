@@ -27,6 +27,7 @@ gradient reaches its accumulation hook as it would from nn.Linear (see tests/tes
 """
 
 import functools
+import operator
 
 import torch
 
@@ -334,9 +335,15 @@ class _GradientsFromHidden(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_positive_int(name, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def _check_positive_int(name, value) -> int:
+    """A positive integer as a Python int: numpy and 0-d integer tensors accepted, as for ignore_index."""
+    try:
+        number = None if isinstance(value, (bool, float)) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return number
 
 
 def _check_inputs(hidden, weight, labels, bias, ignore_index, logit_softcap, token_chunk, vocab_chunk, shift):
@@ -371,9 +378,13 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, logit_softcap, tok
     check_data(~bad.any(), f"labels must lie in [0, V={vocab}) or equal ignore_index={ignore_index}")
 
 
-def _check_pair_batch(hidden) -> None:
+def _check_pair_batch(hidden, weight, bias) -> None:
     check_tensor("hidden", hidden, dims=3, dtypes=LOGITS_DTYPES)
     check_even_batch("hidden", hidden)
+    # before acc_dtype reads their dtypes (a module such as model.lm_head passed for its weight: a TypeError naming it)
+    check_tensor("lm_head_weight", weight)
+    if bias is not None:
+        check_tensor("bias", bias)
 
 
 def sequence_logps_from_hidden(
@@ -406,6 +417,7 @@ def sequence_logps_from_hidden(
     Returns [B] float32 (float64 if any input is float64); differentiable in hidden, weight and bias.
     """
     _check_inputs(hidden, lm_head_weight, labels, bias, ignore_index, logit_softcap, token_chunk, vocab_chunk, shift)
+    token_chunk, vocab_chunk = operator.index(token_chunk), operator.index(vocab_chunk)  # checked: Python ints
     check_bool("average", average)
     refuse_unsupported_transforms("amapo_kernels.sequence_logps_from_hidden", hidden, lm_head_weight, bias, labels,
                                   vmap_refused="amapo_kernels.sequence_logps_from_hidden")
@@ -472,7 +484,7 @@ def preference_loss_from_hidden(
     """preference_loss(logps[:B/2], logps[B/2:], method=method, ...) with logps computed from hidden
     states (chosen rows first), summed or length-normalized as the method defines
     (amapo_kernels.preference.BASELINES[method].LOGPS; amapo: length-normalized). hparams go to the method."""
-    _check_pair_batch(hidden)
+    _check_pair_batch(hidden, lm_head_weight, bias)
     resolved = check_call(method, hidden.shape[0] // 2, hidden.device, ref_chosen_logps, ref_rejected_logps, hparams)
     # the dtype preference_loss will compute in: the log-probs' (float64 where an operand is) and the references'
     check_float_range(method, resolved, acc_dtype(hidden, lm_head_weight, bias, ref_chosen_logps, ref_rejected_logps))

@@ -47,7 +47,7 @@ Positions whose label is ignore_index are never read, so a non-finite hidden sta
 neither the statistics nor any gradient, and their rows of grad_hidden are exact zeros.
 
 Gradient filter (opt-in, off by default): a backward tile whose softmax entries are all below `eps` (the
-resolution of the gradients' dtype, finfo(dtype).eps, the coarser of hidden's and the weight's) and that
+resolution of the gradients' dtype, finfo(dtype).eps, the finest of the dtypes of the gradients computed) and that
 holds no label of its tokens is skipped, as Cut Cross-Entropy does. Every dropped entry of d loss / d z
 is -coef_n * p_nv * softcap' with p_nv < eps and |softcap'| <= 1, so the error is bounded by
     |d grad_hidden[n, k]| <= |coef_n| * sum_{v dropped} p_nv |W[v, k]|
@@ -771,7 +771,10 @@ def _accumulated_gradients(problem: _Problem, scored, stats, coefs, need_hidden,
     grad_rows = torch.zeros(tokens, width, dtype=torch.float32, device=device) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_weight else None
     grad_bias = torch.zeros(problem.vocab, dtype=torch.float32, device=device) if need_bias else None
-    coarsest = max(torch.finfo(hidden.dtype).eps, torch.finfo(weight.dtype).eps)
+    # the resolution of the gradients computed: the finest of their dtypes (an fp32 grad_hidden or grad_bias of a
+    # bf16 head is not filtered at bf16's eps)
+    needed = [t for t, need in ((hidden, need_hidden), (weight, need_weight), (bias, need_bias)) if need]
+    finest = min(torch.finfo(t.dtype).eps for t in needed)
     blocks = INTERPRETER_BLOCKS if INTERPRETED else ACCUMULATING_BLOCKS["fp32" if problem.dot_f32 else "half"]
     placeholder = stats  # a valid pointer for the gradients that are not needed
     grid = (triton.cdiv(tokens, blocks["BN"]), triton.cdiv(problem.vocab, blocks["BV"]))
@@ -779,7 +782,7 @@ def _accumulated_gradients(problem: _Problem, scored, stats, coefs, need_hidden,
         *problem.tensors, scored, stats, coefs,
         grad_rows if need_hidden else placeholder, grad_weight if need_weight else placeholder,
         grad_bias if need_bias else placeholder, tokens, max(problem.steps, 1), problem.vocab, width,
-        problem.shift, problem.ignore_index, problem.softcap, coarsest,
+        problem.shift, problem.ignore_index, problem.softcap, finest,
         NEED_H=bool(need_hidden), NEED_W=bool(need_weight), NEED_B=bool(need_bias), FILTER=bool(gradient_filter),
         **problem.flags, **blocks,
     )

@@ -6,6 +6,7 @@ logits = hidden @ W^T + b in the tested dtype and runs amapo_kernels.reference o
 
 import re
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -537,3 +538,39 @@ def test_torch_compile_with_dynamic_batch_and_length_compiles_once():
                                    torch.autograd.grad(eager_loss, (hidden, weight))):
             torch.testing.assert_close(compiled, eager)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("api", ["amapo", "preference"])
+@pytest.mark.parametrize(
+    "override, name",
+    [
+        (dict(lm_head_weight=torch.nn.Linear(H, V)), "lm_head_weight"),  # model.lm_head instead of its .weight
+        (dict(lm_head_weight=[[0.0] * H] * V), "lm_head_weight"),
+        (dict(bias=[0.0] * V), "bias"),
+    ],
+    ids=["weight nn.Linear", "weight list", "bias list"],
+)
+def test_pair_apis_name_a_non_tensor_head(api, override, name):
+    """The pair wrappers refuse a head or bias that is not a tensor with a TypeError naming it, as
+    sequence_logps_from_hidden does (not an AttributeError from inside the dtype resolution)."""
+    kwargs = {**good(), **override}
+    args = (kwargs.pop("hidden"), kwargs.pop("lm_head_weight"), kwargs.pop("labels"))
+    fn = amapo_loss_from_hidden if api == "amapo" else preference_loss_from_hidden
+    if api == "preference":
+        kwargs["method"] = "simpo"
+    with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor"):
+        fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("convert", [numpy.int64, torch.tensor], ids=["numpy int64", "0-d tensor"])
+def test_chunk_sizes_take_any_integer(convert):
+    """token_chunk / vocab_chunk accept the integers ignore_index accepts (numpy, 0-d tensors) and give the
+    same result as the Python ints."""
+    generator = torch.Generator().manual_seed(41)
+    hidden, weight, bias, labels = make_batch(2, 5, 8, 19, generator=generator)
+    expected = sequence_logps_from_hidden(hidden, weight, labels, bias=bias, token_chunk=3, vocab_chunk=7)
+    got = sequence_logps_from_hidden(hidden, weight, labels, bias=bias, token_chunk=convert(3),
+                                     vocab_chunk=convert(7))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="token_chunk must be a positive int"):
+        sequence_logps_from_hidden(hidden, weight, labels, token_chunk=convert(0))

@@ -996,3 +996,29 @@ def test_cuda_gradient_filter_bound():
         rule_slack = 3 * (grad_same.double() - grad64).abs().max() + 4 * torch.finfo(dtype).eps * grad64.abs().max()
         excess = (grad.double() - grad64).abs() - bound
         assert excess.max() <= rule_slack, f"grad {name}: {excess.max():.3e} beyond the bound > {rule_slack:.3e}"
+
+
+@interpreted
+def test_gradient_filter_threshold_is_the_gradients_resolution_with_mixed_dtypes(monkeypatch):
+    """An fp32 hidden (and bias) with a bf16 head: grad_hidden and grad_bias are fp32, so the filter may only skip
+    softmax entries below fp32's eps, not bf16's 2**-7 (32 times Cut Cross-Entropy's own bf16 threshold), which on
+    flat logits (V = 256: every p ~ 1/256) drops nearly all of the softmax mass. Here no entry is below fp32's
+    eps, so the filtered gradients are exactly the unfiltered ones of the same in-kernel accumulation."""
+    generator = torch.Generator().manual_seed(7)
+    hidden = torch.randn(4, 8, 32, generator=generator)
+    weight = (0.05 * torch.randn(256, 32, generator=generator)).bfloat16()
+    bias = 0.1 * torch.randn(256, generator=generator)
+    labels = torch.randint(0, 256, (4, 8), generator=generator)
+    upstream = torch.randn(4, generator=generator)
+
+    def run(**kwargs):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        logps = sequence_logps_from_hidden(leaves[0], leaves[1], labels, bias=leaves[2], shift=True,
+                                           backend="triton", **kwargs)
+        return torch.autograd.grad((logps * upstream).sum(), leaves)
+
+    filtered = run(gradient_filter=True)
+    accumulating_in_kernel(monkeypatch)
+    plain = run()
+    for name, a, b in zip(("hidden", "weight", "bias"), filtered, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, name=name: f"grad {name}: {m}")
