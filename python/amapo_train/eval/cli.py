@@ -422,15 +422,16 @@ def _check_items(items: list[dict], fmt: str, source: str) -> None:
                                      and all(isinstance(t, str) for t in item["turns"]) and "question_id" in item):
             raise UserError(f"--instructions {source}: record {i} is not an MT-Bench question "
                             f"{{question_id, category?, turns: [str, ...]}} (columns: {sorted(item)})")
-        if fmt == "mtbench" and not isinstance(item.get("category"), (str, type(None))):  # picks its temperature
+        if fmt != "mtbench":
+            continue
+        if not isinstance(item.get("category"), (str, type(None))):  # it picks the question's temperature
             raise UserError(f"--instructions {source}: record {i} has category {item['category']!r}; an MT-Bench "
                             "category is a string (writing, math, ...)")
-        if fmt == "mtbench":
-            key = json.dumps(item["question_id"])
-            if key in seen:
-                raise UserError(f"--instructions {source}: record {i} repeats question_id {item['question_id']} of "
-                                f"record {seen[key]}; each question needs its own id")
-            seen[key] = i
+        key = json.dumps(item["question_id"])
+        if key in seen:
+            raise UserError(f"--instructions {source}: record {i} repeats question_id {item['question_id']} of "
+                            f"record {seen[key]}; each question needs its own id")
+        seen[key] = i
 
 
 def generate_alpacaeval(model, tokenizer, items, decoding, stop_ids, use_template, bar) -> list[dict]:

@@ -175,7 +175,9 @@ def score_rmbench(
     for rec in records:
         for k in range(3):
             texts = (rec["prompt"], rec["chosen"][k], rec["rejected"][k])
-            if format_pair is not None:
+            # a blank response stays blank, for PreferenceDataset to drop: a chat template would render it as
+            # its end-of-turn text, scored as if it were an answer
+            if format_pair is not None and texts[1].strip() and texts[2].strip():
                 texts = format_pair(*texts)
             pairs.append(dict(zip(("prompt", "chosen", "rejected"), texts)))
     tokenized = PreferenceDataset(pairs, tokenizer, fmt="pairs", max_length=max_length,
@@ -190,9 +192,5 @@ def score_rmbench(
         for idx, c, r in zip(lp["index"], lp["chosen_mean"], lp["rejected_mean"]):
             chosen[idx // 3, idx % 3] = c
             rejected[idx // 3, idx % 3] = r
-    # An empty response is not scorable however it is rendered: a chat template gives it its end-of-turn text,
-    # which PreferenceDataset keeps and which would be scored as if it were an answer.
-    empty = torch.tensor([not all(rec["chosen"]) or not all(rec["rejected"]) for rec in records], dtype=torch.bool)
-    chosen[empty] = rejected[empty] = math.nan
     kept = ~(torch.isnan(chosen).any(1) | torch.isnan(rejected).any(1))
     return chosen, rejected, kept
