@@ -261,18 +261,22 @@ def test_mixed_dtypes_compute_in_the_promoted_dtype(method):
     assert expected.dtype == torch.float64
 
 
-@pytest.mark.parametrize("scores", ["float64", "int64"])
+@pytest.mark.parametrize("scores", ["float64", "int64", "int64 beyond 2**53"])
 def test_odpo_score_gap_keeps_the_scores_precision(scores):
     """The offset is alpha * log(s_w - s_l) of the scores as given: the gap of 1e8 + 5 and 1e8 is 5, not the 8 of
-    their float32 roundings (a silently wrong loss), and int64 scores 2**40 + 3 and 2**40 are not a tie."""
+    their float32 roundings (a silently wrong loss); int64 scores 2**40 + 3 and 2**40 are not a tie, nor are
+    2**60 + 3 and 2**60, one float64 value (subtracted as integers). Expected: small scores of the same gaps."""
     chosen, rejected = torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -19.0])
     refs = torch.tensor([-11.0, -19.0])
     if scores == "float64":
         s_w, s_l = torch.tensor([1e8 + 5, 3.0], dtype=torch.float64), torch.tensor([1e8, 1.0], dtype=torch.float64)
     else:
-        s_w, s_l = torch.tensor([2**40 + 3, 3]), torch.tensor([2**40, 1])
+        top = 2**40 if scores == "int64" else 2**60
+        s_w, s_l = torch.tensor([top + 5, 3]), torch.tensor([top, 1])
     loss = ak.preference_loss(chosen, rejected, method="odpo", ref_chosen_logps=refs, ref_rejected_logps=refs,
                               chosen_scores=s_w, rejected_scores=s_l)
+    gaps = {"chosen_scores": torch.tensor([5.0, 3.0], dtype=torch.float64),
+            "rejected_scores": torch.tensor([0.0, 1.0], dtype=torch.float64)}
     expected = ref.odpo(chosen.double(), rejected.double(), refs.double(), refs.double(), beta=0.1, alpha=1.0,
-                        chosen_scores=s_w, rejected_scores=s_l).mean()
+                        **gaps).mean()
     assert abs(loss.item() - expected.item()) < 1e-6 * abs(expected.item())
