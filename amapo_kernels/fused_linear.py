@@ -346,7 +346,9 @@ def _check_positive_int(name, value) -> int:
     return number
 
 
-def _check_inputs(hidden, weight, labels, bias, ignore_index, logit_softcap, token_chunk, vocab_chunk, shift):
+def _check_inputs(hidden, weight, labels, bias, ignore_index, logit_softcap, token_chunk, vocab_chunk,
+                  shift) -> tuple[int, int, int]:
+    """Every argument check of sequence_logps_from_hidden; returns ignore_index and the chunk sizes as Python ints."""
     check_tensor("hidden", hidden, dims=3, dtypes=LOGITS_DTYPES)
     check_tensor("lm_head_weight", weight, dims=2, dtypes=LOGITS_DTYPES)
     check_tensor("labels", labels, dims=2, dtypes=(torch.int64,))
@@ -369,13 +371,14 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, logit_softcap, tok
     ignore_index = check_ignore_index(ignore_index)  # the from-logits path's checks, shared
     check_shift(shift, hidden.shape[1])
     check_logit_softcap(logit_softcap)
-    _check_positive_int("token_chunk", token_chunk)
-    _check_positive_int("vocab_chunk", vocab_chunk)
+    token_chunk = _check_positive_int("token_chunk", token_chunk)
+    vocab_chunk = _check_positive_int("vocab_chunk", vocab_chunk)
     # label-range check (eager: one host sync; compiled: an in-graph assertion): only the scored labels, as the
     # from-logits op
     scored = labels[:, 1:] if shift else labels
     bad = ((scored < 0) | (scored >= vocab)) & (scored != ignore_index)
     check_data(~bad.any(), f"labels must lie in [0, V={vocab}) or equal ignore_index={ignore_index}")
+    return ignore_index, token_chunk, vocab_chunk
 
 
 def _check_pair_batch(hidden, weight, bias) -> None:
@@ -416,8 +419,8 @@ def sequence_logps_from_hidden(
     (error bound in amapo_kernels.triton_fused_linear). Off by default.
     Returns [B] float32 (float64 if any input is float64); differentiable in hidden, weight and bias.
     """
-    _check_inputs(hidden, lm_head_weight, labels, bias, ignore_index, logit_softcap, token_chunk, vocab_chunk, shift)
-    token_chunk, vocab_chunk = operator.index(token_chunk), operator.index(vocab_chunk)  # checked: Python ints
+    ignore_index, token_chunk, vocab_chunk = _check_inputs(hidden, lm_head_weight, labels, bias, ignore_index,
+                                                           logit_softcap, token_chunk, vocab_chunk, shift)
     check_bool("average", average)
     refuse_unsupported_transforms("amapo_kernels.sequence_logps_from_hidden", hidden, lm_head_weight, bias, labels,
                                   vmap_refused="amapo_kernels.sequence_logps_from_hidden")
@@ -425,7 +428,7 @@ def sequence_logps_from_hidden(
     hidden, lm_head_weight, bias = _autocast_operands(hidden, lm_head_weight, bias)
     backend = _resolve_backend(backend, gradient_filter, hidden, lm_head_weight, bias)
     return _SequenceLogpsFromHidden.apply(
-        hidden, lm_head_weight, bias, labels, check_ignore_index(ignore_index), average, shift, softcap,
+        hidden, lm_head_weight, bias, labels, ignore_index, average, shift, softcap,
         token_chunk, vocab_chunk, backend, gradient_filter,
     )
 

@@ -92,18 +92,15 @@ def check_call(method: str, pairs: int, device: torch.device, ref_chosen_logps, 
     if method == "amapo":  # amapo_loss's keywords; group and return_stats are its own, not hyperparameters
         resolved_hparams(method, {k: v for k, v in hparams.items() if k not in ("group", "return_stats")})
         check_bool("return_stats", hparams.get("return_stats", False))
-        _check_unused_references(pairs, device, ref_chosen_logps, ref_rejected_logps)
+        _check_references(method, pairs, device, ref_chosen_logps, ref_rejected_logps, needed=False)
         return hparams
     module = BASELINES[method]
     # group= (the ranks sharing the batch statistics) is a keyword of the methods that have some, not a
     # hyperparameter; elsewhere it is refused as an unknown name
     keywords = {"group": hparams["group"]} if "group" in hparams and batch_statistics_of(method) else {}
     hparams = resolved_hparams(method, {name: value for name, value in hparams.items() if name not in keywords})
-    for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-        if value is not None:
-            check_per_pair(name, value, pairs, device, LOGPS_DTYPES)
-        elif module.needs_reference(hparams):
-            raise ValueError(f"method={method!r} needs {name} (reference-model log-probs)")
+    _check_references(method, pairs, device, ref_chosen_logps, ref_rejected_logps,
+                      needed=module.needs_reference(hparams))
     for name in getattr(module, "REQUIRED", ()):
         if hparams[name] is None:
             raise ValueError(f"method={method!r} needs {name}")
@@ -111,12 +108,15 @@ def check_call(method: str, pairs: int, device: torch.device, ref_chosen_logps, 
     return {**hparams, **keywords}
 
 
-def _check_unused_references(pairs, device, ref_chosen_logps, ref_rejected_logps) -> None:
-    """Reference log-probs given to a reference-free method (amapo) are not used, but are checked as every other
-    method checks them: a wrong shape, dtype, device or type is an error naming them, never silently passed over."""
+def _check_references(method, pairs, device, ref_chosen_logps, ref_rejected_logps, *, needed: bool) -> None:
+    """Reference log-probs, when given, are checked per pair, also where the method does not use them (amapo): a
+    wrong shape, dtype, device or type is an error naming them, never silently passed over. A missing one is an
+    error where the method `needed` it."""
     for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         if value is not None:
             check_per_pair(name, value, pairs, device, LOGPS_DTYPES)
+        elif needed:
+            raise ValueError(f"method={method!r} needs {name} (reference-model log-probs)")
 
 
 def check_float_range(method: str, hparams: dict, dtype: torch.dtype) -> None:
@@ -154,7 +154,8 @@ def preference_loss(
     check_choice("method", method, METHODS)
     check_pair_logps(chosen_logps, rejected_logps)
     if method == "amapo":
-        _check_unused_references(chosen_logps.shape[0], chosen_logps.device, ref_chosen_logps, ref_rejected_logps)
+        _check_references(method, chosen_logps.shape[0], chosen_logps.device, ref_chosen_logps, ref_rejected_logps,
+                          needed=False)
         return amapo_loss(chosen_logps, rejected_logps, **hparams)
     hparams = check_call(method, chosen_logps.shape[0], chosen_logps.device, ref_chosen_logps, ref_rejected_logps,
                          hparams)
