@@ -16,13 +16,6 @@ inline at::ScalarType acc_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Sums token log-probs per sequence; average divides by the count of scored labels (0 if none).
-inline at::Tensor sequence_sums(const at::Tensor& token_logps, const at::Tensor& counts, bool average) {
-  auto sums = token_logps.sum(1);
-  if (!average) return sums;
-  return sums / counts.clamp_min(1).to(sums.scalar_type());
-}
-
 // Guards the saved tensors a direct call of the backward op may pass.
 inline void check_backward_inputs(const at::Tensor& grad_seq, const at::Tensor& logits, const at::Tensor& used,
                                   const at::Tensor& softmax_stats) {

@@ -5,6 +5,7 @@
 //   temporaries;
 // - otherwise (and for fp64) blocks of about a million logits through ATen's vectorized, multithreaded ops
 //   (Sleef exp, cascade sums), never more than one block of temporaries.
+// Every sum has one order whatever the thread count (row_sums), so results do not depend on it.
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -110,6 +111,25 @@ void for_each_block(int64_t batch, int64_t steps, int64_t vocab, Fn fn) {
   }
 }
 
+// Sums of a [n, m] tensor's rows ([n]), in an order that does not depend on the thread count. ATen splits a
+// sum to one output (n = 1) of GRAIN_SIZE elements or more between the threads at points that depend on their
+// number (sums to several outputs run one output per thread); one such row is summed in fixed blocks (one
+// output each), then over its blocks (fewer than GRAIN_SIZE unless m > 2^27: one thread).
+at::Tensor row_sums(const at::Tensor& x) {
+  const int64_t n = x.size(1);
+  if (x.size(0) != 1 || n < at::internal::GRAIN_SIZE) return x.sum(1);
+  constexpr int64_t kSumBlock = 4096;
+  const int64_t blocks = (n + kSumBlock - 1) / kSumBlock;
+  return at::constant_pad_nd(x, {0, blocks * kSumBlock - n}).view({1, blocks, kSumBlock}).sum(2).sum(1);
+}
+
+// Sums token log-probs per sequence; average divides by the count of scored labels (0 if none).
+at::Tensor sequence_sums(const at::Tensor& token_logps, const at::Tensor& counts, bool average) {
+  const auto sums = row_sums(token_logps);
+  if (!average) return sums;
+  return sums / counts.clamp_min(1).to(sums.scalar_type());
+}
+
 struct BlockLabels {
   at::Tensor valid;  // [n] bool: scored
   at::Tensor index;  // [n, 1] int64: the label, 0 where ignored (safe to gather)
@@ -140,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> sequence_logps_fwd_cpu(const at::Tensor& logi
   for_each_block(used.size(0), used.size(1), logits.size(2), [&](int64_t b, int64_t t0, int64_t t1) {
     const auto x = logits.select(0, b).slice(0, t0, t1).to(dtype);  // [n, V]
     const auto max_x = x.amax(1, /*keepdim=*/true);
-    const auto log_sum = (x - max_x).exp_().sum(1, /*keepdim=*/true).log_();
+    const auto log_sum = row_sums((x - max_x).exp_()).log_().unsqueeze(1);  // [n, 1]
     const auto labels_b = block_labels(used, b, t0, t1, ignore_index);
     // (x - max) - log(sum) keeps the precision of log_softmax; max + log(sum) would round at |max|.
     const auto token = (x.gather(1, labels_b.index) - max_x).sub_(log_sum).squeeze(1);

@@ -118,6 +118,34 @@ def test_deterministic(device):
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
+@pytest.mark.parametrize("shape", [(1, 70_000, 4), (2, 8, 2**20)], ids=["one long sequence", "one-row blocks"])
+def test_the_same_bits_at_any_thread_count(shape):
+    """ATen splits a sum to one output of 32,768 elements or more between the threads, at points that depend on
+    their number: the sum of one sequence's 70,000 log-probs, and on ATen's path (fp64; fp32 under
+    AMAPO_CPU_KERNELS=aten, test_cpu_paths) the sum of exp over a vocabulary of 2^20 (one row a block). The op
+    sums in one order: the same bits at 1, 2 and 3 threads (3: more than CI's cores), forward and backward.
+    The labels' logits stand 5 above the rest: a log-prob near 0 shows the last bit of its sum of exp."""
+    generator = torch.Generator().manual_seed(0)
+    batch, steps, vocab = shape
+    logits = torch.randn(shape, generator=generator) * 3
+    labels = torch.randint(0, vocab, (batch, steps), generator=generator)
+    logits.scatter_(2, labels[..., None], logits.amax(2, keepdim=True) + 5)
+    labels[0, 0] = -100
+    threads = torch.get_num_threads()
+    for dtype in (torch.float32, torch.float64):
+        runs = []
+        try:
+            for count in (1, 2, 3):
+                torch.set_num_threads(count)
+                x = logits.to(dtype).requires_grad_()
+                out = ak.sequence_logps(x, labels, average=False)
+                runs.append((out, *torch.autograd.grad(out.sum(), x)))
+        finally:
+            torch.set_num_threads(threads)
+        for count, run in zip((2, 3), runs[1:]):
+            assert all(torch.equal(a, b) for a, b in zip(runs[0], run)), (dtype, count, runs[0][0], run[0])
+
+
 def test_float64_logits_give_float64(device):
     logits = torch.randn(2, 3, 5, dtype=torch.float64, device=device)
     labels = torch.randint(0, 5, (2, 3), device=device)
