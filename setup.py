@@ -1,7 +1,7 @@
 """Builds amapo_kernels._C through CMake (CMakeLists.txt), as vLLM and sgl-kernel do.
 
-The CPU kernels are always built. The CUDA kernels are built when a CUDA toolkit is found
-(CUDA_HOME, or nvcc on PATH), for TORCH_CUDA_ARCH_LIST or else this machine's GPU or else 9.0.
+The CPU kernels are always built. The CUDA kernels are built when a CUDA toolkit of torch's CUDA major
+version is found (CUDA_HOME, or nvcc on PATH), for TORCH_CUDA_ARCH_LIST or else this machine's GPU or else 9.0.
 Environment:
   AMAPO_CUDA=0   never build the CUDA kernels
   AMAPO_CUDA=1   require them: a missing toolkit is an error (CI sets this)
@@ -79,7 +79,29 @@ def want_cuda() -> Path | None:
     root = cuda_toolkit_root()
     if root is None and required:
         sys.exit("AMAPO_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME or put nvcc on PATH)")
+    toolkit_major = cuda_major(root) if root else None
+    torch_major = int(torch.version.cuda.split(".")[0])
+    if toolkit_major is not None and toolkit_major != torch_major:
+        # As torch's cpp_extension refuses: the kernels would compile against one CUDA and run on another
+        # (PyPI's torch 2.6.0+cu124 with nvcc 13.0 stopped in the compiler: "cusparse.h: No such file").
+        mismatch = (f"the CUDA toolkit at {root} is CUDA {toolkit_major}, torch {torch.__version__} is built "
+                    f"for CUDA {torch.version.cuda}")
+        if required:
+            sys.exit(f"AMAPO_CUDA=1 but {mismatch}: point CUDA_HOME to a CUDA {torch_major} toolkit, or install a "
+                     f"torch built for CUDA {toolkit_major}")
+        print(f"amapo_kernels: {mismatch}: building the CPU kernels only (AMAPO_CUDA=1 makes this an error)")
+        return None
     return root
+
+
+def cuda_major(root: Path) -> int | None:
+    """The CUDA major version of the toolkit at root (`nvcc --version`'s release), None when it cannot say."""
+    try:
+        run = subprocess.run([str(root / "bin" / "nvcc"), "--version"], capture_output=True, text=True)
+    except OSError:
+        return None
+    match = re.search(r"release (\d+)\.", run.stdout)
+    return int(match.group(1)) if match else None
 
 
 def cuda_architectures() -> str:

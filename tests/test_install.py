@@ -130,6 +130,74 @@ def test_numpy_is_a_declared_dependency():
     assert "torch" not in str(tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"])
 
 
+def lower_bound(requirements: list[str], name: str) -> tuple[int, ...]:
+    (bound,) = [re.fullmatch(rf"{name}>=([\d.]+)", req.replace(" ", "")).group(1) for req in requirements
+                if re.match(rf"{name}\b", req)]
+    return tuple(int(part) for part in bound.split("."))
+
+
+def test_declared_lower_bounds_are_the_measured_ones():
+    """torch>=2.6 and transformers>=4.50 were declared, never run. Measured (this suite's kernel tests,
+    each torch from PyPI in a fresh venv): torch 2.6 fails 9 torch.compile(fullgraph=True) tests (it cannot
+    trace the from-hidden functions); 2.8 fails 4: the in-graph label and ODPO-score checks never fire, so
+    an out-of-range label gives a finite log-prob instead of the RuntimeError; 2.9 and 2.10 pass them all.
+    transformers 4.50 to 4.55 refuse from_pretrained(dtype=) (amapo-train --model, amapo-eval); 4.56 works.
+    The README's "any torch >= X" must say the same as pyproject.toml."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    torch_minimum = lower_bound(project["dependencies"], "torch")
+    assert torch_minimum >= (2, 9)
+    assert lower_bound(project["optional-dependencies"]["train"], "transformers") >= (4, 56)
+    readme = re.search(r"keep the torch you have \(any >= ([\d.]+)", (ROOT / "README.md").read_text()).group(1)
+    assert readme == ".".join(map(str, torch_minimum))
+
+
+def test_the_readmes_python_minimum_installs_the_pinned_requirements():
+    """The README's two commands install requirements.txt: they promised Python >= 3.10, but its pins of
+    transformers 5.23.0 and trl 1.16.0 declare Requires-Python >= 3.11 (pip on 3.10: "No matching
+    distribution"). Every installed pin's Requires-Python must admit the README's minimum."""
+    from importlib import metadata
+
+    from packaging.specifiers import SpecifierSet
+
+    promised = re.search(r"## Two commands\n.*?Python >= (3\.\d+)", (ROOT / "README.md").read_text(), re.DOTALL)
+    assert promised, "the README's two commands name no Python minimum"
+    pins = re.findall(r"^([A-Za-z0-9_.-]+)==\S+", (ROOT / "requirements.txt").read_text(), re.MULTILINE)
+    refusing = {}
+    for name in pins:
+        try:
+            requires = metadata.metadata(name).get("Requires-Python") or ""
+        except metadata.PackageNotFoundError:  # not installed here: nothing to read
+            continue
+        if not SpecifierSet(requires).contains(f"{promised.group(1)}.99"):
+            refusing[name] = requires
+    assert not refusing, f"README promises Python >= {promised.group(1)}, but {refusing}"
+
+
+def test_sdist_holds_everything_the_build_and_the_tests_need(tmp_path):
+    """An sdist of only the Python packages (setuptools' default: the extension has no listed sources) built
+    into a wheel that stopped in CMake ("does not appear to contain CMakeLists.txt"). MANIFEST.in adds the
+    build's inputs and the tests' helpers; built here with setup.py itself (no `build` package needed), its
+    egg-info under tmp_path so the tree is left as it was."""
+    import tarfile
+
+    run = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist",
+                          "--dist-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    (sdist,) = tmp_path.glob("amapo_kernels-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    needed = {"setup.py", "pyproject.toml", "CMakeLists.txt", "tools/torch_build_info.py", "README.md", "LICENSE"}
+    needed |= {str(path.relative_to(ROOT)) for path in (ROOT / "csrc").iterdir()}
+    needed |= {f"tests/{name}" for name in ("conftest.py", "helpers.py", "emulated_cuda.py")}
+    needed |= {str(path.relative_to(ROOT)) for path in (ROOT / "tests" / "cuda_emulation").iterdir()}
+    data = ROOT / "python" / "amapo_train"
+    needed |= {str(path.relative_to(ROOT)) for pattern in ("recipes/*.yaml", "configs/*.json", "data/*")
+               for path in data.glob(pattern)}
+    assert not needed - names, f"missing from the sdist: {sorted(needed - names)}"
+    assert not [name for name in names if name.endswith((".so", ".pyc"))]
+
 
 @pytest.mark.parametrize("interpreter", ["/nonexistent/python3", shutil.which("true") or "/bin/true"])
 def test_test_command_refuses_an_interpreter_that_is_not_python(interpreter):
@@ -247,6 +315,28 @@ def test_a_cpu_only_torch_builds_no_cuda_kernels(setup_py, monkeypatch):
     monkeypatch.setenv("AMAPO_CUDA", "yes")
     with pytest.raises(SystemExit, match="is a CPU-only build"):
         setup_py["want_cuda"]()
+
+
+def test_a_toolkit_of_another_cuda_major_than_torchs_is_not_used(setup_py, tmp_path, monkeypatch):
+    """PyPI's torch 2.6.0+cu124 with nvcc 13.0 on PATH: auto built the CUDA kernels and stopped in the compiler
+    ("cusparse.h: No such file or directory"). Auto now builds the CPU kernels only and says why; AMAPO_CUDA=1
+    refuses, naming both versions. Through setup.py's own functions and an nvcc that answers as 13.0 does."""
+    home = tmp_path / "cuda-13.0"
+    nvcc = fake_nvcc(home / "bin", home)
+    nvcc.write_text(nvcc.read_text() + "echo 'Cuda compilation tools, release 13.0, V13.0.88'\n")
+    monkeypatch.setenv("CUDA_HOME", str(home))
+    assert setup_py["cuda_major"](home) == 13 and setup_py["cuda_major"](tmp_path / "none") is None
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setenv("AMAPO_CUDA", "auto")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert setup_py["want_cuda"]() is None
+    assert "is CUDA 13, torch" in printed.getvalue() and "building the CPU kernels only" in printed.getvalue()
+    monkeypatch.setenv("AMAPO_CUDA", "1")
+    with pytest.raises(SystemExit, match=r"AMAPO_CUDA=1 but the CUDA toolkit at .* is CUDA 13, torch .* CUDA 12\.4"):
+        setup_py["want_cuda"]()
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # the same major: built
+    assert setup_py["want_cuda"]() == home.resolve()
 
 
 def fake_nvcc(bin_dir: Path, top: Path) -> Path:
