@@ -12,6 +12,15 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# The pinned requirements (transformers 5.23.0, trl 1.16.0) need Python 3.11: one line naming it, exit 2, not
+# pip's "no matching distribution" after a venv was made of the old interpreter.
+require_python_311() {
+  "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' && return
+  echo "amapo_kernels: $1 is Python $("$1" -c 'import platform; print(platform.python_version())'); the pinned" \
+    "requirements need Python >= 3.11$2" >&2
+  exit 2
+}
+
 if [ -n "${AMAPO_PYTHON:-}" ]; then
   PY="$AMAPO_PYTHON"
   VENV="$("$PY" -c 'import sys; print(sys.prefix)' 2>/dev/null)" || VENV=""
@@ -19,13 +28,16 @@ if [ -n "${AMAPO_PYTHON:-}" ]; then
     echo "amapo_kernels: AMAPO_PYTHON=$PY is not a Python interpreter that runs here" >&2
     exit 2
   fi
+  require_python_311 "$PY" ""
 else
   VENV="${AMAPO_VENV:-$ROOT/.venv}"
   if [ ! -x "$VENV/bin/python" ]; then
+    require_python_311 python3 " (AMAPO_PYTHON=/path/to/python3.11 runs another as it is)"
     echo "amapo_kernels: creating $VENV"
     python3 -m venv "$VENV"
   fi
   PY="$VENV/bin/python"
+  require_python_311 "$PY" " (remove $VENV to make it anew)"
 fi
 
 quiet_pip() { "$PY" -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }

@@ -468,6 +468,8 @@ case "$2" in
   *"print(torch.__version__)"*) echo "$FAKE_TORCH" ;;
   *"m.version("*) echo "$FAKE_DIST" ;;
   *startswith*) [[ $2 =~ startswith\(\'([^\']*)\'\) ]] && [[ $FAKE_TORCH == "${BASH_REMATCH[1]}"* ]] ;;
+  *version_info*) [ -z "${FAKE_OLD_PYTHON:-}" ] ;;
+  *python_version*) echo "$FAKE_OLD_PYTHON" ;;
 esac
 """
 
@@ -535,6 +537,26 @@ def test_setup_env_uses_the_venv_amapo_venv_names(tmp_path):
     run, calls = setup_env(tmp_path, python_in=str(venv / "bin" / "python"), AMAPO_VENV=str(venv))
     assert run.returncode == 0, run.stdout + run.stderr
     assert "creating" not in run.stdout and "-e TREE" in calls and "decoy" not in calls
+
+
+def test_setup_env_refuses_a_python_older_than_3_11(tmp_path):
+    """The pinned transformers and trl need Python 3.11: on 3.10 pip said "no matching distribution" after a
+    venv was made. Now one line naming the interpreter, exit 2, before any venv or pip: for AMAPO_PYTHON, for the
+    python3 a new venv would be made of, and for an existing venv."""
+    run, calls = setup_env(tmp_path / "given", FAKE_OLD_PYTHON="3.10.12")
+    python = tmp_path / "given" / "python"
+    assert run.returncode == 2 and "pip" not in calls
+    assert run.stderr == f"amapo_kernels: {python} is Python 3.10.12; the pinned requirements need Python >= 3.11\n"
+    venv = tmp_path / "venv"
+    run, calls = setup_env(tmp_path / "venv-run", python_in=str(venv / "bin" / "python"), AMAPO_VENV=str(venv),
+                           FAKE_OLD_PYTHON="3.10.12")
+    assert run.returncode == 2 and "pip" not in calls and f"(remove {venv} to make it anew)" in run.stderr
+    path = tmp_path / "path"  # no venv yet: the python3 on PATH is asked before `python3 -m venv`
+    write_fake_python(path / "python3")
+    run, calls = setup_env(tmp_path / "new-run", python_in=str(tmp_path / "unused"), AMAPO_VENV=str(tmp_path / "new"),
+                           PATH=f"{path}:/usr/bin:/bin", FAKE_OLD_PYTHON="3.10.12")
+    assert run.returncode == 2 and "creating" not in run.stdout and not (tmp_path / "new").exists()
+    assert "python3 is Python 3.10.12; the pinned requirements need Python >= 3.11 (AMAPO_PYTHON=" in run.stderr
 
 
 def test_an_empty_amapo_cuda_means_auto(setup_py, monkeypatch):
