@@ -36,6 +36,18 @@ except ImportError:
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CUDA_ARCH = "9.0"
+MIN_TORCH = (2, 9)  # pyproject.toml's bound, checked here too: `--no-deps` and existing-torch installs skip pip's
+
+
+def check_torch_minimum(version: str) -> None:
+    """Stops the build on a torch older than MIN_TORCH: eager mode would work, but under torch.compile the ops'
+    in-graph checks do not fire (torch 2.8: an out-of-range label gave a finite log-prob), a silent wrong result."""
+    if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < MIN_TORCH:
+        sys.exit(f"amapo-kernels needs torch >= {'.'.join(map(str, MIN_TORCH))}, this Python has torch {version} "
+                 "(older ones skip the ops' argument checks under torch.compile): upgrade torch, then build again")
+
+
+check_torch_minimum(torch.__version__)
 
 
 def cuda_toolkit_root() -> Path | None:

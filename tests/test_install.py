@@ -136,7 +136,7 @@ def lower_bound(requirements: list[str], name: str) -> tuple[int, ...]:
     return tuple(int(part) for part in bound.split("."))
 
 
-def test_declared_lower_bounds_are_the_measured_ones():
+def test_declared_lower_bounds_are_the_measured_ones(setup_py):
     """torch>=2.6 and transformers>=4.50 were declared, never run. Measured (this suite's kernel tests,
     each torch from PyPI in a fresh venv): torch 2.6 fails 9 torch.compile(fullgraph=True) tests (it cannot
     trace the from-hidden functions); 2.8 fails 4: the in-graph label and ODPO-score checks never fire, so
@@ -147,10 +147,22 @@ def test_declared_lower_bounds_are_the_measured_ones():
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     torch_minimum = lower_bound(project["dependencies"], "torch")
-    assert torch_minimum >= (2, 9)
+    assert torch_minimum >= (2, 9) and setup_py["MIN_TORCH"] == torch_minimum  # --no-deps installs: setup.py checks
     assert lower_bound(project["optional-dependencies"]["train"], "transformers") >= (4, 56)
     readme = re.search(r"keep the torch you have \(any >= ([\d.]+)", (ROOT / "README.md").read_text()).group(1)
     assert readme == ".".join(map(str, torch_minimum))
+
+
+@pytest.mark.parametrize("version, builds", [("2.8.0+cu128", False), ("2.6.0", False), ("2.9.0+cu128", True),
+                                             ("2.10.0a0+git1234", True), ("3.0.0", True)])
+def test_the_build_refuses_a_torch_older_than_the_bound(setup_py, version, builds):
+    """`pip install --no-build-isolation --no-deps .` and AMAPO_USE_EXISTING_TORCH=1 never ask pip about torch's
+    bound: setup.py stops on an older torch, naming both versions (2.8 compiled the ops without their checks)."""
+    if builds:
+        setup_py["check_torch_minimum"](version)
+        return
+    with pytest.raises(SystemExit, match=rf"amapo-kernels needs torch >= 2\.9, this Python has torch {re.escape(version)}"):
+        setup_py["check_torch_minimum"](version)
 
 
 def test_the_readmes_python_minimum_installs_the_pinned_requirements():
