@@ -57,6 +57,14 @@ def test_a_deepspeed_checkpoint_resumes_on_its_own_number_of_processes(tmp_path)
               "--output-dir", str(out)]
     first = launch([*common, "--stop-after-steps", "1"], 1, deepspeed=True)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    # the logged grad_norm is the engine's (DeepSpeed clips by itself), before its clipping to 1.0: the norm that
+    # torch's clipping reports without DeepSpeed (1.856337 here, torch's fp32 norm; the engine's, 1.856362, is the
+    # fp64 norm's to 7 digits)
+    plain = tmp_path / "plain"
+    alone = launch([*common[:-4], "--output-dir", str(plain), "--stop-after-steps", "1"], 1)
+    assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
+    engine, torch_norm = (json.loads((d / "metrics.jsonl").read_text())["grad_norm"] for d in (out, plain))
+    assert engine == pytest.approx(torch_norm, rel=1e-4) and torch_norm > 1.0
     resumed = launch([*common, "--resume", "last"], 2, deepspeed=True)
     assert resumed.returncode != 0
     assert (f"amapo-train: error: --resume last: {out / 'checkpoint-1'} is a DeepSpeed checkpoint of 1 process(es), "

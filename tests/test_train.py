@@ -339,6 +339,30 @@ class OneProcess:
         self.logged.append((step, values))
 
 
+def test_the_logged_grad_norm_is_the_steps_norm_before_clipping(tmp_path):
+    """metrics.jsonl's grad_norm (the HF Trainer's): the first step's is the norm of the gradient of its two
+    micro-batches' mean loss, recomputed here from the same model and batches; clipping to 1e-4 logs the same norms
+    (taken before the clipping; the first step's learning rate is 0, the warm-up's start) and then trains another
+    model (the clipping took effect in the second step)."""
+    common = [*SHORT, "--max-steps", "3"]
+    main([*common, "--max-grad-norm", "0", "--output-dir", str(tmp_path / "free")])
+    main([*common, "--max-grad-norm", "1e-4", "--output-dir", str(tmp_path / "clipped")])
+    free, clipped = read_metrics(tmp_path / "free"), read_metrics(tmp_path / "clipped")
+    config = TrainConfig.from_recipe("tiny", max_train_pairs=96, max_test_pairs=32, log_with="none", device="cpu",
+                                     total_batch_size=16, per_device_batch_size=8, output_dir=str(tmp_path / "again"))
+    run = set_up(config)
+    run.model.train()
+    accumulation = run.accelerator.gradient_accumulation_steps
+    for batch in list(run.loader)[:accumulation]:
+        loss, _ = pair_loss(run.model, batch, config, run.ref_table, contextlib.ExitStack())
+        (loss / accumulation).backward()
+    norm = sum(p.grad.double().square().sum() for p in run.model.parameters() if p.grad is not None).sqrt()
+    assert free[0]["grad_norm"] == pytest.approx(float(norm), rel=1e-4)  # torch's fp32 norm: ~1e-5 off
+    assert [r["grad_norm"] for r in clipped[:2]] == [r["grad_norm"] for r in free[:2]] and min(
+        r["grad_norm"] for r in free) > 1e-4
+    assert clipped[2]["loss"] != pytest.approx(free[2]["loss"], rel=1e-6)
+
+
 class ConstantLR:
     def get_last_lr(self):
         return [0.25]

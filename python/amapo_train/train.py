@@ -528,8 +528,8 @@ def train_steps(run: TrainingRun, config: TrainConfig, step: int, last: int, log
             with accelerator.accumulate(model), contextlib.ExitStack() as keep_gathered:
                 loss, metrics = pair_loss(model, batch, config, run.ref_table, keep_gathered)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                if accelerator.sync_gradients:
+                    grad_norm = gradient_norm(accelerator, model, config.max_grad_norm)
                 run.optimizer.step()
                 run.optimizer.zero_grad()
             for key, value in metrics.items():
@@ -539,7 +539,7 @@ def train_steps(run: TrainingRun, config: TrainConfig, step: int, last: int, log
                 continue
             run.scheduler.step()
             step += 1
-            record = log_step(accelerator, sums, accumulation, tokens, started, step, epoch, run.scheduler)
+            record = log_step(accelerator, sums, accumulation, tokens, started, step, epoch, run.scheduler, grad_norm)
             record_step(run, config, step, record, log_path)
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
@@ -619,14 +619,30 @@ def marked_text(tokenizer, ids, labels) -> str:
     return "".join(pieces)
 
 
-def log_step(accelerator, sums, accumulation, tokens, started, step, epoch, scheduler) -> dict:
-    """Metrics of one optimizer step: micro-batch means, averaged over processes."""
+def gradient_norm(accelerator, model, max_norm: float | None) -> float | None:
+    """The step's total gradient norm before clipping (the HF Trainer's grad_norm), and the clipping to max_norm
+    (0 or None: none). DeepSpeed's engine clips by itself (gradient_clipping) in the step it takes inside
+    accelerator.backward and keeps that step's norm (None where its optimizer computes none); otherwise
+    clip_grad_norm_ returns it (after the fp16 unscaling, over the processes' reduced gradients)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        norm = model.get_global_grad_norm()
+    else:
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_norm or math.inf)
+    return None if norm is None else float(norm)
+
+
+def log_step(accelerator, sums, accumulation, tokens, started, step, epoch, scheduler, grad_norm=None) -> dict:
+    """Metrics of one optimizer step: micro-batch means, averaged over processes; grad_norm is the step's."""
     keys = sorted(sums)
     means = accelerator.reduce(torch.stack([sums[k] / accumulation for k in keys]).to(accelerator.device),
                                reduction="mean")
     total_tokens = accelerator.reduce(torch.tensor(float(tokens), device=accelerator.device), reduction="sum")
     record = {"step": step, "epoch": epoch, "learning_rate": scheduler.get_last_lr()[0]}
     record.update({key: float(value) for key, value in zip(keys, means)})
+    if grad_norm is not None:
+        record["grad_norm"] = grad_norm
     record["tokens_per_s"] = float(total_tokens) / max(time.perf_counter() - started, 1e-9)
     if accelerator.device.type == "cuda":  # the most any process has held so far (torch's allocator)
         peak = torch.tensor([torch.cuda.max_memory_allocated(accelerator.device) / 2**30], device=accelerator.device)
