@@ -7,6 +7,7 @@ import json
 import math
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from amapo_train import data
 from amapo_train import model as models
 from amapo_train import train as driver
 from amapo_train.config import RECIPES, TrainConfig, UserError
-from amapo_train.command_line import check_resume
+from amapo_train.command_line import check_resume, run_checkpoints
 from amapo_train.train import (dry_run, lm_head_params, log_step, loss_and_metrics, main, make_accelerator, pair_loss,
                                sequence_logps, set_up)
 
@@ -361,6 +362,29 @@ def test_the_logged_grad_norm_is_the_steps_norm_before_clipping(tmp_path):
     assert [r["grad_norm"] for r in clipped[:2]] == [r["grad_norm"] for r in free[:2]] and min(
         r["grad_norm"] for r in free) > 1e-4
     assert clipped[2]["loss"] != pytest.approx(free[2]["loss"], rel=1e-6)
+
+
+def test_an_interrupted_save_over_an_earlier_checkpoint_is_not_resumed(tmp_path):
+    """An earlier run's checkpoint-2 is saved over and the save stops half-way (a killed job): its trainer_state.json,
+    which made --resume last take it, is gone with the first write, so the half-written state is never resumed."""
+    out = tmp_path / "run"
+    main([*SHORT, "--max-steps", "4", "--stop-after-steps", "2", "--output-dir", str(out)])
+    config = TrainConfig(**json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["config"])
+    assert [step for step, _ in run_checkpoints(out, config)] == [2]
+
+    class Killed(Exception):
+        pass
+
+    class KilledWhileSaving(OneProcess):
+        is_main_process = True
+
+        def save_state(self, directory):
+            (Path(directory) / "half-written").write_text("")
+            raise Killed
+
+    with pytest.raises(Killed):
+        driver.save_checkpoint(KilledWhileSaving(), None, None, config, 2, "checkpoint-2")
+    assert not (out / "checkpoint-2" / "trainer_state.json").exists() and run_checkpoints(out, config) == []
 
 
 class ConstantLR:

@@ -350,8 +350,12 @@ def stats_pool_warning(config: TrainConfig, world_size: int) -> str | None:
 def save_checkpoint(accelerator, model, tokenizer, config, step: int, name: str, resumable: bool = True) -> Path:
     """The model (from_pretrained loads it), its tokenizer and STATE_FILE; a resumable checkpoint also holds
     the accelerate state for --resume (optimizer, scheduler, RNGs: AdamW's fp32 weights and moments, 12 bytes a
-    parameter), which a finished run's final/ has no use for. After a resumable one, --save-total-limit prunes."""
+    parameter), which a finished run's final/ has no use for. After a resumable one, --save-total-limit prunes.
+    STATE_FILE marks a finished save: removed first, written last, so that a save interrupted over an earlier
+    run's checkpoint of the same name leaves one --resume does not take (run_checkpoints counts none without it)."""
     directory = Path(config.output_dir) / name
+    if accelerator.is_main_process:
+        (directory / STATE_FILE).unlink(missing_ok=True)
     if resumable:
         accelerator.save_state(str(directory / "state"))
     state_dict = accelerator.get_state_dict(model)
