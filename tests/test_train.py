@@ -387,6 +387,77 @@ def test_an_interrupted_save_over_an_earlier_checkpoint_is_not_resumed(tmp_path)
     assert not (out / "checkpoint-2" / "trainer_state.json").exists() and run_checkpoints(out, config) == []
 
 
+def test_a_stop_after_steps_checkpoint_that_save_steps_wrote_is_saved_once(tmp_path, monkeypatch):
+    """--stop-after-steps 2 with --save-steps 1: checkpoint-2 is written once. Saved again, its trainer_state.json
+    went first, and with --save-total-limit 1 (checkpoint-1 pruned by the first save) a job killed during the second
+    save kept no checkpoint to resume."""
+    saved = []
+
+    def counting_save(accelerator, model, tokenizer, config, step, name, resumable=True):
+        saved.append(name)
+        return save(accelerator, model, tokenizer, config, step, name, resumable)
+
+    save = driver.save_checkpoint
+    monkeypatch.setattr(driver, "save_checkpoint", counting_save)
+    out = tmp_path / "run"
+    result = main([*SHORT, "--max-test-pairs", "8", "--max-steps", "4", "--save-steps", "1", "--save-total-limit", "1",
+                   "--stop-after-steps", "2", "--output-dir", str(out)])
+    assert saved == ["checkpoint-1", "checkpoint-2"]
+    assert result == {"steps": 2, "output_dir": str(out), "checkpoint": str(out / "checkpoint-2")}
+    config = TrainConfig(**json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["config"])
+    assert [step for step, _ in run_checkpoints(out, config)] == [2]
+
+
+def test_a_resume_killed_while_rewriting_metrics_keeps_the_log(tmp_path, monkeypatch):
+    """rewrite_metrics (a resume's first write) killed half-way leaves metrics.jsonl as it was: a truncated log would
+    be continued by the next resume, its first steps missing."""
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": step}) + "\n" for step in (1, 2, 3, 4)))
+
+    class Killed(Exception):
+        pass
+
+    def killed_while_writing(path, text, *args, **kwargs):
+        path.open("w").close()  # what the write's open() does first
+        raise Killed
+
+    monkeypatch.setattr(Path, "write_text", killed_while_writing)
+    with pytest.raises(Killed):
+        driver.rewrite_metrics(log, up_to_step=3)
+    monkeypatch.undo()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    driver.rewrite_metrics(log, up_to_step=3)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_checkpoint_damaged_after_its_save_is_refused_naming_the_file(tmp_path, capsys):
+    """A file of state/ cut short or deleted after the save (a full disk, a copy stopped half-way) is one line naming
+    it, for --resume DIR and --resume last, before anything loads: not accelerate's traceback, nor (a missing RNG
+    state, which accelerate skips) a silent resume without it."""
+    out = tmp_path / "run"
+    main([*SHORT, "--max-test-pairs", "8", "--max-steps", "2", "--stop-after-steps", "1", "--output-dir", str(out)])
+    checkpoint = out / "checkpoint-1"
+    config = TrainConfig(**json.loads((checkpoint / "trainer_state.json").read_text())["config"])
+    assert check_resume(str(checkpoint), config) == str(checkpoint)
+    optimizer = checkpoint / "state" / "optimizer.bin"
+    saved = optimizer.read_bytes()
+    optimizer.write_bytes(saved[:len(saved) // 2])
+    with pytest.raises(UserError, match=f"--resume {checkpoint}: {optimizer} is {len(saved) // 2} bytes, saved as "
+                                        f"{len(saved)}"):
+        check_resume(str(checkpoint), config)
+    optimizer.write_bytes(saved)
+    (checkpoint / "state" / "random_states_0.pkl").unlink()
+    with pytest.raises(UserError, match=re.escape(f"--resume last: {checkpoint / 'state' / 'random_states_0.pkl'} "
+                                                  "is missing")):
+        check_resume("last", config)
+    capsys.readouterr()
+    assert driver.cli([*SHORT, "--max-test-pairs", "8", "--max-steps", "2", "--output-dir", str(out),
+                       "--resume", "last"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "random_states_0.pkl is missing" in error, error
+
+
 class ConstantLR:
     def get_last_lr(self):
         return [0.25]

@@ -18,6 +18,7 @@ from amapo_train.config import (BOOLEANS, CHAT_TEMPLATES, CONFIGS, DATASET_FORMA
 from amapo_train.data import looks_local
 
 STATE_FILE = "trainer_state.json"
+STATE_FILES = "state_files"  # STATE_FILE's key: {path under state/: size in bytes} of what --resume loads
 LAST = "last"  # --resume last: the newest checkpoint of this run's settings in --output-dir
 # Settings a resumed run may change: where and how often it writes, evaluates and logs, and how it computes the
 # same steps. Every other one (model, data, loss, optimisation, schedule, seed, precision, DeepSpeed) must be
@@ -209,6 +210,7 @@ def check_resume(directory: str, config: TrainConfig, world_size: int | None = N
             raise UserError(f"--resume {LAST}: --output-dir {config.output_dir} holds no checkpoint-STEP directory "
                             "of this run's settings")
         check_resume_processes(LAST, checkpoints[-1][1], config, world_size)
+        check_state_files(LAST, checkpoints[-1][1])
         return str(checkpoints[-1][1])
     path = Path(directory)
     if not path.is_dir():
@@ -229,7 +231,29 @@ def check_resume(directory: str, config: TrainConfig, world_size: int | None = N
         raise UserError(f"--resume {directory}: the checkpoint's run had {was}; this one has {now} (resume with "
                         f"the checkpoint's settings)")
     check_resume_processes(directory, path, config, world_size)
+    check_state_files(directory, path)
     return directory
+
+
+def state_files(state: Path) -> dict[str, int]:
+    """{path under `state`: size in bytes} of the files of a checkpoint's state/ (stored in its STATE_FILE)."""
+    return {file.relative_to(state).as_posix(): file.stat().st_size for file in sorted(state.rglob("*"))
+            if file.is_file()}
+
+
+def check_state_files(flag_value: str, path: Path) -> None:
+    """The files of the checkpoint's state/ are those its save wrote, of their sizes: one deleted or cut short after
+    the save (a full disk, a copy stopped half-way) is refused naming it, before accelerate fails on it with a
+    traceback or, for an RNG state, silently goes on without it. Checkpoints older than the stored list pass."""
+    saved = json.loads((path / STATE_FILE).read_text()).get(STATE_FILES)
+    found = state_files(path / "state")
+    for name, size in (saved or {}).items():
+        if name not in found:
+            raise UserError(f"--resume {flag_value}: {path / 'state' / name} is missing (the checkpoint was damaged "
+                            "after its save): resume from another checkpoint")
+        if found[name] != size:
+            raise UserError(f"--resume {flag_value}: {path / 'state' / name} is {found[name]} bytes, saved as {size} "
+                            "(the checkpoint was damaged after its save): resume from another checkpoint")
 
 
 def check_resume_processes(flag_value: str, path: Path, config: TrainConfig, world_size: int | None) -> None:

@@ -29,8 +29,8 @@ from amapo_kernels.integrations.hf_head import fused_logit_softcap
 from amapo_kernels.preference import method_defaults, needs_reference, uses_mean_logps
 from amapo_train.cli_errors import UserError, one_line, require_extras, run_console_script
 from amapo_train.config import TrainConfig
-from amapo_train.command_line import (STATE_FILE, build_parser, check_run, config_from_args, default_world_size,
-                                      run_checkpoints)
+from amapo_train.command_line import (STATE_FILE, STATE_FILES, build_parser, check_run, config_from_args,
+                                      default_world_size, run_checkpoints, state_files)
 from amapo_train.data import (IGNORE_INDEX, PreferenceDataset, check_detected_formats, check_scores, collate,
                               concatenated, holdout_split, load_records, looks_local)
 
@@ -352,20 +352,25 @@ def save_checkpoint(accelerator, model, tokenizer, config, step: int, name: str,
     the accelerate state for --resume (optimizer, scheduler, RNGs: AdamW's fp32 weights and moments, 12 bytes a
     parameter), which a finished run's final/ has no use for. After a resumable one, --save-total-limit prunes.
     STATE_FILE marks a finished save: removed first, written last, so that a save interrupted over an earlier
-    run's checkpoint of the same name leaves one --resume does not take (run_checkpoints counts none without it)."""
+    run's checkpoint of the same name leaves one --resume does not take (run_checkpoints counts none without it).
+    It lists the files of state/ with their sizes (STATE_FILES), so that a checkpoint damaged after its save is
+    refused by --resume naming the file."""
     directory = Path(config.output_dir) / name
     if accelerator.is_main_process:
         (directory / STATE_FILE).unlink(missing_ok=True)
     if resumable:
         accelerator.save_state(str(directory / "state"))
+        accelerator.wait_for_everyone()  # every process's files (its RNG state) written before STATE_FILE lists them
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         if not resumable:  # an earlier run's state there would pass for this model's
             shutil.rmtree(directory / "state", ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(directory)
-        (directory / STATE_FILE).write_text(json.dumps({"step": step, "world_size": accelerator.num_processes,
-                                                        "config": dataclasses.asdict(config)}, indent=2))
+        stored = {"step": step, "world_size": accelerator.num_processes, "config": dataclasses.asdict(config)}
+        if resumable:  # what --resume loads, with each file's size: check_resume names one missing or cut short
+            stored[STATE_FILES] = state_files(directory / "state")
+        (directory / STATE_FILE).write_text(json.dumps(stored, indent=2))
         if resumable and config.save_total_limit:
             for pruned in prune_checkpoints(Path(config.output_dir), config, config.save_total_limit, step):
                 accelerator.print(f"deleted {pruned} (--save-total-limit {config.save_total_limit})")
@@ -414,6 +419,8 @@ def train(config: TrainConfig, resume: str | None = None, stop_after_steps: int 
             result["checkpoint"] = str(save_checkpoint(run.accelerator, run.model, run.tokenizer, config, step,
                                                        "final", resumable=False))
         result["eval"] = evaluate(run.accelerator, run.model, run.test_set, config)
+    elif stop_after_steps and saves_at(config, step, run.total_steps):  # train_steps saved it: not again
+        result["checkpoint"] = str(Path(config.output_dir) / f"checkpoint-{step}")
     elif stop_after_steps:
         result["checkpoint"] = str(save_checkpoint(run.accelerator, run.model, run.tokenizer, config, step,
                                                    f"checkpoint-{step}"))
@@ -548,7 +555,7 @@ def train_steps(run: TrainingRun, config: TrainConfig, step: int, last: int, log
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
                                  tok_s=f"{record['tokens_per_s']:.0f}")
-            if config.save_steps and step % config.save_steps == 0 and step < run.total_steps:
+            if saves_at(config, step, run.total_steps):
                 save_checkpoint(accelerator, model, run.tokenizer, config, step, f"checkpoint-{step}")
             # the next step's clock starts after the evaluation and the checkpoint, which are not its time
             sums, tokens, started = {}, 0, time.perf_counter()
@@ -556,6 +563,11 @@ def train_steps(run: TrainingRun, config: TrainConfig, step: int, last: int, log
                 break
     progress.close()
     return step
+
+
+def saves_at(config: TrainConfig, step: int, total_steps: int) -> bool:
+    """Whether train_steps saves checkpoint-STEP after `step` (every save_steps, the last step's being final/)."""
+    return bool(config.save_steps) and step % config.save_steps == 0 and step < total_steps
 
 
 def record_step(run: TrainingRun, config: TrainConfig, step: int, record: dict, log_path: Path) -> None:
@@ -585,7 +597,10 @@ def rewrite_metrics(log_path: Path, up_to_step: int) -> None:
     if up_to_step and log_path.exists():
         kept = [line for line in log_path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= up_to_step]
-    log_path.write_text("".join(line + "\n" for line in kept))
+    # written beside it, then renamed over it: a job killed meanwhile leaves the old log, not an empty one
+    partial = log_path.with_name(log_path.name + ".partial")
+    partial.write_text("".join(line + "\n" for line in kept))
+    os.replace(partial, log_path)
 
 
 def show_examples(config: TrainConfig, count: int) -> None:
