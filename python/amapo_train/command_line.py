@@ -202,15 +202,14 @@ def check_deepspeed(config: TrainConfig) -> None:
 
 def check_resume(directory: str, config: TrainConfig, world_size: int | None = None) -> str:
     """--resume names a checkpoint of amapo-train whose run had this run's settings (RESUME_MAY_CHANGE aside), or
-    LAST; returns the checkpoint's directory. Under DeepSpeed, also the checkpoint's number of processes (ZeRO's
-    optimizer state is partitioned over them), when `world_size` is given."""
+    LAST; returns the checkpoint's directory. Also the files of its state/ and, under DeepSpeed, its number of
+    processes (ZeRO's optimizer state is partitioned over them), when `world_size` is given."""
     if directory == LAST:
         checkpoints = run_checkpoints(Path(config.output_dir), config)
         if not checkpoints:
             raise UserError(f"--resume {LAST}: --output-dir {config.output_dir} holds no checkpoint-STEP directory "
                             "of this run's settings")
-        check_resume_processes(LAST, checkpoints[-1][1], config, world_size)
-        check_state_files(LAST, checkpoints[-1][1])
+        check_stored_state(LAST, checkpoints[-1][1], config, world_size)
         return str(checkpoints[-1][1])
     path = Path(directory)
     if not path.is_dir():
@@ -230,8 +229,7 @@ def check_resume(directory: str, config: TrainConfig, world_size: int | None = N
         now = ", ".join(f"{name}={new!r}" for name, (_, new) in changed.items())
         raise UserError(f"--resume {directory}: the checkpoint's run had {was}; this one has {now} (resume with "
                         f"the checkpoint's settings)")
-    check_resume_processes(directory, path, config, world_size)
-    check_state_files(directory, path)
+    check_stored_state(directory, path, config, world_size)
     return directory
 
 
@@ -241,11 +239,18 @@ def state_files(state: Path) -> dict[str, int]:
             if file.is_file()}
 
 
-def check_state_files(flag_value: str, path: Path) -> None:
-    """The files of the checkpoint's state/ are those its save wrote, of their sizes: one deleted or cut short after
-    the save (a full disk, a copy stopped half-way) is refused naming it, before accelerate fails on it with a
-    traceback or, for an RNG state, silently goes on without it. Checkpoints older than the stored list pass."""
-    saved = json.loads((path / STATE_FILE).read_text()).get(STATE_FILES)
+def check_stored_state(flag_value: str, path: Path, config: TrainConfig, world_size: int | None) -> None:
+    """What the checkpoint's STATE_FILE records of its state beyond the settings, read once: the number of
+    processes of a DeepSpeed checkpoint and the files of state/."""
+    stored = json.loads((path / STATE_FILE).read_text())
+    check_resume_processes(flag_value, path, stored.get("world_size"), config, world_size)
+    check_state_files(flag_value, path, stored.get(STATE_FILES))
+
+
+def check_state_files(flag_value: str, path: Path, saved: dict[str, int] | None) -> None:
+    """The files of the checkpoint's state/ are those its save wrote (`saved`), of their sizes: one deleted or cut
+    short after the save (a full disk, a copy stopped half-way) is refused naming it, before accelerate fails on it
+    with a traceback or, for an RNG state, silently goes on without it. Checkpoints older than the list pass."""
     found = state_files(path / "state")
     for name, size in (saved or {}).items():
         if name not in found:
@@ -256,12 +261,13 @@ def check_state_files(flag_value: str, path: Path) -> None:
                             "(the checkpoint was damaged after its save): resume from another checkpoint")
 
 
-def check_resume_processes(flag_value: str, path: Path, config: TrainConfig, world_size: int | None) -> None:
-    """A DeepSpeed checkpoint resumes on the number of processes that saved it (DeepSpeed cannot repartition
-    ZeRO's optimizer state); without DeepSpeed any number does. Checkpoints older than the stored count pass."""
+def check_resume_processes(flag_value: str, path: Path, saved: int | None, config: TrainConfig,
+                           world_size: int | None) -> None:
+    """A DeepSpeed checkpoint resumes on the number of processes that saved it (`saved`; DeepSpeed cannot
+    repartition ZeRO's optimizer state); without DeepSpeed any number does. Checkpoints older than the stored
+    count pass."""
     if world_size is None or not config.deepspeed_config_path():
         return
-    saved = json.loads((path / STATE_FILE).read_text()).get("world_size")
     if saved is not None and saved != world_size:
         raise UserError(f"--resume {flag_value}: {path} is a DeepSpeed checkpoint of {saved} process(es), this launch "
                         f"has {world_size} (DeepSpeed cannot repartition ZeRO's optimizer state): launch {saved}")
