@@ -123,8 +123,8 @@ def test_the_same_bits_at_any_thread_count(shape):
     """ATen splits a sum to one output of 32,768 elements or more between the threads, at points that depend on
     their number: the sum of one sequence's 70,000 log-probs, and on ATen's path (fp64; fp32 under
     AMAPO_CPU_KERNELS=aten, test_cpu_paths) the sum of exp over a vocabulary of 2^20 (one row a block). The op
-    sums in one order: the same bits at 1, 2 and 3 threads (3: more than CI's cores), forward and backward.
-    The labels' logits stand 5 above the rest: a log-prob near 0 shows the last bit of its sum of exp."""
+    sums in one order: the same bits at 1, 2 and 3 threads (3: more than CI's cores), forward and backward, and
+    within the testing rule of the fp64 reference. The labels' logits stand 5 above the rest: a log-prob near 0 shows the last bit of its sum of exp."""
     generator = torch.Generator().manual_seed(0)
     batch, steps, vocab = shape
     logits = torch.randn(shape, generator=generator) * 3
@@ -144,6 +144,9 @@ def test_the_same_bits_at_any_thread_count(shape):
             torch.set_num_threads(threads)
         for count, run in zip((2, 3), runs[1:]):
             assert all(torch.equal(a, b) for a, b in zip(runs[0], run)), (dtype, count, runs[0][0], run[0])
+        if dtype == torch.float32:  # the blocked sums against the fp64 reference, under the testing rule
+            out64, out_same = (ref.sequence_logps(logits.to(d), labels, average=False) for d in (torch.float64, dtype))
+            assert_within_rule(runs[0][0], out64, out_same, k=2, dtype=dtype, what="blocked sums")
 
 
 def test_float64_logits_give_float64(device):
