@@ -871,3 +871,82 @@ def test_a_data_error_of_several_lines_is_said_on_one():
         with driver.tokenization_errors(TrainConfig()):
             raise ValueError("the template refuses\n  a system turn")
     assert str(info.value) == "--dataset bundled:hh-rlhf: the template refuses a system turn"
+
+
+def tiny_mixtral(vocab_size, output_router_logits):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+        output_router_logits=output_router_logits, router_aux_loss_coef=0.02))
+
+
+def router_batch():
+    pairs = [{"chosen_input_ids": [1, 5, 6, 7], "chosen_labels": [-100, 5, 6, 7], "rejected_input_ids": [1, 5, 9],
+              "rejected_labels": [-100, 5, 9], "index": 0},
+             {"chosen_input_ids": [1, 8, 3], "chosen_labels": [-100, 8, 3], "rejected_input_ids": [1, 2, 4, 4, 4],
+              "rejected_labels": [-100, -100, 4, 4, 4], "index": 1}]
+    return data.collate(pairs, pad_token_id=0)
+
+
+@pytest.mark.parametrize("loss_impl", ["fused", "ops", "eager"])
+def test_a_mixture_of_experts_router_loss_is_the_models_own(loss_impl):
+    """A Mixtral whose config has output_router_logits on: the loss is the preference loss plus
+    router_aux_loss_coef x the router load-balancing loss its own forward computes (the term its language-modelling
+    loss carries), on every path; logged as aux_loss, with `loss` the sum, as TRL's DPOTrainer does. Before, the
+    term was silently left out, on every path."""
+    model = tiny_mixtral(64, output_router_logits=True)
+    config = TrainConfig(loss_impl=loss_impl)
+    weight, line = driver.router_loss_weight(model, config)
+    assert weight == 0.02 and "output_router_logits is on" in line
+    batch = router_batch()
+    loss, metrics = pair_loss(model, batch, config, None, router_weight=weight)
+    input_ids, attention_mask, labels = data.concatenated(batch)
+    with torch.no_grad():
+        own = model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
+        logps = reference.sequence_logps(own.logits.double(), labels, shift=True, average=True)
+        preference = reference.amapo_loss(*logps.chunk(2))
+    assert own.aux_loss > 0
+    assert float(metrics["aux_loss"]) == pytest.approx(float(own.aux_loss), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(preference) + 0.02 * float(own.aux_loss), rel=1e-4)
+    assert float(metrics["loss"]) == float(loss.detach())
+    loss.backward()  # the router's gate learns from the load-balancing term (and the preference loss)
+    gate = next(p for name, p in model.named_parameters() if name.endswith("mlp.gate.weight"))
+    with_router = gate.grad.clone()
+    model.zero_grad()
+    pair_loss(model, batch, config, None)[0].backward()
+    assert not torch.allclose(gate.grad, with_router)
+
+
+def test_the_router_loss_weight_follows_the_model_config_unless_told():
+    """Unset: the config's coefficient where its output_router_logits is on, else none, saying TRL 1.16 would add
+    it; --router-aux-loss-coef sets it (0: none); a model without a router refuses a non-zero one before any
+    step, naming the flag; a dense model says nothing."""
+    off = tiny_mixtral(64, output_router_logits=False)
+    weight, line = driver.router_loss_weight(off, TrainConfig())
+    assert weight == 0.0 and "output_router_logits is off" in line and "router_aux_loss_coef=0.02" in line
+    assert driver.router_loss_weight(off, TrainConfig(router_aux_loss_coef=0.5))[0] == 0.5
+    assert driver.router_loss_weight(tiny_mixtral(64, True), TrainConfig(router_aux_loss_coef=0.0))[0] == 0.0
+    dense = models.tiny_llama(64)
+    assert driver.router_loss_weight(dense, TrainConfig()) == (0.0, None)
+    assert driver.router_loss_weight(dense, TrainConfig(router_aux_loss_coef=0.0)) == (0.0, None)
+    with pytest.raises(UserError, match="--router-aux-loss-coef 0.1: LlamaForCausalLM is not a mixture of experts"):
+        driver.router_loss_weight(dense, TrainConfig(router_aux_loss_coef=0.1))
+    with pytest.raises(UserError, match="--router-aux-loss-coef -0.1: must be >= 0"):
+        TrainConfig(router_aux_loss_coef=-0.1).validate()
+
+
+def test_a_mixture_of_experts_trains_with_its_router_loss_end_to_end(tmp_path, capsys):
+    """amapo-train --model <a local Mixtral> --router-aux-loss-coef: the run says so, and metrics.jsonl has aux_loss
+    each step (and eval_aux_loss with --eval-steps), its loss the preference loss plus the weighted term."""
+    tokenizer = models.train_tiny_tokenizer(["Hello there.", "General Kenobi!"], vocab_size=300)
+    tiny_mixtral(len(tokenizer), output_router_logits=False).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    main([*SHORT, "--model", str(tmp_path / "model"), "--max-steps", "2", "--eval-steps", "2", "--max-length", "96",
+          "--max-prompt-length", "48", "--router-aux-loss-coef", "0.5", "--output-dir", str(tmp_path / "run")])
+    assert "router load-balancing loss x 0.5 (--router-aux-loss-coef)" in capsys.readouterr().out
+    records = read_metrics(tmp_path / "run")
+    assert all(record["aux_loss"] > 0 for record in records)
+    assert records[-1]["eval_aux_loss"] > 0

@@ -183,3 +183,24 @@ def test_recipe_path_zero3_fused_equals_ops(tmp_path, processes):
         for key in ("loss", "rewards/chosen", "rewards/rejected", *(("eval_loss",) if a["step"] == 2 else ())):
             assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
     assert "eval_ranking_accuracy/normalized" in fused[-1]
+
+
+def test_a_mixture_of_experts_router_loss_under_zero3_on_two_processes(tmp_path):
+    """A Mixtral (experts partitioned by ZeRO-3 over two processes) with --router-aux-loss-coef: the fused path's
+    router load-balancing loss, from the decoder's router logits, equals the model's own (ops) on the same
+    batches, and both train with it (aux_loss logged, and in the loss)."""
+    from test_train import tiny_mixtral
+
+    from amapo_train import model as models
+
+    tokenizer = models.train_tiny_tokenizer(["Hello there.", "General Kenobi!"], vocab_size=300)
+    tiny_mixtral(len(tokenizer), output_router_logits=False).save_pretrained(tmp_path / "mixtral")
+    tokenizer.save_pretrained(tmp_path / "mixtral")
+    moe = ["--model", str(tmp_path / "mixtral"), "--router-aux-loss-coef", "0.5", "--total-batch-size", "2",
+           "--per-device-batch-size", "1", "--bf16", "false", "--max-length", "96", "--max-prompt-length", "48"]
+    fused = run_recipe(tmp_path, "fused", 2, [*moe, "--loss-impl", "fused"])
+    ops = run_recipe(tmp_path, "ops", 2, [*moe, "--loss-impl", "ops"])
+    for a, b in zip(fused, ops, strict=True):
+        assert a["aux_loss"] > 0 and a["aux_loss"] == pytest.approx(b["aux_loss"], rel=1e-5), a["step"]
+        for key in ("loss", "rewards/chosen", *(("eval_loss", "eval_aux_loss") if a["step"] == 2 else ())):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)

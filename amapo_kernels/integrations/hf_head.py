@@ -1,6 +1,9 @@
 """What the fused lm_head must know of a Hugging Face causal LM's output: the final logit softcap it applies
-(Gemma 2's `final_logit_softcapping`), and the logit scalings and vocabulary truncation it does not. One place
-for the TRL integration and amapo-train, so that neither computes log-probs of logits other than the model's."""
+(Gemma 2's `final_logit_softcapping`), and the logit scalings and vocabulary truncation it does not; and, for a
+mixture of experts, the router load-balancing loss its own forward would add. One place for the TRL integration
+and amapo-train, so that neither computes log-probs of logits other than the model's."""
+
+import sys
 
 # Scalings some architectures apply around the lm_head (found by reading transformers' modeling files: Cohere
 # multiplies the logits by logit_scale, Granite divides them by logits_scaling, Falcon-H1 multiplies by
@@ -50,3 +53,31 @@ def _check_head_is_the_output_embeddings(model, switch: str) -> None:
             raise ValueError(f"{switch} 'fused' computes the logits as the output embeddings "
                              f"({type(head).__name__}) of the decoder's hidden states, but "
                              f"{type(model).__name__} also applies its {name!r} ({type(child).__name__}); use 'ops'")
+
+
+def router_loss_function(model, switch: str, way_out: str):
+    """The MoE router load-balancing loss of `model`'s family as f(router_logits of its decoder, attention_mask):
+    transformers' load_balancing_loss_func of its modeling module (what its own forward adds), on the experts of
+    its config. TRL's fused lm_head imports Mixtral's, which every causal MoE family of transformers 5 copies
+    (Doge aside). A family without one is a ValueError naming `switch` (the caller's option that asked for the
+    loss) and `way_out` (how to go on without it)."""
+    model = getattr(model, "module", model)
+    function = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+    if function is None:
+        raise ValueError(f"{switch}: the fused lm_head finds no router load-balancing loss for "
+                         f"{type(model).__name__}; {way_out}")
+    # the model's own attributes, which its forward passes (PhiMoE's, JetMoE's, DBRX's configs have no num_experts)
+    config = model.config.get_text_config()
+    experts, top_k = (getattr(model, name, None) or getattr(config, name, None)
+                      for name in ("num_experts", "num_experts_per_tok"))
+    if experts is None or top_k is None:
+        raise ValueError(f"{switch}: the fused lm_head finds no num_experts / num_experts_per_tok on "
+                         f"{type(model).__name__} or its config; {way_out}")
+
+    def router_loss(router_logits, attention_mask):
+        if router_logits is None:
+            raise ValueError(f"{switch}: {type(model).__name__}'s decoder returned no router logits under "
+                             f"output_router_logits=True; {way_out}")
+        return function(router_logits, experts, top_k, attention_mask)
+
+    return router_loss

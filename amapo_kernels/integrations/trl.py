@@ -26,7 +26,6 @@ import contextlib
 import functools
 import inspect
 import json
-import sys
 import types
 import unittest.mock
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 import amapo_kernels as ak
 from amapo_kernels._checks import check_choice
-from amapo_kernels.integrations.hf_head import fused_logit_softcap
+from amapo_kernels.integrations.hf_head import fused_logit_softcap, router_loss_function
 from amapo_kernels.preference import (METHODS, method_defaults, needs_reference, resolved_hparams,
                                       statistics_pool_error, uses_mean_logps)
 
@@ -361,24 +360,6 @@ def _check_peft_adapter(model, peft_config) -> None:
                              f"PreferenceTrainer does not support; use LoRA or prefix tuning")
 
 
-def _load_balancing_loss(model, router_logits, attention_mask):
-    """The MoE router load-balancing loss of `model`'s family: transformers' load_balancing_loss_func of its
-    modeling module (what its own forward, so loss_impl='ops', adds), on the experts of its config. TRL's fused
-    lm_head imports Mixtral's, which every causal MoE family of transformers 5 copies (Doge aside)."""
-    function = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
-    if function is None or router_logits is None:
-        raise ValueError(f"router_aux_loss_coef: loss_impl='fused' finds no router load-balancing loss for "
-                         f"{type(model).__name__} (output_router_logits=True); set router_aux_loss_coef=0.0")
-    # the model's own attributes, which its forward passes (PhiMoE's, JetMoE's, DBRX's configs have no num_experts)
-    config = model.config.get_text_config()
-    experts, top_k = (getattr(model, name, None) or getattr(config, name, None)
-                      for name in ("num_experts", "num_experts_per_tok"))
-    if experts is None or top_k is None:
-        raise ValueError(f"router_aux_loss_coef: loss_impl='fused' finds no num_experts / num_experts_per_tok on "
-                         f"{type(model).__name__} or its config; set router_aux_loss_coef=0.0 or use 'ops'")
-    return function(router_logits, experts, top_k, attention_mask)
-
-
 def _add_sequence_logps_head(model) -> None:
     """Let `model(..., preference_labels=labels, average_logps=bool)` return ([B] sequence log-probs of
     `labels` through sequence_logps_from_hidden, the router load-balancing loss or None), the latter with
@@ -412,8 +393,9 @@ def _add_sequence_logps_head(model) -> None:
                                               logit_softcap=softcap)
         aux_loss = None
         if kwargs.get("output_router_logits"):
-            aux_loss = _load_balancing_loss(self, getattr(outputs, "router_logits", None),
-                                            kwargs.get("attention_mask"))
+            router_loss = router_loss_function(self, "router_aux_loss_coef",
+                                               "set router_aux_loss_coef=0.0 or use loss_impl='ops'")
+            aux_loss = router_loss(getattr(outputs, "router_logits", None), kwargs.get("attention_mask"))
         return logps, aux_loss
 
     patched.forward = types.MethodType(forward, patched)

@@ -51,6 +51,9 @@ HELP = {  # one line per TrainConfig field; a recipe sets the same keys
     "insert_system_message": "an empty system turn when a chat has none (on/off)",
     "loss": "preference loss (amapo_kernels.preference_loss method)",
     "loss_impl": "fused: lm_head fused with the loss (no logits); ops: this library's op on logits; eager: torch",
+    "router_aux_loss_coef": "mixture of experts: weight of the router load-balancing loss added to the loss (logged "
+                            "as aux_loss; 0: none); default: the model config's router_aux_loss_coef where its "
+                            "output_router_logits is on (the model's own loss), else none",
     "learning_rate": "AdamW learning rate (cosine schedule)",
     "total_batch_size": "pairs per optimizer step (per-device batch x accumulation x processes)",
     "per_device_batch_size": "pairs per micro-batch and process",

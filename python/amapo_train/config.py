@@ -30,7 +30,7 @@ NUMBER_RANGES = {
     "num_processes": (1, None), "epochs": (1, None), "max_steps": (1, None), "warmup_ratio": (0, 1),
     "weight_decay": (0, None), "max_grad_norm": (0, None), "seed": (0, 2**32 - 1), "save_steps": (0, None),
     "save_total_limit": (0, None), "eval_batch_size": (1, None), "eval_steps": (0, None),
-    "max_train_pairs": (1, None), "max_test_pairs": (1, None),
+    "max_train_pairs": (1, None), "max_test_pairs": (1, None), "router_aux_loss_coef": (0, None),
 }
 BOOLEANS = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
 
@@ -87,6 +87,9 @@ class TrainConfig:
     loss: str = "amapo"
     loss_impl: str = "fused"  # fused (from hidden states, on GPU) | ops (from logits) | eager (plain torch)
     hparams: dict = dataclasses.field(default_factory=dict)  # e.g. {beta: 3.0} (defaults: the method's paper)
+    # a mixture of experts' router load-balancing loss, x this, added to the loss; None: the model's own rule (its
+    # config's coefficient where its output_router_logits is on, else none: train.router_loss_weight); 0: none
+    router_aux_loss_coef: float | None = None
     # optimisation
     learning_rate: float = 6e-7
     total_batch_size: int = 128  # per_device_batch_size x gradient accumulation x world size

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 
 import amapo_kernels as ak
 from amapo_kernels import reference
-from amapo_kernels.integrations.hf_head import fused_logit_softcap
+from amapo_kernels.integrations.hf_head import fused_logit_softcap, router_loss_function
 from amapo_kernels.preference import method_defaults, needs_reference, uses_mean_logps
 from amapo_train.cli_errors import UserError, one_line, require_extras, run_console_script
 from amapo_train.config import TrainConfig
@@ -44,6 +44,8 @@ DROPPED = "an empty or blank response, in the data or after truncation"
 # The records an --eval-fraction split held out of the training file, written beside eval.json: no other source names
 # them, and `amapo-eval rank --data OUTPUT_DIR/held_out.jsonl` then scores the pairs eval.json scored.
 HELD_OUT_FILE = "held_out.jsonl"
+# How a run goes on when a mixture of experts' router load-balancing loss cannot be computed on its path.
+ROUTER_LOSS_WAY_OUT = "--router-aux-loss-coef 0 trains without it; --loss-impl ops takes the model's own"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -71,46 +73,58 @@ def lm_head_params(model, keep_gathered: contextlib.ExitStack | None):
 
 
 def sequence_logps(model, input_ids, attention_mask, labels, *, average: bool, impl: str,
-                   keep_gathered: contextlib.ExitStack | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """([2N] log-probs of the responses, [2N] detached mean logit of each row). impl: 'fused' (lm_head
-    fused with the loss, no logits; the model's final logit softcap applied, Gemma 2's), 'ops' (this library's
-    op from logits), 'eager' (plain torch log_softmax over fp32 logits, as TRL). The mean logit (over positions
-    and vocabulary, padding included, as the authors' `logits/chosen`) is exact in the fused path too:
-    mean_v(h W^T + b) = h . mean_v(W) + mean(b); None there for a softcapped head, whose mean needs every logit."""
+                   keep_gathered: contextlib.ExitStack | None = None, router_loss: bool = False):
+    """([2N] log-probs of the responses, [2N] detached mean logit of each row, the mixture of experts' router
+    load-balancing loss of the forward with `router_loss`, else None). impl: 'fused' (lm_head fused with the loss,
+    no logits; the model's final logit softcap applied, Gemma 2's), 'ops' (this library's op from logits), 'eager'
+    (plain torch log_softmax over fp32 logits, as TRL). The mean logit (over positions and vocabulary, padding
+    included, as the authors' `logits/chosen`) is exact in the fused path too: mean_v(h W^T + b) = h . mean_v(W) +
+    mean(b); None there for a softcapped head, whose mean needs every logit."""
+    router = {"output_router_logits": True} if router_loss else {}
     if impl == "fused":
         # The fused path calls the decoder and the head directly. A DDP wrapper here holds one process (a
         # launcher's RANK / WORLD_SIZE=1: TrainConfig.validate refuses more without DeepSpeed), whose reducer
         # has nothing to sync: the model inside it is called. DeepSpeed's engine forwards these attributes.
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        outputs = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **router)
+        hidden = outputs.last_hidden_state
         weight, bias = lm_head_params(model, keep_gathered)
         softcap = fused_logit_softcap(model, "--loss-impl")
         logps = ak.sequence_logps_from_hidden(hidden, weight, labels, bias=bias, shift=True, average=average,
                                               logit_softcap=softcap)
+        aux_loss = (router_loss_function(model, "--router-aux-loss-coef", ROUTER_LOSS_WAY_OUT)(
+            getattr(outputs, "router_logits", None), attention_mask) if router_loss else None)
         if softcap is not None:
-            return logps, None
+            return logps, None, aux_loss
         with torch.no_grad():
             mean_logits = (hidden.float() @ weight.float().mean(0)).mean(1)
             if bias is not None:
                 mean_logits = mean_logits + bias.float().mean()
-        return logps, mean_logits
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logps, mean_logits, aux_loss
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, **router)
+    aux_loss = getattr(outputs, "aux_loss", None) if router_loss else None
+    if router_loss and aux_loss is None:
+        raise UserError(f"--router-aux-loss-coef: {type(outputs).__name__} of output_router_logits=True has no "
+                        f"aux_loss; {ROUTER_LOSS_WAY_OUT}")
+    logits = outputs.logits
     mean_logits = logits.detach().mean(dim=(1, 2), dtype=torch.float32)
     if impl == "eager":
-        return reference.sequence_logps(logits.float(), labels, shift=True, average=average), mean_logits
-    return ak.sequence_logps(logits, labels, shift=True, average=average), mean_logits
+        return reference.sequence_logps(logits.float(), labels, shift=True, average=average), mean_logits, aux_loss
+    return ak.sequence_logps(logits, labels, shift=True, average=average), mean_logits, aux_loss
 
 
-def pair_loss(model, batch, config, ref_table, keep_gathered: contextlib.ExitStack | None = None):
+def pair_loss(model, batch, config, ref_table, keep_gathered: contextlib.ExitStack | None = None,
+              router_weight: float = 0.0):
     """(loss, detached metrics) of one micro-batch (the batch format of amapo_train.data.collate) under
     `config` (its loss, hparams, loss_impl); ref_table: reference log-probs indexed by batch["index"] (None
     for reference-free methods). Under ZeRO-3 with the fused path, pass an ExitStack and keep it open
-    through the backward (see lm_head_params)."""
+    through the backward (see lm_head_params). router_weight: a mixture of experts' router load-balancing
+    loss, x this, is added (see router_loss_weight)."""
     input_ids, attention_mask, labels = concatenated(batch)
-    logps, mean_logits = sequence_logps(model, input_ids, attention_mask, labels,
-                                        average=uses_mean_logps(config.loss), impl=config.loss_impl,
-                                        keep_gathered=keep_gathered)
+    logps, mean_logits, aux_loss = sequence_logps(model, input_ids, attention_mask, labels,
+                                                  average=uses_mean_logps(config.loss), impl=config.loss_impl,
+                                                  keep_gathered=keep_gathered, router_loss=bool(router_weight))
     pairs = batch["index"].shape[0]
     refs = None
     if ref_table is not None:
@@ -120,6 +134,16 @@ def pair_loss(model, batch, config, ref_table, keep_gathered: contextlib.ExitSta
     if mean_logits is not None:
         metrics["logits/chosen"] = mean_logits[:pairs].mean()
         metrics["logits/rejected"] = mean_logits[pairs:].mean()
+    return with_router_loss(loss, metrics, aux_loss, router_weight)
+
+
+def with_router_loss(loss, metrics, aux_loss, router_weight):
+    """(loss + router_weight x aux_loss, metrics with it: `loss` the sum, `aux_loss` the router's, as TRL's
+    DPOTrainer logs them); the loss and metrics as they are without a router loss."""
+    if aux_loss is None:
+        return loss, metrics
+    loss = loss + router_weight * aux_loss.to(loss.dtype)
+    metrics.update({"loss": loss.detach(), "aux_loss": aux_loss.detach().float()})
     return loss, metrics
 
 
@@ -176,8 +200,9 @@ def reference_logps_table(accelerator, model, dataset, config) -> torch.Tensor:
         # the policy's own implementation: under bf16 the ops path reads bf16-rounded logits, the fused one unrounded
         # fp32 sums of bf16 products, so another one would make the policy differ from its reference at step 0
         with contextlib.ExitStack() as gathered:  # the fused path's ZeRO-3 lm_head gather, for this batch
-            logps, _ = sequence_logps(model, input_ids, attention_mask, labels, average=uses_mean_logps(config.loss),
-                                      impl=config.loss_impl, keep_gathered=gathered)
+            logps, _, _ = sequence_logps(model, input_ids, attention_mask, labels,
+                                         average=uses_mean_logps(config.loss), impl=config.loss_impl,
+                                         keep_gathered=gathered)
         pairs = batch["index"].shape[0]
         index, chosen, rejected = accelerator.gather_for_metrics((batch["index"], logps[:pairs], logps[pairs:]))
         table[index.cpu()] = torch.stack([chosen, rejected], 1).double().cpu()
@@ -405,6 +430,7 @@ class TrainingRun:
     total_steps: int
     ref_table: torch.Tensor | None = None
     test_ref_table: torch.Tensor | None = None
+    router_weight: float = 0.0  # a mixture of experts' router load-balancing loss, x this, is in the loss
 
 
 def train(config: TrainConfig, resume: str | None = None, stop_after_steps: int | None = None) -> dict:
@@ -448,6 +474,9 @@ def set_up(config: TrainConfig) -> TrainingRun:
             fused_logit_softcap(model, "--loss-impl")
         except ValueError as error:
             raise UserError(str(error)) from None
+    router_weight, router_line = router_loss_weight(model, config)
+    if router_line:
+        accelerator.print(router_line)
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     train_set, test_set = datasets(config, tokenizer, (train_records, test_records))
@@ -480,12 +509,45 @@ def set_up(config: TrainConfig) -> TrainingRun:
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(scheduler)
     run = TrainingRun(accelerator, model, tokenizer, optimizer, scheduler, loader, train_set, test_set,
-                      steps_per_epoch, total_steps)
+                      steps_per_epoch, total_steps, router_weight=router_weight)
     if needs_reference(config.loss, config.hparams):
         run.ref_table = reference_logps_table(accelerator, model, train_set, config)
         if config.eval_steps:
             run.test_ref_table = reference_logps_table(accelerator, model, test_set, config)
     return run
+
+
+def router_loss_weight(model, config: TrainConfig) -> tuple[float, str | None]:
+    """(the weight of a mixture of experts' router load-balancing loss in the loss, a line saying where it comes
+    from; None for a model without a router). --router-aux-loss-coef, else the model's own rule: its config's
+    router_aux_loss_coef where its output_router_logits is on (what its forward adds to its language-modelling
+    loss; TRL 0.x's DPO and CPO trainers), else 0. A UserError for a weight the model cannot take, before any
+    step: a router loss asked of a model without a router, or one the fused path cannot compute."""
+    asked, text_config = config.router_aux_loss_coef, model.config.get_text_config()
+    has_router = hasattr(text_config, "output_router_logits")
+    if asked and not has_router:
+        raise UserError(f"--router-aux-loss-coef {asked}: {type(model).__name__} is not a mixture of experts with "
+                        "router logits (its config has no output_router_logits)")
+    if not has_router:
+        return 0.0, None
+    own = getattr(text_config, "router_aux_loss_coef", None)
+    if asked is not None:
+        weight, source = float(asked), "--router-aux-loss-coef"
+    elif text_config.output_router_logits and own:
+        weight, source = float(own), "the model config's, whose output_router_logits is on"
+    elif own:
+        return 0.0, (f"no router load-balancing loss (the model config's output_router_logits is off; TRL 1.16's "
+                     f"DPOTrainer adds it x its router_aux_loss_coef={own}, --router-aux-loss-coef {own} adds it here)")
+    else:
+        return 0.0, f"no router load-balancing loss (the model config's router_aux_loss_coef is {own})"
+    if not weight:
+        return 0.0, "no router load-balancing loss (--router-aux-loss-coef 0)"
+    if config.loss_impl == "fused":
+        try:
+            router_loss_function(model, "--router-aux-loss-coef", ROUTER_LOSS_WAY_OUT)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+    return weight, f"router load-balancing loss x {weight} ({source}) added to the loss, logged as aux_loss"
 
 
 def resume_state(run: TrainingRun, resume: str | None) -> int:
@@ -537,7 +599,7 @@ def train_steps(run: TrainingRun, config: TrainConfig, step: int, last: int, log
         for batch in batches:
             # keep_gathered: under ZeRO-3 the fused path's lm_head weight stays gathered through the backward
             with accelerator.accumulate(model), contextlib.ExitStack() as keep_gathered:
-                loss, metrics = pair_loss(model, batch, config, run.ref_table, keep_gathered)
+                loss, metrics = pair_loss(model, batch, config, run.ref_table, keep_gathered, run.router_weight)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = gradient_norm(accelerator, model, config.max_grad_norm)
@@ -574,7 +636,8 @@ def record_step(run: TrainingRun, config: TrainConfig, step: int, record: dict, 
     """The held-out metrics every eval_steps (added to `record`), then the step's line in metrics.jsonl."""
     accelerator = run.accelerator
     if config.eval_steps and step % config.eval_steps == 0:
-        record.update(evaluate_loss(accelerator, run.model, run.test_set, config, run.test_ref_table))
+        record.update(evaluate_loss(accelerator, run.model, run.test_set, config, run.test_ref_table,
+                                    run.router_weight))
         accelerator.log({k: v for k, v in record.items() if k.startswith("eval_")}, step=step)
     if accelerator.is_main_process:
         with log_path.open("a") as handle:
@@ -682,9 +745,11 @@ def distinct_pairs(accelerator, pairs: int) -> int:
 
 
 @torch.no_grad()
-def evaluate_loss(accelerator, model, test_set, config, ref_table) -> dict:
+def evaluate_loss(accelerator, model, test_set, config, ref_table, router_weight: float = 0.0) -> dict:
     """Held-out metrics during training: eval_loss and the training metrics (eval_ prefix, each micro-batch's
-    weighted by its pairs, every held-out pair counted once over the processes) and the ranking accuracy on summed and length-normalized log-probs."""
+    weighted by its pairs, every held-out pair counted once over the processes; a router load-balancing loss x
+    router_weight in eval_loss, as in the training loss) and the ranking accuracy on summed and length-normalized
+    log-probs."""
     loader = accelerator.prepare(DataLoader(test_set, batch_size=config.eval_batch_size,
                                             collate_fn=partial(collate, pad_token_id=test_set.pad_token_id)))
     sums, counted, ranked = {}, 0, []
@@ -692,8 +757,9 @@ def evaluate_loss(accelerator, model, test_set, config, ref_table) -> dict:
     for batch in loader:
         with contextlib.ExitStack() as keep_gathered:
             input_ids, attention_mask, labels = concatenated(batch)
-            summed, _ = sequence_logps(model, input_ids, attention_mask, labels, average=False,
-                                       impl=config.loss_impl, keep_gathered=keep_gathered)
+            summed, _, aux_loss = sequence_logps(model, input_ids, attention_mask, labels, average=False,
+                                                 impl=config.loss_impl, keep_gathered=keep_gathered,
+                                                 router_loss=bool(router_weight))
         counts = (labels[:, 1:] != IGNORE_INDEX).sum(1).clamp(min=1).to(summed.dtype)
         logps = summed / counts if uses_mean_logps(config.loss) else summed
         pairs = batch["index"].shape[0]
@@ -704,7 +770,8 @@ def evaluate_loss(accelerator, model, test_set, config, ref_table) -> dict:
             refs = (ref[:, 0], ref[:, 1])
         hparams = {key: value[:kept] for key, value in batch_hparams(batch, logps.device).items()}
         # every process computes the loss, kept pairs or none: the batch statistics are gathered from all of them
-        _, metrics = loss_and_metrics(logps[:kept], logps[pairs:pairs + kept], refs, config, hparams)
+        loss, metrics = loss_and_metrics(logps[:kept], logps[pairs:pairs + kept], refs, config, hparams)
+        _, metrics = with_router_loss(loss, metrics, aux_loss, router_weight)
         for key, value in metrics.items():  # weighted by the pairs: each held-out pair counts once
             sums[key] = sums.get(key, 0.0) + (kept * value.float() if kept else torch.zeros_like(value.float()))
         counted += kept
