@@ -15,6 +15,7 @@ from helpers import free_port
 
 import amapo_kernels as ak
 from amapo_kernels import reference
+from amapo_kernels.integrations.hf_head import disable_dropout
 from amapo_train import data
 from amapo_train import model as models
 from amapo_train import train as driver
@@ -950,3 +951,62 @@ def test_a_mixture_of_experts_trains_with_its_router_loss_end_to_end(tmp_path, c
     records = read_metrics(tmp_path / "run")
     assert all(record["aux_loss"] > 0 for record in records)
     assert records[-1]["eval_aux_loss"] > 0
+
+
+def dropout_models():
+    """Tiny models of families that keep dropout in modules (GPT-2), as rates for functional dropout (OPT), in
+    attention (Llama's attention_dropout), or all three (Phi)."""
+    import transformers
+
+    shape = dict(vocab_size=64, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    return {
+        "llama": transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            **shape, hidden_size=32, intermediate_size=48, attention_dropout=0.5)),
+        "gpt2": transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5,
+            bos_token_id=0, eos_token_id=0)),
+        "opt": transformers.OPTForCausalLM(transformers.OPTConfig(
+            **shape, hidden_size=32, ffn_dim=48, word_embed_proj_dim=32, dropout=0.5, attention_dropout=0.5,
+            activation_dropout=0.5)),
+        "phi": transformers.PhiForCausalLM(transformers.PhiConfig(
+            **shape, hidden_size=32, intermediate_size=48, resid_pdrop=0.5, embd_pdrop=0.5, attention_dropout=0.5)),
+    }
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "phi"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_dropout_is_off_in_every_form(family, attention):
+    """disable_dropout: in training mode the model computes what it computes in eval mode. TRL's walk (nn.Dropout
+    modules only) leaves Llama's, Phi's and OPT's on (their attention_dropout, OPT's functional rates)."""
+    model = dropout_models()[family]
+    model.set_attn_implementation(attention)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.train()
+        assert not torch.equal(model(ids).logits, model(ids).logits), "the model has no dropout: proves nothing"
+        assert disable_dropout(model) > 0
+        training = model(ids).logits
+        model.eval()
+        assert torch.equal(training, model(ids).logits)
+    assert disable_dropout(model) == 0
+    assert model.config.to_dict() == dropout_models()[family].config.to_dict()  # the saved config is the model's
+
+
+def test_dpo_with_a_dropout_model_starts_at_its_reference(tmp_path, capsys):
+    """A model with dropout (attention_dropout 0.5): its reference log-probs are computed in eval mode, so at
+    learning rate 0 the rewards are 0 only with dropout off (--disable-dropout, on by default, as the authors'
+    trainer); with it off they are noise."""
+    tokenizer = models.train_tiny_tokenizer(["Hello there.", "General Kenobi!"], vocab_size=300)
+    model = dropout_models()["llama"]
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    common = [*SHORT, "--model", str(tmp_path / "model"), "--loss", "dpo", "--hparam", "beta=10", "--learning-rate",
+              "0", "--max-steps", "1", "--save-final", "off", "--max-length", "96", "--max-prompt-length", "48"]
+    main([*common, "--output-dir", str(tmp_path / "off")])
+    assert "dropout off in the model (--disable-dropout)" in capsys.readouterr().out
+    for key in ("rewards/chosen", "rewards/rejected"):
+        assert read_metrics(tmp_path / "off")[0][key] == 0.0, key
+    main([*common, "--disable-dropout", "off", "--output-dir", str(tmp_path / "on")])
+    assert abs(read_metrics(tmp_path / "on")[0]["rewards/chosen"]) > 1e-3

@@ -941,3 +941,33 @@ def test_runner_load_in_4bit_is_not_dropped(local_hub, tmp_path):
         pytest.skip("bitsandbytes is installed: 4-bit loading would run")
     with pytest.raises(ImportError, match="bitsandbytes"):
         load_runner().main(runner_args(local_hub, tmp_path, "--max_steps", "1", "--load_in_4bit", "true"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dropout
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_disable_dropout_turns_off_every_dropout(tokenizer, hh_pairs, tmp_path, disable):
+    """disable_dropout=True (DPOConfig's default) leaves no dropout in the policy or the reference model: a Llama's
+    attention_dropout, which DPOTrainer's nn.Dropout walk leaves on (its reference log-probs, computed in eval
+    mode, then differ from the policy's at the first step), is off too; disable_dropout=False keeps it."""
+    import copy
+
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        attention_dropout=0.5))
+    args = PreferenceConfig(output_dir=str(tmp_path / "out"), **{**TRAINING, "loss": "dpo", "disable_dropout": disable,
+                                                                 "precompute_ref_log_probs": False})
+    trainer = PreferenceTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=hh_pairs,
+                                processing_class=tokenizer)
+    ids = torch.randint(0, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    for network in (trainer.model, trainer.ref_model):
+        network.train()
+        with torch.no_grad():
+            first, second = network(input_ids=ids).logits, network(input_ids=ids).logits
+        assert torch.equal(first, second) == disable

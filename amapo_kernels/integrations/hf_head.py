@@ -1,9 +1,12 @@
-"""What the fused lm_head must know of a Hugging Face causal LM's output: the final logit softcap it applies
-(Gemma 2's `final_logit_softcapping`), and the logit scalings and vocabulary truncation it does not; and, for a
-mixture of experts, the router load-balancing loss its own forward would add. One place for the TRL integration
-and amapo-train, so that neither computes log-probs of logits other than the model's."""
+"""What training through this library must know of a Hugging Face causal LM: what the fused lm_head must know
+of its output (the final logit softcap it applies, Gemma 2's `final_logit_softcapping`, and the logit scalings
+and vocabulary truncation it does not; for a mixture of experts, the router load-balancing loss its own forward
+would add), and where its dropout hides. One place for the TRL integration and amapo-train, so that neither
+computes log-probs of logits other than the model's."""
 
 import sys
+
+import torch
 
 # Scalings some architectures apply around the lm_head (found by reading transformers' modeling files: Cohere
 # multiplies the logits by logit_scale, Granite divides them by logits_scaling, Falcon-H1 multiplies by
@@ -81,3 +84,19 @@ def router_loss_function(model, switch: str, way_out: str):
         return function(router_logits, experts, top_k, attention_mask)
 
     return router_loss
+
+
+def disable_dropout(model) -> int:
+    """Dropout off in `model`, as the authors' trainer and TRL's DPOTrainer intend (disable_dropout, on by default):
+    every dropout module's p set to 0, and every rate a module keeps for functional dropout (transformers' float
+    attributes named *dropout* or *pdrop*: Llama's attention_dropout, OPT's dropout and activation_dropout, ...),
+    which their nn.Dropout-only walk leaves on. Returns how many were not 0 already."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p:
+            module.p, changed = 0.0, changed + 1
+        for name, value in list(vars(module).items()):
+            if ("dropout" in name or "pdrop" in name) and type(value) in (int, float) and value:
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed

@@ -14,6 +14,8 @@ checkpoints. What differs from DPOTrainer:
   defines, computed inside the model's forward so DDP and DeepSpeed see an ordinary forward.
 - MoE models (a config with `output_router_logits`): the router load-balancing loss of the model's family,
   weighted by `router_aux_loss_coef`, is added to the loss and logged as `aux_loss`, as DPOTrainer does.
+- `disable_dropout` (on by default) turns off every dropout of the model and the reference model, also the rates
+  transformers' modules keep for functional dropout (Llama's attention_dropout, OPT's), which DPOTrainer leaves on.
 - Reference-free methods (amapo, simpo, cpo, slic's rank form) build no reference model; the others use TRL's
   precomputed reference log-probs (the default here) or TRL's live reference model, computed by this library.
 - AMaPO's batch statistics span every rank (amapo_loss all-reduces them when torch.distributed is initialized).
@@ -47,7 +49,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 import amapo_kernels as ak
 from amapo_kernels._checks import check_choice
-from amapo_kernels.integrations.hf_head import fused_logit_softcap, router_loss_function
+from amapo_kernels.integrations.hf_head import disable_dropout, fused_logit_softcap, router_loss_function
 from amapo_kernels.preference import (METHODS, method_defaults, needs_reference, resolved_hparams,
                                       statistics_pool_error, uses_mean_logps)
 
@@ -190,6 +192,10 @@ class PreferenceTrainer(DPOTrainer):
         if self.reference_free:
             self.precompute_ref_logps = False
             assert self.ref_model is None, "a reference-free loss must not build a reference model"
+        if args.disable_dropout:  # DPOTrainer's walk turns off nn.Dropout modules only (attention_dropout stays)
+            for network in (self.model, self.ref_model):
+                if network is not None:
+                    disable_dropout(network)
         self._add_heads()
 
     def _add_heads(self) -> None:

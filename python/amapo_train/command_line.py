@@ -66,6 +66,7 @@ HELP = {  # one line per TrainConfig field; a recipe sets the same keys
     "seed": "seed of the model init, data order and --eval-fraction split",
     "bf16": "bf16 mixed precision (on/off)",
     "gradient_checkpointing": "recompute activations in the backward (on/off)",
+    "disable_dropout": "dropout off in the model (on/off), as the authors' trainer and TRL's DPOTrainer",
     "attn_implementation": "transformers' attention (eager, sdpa, flash_attention_2 with flash-attn installed, "
                            "flex_attention, ...; default: transformers', sdpa)",
     "deepspeed": "zero2, zero3 or a DeepSpeed JSON config path",

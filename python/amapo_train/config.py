@@ -105,6 +105,9 @@ class TrainConfig:
     seed: int = 42
     bf16: bool = False
     gradient_checkpointing: bool = False
+    # dropout off in the model, as the authors' trainer and TRL's DPOTrainer: deterministic log-probs, and a policy
+    # that equals its reference (computed in eval mode) at the first step
+    disable_dropout: bool = True
     # transformers' attention implementation (attention_implementations()); None: transformers' default
     # (sdpa). The authors ran flash_attention_2 (flash-attn, not a dependency here); Gemma 2 trains with eager.
     attn_implementation: str | None = None

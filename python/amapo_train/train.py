@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 
 import amapo_kernels as ak
 from amapo_kernels import reference
-from amapo_kernels.integrations.hf_head import fused_logit_softcap, router_loss_function
+from amapo_kernels.integrations.hf_head import disable_dropout, fused_logit_softcap, router_loss_function
 from amapo_kernels.preference import method_defaults, needs_reference, uses_mean_logps
 from amapo_train.cli_errors import UserError, one_line, require_extras, run_console_script
 from amapo_train.config import TrainConfig
@@ -477,6 +477,8 @@ def set_up(config: TrainConfig) -> TrainingRun:
     router_weight, router_line = router_loss_weight(model, config)
     if router_line:
         accelerator.print(router_line)
+    if config.disable_dropout and disable_dropout(model):
+        accelerator.print("dropout off in the model (--disable-dropout)")
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     train_set, test_set = datasets(config, tokenizer, (train_records, test_records))
