@@ -1010,3 +1010,32 @@ def test_dpo_with_a_dropout_model_starts_at_its_reference(tmp_path, capsys):
         assert read_metrics(tmp_path / "off")[0][key] == 0.0, key
     main([*common, "--disable-dropout", "off", "--output-dir", str(tmp_path / "on")])
     assert abs(read_metrics(tmp_path / "on")[0]["rewards/chosen"]) > 1e-3
+
+
+def test_no_key_value_cache_is_built(monkeypatch):
+    """The driver's forwards (fused and ops; training, reference and held-out) and amapo-eval's ranking pass
+    use_cache=False, as the authors' trainer and TRL: before, every forward built a DynamicCache holding each
+    layer's keys and values (under no_grad all layers' at once: about 2 GiB for an 8B Llama at 8 rows of 2048
+    tokens in bf16, by arithmetic)."""
+    from transformers import cache_utils
+
+    from amapo_train.eval.ranking import pair_logps
+
+    built = []
+    original = cache_utils.DynamicCache.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cache_utils.DynamicCache, "__init__", counting)
+    model, batch = models.tiny_llama(64), router_batch()
+    input_ids, attention_mask, labels = data.concatenated(batch)
+    for impl in ("fused", "ops", "eager"):
+        pair_loss(model, batch, TrainConfig(loss_impl=impl), None)[0].backward()
+        with torch.no_grad():
+            sequence_logps(model, input_ids, attention_mask, labels, average=True, impl=impl)
+    with torch.no_grad():
+        pair_logps(model, batch)
+    model(input_ids=input_ids)  # the counter counts: a forward with the config's use_cache builds one
+    assert len(built) == 1

@@ -71,7 +71,8 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     input_ids = both("input_ids", 0)  # the pad id is irrelevant: masked, and right of every real token
     attention_mask = both("attention_mask", 0)
     labels = both("labels", IGNORE_INDEX)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    # no key/value cache: it would hold every layer's keys and values until the logits are done
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         logits = logits.float()
     sums = amapo_kernels.sequence_logps(logits, labels, shift=True, average=False).float().cpu()

@@ -95,4 +95,4 @@ def encode(pairs: list[dict], device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def logps_of(model, ids, labels, average=True):
     # Right padding under a causal mask: no real token attends to a pad, so no attention mask is needed.
-    return ak.sequence_logps(model(input_ids=ids).logits, labels, shift=True, average=average)
+    return ak.sequence_logps(model(input_ids=ids, use_cache=False).logits, labels, shift=True, average=average)
