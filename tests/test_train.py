@@ -1039,3 +1039,99 @@ def test_no_key_value_cache_is_built(monkeypatch):
         pair_logps(model, batch)
     model(input_ids=input_ids)  # the counter counts: a forward with the config's use_cache builds one
     assert len(built) == 1
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_ends_the_run_with_a_checkpoint_that_resumes_it(tmp_path, stop):
+    """SIGTERM (a preemption, a time limit) or SIGUSR1 (`sbatch --signal=USR1@120`) mid-run: the run finishes its
+    optimizer step, saves checkpoint-STEP, says so and exits with 128 + the signal's number; --resume last then
+    trains the rest, as an uninterrupted run does. Before, the signal killed the run: nothing since the last
+    --save-steps was kept."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    common = [*SHORT, "--epochs", "20", "--max-steps", "40", "--output-dir", str(out)]
+    process = subprocess.Popen([sys.executable, "-m", "amapo_train.train", *common], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not ((out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+        time.sleep(0.02)
+    process.send_signal(getattr(signal, stop))
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 128 + getattr(signal, stop), output[-3000:]
+    stopped_at = len(read_metrics(out))
+    assert 2 <= stopped_at < 40, output[-3000:]
+    assert f"stopped by {stop} after step {stopped_at} of 40: {out / f'checkpoint-{stopped_at}'} saved" in output
+    assert json.loads((out / f"checkpoint-{stopped_at}" / "trainer_state.json").read_text())["step"] == stopped_at
+    resumed = main([*common, "--resume", "last"])
+    assert resumed["steps"] == 40 and "stop_signal" not in resumed
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == list(range(1, 41))
+    if stop == "SIGTERM":
+        straight = tmp_path / "straight"
+        main([*common[:-1], str(straight)])
+        assert [r["loss"] for r in records] == [r["loss"] for r in read_metrics(straight)]
+
+
+def test_a_stop_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+    """Two processes (gloo, started as a launcher starts them), SIGUSR1 to the second only: both stop after the
+    same optimizer step (the flag is all-reduced after every step), one checkpoint of that step is saved, and both
+    exit: 128 + SIGUSR1 where it arrived, 128 + SIGTERM in the other. Without the agreement the first process would
+    wait for the second in the next step's collectives."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out, port = tmp_path / "run", free_port()
+    command = [sys.executable, "-m", "amapo_train.train", "--max-train-pairs", "96", "--max-test-pairs", "8",
+               "--log-with", "none", "--device", "cpu", "--total-batch-size", "8", "--per-device-batch-size", "4",
+               "--epochs", "20", "--max-steps", "60", "--output-dir", str(out)]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={
+        **os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for rank in (0, 1)]
+    deadline = time.monotonic() + 300
+    while not ((out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 2):
+        assert all(p.poll() is None for p in processes) and time.monotonic() < deadline, \
+            [p.communicate()[0][-2000:] for p in processes]
+        time.sleep(0.02)
+    processes[1].send_signal(signal.SIGUSR1)
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [128 + signal.SIGTERM, 128 + signal.SIGUSR1], \
+        [o[-2000:] for o in outputs]
+    stopped_at = len(read_metrics(out))
+    assert 2 <= stopped_at < 60
+    assert f"stopped by another process's stop signal after step {stopped_at} of 60" in outputs[0]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{stopped_at}"]
+    assert json.loads((out / f"checkpoint-{stopped_at}" / "trainer_state.json").read_text())["step"] == stopped_at
+
+
+def test_torchrun_passes_sigterm_on_and_the_run_checkpoints(tmp_path):
+    """SIGTERM to torchrun (as `accelerate launch` and SLURM's preemption send it): torchrun passes it to both
+    workers, which stop after the same step and save its checkpoint before torchrun's shutdown timeout."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               "-m", "amapo_train.train", "--max-train-pairs", "96", "--max-test-pairs", "8", "--log-with", "none",
+               "--device", "cpu", "--total-batch-size", "8", "--per-device-batch-size", "4", "--epochs", "20",
+               "--max-steps", "60", "--output-dir", str(out)]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not ((out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 2):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[0][-3000:]
+        time.sleep(0.02)
+    launcher.send_signal(signal.SIGTERM)
+    output = launcher.communicate(timeout=300)[0]
+    stopped_at = len(read_metrics(out))
+    assert f"stopped by SIGTERM after step {stopped_at} of 60" in output, output[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{stopped_at}"]
+    assert json.loads((out / f"checkpoint-{stopped_at}" / "trainer_state.json").read_text())["step"] == stopped_at

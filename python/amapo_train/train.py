@@ -14,8 +14,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -436,25 +438,64 @@ class TrainingRun:
 
 
 def train(config: TrainConfig, resume: str | None = None, stop_after_steps: int | None = None) -> dict:
+    """Trains to the end of the schedule (final checkpoint and evaluation), or to --stop-after-steps, or until a
+    STOP_SIGNALS signal, each of those two with a resumable checkpoint of the step reached (the result's
+    "checkpoint"; after a signal, "stop_signal" its number)."""
     run = set_up(config)
     step = resume_state(run, resume)
     log_path = start_metrics_log(run, config, step)
     last = min(run.total_steps, stop_after_steps or run.total_steps)
-    step = train_steps(run, config, step, last, log_path)
-    result = {"steps": step, "output_dir": config.output_dir}
-    if step >= run.total_steps:
-        if config.save_final:
+    with stop_signals() as received:
+        step, stopped = train_steps(run, config, step, last, log_path, received)
+        result = {"steps": step, "output_dir": config.output_dir}
+        if step >= run.total_steps:
+            if config.save_final:
+                result["checkpoint"] = str(save_checkpoint(run.accelerator, run.model, run.tokenizer, config, step,
+                                                           "final", resumable=False))
+            result["eval"] = evaluate(run.accelerator, run.model, run.test_set, config)
+        elif saves_at(config, step, run.total_steps):  # train_steps saved it: not again
+            result["checkpoint"] = str(Path(config.output_dir) / f"checkpoint-{step}")
+        else:
             result["checkpoint"] = str(save_checkpoint(run.accelerator, run.model, run.tokenizer, config, step,
-                                                       "final", resumable=False))
-        result["eval"] = evaluate(run.accelerator, run.model, run.test_set, config)
-    elif stop_after_steps and saves_at(config, step, run.total_steps):  # train_steps saved it: not again
-        result["checkpoint"] = str(Path(config.output_dir) / f"checkpoint-{step}")
-    elif stop_after_steps:
-        result["checkpoint"] = str(save_checkpoint(run.accelerator, run.model, run.tokenizer, config, step,
-                                                   f"checkpoint-{step}"))
+                                                       f"checkpoint-{step}"))
+        if stopped and step < run.total_steps:
+            result["stop_signal"] = received[0] if received else signal.SIGTERM
+            cause = signal.Signals(received[0]).name if received else "another process's stop signal"
+            run.accelerator.print(f"stopped by {cause} after step {step} of {run.total_steps}: "
+                                  f"{result['checkpoint']} saved; --resume last continues the run")
     run.accelerator.wait_for_everyone()  # every process done before any tears the process group down
     run.accelerator.end_training()
     return result
+
+
+# What stops a run at the end of its optimizer step, with a resumable checkpoint: SLURM sends SIGTERM at preemption
+# and at the time limit (after `sbatch --signal=USR1@120`, SIGUSR1 that long before), launchers pass SIGTERM on.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """A list of the STOP_SIGNALS signals this process receives while the block runs, their handlers restored after
+    it. Off the main thread, where Python cannot handle signals, the list stays empty."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {number: signal.signal(number, lambda number, frame: received.append(number))
+                for number in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def stop_agreed(accelerator, received: list) -> bool:
+    """Whether any process has received a stop signal: called by every process after every optimizer step (one
+    all-reduce of a flag), so that all of them stop after the same one."""
+    if received:
+        accelerator.set_trigger()
+    return accelerator.check_trigger()
 
 
 def set_up(config: TrainConfig) -> TrainingRun:
@@ -585,9 +626,11 @@ def start_metrics_log(run: TrainingRun, config: TrainConfig, step: int) -> Path:
     return log_path
 
 
-def train_steps(run: TrainingRun, config: TrainConfig, step: int, last: int, log_path: Path) -> int:
+def train_steps(run: TrainingRun, config: TrainConfig, step: int, last: int, log_path: Path,
+                received: list | None = None) -> tuple[int, bool]:
     """Optimizer steps from `step` to `last`, epoch by epoch (a resumed epoch skips its done batches): each
-    logged, evaluated and checkpointed as the config asks. Returns the step reached."""
+    logged, evaluated and checkpointed as the config asks; after a step that some process received a stop signal
+    by (`received`, see stop_signals), none more. Returns the step reached and whether a signal stopped it."""
     from tqdm.auto import tqdm
 
     accelerator, model = run.accelerator, run.model
@@ -595,7 +638,8 @@ def train_steps(run: TrainingRun, config: TrainConfig, step: int, last: int, log
     progress = tqdm(total=run.total_steps, initial=step, desc=f"{config.loss} ({config.loss_impl})",
                     disable=not accelerator.is_main_process)
     model.train()
-    while step < last:
+    stopped = False
+    while step < last and not stopped:
         epoch, done_in_epoch = divmod(step, run.steps_per_epoch)
         batches = (accelerator.skip_first_batches(run.loader, done_in_epoch * accumulation) if done_in_epoch
                    else run.loader)
@@ -625,10 +669,11 @@ def train_steps(run: TrainingRun, config: TrainConfig, step: int, last: int, log
                 save_checkpoint(accelerator, model, run.tokenizer, config, step, f"checkpoint-{step}")
             # the next step's clock starts after the evaluation and the checkpoint, which are not its time
             sums, tokens, started = {}, 0, time.perf_counter()
-            if step >= last or step % run.steps_per_epoch == 0:  # the epoch's last full step
+            stopped = stop_agreed(accelerator, received or [])
+            if stopped or step >= last or step % run.steps_per_epoch == 0:  # the epoch's last full step
                 break
     progress.close()
-    return step
+    return step, stopped
 
 
 def saves_at(config: TrainConfig, step: int, total_steps: int) -> bool:
@@ -846,8 +891,12 @@ def main(argv=None):
 
 def cli(argv=None) -> int:
     """The `amapo-train` console script: exit status 0 on success; a user error is one line on stderr
-    and exit status 2, a bug a traceback."""
-    return run_console_script("amapo-train", main, argv)
+    and exit status 2, a bug a traceback; a run stopped by a signal (STOP_SIGNALS), after its checkpoint,
+    128 + the signal's number, as a process the signal ended."""
+    outcome = {}
+    status = run_console_script("amapo-train", lambda args: outcome.update(result=main(args)), argv)
+    stop_signal = (outcome.get("result") or {}).get("stop_signal")
+    return 128 + stop_signal if status == 0 and stop_signal else status
 
 
 if __name__ == "__main__":
