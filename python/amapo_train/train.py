@@ -84,14 +84,14 @@ def sequence_logps(model, input_ids, attention_mask, labels, *, average: bool, i
     mean(b); None there for a softcapped head, whose mean needs every logit."""
     # use_cache=False, as the authors' trainer and TRL: else the forward keeps every layer's keys and values in a
     # cache the loss never reads (under no_grad, the reference and held-out passes, all layers' at once)
-    kwargs = {"use_cache": False, **({"output_router_logits": True} if router_loss else {})}
+    forward_options = {"use_cache": False, **({"output_router_logits": True} if router_loss else {})}
     if impl == "fused":
         # The fused path calls the decoder and the head directly. A DDP wrapper here holds one process (a
         # launcher's RANK / WORLD_SIZE=1: TrainConfig.validate refuses more without DeepSpeed), whose reducer
         # has nothing to sync: the model inside it is called. DeepSpeed's engine forwards these attributes.
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
-        outputs = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        outputs = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **forward_options)
         hidden = outputs.last_hidden_state
         weight, bias = lm_head_params(model, keep_gathered)
         softcap = fused_logit_softcap(model, "--loss-impl")
@@ -106,7 +106,7 @@ def sequence_logps(model, input_ids, attention_mask, labels, *, average: bool, i
             if bias is not None:
                 mean_logits = mean_logits + bias.float().mean()
         return logps, mean_logits, aux_loss
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, **forward_options)
     aux_loss = getattr(outputs, "aux_loss", None) if router_loss else None
     if router_loss and aux_loss is None:
         raise UserError(f"--router-aux-loss-coef: {type(outputs).__name__} of output_router_logits=True has no "
