@@ -512,10 +512,11 @@ def test_schedule_and_optimizer_follow_the_config(tmp_path):
     run = set_up(config)
     assert (len(run.loader), run.accelerator.gradient_accumulation_steps) == (12, 2)
     assert (run.steps_per_epoch, run.total_steps) == (6, 12)
-    assert [(g["lr"], g["weight_decay"]) for g in run.optimizer.param_groups] == [(0.0, 0.05)]  # warm-up from 0
+    # warm-up from 0; the decay on the weights, none on the norms (optimizer_groups)
+    assert [(g["lr"], g["weight_decay"]) for g in run.optimizer.param_groups] == [(0.0, 0.05), (0.0, 0.0)]
     factors = [run.scheduler.lr_lambdas[0](step) for step in (1, 3, 12)]
     assert factors == pytest.approx([1 / 3, 1.0, 0.0], abs=1e-12)
-    assert run.scheduler.base_lrs == [0.01]
+    assert run.scheduler.base_lrs == [0.01, 0.01]
 
 
 class Clock:
@@ -1135,3 +1136,21 @@ def test_torchrun_passes_sigterm_on_and_the_run_checkpoints(tmp_path):
     assert f"stopped by SIGTERM after step {stopped_at} of 60" in output, output[-3000:]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{stopped_at}"]
     assert json.loads((out / f"checkpoint-{stopped_at}" / "trainer_state.json").read_text())["step"] == stopped_at
+
+
+def test_weight_decay_spares_biases_and_norms_as_the_hf_trainer():
+    """--weight-decay decays every weight but biases and normalization weights, by the installed transformers'
+    Trainer rule (the authors' trainer's); before, AdamW decayed every parameter. Without decay, one group."""
+    from transformers import Trainer
+
+    model = dropout_models()["phi"]  # LayerNorm modules with biases, and biased projections
+    groups = driver.optimizer_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in groups[0]["params"]}
+    assert decayed == set(Trainer.get_decay_parameter_names(None, model))
+    assert (groups[0]["weight_decay"], groups[1]["weight_decay"]) == (0.1, 0.0)
+    spared = {names[id(p)] for p in groups[1]["params"]}
+    assert spared and all("bias" in n or "layernorm" in n or "norm" in n for n in spared), spared
+    assert "model.layers.0.self_attn.q_proj.weight" in decayed and "model.final_layernorm.weight" in spared
+    assert len(decayed) + len(spared) == len(list(model.parameters()))
+    assert [len(g["params"]) for g in driver.optimizer_groups(model, 0.0)] == [len(list(model.parameters()))]

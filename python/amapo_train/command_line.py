@@ -61,7 +61,7 @@ HELP = {  # one line per TrainConfig field; a recipe sets the same keys
     "epochs": "passes over the training data",
     "max_steps": "cap on optimizer steps (unset: --epochs decide)",
     "warmup_ratio": "share of the steps with a linear warm-up",
-    "weight_decay": "AdamW weight decay",
+    "weight_decay": "AdamW weight decay, on all weights but biases and norms (as the HF Trainer)",
     "max_grad_norm": "gradient clipping norm (0: off)",
     "seed": "seed of the model init, data order and --eval-fraction split",
     "bf16": "bf16 mixed precision (on/off)",

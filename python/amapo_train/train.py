@@ -542,7 +542,7 @@ def set_up(config: TrainConfig) -> TrainingRun:
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed)).tolist()
     loader = DataLoader(Subset(train_set, order), batch_size=config.per_device_batch_size, drop_last=True,
                         collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, config.weight_decay), lr=config.learning_rate)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     steps_per_epoch = len(loader) // accelerator.gradient_accumulation_steps
     total_steps = steps_per_epoch * config.epochs
@@ -560,6 +560,26 @@ def set_up(config: TrainConfig) -> TrainingRun:
         if config.eval_steps:
             run.test_ref_table = reference_logps_table(accelerator, model, test_set, config)
     return run
+
+
+# Parameters the HF Trainer (the authors') exempts from weight decay, by name (transformers 5's
+# Trainer.get_decay_parameter_names; transformers 4 exempted biases and the norm layers it registered): biases and
+# normalization weights. tests/test_train.py holds the installed transformers' rule to this copy.
+NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+def optimizer_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups: weight decay on every trained parameter but biases, normalization weights and
+    LayerNorm modules' (NO_DECAY_PATTERNS), as the HF Trainer's; one group when there is no decay (so that a
+    checkpoint of such a run keeps its one-group optimizer state)."""
+    trained = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    if not weight_decay:
+        return [{"params": [parameter for _, parameter in trained], "weight_decay": 0.0}]
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    decayed = set(get_parameter_names(model, [torch.nn.LayerNorm], list(NO_DECAY_PATTERNS)))
+    return [{"params": [parameter for name, parameter in trained if name in decayed], "weight_decay": weight_decay},
+            {"params": [parameter for name, parameter in trained if name not in decayed], "weight_decay": 0.0}]
 
 
 def router_loss_weight(model, config: TrainConfig) -> tuple[float, str | None]:
