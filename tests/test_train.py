@@ -1154,3 +1154,17 @@ def test_weight_decay_spares_biases_and_norms_as_the_hf_trainer():
     assert "model.layers.0.self_attn.q_proj.weight" in decayed and "model.final_layernorm.weight" in spared
     assert len(decayed) + len(spared) == len(list(model.parameters()))
     assert [len(g["params"]) for g in driver.optimizer_groups(model, 0.0)] == [len(list(model.parameters()))]
+
+
+@pytest.mark.parametrize("name, factors", [("linear", [1 / 3, 1.0, 5 / 9, 0.0]), ("constant_with_warmup",
+                                                                                   [1 / 3, 1.0, 1.0, 1.0])])
+def test_the_learning_rate_schedule_after_the_warm_up_is_the_configs(tmp_path, name, factors):
+    """--lr-scheduler linear or constant_with_warmup: 12 steps, 3 of warm-up, then linear to 0 or constant
+    (cosine, the recipes', in test_schedule_and_optimizer_follow_the_config); another name is a one-line error."""
+    config = TrainConfig.from_recipe("tiny", max_train_pairs=100, max_test_pairs=8, log_with="none", device="cpu",
+                                     total_batch_size=16, per_device_batch_size=8, epochs=2, warmup_ratio=0.25,
+                                     lr_scheduler=name, output_dir=str(tmp_path / "run"))
+    run = set_up(config)
+    assert [run.scheduler.lr_lambdas[0](step) for step in (1, 3, 7, 12)] == pytest.approx(factors, abs=1e-12)
+    with pytest.raises(UserError, match=r"--lr-scheduler must be one of \['cosine', 'linear', 'constant_with_warmup'\]"):
+        TrainConfig(lr_scheduler="cosine_with_restarts").validate()

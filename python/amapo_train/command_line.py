@@ -14,7 +14,8 @@ from amapo_kernels.preference import METHODS
 from amapo_train.cli_errors import (HelpFormatter, OneLineParser, UserError, check_device, check_output_path,
                                     check_range)
 from amapo_train.config import (BOOLEANS, CHAT_TEMPLATES, CONFIGS, DATASET_FORMATS, DEFAULT_SCORE_COLUMNS, DEVICES,
-                                LOSS_IMPLS, RECIPES, TOKENIZATIONS, TRACKERS, TrainConfig, hparam_value)
+                                LOSS_IMPLS, LR_SCHEDULERS, RECIPES, TOKENIZATIONS, TRACKERS, TrainConfig,
+                                hparam_value)
 from amapo_train.data import looks_local
 
 STATE_FILE = "trainer_state.json"
@@ -27,7 +28,7 @@ RESUME_MAY_CHANGE = ("output_dir", "save_steps", "save_total_limit", "save_final
                      "eval_batch_size", "eval_dataset", "test_split", "max_test_pairs", "device", "loss_impl",
                      "gradient_checkpointing", "attn_implementation", "num_processes")
 CHOICES = {"loss": METHODS, "loss_impl": LOSS_IMPLS, "tokenization": TOKENIZATIONS, "chat_template": CHAT_TEMPLATES,
-           "log_with": TRACKERS, "dataset_format": DATASET_FORMATS, "device": DEVICES}
+           "log_with": TRACKERS, "dataset_format": DATASET_FORMATS, "device": DEVICES, "lr_scheduler": LR_SCHEDULERS}
 # The importable module each tracker needs (accelerate's tensorboard tracker: torch.utils.tensorboard).
 TRACKER_MODULES = {"wandb": "wandb", "tensorboard": "tensorboard"}
 HELP = {  # one line per TrainConfig field; a recipe sets the same keys
@@ -54,13 +55,14 @@ HELP = {  # one line per TrainConfig field; a recipe sets the same keys
     "router_aux_loss_coef": "mixture of experts: weight of the router load-balancing loss added to the loss (logged "
                             "as aux_loss; 0: none); default: the model config's router_aux_loss_coef where its "
                             "output_router_logits is on (the model's own loss), else none",
-    "learning_rate": "AdamW learning rate (cosine schedule)",
+    "learning_rate": "AdamW learning rate (peak, after the warm-up)",
     "total_batch_size": "pairs per optimizer step (per-device batch x accumulation x processes)",
     "per_device_batch_size": "pairs per micro-batch and process",
     "num_processes": "the processes the recipe's authors launched (a different launch is warned about)",
     "epochs": "passes over the training data",
     "max_steps": "cap on optimizer steps (unset: --epochs decide)",
     "warmup_ratio": "share of the steps with a linear warm-up",
+    "lr_scheduler": "the learning rate after the warm-up: cosine to 0 (the recipes'), linear to 0, or constant",
     "weight_decay": "AdamW weight decay, on all weights but biases and norms (as the HF Trainer)",
     "max_grad_norm": "gradient clipping norm (0: off)",
     "seed": "seed of the model init, data order and --eval-fraction split",

@@ -15,6 +15,9 @@ LOSS_IMPLS = ("fused", "ops", "eager")
 TOKENIZATIONS = ("trl", "separate")
 CHAT_TEMPLATES = ("mistral",)
 TRACKERS = ("tensorboard", "wandb", "none")
+# Learning-rate schedules after the linear warm-up (transformers.get_scheduler's names): the recipes' cosine to 0,
+# linear to 0, or constant.
+LR_SCHEDULERS = ("cosine", "linear", "constant_with_warmup")
 # The driver's devices: accelerate places each process on its GPU (LOCAL_RANK; CUDA_VISIBLE_DEVICES picks which)
 DEVICES = ("cpu", "cuda")
 DATASET_FORMATS = ("auto", *FORMATS)  # detection per record, or one format of amapo_train.data
@@ -100,6 +103,7 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None  # cap on optimizer steps (the tiny default and tests)
     warmup_ratio: float = 0.1
+    lr_scheduler: str = "cosine"  # one of LR_SCHEDULERS
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0  # the authors' (transformers Trainer's) default; 0 or None: off
     seed: int = 42
@@ -150,6 +154,7 @@ class TrainConfig:
                                       ("tokenization", self.tokenization, TOKENIZATIONS),
                                       ("chat-template", self.chat_template, (None, *CHAT_TEMPLATES)),
                                       ("log-with", self.log_with, TRACKERS),
+                                      ("lr-scheduler", self.lr_scheduler, LR_SCHEDULERS),
                                       ("dataset-format", self.dataset_format, DATASET_FORMATS),
                                       ("device", self.device, (None, *DEVICES))):
             if value not in accepted:

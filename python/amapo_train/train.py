@@ -501,7 +501,7 @@ def stop_agreed(accelerator, received: list) -> bool:
 def set_up(config: TrainConfig) -> TrainingRun:
     """Data (checked before the model loads), accelerator, model, optimizer, schedule and reference tables."""
     from accelerate.utils import set_seed
-    from transformers import get_cosine_schedule_with_warmup
+    from transformers import get_scheduler
 
     from amapo_train.model import enable_checkpointing, load_model_and_tokenizer
 
@@ -551,7 +551,9 @@ def set_up(config: TrainConfig) -> TrainingRun:
     if total_steps == 0:
         raise UserError(f"--dataset {config.dataset}: no optimizer step: {len(train_set)} training pairs are "
                         f"fewer than one batch of --total-batch-size {config.total_batch_size}")
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
+    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup_steps,
+                              num_training_steps=total_steps)
     accelerator.register_for_checkpointing(scheduler)
     run = TrainingRun(accelerator, model, tokenizer, optimizer, scheduler, loader, train_set, test_set,
                       steps_per_epoch, total_steps, router_weight=router_weight)
