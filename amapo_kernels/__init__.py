@@ -10,6 +10,7 @@
 from amapo_kernels import reference
 from amapo_kernels._ops import cpu_kernels, has_cuda_kernels
 from amapo_kernels.amapo import ABLATIONS, VARIANTS, AMaPOLoss, amapo_loss, amapo_loss_from_logits
+from amapo_kernels.batch_statistics import RunningStatistics
 from amapo_kernels.fused_linear import amapo_loss_from_hidden, preference_loss_from_hidden, sequence_logps_from_hidden
 from amapo_kernels.preference import METHODS, preference_loss
 from amapo_kernels.sequence_logps import sequence_logps
@@ -20,6 +21,7 @@ __all__ = [
     "ABLATIONS",
     "AMaPOLoss",
     "METHODS",
+    "RunningStatistics",
     "VARIANTS",
     "amapo_loss",
     "amapo_loss_from_hidden",

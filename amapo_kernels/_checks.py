@@ -109,26 +109,28 @@ def check_even_batch(name: str, batch) -> None:
 
 
 class Range:
-    """The allowed values of a real hyperparameter: finite and within [low, high] (low excluded if open_low)."""
+    """The allowed values of a real hyperparameter: finite and within [low, high] (an end excluded if open)."""
 
-    def __init__(self, low: float, high: float = math.inf, *, open_low: bool = False):
-        self.low, self.high, self.open_low = low, high, open_low
+    def __init__(self, low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False):
+        self.low, self.high, self.open_low, self.open_high = low, high, open_low, open_high
 
     def __contains__(self, value: float) -> bool:
         # comparisons only (NaN fails the first, inf the last): under torch.compile a hyperparameter that
         # varies between calls is a symbolic float, which math.isfinite cannot take (and whose `< inf` the
         # compiler takes as true for any value)
         above = value > self.low if self.open_low else value >= self.low
-        return above and value <= self.high and abs(value) <= sys.float_info.max
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below and abs(value) <= sys.float_info.max
 
     def __str__(self) -> str:
-        high = "inf)" if self.high == math.inf else f"{self.high}]"
+        high = "inf)" if self.high == math.inf else f"{self.high}{')' if self.open_high else ']'}"
         return f"{'(' if self.open_low else '['}{self.low}, {high}"
 
 
 POSITIVE = Range(0.0, open_low=True)
 NON_NEGATIVE = Range(0.0)
 SMOOTHING = Range(0.0, 0.5)  # cDPO / SimPO / AMaPO label smoothing: beyond 0.5 the labels flip
+DECAY = Range(0.0, 1.0, open_high=True)  # a running statistic's weight on its past: 1 would never update
 
 
 def _as_float(value) -> float:

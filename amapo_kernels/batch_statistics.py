@@ -5,6 +5,8 @@ point). As the authors' trainers gather the quantity from every process, so do t
 parallel-variance formula; on one process the rank's own row is the batch's. Everything here is detached:
 the statistics carry no gradient, in every method that uses them."""
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -75,3 +77,48 @@ def z_scores(values: torch.Tensor, group=None) -> torch.Tensor:
     no_spread = (count < 2) | (m2 == 0)
     std = torch.sqrt(m2 / (count - 1).clamp(min=1))
     return torch.where(no_spread, torch.zeros_like(deviations), deviations / std)
+
+
+class RunningStatistics:
+    """A decayed running mean and std of a per-pair quantity over the batches seen so far, as alpha-DPO's
+    official trainer keeps them for M (its update_and_sync_ref_mean_std): after each batch (the pairs of every
+    rank of `group`), mean <- decay * mean + (1 - decay) * the batch's mean, std likewise with the batch's
+    unbiased std, both starting from 0 without bias correction (after the first batch they are 1 - decay times
+    its own). Two departures, both where the official code gives NaN or changes state outside training: a batch
+    of fewer than 2 values (no std) leaves the state as it is, and a running std of 0 (every batch so far
+    without spread, e.g. a policy still equal to its reference) gives z-scores of 0, as the batch form does.
+    Inside `frozen()` (evaluation) the state is read, not updated; the official trainer updates it in
+    evaluation too. The state is two float64 numbers: state_dict() / load_state_dict() carry it across a
+    checkpoint (accelerate's register_for_checkpointing takes the object as it is)."""
+
+    def __init__(self):
+        self.mean_std = torch.zeros(2, dtype=torch.float64)  # [mean, std]
+        self.updating = True
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """z-scores from the state as it is, without updating it (evaluation)."""
+        updating, self.updating = self.updating, False
+        try:
+            yield self
+        finally:
+            self.updating = updating
+
+    def z_scores(self, values: torch.Tensor, decay: float, group=None) -> torch.Tensor:
+        """(values - mean) / std in float64 (detached) with the running mean and std after this batch's
+        update (decay: the weight of the state so far, in [0, 1)); 0 where the running std is 0."""
+        self.mean_std = self.mean_std.to(values.device)
+        if self.updating:
+            count, pivot, offset, m2 = gathered_moments(values, group).unbind()
+            batch = torch.stack([pivot + offset, torch.sqrt(m2 / (count - 1).clamp(min=1))])
+            updated = decay * self.mean_std + (1 - decay) * batch
+            self.mean_std = torch.where(count >= 2, updated, self.mean_std)  # no host sync
+        mean, std = self.mean_std.unbind()
+        deviations = values.detach().double() - mean
+        return torch.where(std == 0, torch.zeros_like(deviations), deviations / std)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean_std[0].item(), "std": self.mean_std[1].item()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean_std = torch.tensor([state["mean"], state["std"]], dtype=torch.float64)

@@ -8,6 +8,7 @@ from amapo_kernels._checks import (LOGPS_DTYPES, SCORE_DTYPES, Range, _as_float,
                                    check_hparams, check_pair_logps, check_per_pair)
 from amapo_kernels import amapo
 from amapo_kernels._ops import acc_dtype
+from amapo_kernels.batch_statistics import RunningStatistics
 from amapo_kernels.amapo import amapo_loss
 from amapo_kernels.losses import alpha_dpo, cpo, dpo, focalpo, ipo, kto, odpo, simpo, slic
 
@@ -77,6 +78,14 @@ def statistics_pool_error(method: str, hparams: dict, batch_sizes: dict, process
     return None
 
 
+def keeps_running_statistics(method: str, hparams: dict) -> bool:
+    """Whether `method` with `hparams` z-scores with running statistics (alpha_dpo with decay > 0): its caller
+    keeps a RunningStatistics from call to call (passed as running=) and checkpoints it with the run."""
+    check_choice("method", method, METHODS)
+    module = BASELINES.get(method)
+    return getattr(module, "RUNNING_STATISTICS", False) and {**module.DEFAULTS, **hparams}["decay"] > 0
+
+
 def needs_reference(method: str, hparams: dict) -> bool:
     """Whether `method` with `hparams` (defaults filled in) needs reference-model log-probs."""
     return method != "amapo" and BASELINES[method].needs_reference({**method_defaults(method), **hparams})
@@ -95,10 +104,14 @@ def check_call(method: str, pairs: int, device: torch.device, ref_chosen_logps, 
         _check_references(method, pairs, device, ref_chosen_logps, ref_rejected_logps, needed=False)
         return hparams
     module = BASELINES[method]
-    # group= (the ranks sharing the batch statistics) is a keyword of the methods that have some, not a
-    # hyperparameter; elsewhere it is refused as an unknown name
-    keywords = {"group": hparams["group"]} if "group" in hparams and batch_statistics_of(method) else {}
+    # group= (the ranks sharing the batch statistics) is a keyword of the methods that have some, running= (a
+    # running statistics' state) of those that keep one; neither is a hyperparameter, elsewhere each is refused
+    # as an unknown name
+    taken = {"group": batch_statistics_of(method), "running": getattr(module, "RUNNING_STATISTICS", False)}
+    keywords = {name: hparams[name] for name in taken if taken[name] and name in hparams}
     hparams = resolved_hparams(method, {name: value for name, value in hparams.items() if name not in keywords})
+    if taken["running"]:
+        _check_running(method, hparams["decay"], keywords.get("running"))
     _check_references(method, pairs, device, ref_chosen_logps, ref_rejected_logps,
                       needed=module.needs_reference(hparams))
     for name in getattr(module, "REQUIRED", ()):
@@ -106,6 +119,20 @@ def check_call(method: str, pairs: int, device: torch.device, ref_chosen_logps, 
             raise ValueError(f"method={method!r} needs {name}")
         check_per_pair(name, hparams[name], pairs, device, SCORE_DTYPES)
     return {**hparams, **keywords}
+
+
+def _check_running(method, decay, running) -> None:
+    """decay > 0 needs the state of the running statistics, kept by the caller from call to call; a state given
+    with decay = 0 (the current batch's statistics) would be passed over, and is refused."""
+    if running is not None and not isinstance(running, RunningStatistics):
+        raise TypeError(f"method={method!r}: running must be an amapo_kernels.RunningStatistics, "
+                        f"got {type(running).__name__}")
+    if decay > 0 and running is None:
+        raise ValueError(f"method={method!r} with decay={decay} needs running=amapo_kernels.RunningStatistics(), "
+                         "created once and passed to every call (the running mean and std it updates)")
+    if decay == 0 and running is not None:
+        raise ValueError(f"method={method!r}: running= is used only with decay > 0 (decay=0 takes the current "
+                         "batch's statistics)")
 
 
 def _check_references(method, pairs, device, ref_chosen_logps, ref_rejected_logps, *, needed: bool) -> None:
@@ -146,7 +173,8 @@ def preference_loss(
     Log-probs are summed over response tokens for dpo, ipo, slic, cpo, odpo, kto, focalpo and
     length-normalized for simpo, alpha_dpo, amapo (sequence_logps(average=False / True)).
     method="amapo" takes amapo_loss's keywords (beta, label_smoothing, variant, ablation, group); alpha_dpo
-    and kto take group= too (their batch statistics are over every rank of it, see batch_statistics_of).
+    and kto take group= too (their batch statistics are over every rank of it, see batch_statistics_of);
+    alpha_dpo with decay > 0 takes running= (a RunningStatistics kept from call to call; frozen() for evaluation).
     Hyperparameters are validated by one rule set per method (finite, sign, range; the error names the
     method and the argument). An empty batch (B = 0) gives a loss of 0 for every method. The loss computes in
     float64 where a log-prob tensor given is float64 (torch's promotion), in float32 otherwise.

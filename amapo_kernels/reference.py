@@ -150,10 +150,15 @@ def focalpo(lc, lr, rc, rr, *, beta=0.1, gamma=0.05):
     return -(torch.sigmoid(x) ** gamma) * torch.nn.functional.logsigmoid(x)
 
 
-def alpha_dpo(lc, lr, rc, rr, *, beta=2.5, gamma=1.5, alpha=0.2):
+def alpha_dpo(lc, lr, rc, rr, *, beta=2.5, gamma=1.5, alpha=0.2, decay=0.0, running=None):
     u = lc - lr
     m = (u - (rc - rr)).detach()
-    if m.numel() > 1 and not bool((m == m[0]).all()):  # spread (a NaN in m is spread: M* is NaN)
+    if decay > 0:  # running (decayed) mean and std, updated by batches of 2+ pairs unless frozen
+        if running.updating and m.numel() > 1:
+            running.mean_std = decay * running.mean_std + (1 - decay) * torch.stack([m.mean(), m.std()]).double()
+        mean, std = running.mean_std.tolist()
+        m_star = (m - mean) / std if std != 0 else torch.zeros_like(m)
+    elif m.numel() > 1 and not bool((m == m[0]).all()):  # spread (a NaN in m is spread: M* is NaN)
         m_star = (m - m.mean()) / m.std()
     else:
         m_star = torch.zeros_like(m)

@@ -31,6 +31,7 @@ def global_batch():
 # show: KTO's default beta = 0.1 keeps its loss nearly linear in the reference points, where the weighted
 # local means add up to the global one.
 BATCH_STATISTICS_BASELINES = {"alpha_dpo": {}, "kto": {"beta": 5.0}}
+RUNNING = "alpha_dpo_running"  # decay > 0: running statistics over two batches of every rank
 
 
 def reference_logps(chosen, rejected):
@@ -67,6 +68,13 @@ def losses_and_grads(chosen, rejected, logits, labels):
                                          ref_rejected_logps=ref_rejected, **BATCH_STATISTICS_BASELINES[method])
         result[method] = method_loss
         result[f"{method}_grads"] = torch.autograd.grad(method_loss, (c, r))
+    running = ak.RunningStatistics()  # alpha_dpo's running statistics: the second batch's z-scores take both
+    for moved in (0.0, 0.3):
+        c, r = (chosen + moved * torch.sin(3 * chosen)).requires_grad_(), rejected.clone().requires_grad_()
+        result[RUNNING] = ak.preference_loss(c, r, method="alpha_dpo", ref_chosen_logps=ref_chosen,
+                                             ref_rejected_logps=ref_rejected, decay=0.5, running=running)
+    result[f"{RUNNING}_grads"] = torch.autograd.grad(result[RUNNING], (c, r))
+    result["running_state"] = running.mean_std
     return result
 
 
@@ -91,10 +99,12 @@ def test_two_processes_match_one(tmp_path):
     total = sum(SHARDS)
     weights = [pairs / total for pairs in SHARDS]
 
-    for key in ("loss", "logits_loss", *BATCH_STATISTICS_BASELINES):
+    for key in ("loss", "logits_loss", *BATCH_STATISTICS_BASELINES, RUNNING):
         combined = sum(w * result[key] for w, result in zip(weights, ranks))
         torch.testing.assert_close(combined, single[key], rtol=1e-6, atol=1e-7)
-    for key in ("grads", *(f"{method}_grads" for method in BATCH_STATISTICS_BASELINES)):
+    for result in ranks:  # every rank holds the same state, the one process's
+        torch.testing.assert_close(result["running_state"], single["running_state"], rtol=1e-12, atol=0)
+    for key in ("grads", *(f"{method}_grads" for method in (*BATCH_STATISTICS_BASELINES, RUNNING))):
         for side in (0, 1):
             combined = torch.cat([w * result[key][side] for w, result in zip(weights, ranks)])
             torch.testing.assert_close(combined, single[key][side], rtol=1e-6, atol=1e-9)

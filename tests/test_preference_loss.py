@@ -1,6 +1,9 @@
 """preference_loss: every method against the textbook reference, values and gradients."""
 
+import contextlib
+import copy
 import math
+import statistics
 
 import pytest
 import torch
@@ -231,6 +234,108 @@ def test_alpha_dpo_by_hand():
         grad_chosen, grad_rejected = torch.autograd.grad(loss, (chosen, rejected))
         assert grad_chosen.tolist() == pytest.approx(expected_grad, rel=1e-12), fn.__module__
         assert grad_rejected.tolist() == pytest.approx([-g for g in expected_grad], rel=1e-12), fn.__module__
+
+
+def test_alpha_dpo_running_statistics_by_hand():
+    """decay > 0: M's mean and unbiased std are decayed running values, as alpha-DPO's official trainer keeps them
+    (from 0, no bias correction): after batch t, mean_t = decay * mean_{t-1} + (1 - decay) * mean(M_t), std
+    likewise, and M* = (M - mean_t) / std_t. Worked out with the statistics module over three batches, ops and
+    fp64 reference; frozen() reads the state without updating it; a one-pair batch leaves it as it is."""
+    beta, gamma, alpha, decay = 2.5, 1.5, 0.2, 0.9
+    batches = [([-1.0, -1.5, -0.5], [-2.0, -1.5, -2.5], [-1.25, -2.0, -1.0], [-1.75, -1.5, -1.0]),
+               ([-0.5, -1.0, -2.0, -1.0], [-1.0, -3.0, -1.5, -1.25], [-1.0] * 4, [-1.5, -1.0, -2.0, -0.5]),
+               ([-1.0, -2.0], [-1.75, -1.0], [-1.5, -1.0], [-1.0, -1.5])]
+    for fn in (ak.preference_loss, ref.preference_loss):
+        running, mean, std = ak.RunningStatistics(), 0.0, 0.0
+        for lc, lr, rc, rr in batches:
+            u = [c - r for c, r in zip(lc, lr)]
+            m = [ui - (c - r) for ui, c, r in zip(u, rc, rr)]
+            mean = decay * mean + (1 - decay) * statistics.mean(m)
+            std = decay * std + (1 - decay) * statistics.stdev(m)
+            x = [beta * ui - gamma - beta * alpha * (mi - mean) / std for ui, mi in zip(u, m)]
+            tensors = [torch.tensor(v, dtype=torch.float64) for v in (lc, lr, rc, rr)]
+            loss = fn(tensors[0], tensors[1], method="alpha_dpo", ref_chosen_logps=tensors[2],
+                      ref_rejected_logps=tensors[3], decay=decay, running=running)
+            assert running.mean_std.tolist() == pytest.approx([mean, std], rel=1e-12), fn.__module__
+            assert loss.item() == pytest.approx(sum(math.log1p(math.exp(-xi)) for xi in x) / len(x), rel=1e-12)
+        for frozen, pairs in ((True, 3), (False, 1)):  # evaluation, then a one-pair batch: no update
+            tensors = [torch.tensor(v[:pairs], dtype=torch.float64) for v in batches[0]]
+            with running.frozen() if frozen else contextlib.nullcontext():
+                fn(tensors[0], tensors[1], method="alpha_dpo", ref_chosen_logps=tensors[2],
+                   ref_rejected_logps=tensors[3], decay=decay, running=running)
+            assert running.mean_std.tolist() == pytest.approx([mean, std], rel=1e-12), fn.__module__
+
+
+def test_alpha_dpo_running_statistics_without_spread_and_across_a_checkpoint():
+    """A running std of 0 (every batch so far without spread: a policy still equal to its reference, where the
+    official trainer divides 0 by 0) gives z-scores of 0, the loss SimPO's; state_dict() / load_state_dict()
+    carry the state, so a resumed run goes on with the same margins."""
+    logps = torch.tensor([-1.0, -1.5, -0.5], dtype=torch.float64)
+    refs = {"ref_chosen_logps": logps, "ref_rejected_logps": logps - 0.5}
+    for fn in (ak.preference_loss, ref.preference_loss):
+        running = ak.RunningStatistics()
+        loss = fn(logps, logps - 0.5, method="alpha_dpo", **refs, decay=0.9, running=running)  # M = 0
+        assert running.mean_std.tolist() == [0.0, 0.0]
+        torch.testing.assert_close(loss, ak.preference_loss(logps, logps - 0.5, method="simpo", beta=2.5, gamma=1.5))
+    tensors, _ = make_inputs("alpha_dpo", 6, torch.Generator().manual_seed(3), torch.float64)
+    running = ak.RunningStatistics()
+    refs = {"ref_chosen_logps": tensors[2], "ref_rejected_logps": tensors[3]}
+    ak.preference_loss(*tensors[:2], method="alpha_dpo", **refs, decay=0.5, running=running)
+    resumed = ak.RunningStatistics()
+    resumed.load_state_dict(running.state_dict())
+    assert resumed.mean_std.tolist() == running.mean_std.tolist() and resumed.mean_std.tolist()[1] > 0
+    assert ak.preference_loss(*tensors[:2], method="alpha_dpo", **refs, decay=0.5, running=resumed).item() == (
+        ak.preference_loss(*tensors[:2], method="alpha_dpo", **refs, decay=0.5, running=running).item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_alpha_dpo_running_statistics_match_reference(dtype):
+    """decay > 0 over five batches of 1 to 9 pairs: the ops against the fp64 reference (each with its own state)
+    under the testing rule, values and gradients; the conditioning taken from the state before each batch."""
+    generator = torch.Generator().manual_seed(11)
+    states = {"ops": ak.RunningStatistics(), "fp64": ak.RunningStatistics(), "same dtype": ak.RunningStatistics()}
+    for pairs in (4, 9, 1, 2, 7):
+        tensors, _ = make_inputs("alpha_dpo", pairs, generator, dtype)
+        kwargs = {"method": "alpha_dpo", "beta": 10.0, "alpha": 0.3, "decay": 0.8}
+        before = copy.deepcopy(states["fp64"])
+
+        def fp64(*leaves):
+            loss, grads = losses_and_grads(ref.preference_loss, leaves, torch.float64,
+                                           running=copy.deepcopy(before), **kwargs)
+            return [loss, *grads]
+
+        conditioning = conditioning_floor(fp64, tensors, dtype)
+        loss, grads = losses_and_grads(ak.preference_loss, tensors, dtype, running=states["ops"], **kwargs)
+        loss64, grads64 = losses_and_grads(ref.preference_loss, tensors, torch.float64, running=states["fp64"],
+                                           **kwargs)
+        loss_same, grads_same = losses_and_grads(ref.preference_loss, tensors, dtype, running=states["same dtype"],
+                                                 **kwargs)
+        assert loss.dtype == dtype
+        assert_within_rule(loss, loss64, loss_same, k=2, dtype=dtype, what="running alpha_dpo loss",
+                           conditioning=conditioning[0])
+        for grad, grad64, grad_same, floor in zip(grads, grads64, grads_same, conditioning[1:]):
+            assert_within_rule(grad, grad64, grad_same, k=3, dtype=dtype, what="running alpha_dpo grad",
+                               conditioning=floor)
+    assert states["ops"].mean_std[1] > 0
+
+
+def test_alpha_dpo_running_statistics_arguments():
+    """decay in [0, 1); decay > 0 needs running= (a RunningStatistics), decay = 0 refuses one it would pass over,
+    and a method without running statistics refuses the name, each before any loss runs."""
+    tensors, _ = make_inputs("alpha_dpo", 4, torch.Generator().manual_seed(5), torch.float64)
+    call = {"method": "alpha_dpo", "ref_chosen_logps": tensors[2], "ref_rejected_logps": tensors[3]}
+    with pytest.raises(ValueError, match=r"decay=0.9 needs running=amapo_kernels.RunningStatistics\(\)"):
+        ak.preference_loss(*tensors[:2], **call, decay=0.9)
+    with pytest.raises(ValueError, match=r"running= is used only with decay > 0"):
+        ak.preference_loss(*tensors[:2], **call, running=ak.RunningStatistics())
+    with pytest.raises(TypeError, match=r"running must be an amapo_kernels.RunningStatistics, got dict"):
+        ak.preference_loss(*tensors[:2], **call, decay=0.9, running={"mean": 0.0, "std": 1.0})
+    for decay in (1.0, -0.1, math.nan):
+        with pytest.raises(ValueError, match=r"decay must be a finite number in \[0.0, 1.0\)"):
+            ak.preference_loss(*tensors[:2], **call, decay=decay, running=ak.RunningStatistics())
+    with pytest.raises(TypeError, match=r"method='kto' has no hyperparameter \['running'\]"):
+        ak.preference_loss(*tensors[:2], method="kto", ref_chosen_logps=tensors[2], ref_rejected_logps=tensors[3],
+                           running=ak.RunningStatistics())
 
 
 def test_methods_take_the_log_probs_of_their_papers():

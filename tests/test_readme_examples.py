@@ -55,6 +55,18 @@ def test_readme_usage_examples_run_as_written():
     assert namespace["logps"].shape == (4,) and torch.isfinite(namespace["logps"]).all()
 
 
+def test_readme_running_statistics_example_runs_as_written():
+    """The Baselines section's alpha-DPO block: the training call updates the state, the frozen one reads it."""
+    marker = "<!-- test: tests/test_readme_examples.py (running statistics) -->"
+    (block,) = re.findall(re.escape(marker) + r"\s*```python\n(.*?)```", README.read_text(), re.S)
+    namespace = {**given(pairs=3), "amapo_kernels": __import__("amapo_kernels")}
+    exec(compile(block, "README.md (running statistics block)", "exec"), namespace)
+    gap = namespace["chosen_logps"] - namespace["rejected_logps"] - (namespace["rc"] - namespace["rr"])
+    expected = 0.1 * torch.stack([gap.double().mean(), gap.double().std()])  # one update from 0, not two
+    torch.testing.assert_close(namespace["running"].mean_std, expected, rtol=1e-12, atol=0)
+    assert math.isfinite(namespace["loss"].item()) and namespace["eval_loss"].item() == namespace["loss"].item()
+
+
 def test_package_exports_the_compiled_ops_and_its_version():
     import tomllib
 
@@ -62,8 +74,8 @@ def test_package_exports_the_compiled_ops_and_its_version():
 
     namespace = {}
     exec("from amapo_kernels import *", namespace)
-    assert {"ABLATIONS", "AMaPOLoss", "METHODS", "VARIANTS", "amapo_loss", "amapo_loss_from_hidden",
-            "amapo_loss_from_logits", "cpu_kernels", "has_cuda_kernels", "preference_loss",
+    assert {"ABLATIONS", "AMaPOLoss", "METHODS", "RunningStatistics", "VARIANTS", "amapo_loss",
+            "amapo_loss_from_hidden", "amapo_loss_from_logits", "cpu_kernels", "has_cuda_kernels", "preference_loss",
             "preference_loss_from_hidden", "reference", "sequence_logps", "sequence_logps_from_hidden"} <= set(namespace)
     # the ops, not the fp64 reference of the same name (the demo compares the two)
     assert amapo_kernels.sequence_logps is sys.modules["amapo_kernels.sequence_logps"].sequence_logps

@@ -69,6 +69,31 @@ def test_resume_gives_the_same_losses(tmp_path, capsys):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
 
 
+def test_alpha_dpo_running_statistics_resume_and_survive_evaluation(tmp_path, capsys):
+    """alpha_dpo with decay > 0 (the official trainer's running mean and std of M): the state is in the checkpoint,
+    so a resumed run has the uninterrupted run's losses; held-out evaluation reads it without updating it, so the
+    training losses are those of a run without evaluation; and the state is used (decay = 0 trains otherwise)."""
+    common = [*SHORT, "--max-steps", "4", "--loss", "alpha_dpo", "--hparam", "beta=10", "--hparam", "alpha=1"]
+    runs = {"straight": [], "evaluated": ["--eval-steps", "1"], "stateless": ["--hparam", "decay=0"]}
+    for name, extra in runs.items():
+        main([*common, "--hparam", "decay=0.9", *extra, "--output-dir", str(tmp_path / name)])
+    split = tmp_path / "split"
+    main([*common, "--hparam", "decay=0.9", "--output-dir", str(split), "--stop-after-steps", "2"])
+    assert (split / "checkpoint-2" / "state" / "custom_checkpoint_1.pkl").exists()  # after the scheduler's
+    capsys.readouterr()
+    main([*common, "--hparam", "decay=0.9", "--output-dir", str(split), "--resume", "last"])
+    assert f"resumed from {split / 'checkpoint-2'} at step 2" in capsys.readouterr().out
+    expected = [r["loss"] for r in read_metrics(tmp_path / "straight")]
+    for name in ("split", "evaluated"):
+        assert [r["loss"] for r in read_metrics(tmp_path / name)] == pytest.approx(expected, rel=1e-6), name
+    assert "eval_loss" in read_metrics(tmp_path / "evaluated")[0]
+    stateless = [r["loss"] for r in read_metrics(tmp_path / "stateless")]
+    # steps 1-2: the policy is its reference (step 1 is the warm-up's, at learning rate 0), M = 0 and every
+    # z-score 0 either way; from step 3 the running statistics are those of the batches so far, not the current
+    assert stateless[:2] == pytest.approx(expected[:2], rel=1e-6)
+    assert all(abs(a - b) > 1e-3 for a, b in zip(stateless[2:], expected[2:])), (stateless, expected)
+
+
 def test_resume_refuses_another_runs_settings(tmp_path):
     """The restored optimizer, scheduler and data position belong to the checkpoint's run: a resume that changes
     its model, loss or optimisation is refused, naming the settings; where it writes and how often it

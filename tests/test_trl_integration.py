@@ -611,6 +611,30 @@ def _saved(tokenizer, directory) -> str:
     return str(directory)
 
 
+def test_alpha_dpo_running_statistics_resume_and_survive_evaluation(tokenizer, hh_pairs, tmp_path):
+    """alpha_dpo with decay > 0: the running statistics are in every checkpoint (trainer_state.json), so a run
+    resumed from one (with or without restore_callback_states_from_checkpoint) has the uninterrupted run's losses;
+    evaluation reads them without updating them; and they are used (decay = 0 trains otherwise)."""
+    def losses(name, decay=0.9, resume=None, **options):
+        args = PreferenceConfig(output_dir=str(tmp_path / name), **{**TRAINING, "save_strategy": "steps",
+                                "save_steps": 2, "max_steps": 4, **options}, loss="alpha_dpo",
+                                loss_hparams={"beta": 10.0, "alpha": 1.0, "decay": decay})
+        trainer = recording(PreferenceTrainer)(model=tiny_llama(len(tokenizer)), args=args, train_dataset=hh_pairs,
+                                               eval_dataset=hh_pairs.select(range(8)), processing_class=tokenizer)
+        trainer.steps = []
+        trainer.train(resume_from_checkpoint=resume)
+        return [step["loss"] for step in trainer.steps]
+
+    straight = losses("straight")
+    assert losses("evaluated", eval_strategy="steps", eval_steps=1) == pytest.approx(straight, rel=1e-6)
+    checkpoint = str(tmp_path / "straight" / "checkpoint-2")
+    assert losses("resumed", resume=checkpoint) == pytest.approx(straight[2:], rel=1e-6)
+    assert losses("restored", resume=checkpoint, restore_callback_states_from_checkpoint=True) == pytest.approx(
+        straight[2:], rel=1e-6)
+    stateless = losses("stateless", decay=0.0)
+    assert all(abs(a - b) > 1e-3 for a, b in zip(stateless[2:], straight[2:])), (stateless, straight)
+
+
 def test_config_resolves_and_checks_hyperparameters(tmp_path):
     config = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False)
     args = PreferenceConfig(**config)
@@ -644,6 +668,9 @@ def test_config_resolves_and_checks_hyperparameters(tmp_path):
         PreferenceConfig(**config, loss="orpo")
     with pytest.raises(ValueError, match="odpo.*scores"):
         PreferenceConfig(**config, loss="odpo")
+    assert PreferenceConfig(**config, loss="alpha_dpo").loss_hparams["decay"] == 0.0
+    with pytest.raises(ValueError, match=r"decay must be a finite number in \[0.0, 1.0\), got 1.0"):
+        PreferenceConfig(**config, loss="alpha_dpo", loss_hparams={"decay": 1.0})
     with pytest.raises(ValueError, match="sync_ref_model"):
         PreferenceConfig(**config, sync_ref_model=True)
     with pytest.raises(TypeError, match="PreferenceConfig"):

@@ -19,6 +19,8 @@ checkpoints. What differs from DPOTrainer:
 - Reference-free methods (amapo, simpo, cpo, slic's rank form) build no reference model; the others use TRL's
   precomputed reference log-probs (the default here) or TRL's live reference model, computed by this library.
 - AMaPO's batch statistics span every rank (amapo_loss all-reduces them when torch.distributed is initialized).
+  alpha_dpo with `decay` > 0 keeps running statistics (RunningStatisticsCallback), saved in every checkpoint's
+  trainer_state.json and read back by a resumed run; evaluation reads them without updating them.
 - Logged: TRL's `rewards/*`, `logps/*` and `num_tokens` (rewards = beta x the method's log-probs, minus the
   reference's where there is one), plus AMaPO's `batch_margin_mean`, `batch_margin_std`, `adaptive_margin`.
   TRL's `entropy`, `logits/*` and `mean_token_accuracy` need the logits the fused path never builds: not logged.
@@ -39,6 +41,7 @@ try:
     from accelerate.utils import is_peft_model
     from datasets.fingerprint import Hasher
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    from transformers.trainer_callback import ExportableState, TrainerCallback
     from transformers.training_args import _convert_str_dict
     from trl import DPOConfig, DPOTrainer
     from trl.trainer import dpo_trainer as trl_dpo_trainer
@@ -49,9 +52,10 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 import amapo_kernels as ak
 from amapo_kernels._checks import check_choice
+from amapo_kernels.batch_statistics import RunningStatistics
 from amapo_kernels.integrations.hf_head import disable_dropout, fused_logit_softcap, router_loss_function
-from amapo_kernels.preference import (METHODS, method_defaults, needs_reference, resolved_hparams,
-                                      statistics_pool_error, uses_mean_logps)
+from amapo_kernels.preference import (METHODS, keeps_running_statistics, method_defaults, needs_reference,
+                                      resolved_hparams, statistics_pool_error, uses_mean_logps)
 
 LOSS_IMPLS = ("fused", "ops")
 # ODPO's per-pair scores would need dataset columns TRL's collator does not carry.
@@ -196,6 +200,8 @@ class PreferenceTrainer(DPOTrainer):
             for network in (self.model, self.ref_model):
                 if network is not None:
                     disable_dropout(network)
+        if keeps_running_statistics(args.loss, args.loss_hparams):
+            self.add_callback(RunningStatisticsCallback())
         self._add_heads()
 
     def _add_heads(self) -> None:
@@ -286,7 +292,11 @@ class PreferenceTrainer(DPOTrainer):
         if self.args.loss == "amapo":
             loss, stats = ak.amapo_loss(chosen, rejected, **self.args.loss_hparams, return_stats=True)
         else:
-            loss = ak.preference_loss(chosen, rejected, method=self.args.loss, **references, **self.args.loss_hparams)
+            running = self._running_statistics()
+            state = {} if running is None else {"running": running}
+            with running.frozen() if running is not None and mode == "eval" else contextlib.nullcontext():
+                loss = ak.preference_loss(chosen, rejected, method=self.args.loss, **references,
+                                          **self.args.loss_hparams, **state)
         if aux_loss is not None:  # DPOTrainer's MoE term (aux_loss_enabled: the config has output_router_logits)
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
@@ -296,6 +306,15 @@ class PreferenceTrainer(DPOTrainer):
                 outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
             return loss, outputs
         return loss
+
+    def _running_statistics(self) -> RunningStatistics | None:
+        """The loss's running statistics (None if it keeps none), looked up in the callbacks on each call: a resume
+        with restore_callback_states_from_checkpoint replaces the callback by a new one."""
+        if not keeps_running_statistics(self.args.loss, self.args.loss_hparams):
+            return None
+        callbacks = self.callback_handler.callbacks
+        # None where the user removed it: preference_loss then names the missing running=
+        return next((cb.running for cb in callbacks if isinstance(cb, RunningStatisticsCallback)), None)
 
     def _record_metrics(self, mode, inputs, chosen, rejected, references, stats) -> None:
         """TRL's metric names over every rank's pairs, plus AMaPO's batch statistics."""
@@ -319,6 +338,27 @@ class PreferenceTrainer(DPOTrainer):
         if mode == "train":
             self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
+
+
+class RunningStatisticsCallback(TrainerCallback, ExportableState):
+    """Carries a loss's RunningStatistics (alpha_dpo with decay > 0) in trainer_state.json's stateful_callbacks,
+    which the Trainer writes into every checkpoint (state()). A resumed run reads it back at on_train_begin: the
+    Trainer itself restores callbacks only with restore_callback_states_from_checkpoint=True (building a new one
+    from state()'s args, which this one's constructor takes)."""
+
+    def __init__(self, mean: float = 0.0, std: float = 0.0):
+        self.running = RunningStatistics()
+        self.running.load_state_dict({"mean": mean, "std": std})
+
+    def state(self) -> dict:
+        return {"args": self.running.state_dict(), "attributes": {}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        name = type(self).__name__
+        if name in state.stateful_callbacks:  # a fresh run's holds this state; a resumed one's, the checkpoint's
+            self.running.load_state_dict(state.stateful_callbacks[name]["args"])
+        else:  # resumed from a checkpoint without it: the Trainer's save looks its entry up
+            state.stateful_callbacks[name] = self.state()
 
 
 def _hparams_dict(value) -> dict:

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Subset
 import amapo_kernels as ak
 from amapo_kernels import reference
 from amapo_kernels.integrations.hf_head import disable_dropout, fused_logit_softcap, router_loss_function
-from amapo_kernels.preference import method_defaults, needs_reference, uses_mean_logps
+from amapo_kernels.batch_statistics import RunningStatistics
+from amapo_kernels.preference import keeps_running_statistics, method_defaults, needs_reference, uses_mean_logps
 from amapo_train.cli_errors import UserError, one_line, require_extras, run_console_script
 from amapo_train.config import TrainConfig
 from amapo_train.command_line import (STATE_FILE, STATE_FILES, build_parser, check_run, config_from_args,
@@ -119,12 +120,13 @@ def sequence_logps(model, input_ids, attention_mask, labels, *, average: bool, i
 
 
 def pair_loss(model, batch, config, ref_table, keep_gathered: contextlib.ExitStack | None = None,
-              router_weight: float = 0.0):
+              router_weight: float = 0.0, running: RunningStatistics | None = None):
     """(loss, detached metrics) of one micro-batch (the batch format of amapo_train.data.collate) under
     `config` (its loss, hparams, loss_impl); ref_table: reference log-probs indexed by batch["index"] (None
     for reference-free methods). Under ZeRO-3 with the fused path, pass an ExitStack and keep it open
     through the backward (see lm_head_params). router_weight: a mixture of experts' router load-balancing
-    loss, x this, is added (see router_loss_weight)."""
+    loss, x this, is added (see router_loss_weight). running: the loss's running statistics, if it keeps any
+    (updated by this batch)."""
     input_ids, attention_mask, labels = concatenated(batch)
     logps, mean_logits, aux_loss = sequence_logps(model, input_ids, attention_mask, labels,
                                                   average=uses_mean_logps(config.loss), impl=config.loss_impl,
@@ -134,7 +136,8 @@ def pair_loss(model, batch, config, ref_table, keep_gathered: contextlib.ExitSta
     if ref_table is not None:
         ref = ref_table[batch["index"].cpu()].to(logps.device)
         refs = (ref[:, 0], ref[:, 1])
-    loss, metrics = loss_and_metrics(logps[:pairs], logps[pairs:], refs, config, batch_hparams(batch, logps.device))
+    loss, metrics = loss_and_metrics(logps[:pairs], logps[pairs:], refs, config, batch_hparams(batch, logps.device),
+                                     running)
     if mean_logits is not None:
         metrics["logits/chosen"] = mean_logits[:pairs].mean()
         metrics["logits/rejected"] = mean_logits[pairs:].mean()
@@ -156,9 +159,9 @@ def batch_hparams(batch, device) -> dict:
     return {key: batch[key].to(device) for key in ("chosen_scores", "rejected_scores") if key in batch}
 
 
-def loss_and_metrics(chosen, rejected, refs, config, pair_hparams=None):
+def loss_and_metrics(chosen, rejected, refs, config, pair_hparams=None, running=None):
     """(loss, detached metrics) from the policy's log-probs (refs: the reference's, or None; pair_hparams:
-    per-pair hyperparameters of the batch, see batch_hparams): TRL's names
+    per-pair hyperparameters of the batch, see batch_hparams; running: the loss's running statistics): TRL's names
     and, for AMaPO, the authors' (rewards/batch_margin_mean = beta * mu, margin/accuracies: the reward
     margin beats beta * mu, loss/margin: the mean adaptive margin)."""
     hparams = {**method_defaults(config.loss), **config.hparams}
@@ -173,8 +176,9 @@ def loss_and_metrics(chosen, rejected, refs, config, pair_hparams=None):
         metrics["loss/margin"] = stats["adaptive_margin"].mean()
     else:
         ref_kwargs = {"ref_chosen_logps": refs[0], "ref_rejected_logps": refs[1]} if refs else {}
+        state = {"running": running} if running is not None else {}
         loss = ak.preference_loss(chosen, rejected, method=config.loss, **ref_kwargs, **config.hparams,
-                                  **(pair_hparams or {}))
+                                  **(pair_hparams or {}), **state)
     beta = hparams.get("beta", 1.0)
     chosen_reward = beta * (chosen.detach() - refs[0] if refs else chosen.detach())
     rejected_reward = beta * (rejected.detach() - refs[1] if refs else rejected.detach())
@@ -435,6 +439,7 @@ class TrainingRun:
     ref_table: torch.Tensor | None = None
     test_ref_table: torch.Tensor | None = None
     router_weight: float = 0.0  # a mixture of experts' router load-balancing loss, x this, is in the loss
+    running: RunningStatistics | None = None  # alpha_dpo's running statistics (decay > 0), checkpointed
 
 
 def train(config: TrainConfig, resume: str | None = None, stop_after_steps: int | None = None) -> dict:
@@ -555,8 +560,11 @@ def set_up(config: TrainConfig) -> TrainingRun:
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup_steps,
                               num_training_steps=total_steps)
     accelerator.register_for_checkpointing(scheduler)
+    running = RunningStatistics() if keeps_running_statistics(config.loss, config.hparams) else None
+    if running is not None:  # saved in state/ and loaded by --resume, as the scheduler
+        accelerator.register_for_checkpointing(running)
     run = TrainingRun(accelerator, model, tokenizer, optimizer, scheduler, loader, train_set, test_set,
-                      steps_per_epoch, total_steps, router_weight=router_weight)
+                      steps_per_epoch, total_steps, router_weight=router_weight, running=running)
     if needs_reference(config.loss, config.hparams):
         run.ref_table = reference_logps_table(accelerator, model, train_set, config)
         if config.eval_steps:
@@ -669,7 +677,8 @@ def train_steps(run: TrainingRun, config: TrainConfig, step: int, last: int, log
         for batch in batches:
             # keep_gathered: under ZeRO-3 the fused path's lm_head weight stays gathered through the backward
             with accelerator.accumulate(model), contextlib.ExitStack() as keep_gathered:
-                loss, metrics = pair_loss(model, batch, config, run.ref_table, keep_gathered, run.router_weight)
+                loss, metrics = pair_loss(model, batch, config, run.ref_table, keep_gathered, run.router_weight,
+                                          run.running)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = gradient_norm(accelerator, model, config.max_grad_norm)
@@ -708,7 +717,7 @@ def record_step(run: TrainingRun, config: TrainConfig, step: int, record: dict, 
     accelerator = run.accelerator
     if config.eval_steps and step % config.eval_steps == 0:
         record.update(evaluate_loss(accelerator, run.model, run.test_set, config, run.test_ref_table,
-                                    run.router_weight))
+                                    run.router_weight, run.running))
         accelerator.log({k: v for k, v in record.items() if k.startswith("eval_")}, step=step)
     if accelerator.is_main_process:
         with log_path.open("a") as handle:
@@ -816,11 +825,12 @@ def distinct_pairs(accelerator, pairs: int) -> int:
 
 
 @torch.no_grad()
-def evaluate_loss(accelerator, model, test_set, config, ref_table, router_weight: float = 0.0) -> dict:
+def evaluate_loss(accelerator, model, test_set, config, ref_table, router_weight: float = 0.0,
+                  running: RunningStatistics | None = None) -> dict:
     """Held-out metrics during training: eval_loss and the training metrics (eval_ prefix, each micro-batch's
     weighted by its pairs, every held-out pair counted once over the processes; a router load-balancing loss x
-    router_weight in eval_loss, as in the training loss) and the ranking accuracy on summed and length-normalized
-    log-probs."""
+    router_weight in eval_loss, as in the training loss; the loss's running statistics read, not updated) and
+    the ranking accuracy on summed and length-normalized log-probs."""
     loader = accelerator.prepare(DataLoader(test_set, batch_size=config.eval_batch_size,
                                             collate_fn=partial(collate, pad_token_id=test_set.pad_token_id)))
     sums, counted, ranked = {}, 0, []
@@ -841,7 +851,8 @@ def evaluate_loss(accelerator, model, test_set, config, ref_table, router_weight
             refs = (ref[:, 0], ref[:, 1])
         hparams = {key: value[:kept] for key, value in batch_hparams(batch, logps.device).items()}
         # every process computes the loss, kept pairs or none: the batch statistics are gathered from all of them
-        loss, metrics = loss_and_metrics(logps[:kept], logps[pairs:pairs + kept], refs, config, hparams)
+        with running.frozen() if running is not None else contextlib.nullcontext():
+            loss, metrics = loss_and_metrics(logps[:kept], logps[pairs:pairs + kept], refs, config, hparams, running)
         _, metrics = with_router_loss(loss, metrics, aux_loss, router_weight)
         for key, value in metrics.items():  # weighted by the pairs: each held-out pair counts once
             sums[key] = sums.get(key, 0.0) + (kept * value.float() if kept else torch.zeros_like(value.float()))
