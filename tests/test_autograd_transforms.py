@@ -86,6 +86,26 @@ def test_vmap_is_supported():
     torch.testing.assert_close(out, torch.stack([ak.amapo_loss(c, rejected) for c in both]))
 
 
+def test_vmap_of_running_statistics_is_refused_while_they_update():
+    """alpha_dpo's running statistics under vmap: an update would keep a BatchedTensor (one state for several
+    batches) as the state, so it is an error naming RunningStatistics; frozen() reads the state per slice."""
+    running = ak.RunningStatistics()
+    refs = {"ref_chosen_logps": chosen * 0.9, "ref_rejected_logps": rejected * 1.1}
+
+    def loss(c):
+        return ak.preference_loss(c, rejected, method="alpha_dpo", **refs, decay=0.9, running=running)
+
+    both = torch.stack([chosen, chosen.flip(0) * 2])
+    with pytest.raises(NotImplementedError, match=r"RunningStatistics under torch\.func\.vmap"):
+        torch.func.vmap(loss)(both)
+    assert torch.equal(running.mean_std, torch.zeros(2, dtype=torch.float64))
+    loss(chosen)
+    with running.frozen():
+        out = torch.func.vmap(loss)(both)
+        torch.testing.assert_close(out, torch.stack([loss(c) for c in both]))
+    assert running.mean_std[1] > 0 and not torch._C._functorch.is_batchedtensor(running.mean_std)
+
+
 VMAP_REFUSED = {  # calls without a vmap rule, and the name their error gives
     "sequence_logps_from_hidden": (lambda h: ak.sequence_logps_from_hidden(h, weight, hidden_labels), hidden,
                                    "sequence_logps_from_hidden"),

@@ -201,6 +201,29 @@ def test_compile_fullgraph_with_a_hyperparameter_that_changes(method):
         compiled(float("inf"))
 
 
+def test_compile_fullgraph_alpha_dpo_running_statistics():
+    """alpha_dpo with decay > 0 under torch.compile(fullgraph=True): the state's update is replayed after each
+    compiled call (the compiled run's state and losses are the eager run's), and frozen() reads without updating."""
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(17)
+
+    def loss_fn(tensors, running):
+        return ak.preference_loss(tensors[0], tensors[1], method="alpha_dpo", ref_chosen_logps=tensors[2],
+                                  ref_rejected_logps=tensors[3], decay=0.9, running=running)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    eager_state, compiled_state = ak.RunningStatistics(), ak.RunningStatistics()
+    for _ in range(3):
+        tensors = [torch.randn(6, generator=generator) - 1 for _ in range(4)]
+        torch.testing.assert_close(compiled(tensors, compiled_state), loss_fn(tensors, eager_state), rtol=1e-6,
+                                   atol=1e-7)
+        torch.testing.assert_close(compiled_state.mean_std, eager_state.mean_std, rtol=1e-12, atol=0)
+    before = compiled_state.mean_std.clone()
+    with compiled_state.frozen():
+        compiled(tensors, compiled_state)
+    assert torch.equal(compiled_state.mean_std, before) and before[1] > 0
+
+
 COMPILED = {
     "sequence_logps_from_hidden": lambda h, w, y: ak.sequence_logps_from_hidden(h, w, y, shift=True).sum(),
     "amapo_loss_from_hidden": lambda h, w, y: ak.amapo_loss_from_hidden(h, w, y, shift=True),
