@@ -94,6 +94,20 @@ def test_alpha_dpo_running_statistics_resume_and_survive_evaluation(tmp_path, ca
     assert all(abs(a - b) > 1e-3 for a, b in zip(stateless[2:], expected[2:])), (stateless, expected)
 
 
+def test_resume_of_a_checkpoint_with_one_optimizer_group_under_weight_decay_is_one_line(tmp_path, monkeypatch):
+    """A checkpoint written when --weight-decay decayed every parameter (one AdamW group) does not load into
+    today's two groups: torch's ValueError becomes a one-line error naming the cause (was a traceback)."""
+    out, common = tmp_path / "run", [*SHORT, "--max-steps", "4", "--weight-decay", "0.1"]
+    with monkeypatch.context() as patched:  # the layout of that version
+        patched.setattr(driver, "optimizer_groups", lambda model, weight_decay: [
+            {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}])
+        main([*common, "--output-dir", str(out), "--stop-after-steps", "2"])
+    with pytest.raises(UserError, match=r"--resume \S+/checkpoint-2: its optimizer state does not fit this run's AdamW \(2 "
+                                        r"parameter group\(s\): .*different number of parameter groups\); a "
+                                        r"checkpoint written before --weight-decay spared biases and norms"):
+        main([*common, "--output-dir", str(out), "--resume", "last"])
+
+
 def test_resume_refuses_another_runs_settings(tmp_path):
     """The restored optimizer, scheduler and data position belong to the checkpoint's run: a resume that changes
     its model, loss or optimisation is refused, naming the settings; where it writes and how often it
