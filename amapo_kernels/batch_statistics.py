@@ -107,10 +107,13 @@ class RunningStatistics:
     def z_scores(self, values: torch.Tensor, decay: float, group=None) -> torch.Tensor:
         """(values - mean) / std in float64 (detached) with the running mean and std after this batch's
         update (decay: the weight of the state so far, in [0, 1)); 0 where the running std is 0."""
+        transformed = not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(values)
+        if self.updating and transformed:  # (the compiler cannot trace the check, and compiles no such tensor)
+            # vmap would keep a BatchedTensor as the state (one state for several batches), grad a wrapper that
+            # dies with the transform
+            raise NotImplementedError("RunningStatistics under a torch.func transform (vmap, grad): its state "
+                                      "cannot be updated there; update it outside (frozen() reads it inside)")
         self.mean_std = self.mean_std.to(values.device)
-        if self.updating and torch._C._functorch.is_batchedtensor(values):  # would keep a BatchedTensor as state
-            raise NotImplementedError("RunningStatistics under torch.func.vmap: one state cannot follow several "
-                                      "batches at once; update it per batch (frozen() reads it under vmap)")
         if self.updating:
             count, pivot, offset, m2 = gathered_moments(values, group).unbind()
             batch = torch.stack([pivot + offset, torch.sqrt(m2 / (count - 1).clamp(min=1))])

@@ -62,15 +62,20 @@ def batch_statistics_of(method: str) -> bool:
     return method == "amapo" or getattr(BASELINES[method], "BATCH_STATISTICS", False)
 
 
-def statistics_pool_error(method: str, hparams: dict, batch_sizes: dict, processes: int) -> str | None:
+def statistics_pool_error(method: str, hparams: dict, batch_sizes: dict, processes: int,
+                          eval_batch_sizes: dict | None = None) -> str | None:
     """Why `method` cannot train on these batches, None where it can: amapo's margin and alpha_dpo's alpha * M*
     term are z-scores over the batch, which in a trainer is one micro-batch of every process (gradient
     accumulation does not pool them). Over one pair there is no spread, every z-score is 0, and the loss would
     train without its margin (AMaPO: a margin-free SimPO) without a word. batch_sizes: {the setting as its
-    trainer names it, e.g. "--per-device-batch-size 1": pairs per micro-batch and process}. The driver and the
-    TRL trainer refuse such a batch size with this message."""
+    trainer names it, e.g. "--per-device-batch-size 1": pairs per micro-batch and process}; eval_batch_sizes
+    likewise for the held-out loss, which running statistics (alpha_dpo with decay > 0) serve at any batch size.
+    The driver and the TRL trainer refuse such a batch size with this message."""
     z_scored = method == "amapo" or (method == "alpha_dpo" and {**method_defaults(method), **hparams}["alpha"] != 0)
-    for setting, size in batch_sizes.items():
+    sizes = dict(batch_sizes)
+    if not keeps_running_statistics(method, hparams):
+        sizes.update(eval_batch_sizes or {})
+    for setting, size in sizes.items():
         if z_scored and size * processes < 2:
             return (f"{setting} with {processes} process(es): loss={method!r} takes z-scores over the pairs of one "
                     "micro-batch of every process (gradient accumulation does not pool them), so over 1 pair, "

@@ -86,9 +86,10 @@ def test_vmap_is_supported():
     torch.testing.assert_close(out, torch.stack([ak.amapo_loss(c, rejected) for c in both]))
 
 
-def test_vmap_of_running_statistics_is_refused_while_they_update():
-    """alpha_dpo's running statistics under vmap: an update would keep a BatchedTensor (one state for several
-    batches) as the state, so it is an error naming RunningStatistics; frozen() reads the state per slice."""
+def test_functorch_transforms_of_running_statistics_are_refused_while_they_update():
+    """alpha_dpo's running statistics under vmap, grad or both: an update would keep a BatchedTensor (one state
+    for several batches) or a wrapper that dies with the transform as the state, so it is an error naming
+    RunningStatistics, the state untouched; frozen() reads the state per slice."""
     running = ak.RunningStatistics()
     refs = {"ref_chosen_logps": chosen * 0.9, "ref_rejected_logps": rejected * 1.1}
 
@@ -96,9 +97,12 @@ def test_vmap_of_running_statistics_is_refused_while_they_update():
         return ak.preference_loss(c, rejected, method="alpha_dpo", **refs, decay=0.9, running=running)
 
     both = torch.stack([chosen, chosen.flip(0) * 2])
-    with pytest.raises(NotImplementedError, match=r"RunningStatistics under torch\.func\.vmap"):
-        torch.func.vmap(loss)(both)
-    assert torch.equal(running.mean_std, torch.zeros(2, dtype=torch.float64))
+    for transform, x in ((torch.func.vmap(loss), both), (torch.func.vmap(torch.func.grad(loss)), both),
+                         (torch.func.grad(loss), chosen)):
+        with pytest.raises(NotImplementedError, match=r"RunningStatistics under a torch\.func transform"):
+            transform(x)
+        assert type(running.mean_std) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(
+            running.mean_std) and torch.equal(running.mean_std, torch.zeros(2, dtype=torch.float64))
     loss(chosen)
     with running.frozen():
         out = torch.func.vmap(loss)(both)

@@ -118,6 +118,10 @@ VALUE_MISTAKES = {  # a value outside what its flag takes; run in process (amapo
                                      "--per-device-batch-size 1 with 1 process(es): loss='amapo'"),
     "AMaPO's held-out loss over one pair": (["--eval-batch-size", "1", "--eval-steps", "5"],
                                             "--eval-batch-size 1 with 1 process(es): loss='amapo'"),
+    # running statistics are updated by training batches: one of one pair never would
+    "alpha-DPO's running statistics from one-pair batches": (
+        ["--loss", "alpha_dpo", "--hparam", "decay=0.9", "--per-device-batch-size", "1", "--total-batch-size", "16"],
+        "--per-device-batch-size 1 with 1 process(es): loss='alpha_dpo'"),
 }
 
 
@@ -149,13 +153,15 @@ def test_boundary_numbers_are_accepted(capsys):
 
 def test_one_pair_batches_without_z_scores_are_accepted(capsys):
     """The guard of the one-pair cases above: a method without z-scores, alpha-DPO with alpha = 0, AMaPO's one
-    pair per device over two processes, and a held-out batch of one pair with no held-out loss during training
-    (eval_steps 0: only the ranking accuracy, which takes no batch statistics) are planned."""
+    pair per device over two processes, a held-out batch of one pair with no held-out loss during training
+    (eval_steps 0: only the ranking accuracy, which takes no batch statistics), and one with alpha-DPO's running
+    statistics (the held-out loss reads them, whatever its batch) are planned."""
     from amapo_train.train import cli
 
     one_pair = ["--per-device-batch-size", "1", "--total-batch-size", "16"]
     for args in ([*one_pair, "--loss", "simpo"], [*one_pair, "--loss", "alpha_dpo", "--hparam", "alpha=0"],
-                 [*one_pair, "--world-size", "2"], ["--eval-batch-size", "1", "--eval-steps", "0"]):
+                 [*one_pair, "--world-size", "2"], ["--eval-batch-size", "1", "--eval-steps", "0"],
+                 ["--loss", "alpha_dpo", "--hparam", "decay=0.9", "--eval-batch-size", "1", "--eval-steps", "5"]):
         assert cli([*args, "--dry-run"]) == 0, capsys.readouterr().err
 
 

@@ -73,16 +73,18 @@ def test_alpha_dpo_running_statistics_resume_and_survive_evaluation(tmp_path, ca
     """alpha_dpo with decay > 0 (the official trainer's running mean and std of M): the state is in the checkpoint,
     so a resumed run has the uninterrupted run's losses; held-out evaluation reads it without updating it, so the
     training losses are those of a run without evaluation; and the state is used (decay = 0 trains otherwise)."""
-    common = [*SHORT, "--max-steps", "4", "--loss", "alpha_dpo", "--hparam", "beta=10", "--hparam", "alpha=1"]
+    common = [*SHORT, "--max-steps", "5", "--loss", "alpha_dpo", "--hparam", "beta=10", "--hparam", "alpha=1"]
     runs = {"straight": [], "evaluated": ["--eval-steps", "1"], "stateless": ["--hparam", "decay=0"]}
     for name, extra in runs.items():
         main([*common, "--hparam", "decay=0.9", *extra, "--output-dir", str(tmp_path / name)])
     split = tmp_path / "split"
-    main([*common, "--hparam", "decay=0.9", "--output-dir", str(split), "--stop-after-steps", "2"])
-    assert (split / "checkpoint-2" / "state" / "custom_checkpoint_1.pkl").exists()  # after the scheduler's
+    main([*common, "--hparam", "decay=0.9", "--output-dir", str(split), "--stop-after-steps", "3"])
+    # after the scheduler's; the state of step 3's batches, which have a spread (a state of 0 would resume alike)
+    saved = torch.load(split / "checkpoint-3" / "state" / "custom_checkpoint_1.pkl")
+    assert saved["std"] > 0
     capsys.readouterr()
     main([*common, "--hparam", "decay=0.9", "--output-dir", str(split), "--resume", "last"])
-    assert f"resumed from {split / 'checkpoint-2'} at step 2" in capsys.readouterr().out
+    assert f"resumed from {split / 'checkpoint-3'} at step 3" in capsys.readouterr().out
     expected = [r["loss"] for r in read_metrics(tmp_path / "straight")]
     for name in ("split", "evaluated"):
         assert [r["loss"] for r in read_metrics(tmp_path / name)] == pytest.approx(expected, rel=1e-6), name
@@ -94,18 +96,33 @@ def test_alpha_dpo_running_statistics_resume_and_survive_evaluation(tmp_path, ca
     assert all(abs(a - b) > 1e-3 for a, b in zip(stateless[2:], expected[2:])), (stateless, expected)
 
 
-def test_resume_of_a_checkpoint_with_one_optimizer_group_under_weight_decay_is_one_line(tmp_path, monkeypatch):
+def test_resume_of_a_checkpoint_with_another_optimizer_layout_is_one_line(tmp_path, monkeypatch):
     """A checkpoint written when --weight-decay decayed every parameter (one AdamW group) does not load into
-    today's two groups: torch's ValueError becomes a one-line error naming the cause (was a traceback)."""
+    today's two groups: a one-line error naming the cause, before the model loads (was torch's ValueError
+    traceback after the set-up). A layout torch refuses otherwise (a parameter in the other group) is one line
+    too, at the load."""
     out, common = tmp_path / "run", [*SHORT, "--max-steps", "4", "--weight-decay", "0.1"]
     with monkeypatch.context() as patched:  # the layout of that version
         patched.setattr(driver, "optimizer_groups", lambda model, weight_decay: [
             {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}])
         main([*common, "--output-dir", str(out), "--stop-after-steps", "2"])
-    with pytest.raises(UserError, match=r"--resume \S+/checkpoint-2: its optimizer state does not fit this run's AdamW \(2 "
-                                        r"parameter group\(s\): .*different number of parameter groups\); a "
-                                        r"checkpoint written before --weight-decay spared biases and norms"):
+    monkeypatch.setattr(driver, "set_up", lambda config: pytest.fail("set up before the check"))
+    with pytest.raises(UserError, match=r"--resume last: \S+/checkpoint-2's AdamW has 1 parameter group\(s\), this "
+                                        r"run's 2 .* a checkpoint written before --weight-decay spared them has 1"):
         main([*common, "--output-dir", str(out), "--resume", "last"])
+    monkeypatch.undo()
+    moved = tmp_path / "moved"
+    with monkeypatch.context() as patched:  # one parameter in the other group
+        two_groups = driver.optimizer_groups
+        patched.setattr(driver, "optimizer_groups", lambda model, weight_decay: [
+            {**group, "params": group["params"][1:] if i == 0 else [two_groups(model, weight_decay)[0]["params"][0],
+                                                                    *group["params"]]}
+            for i, group in enumerate(two_groups(model, weight_decay))])
+        main([*common, "--output-dir", str(moved), "--stop-after-steps", "2"])
+    with pytest.raises(UserError, match=r"--resume \S+/checkpoint-2: its optimizer state does not fit this run's "
+                                        r"AdamW \(2 parameter group\(s\)\): loaded state dict contains a parameter "
+                                        r"group that doesn't match the size"):
+        main([*common, "--output-dir", str(moved), "--resume", "last"])
 
 
 def test_resume_refuses_another_runs_settings(tmp_path):

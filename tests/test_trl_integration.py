@@ -9,6 +9,7 @@ import importlib.util
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -626,13 +627,19 @@ def test_alpha_dpo_running_statistics_resume_and_survive_evaluation(tokenizer, h
         return [step["loss"] for step in trainer.steps]
 
     straight = losses("straight")
-    assert losses("evaluated", eval_strategy="steps", eval_steps=1) == pytest.approx(straight, rel=1e-6)
+    # one-pair held-out batches too: the evaluation reads the running statistics, whatever its batch
+    assert losses("evaluated", eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=1) == pytest.approx(
+        straight, rel=1e-6)
     checkpoint = str(tmp_path / "straight" / "checkpoint-2")
-    assert losses("resumed", resume=checkpoint) == pytest.approx(straight[2:], rel=1e-6)
+    with warnings.catch_warnings():  # the state was there: no warning that it starts from 0
+        warnings.filterwarnings("error", message="resumed at step")
+        assert losses("resumed", resume=checkpoint) == pytest.approx(straight[2:], rel=1e-6)
     assert losses("restored", resume=checkpoint, restore_callback_states_from_checkpoint=True) == pytest.approx(
         straight[2:], rel=1e-6)
     stateless = losses("stateless", decay=0.0)
     assert all(abs(a - b) > 1e-3 for a, b in zip(stateless[2:], straight[2:])), (stateless, straight)
+    with pytest.warns(UserWarning, match="resumed at step 2 from a checkpoint without running statistics"):
+        losses("from stateless", resume=str(tmp_path / "stateless" / "checkpoint-2"))
 
 
 def test_config_resolves_and_checks_hyperparameters(tmp_path):

@@ -32,6 +32,7 @@ import inspect
 import json
 import types
 import unittest.mock
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -357,7 +358,10 @@ class RunningStatisticsCallback(TrainerCallback, ExportableState):
         name = type(self).__name__
         if name in state.stateful_callbacks:  # a fresh run's holds this state; a resumed one's, the checkpoint's
             self.running.load_state_dict(state.stateful_callbacks[name]["args"])
-        else:  # resumed from a checkpoint without it: the Trainer's save looks its entry up
+        else:  # resumed from a checkpoint without it (its run's decay was 0): the Trainer's save looks it up
+            if state.global_step > 0:
+                warnings.warn(f"resumed at step {state.global_step} from a checkpoint without running statistics "
+                              f"(its run had decay=0?): loss={args.loss!r} starts them from 0", stacklevel=2)
             state.stateful_callbacks[name] = self.state()
 
 
@@ -386,9 +390,9 @@ def _check_statistics_pool(args: PreferenceConfig, evaluates: bool) -> None:
     precomputed (the paper's recipe, per_device_train_batch_size=1, on one process would otherwise train AMaPO
     without its margin)."""
     sizes = {f"per_device_train_batch_size={args.per_device_train_batch_size}": args.per_device_train_batch_size}
-    if evaluates:
-        sizes[f"per_device_eval_batch_size={args.per_device_eval_batch_size}"] = args.per_device_eval_batch_size
-    error = statistics_pool_error(args.loss, args.loss_hparams, sizes, args.world_size)
+    eval_sizes = ({f"per_device_eval_batch_size={args.per_device_eval_batch_size}": args.per_device_eval_batch_size}
+                  if evaluates else {})
+    error = statistics_pool_error(args.loss, args.loss_hparams, sizes, args.world_size, eval_sizes)
     if error:
         raise ValueError(error)
 

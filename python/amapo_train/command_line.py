@@ -251,6 +251,29 @@ def check_stored_state(flag_value: str, path: Path, config: TrainConfig, world_s
     stored = json.loads((path / STATE_FILE).read_text())
     check_resume_processes(flag_value, path, stored.get("world_size"), config, world_size)
     check_state_files(flag_value, path, stored.get(STATE_FILES))
+    check_optimizer_groups(flag_value, path, config)
+
+
+def check_optimizer_groups(flag_value: str, path: Path, config: TrainConfig) -> None:
+    """The checkpoint's AdamW has this run's parameter groups (1; 2 with weight decay: decayed and spared), said
+    before the model, the data and the reference log-probs are set up, after which torch would refuse it: a
+    checkpoint written before --weight-decay spared biases and norms has 1 group with weight decay on. Its
+    optimizer.bin is mapped, not read (only the group list is touched); DeepSpeed's optimizer state, in a format
+    of its own, is left to the load."""
+    optimizer_file = path / "state" / "optimizer.bin"
+    if config.deepspeed_config_path() or not optimizer_file.is_file():
+        return
+    import torch
+
+    try:
+        saved = len(torch.load(optimizer_file, map_location="cpu", mmap=True, weights_only=True)["param_groups"])
+    except Exception:  # not torch's format, or types it will not unpickle here: the load says what is wrong
+        return
+    groups = 2 if config.weight_decay else 1
+    if saved != groups:
+        raise UserError(f"--resume {flag_value}: {path}'s AdamW has {saved} parameter group(s), this run's {groups} "
+                        "(weight decay on: decayed parameters and spared biases and norms); a checkpoint written "
+                        "before --weight-decay spared them has 1: resume it with the version that wrote it")
 
 
 def check_state_files(flag_value: str, path: Path, saved: dict[str, int] | None) -> None:

@@ -191,9 +191,8 @@ class TrainConfig:
         (the 8B recipe's one pair per device, launched on one process) would train AMaPO without its margin.
         The held-out loss (every eval_steps) is refused likewise."""
         sizes = {f"--per-device-batch-size {self.per_device_batch_size}": self.per_device_batch_size}
-        if self.eval_steps:
-            sizes[f"--eval-batch-size {self.eval_batch_size}"] = self.eval_batch_size
-        error = statistics_pool_error(self.loss, self.hparams, sizes, world_size)
+        eval_sizes = {f"--eval-batch-size {self.eval_batch_size}": self.eval_batch_size} if self.eval_steps else {}
+        error = statistics_pool_error(self.loss, self.hparams, sizes, world_size, eval_sizes)
         if error:
             raise UserError(error)
 

@@ -632,14 +632,11 @@ def resume_state(run: TrainingRun, resume: str | None) -> int:
         return 0
     try:
         run.accelerator.load_state(str(Path(resume) / "state"))
-    except ValueError as error:  # torch's optimizer refuses another layout of parameter groups
-        if "parameter group" not in str(error):
+    except ValueError as error:  # torch's optimizer refuses another layout of parameter groups (check_resume
+        if "parameter group" not in str(error):  # said the number of groups, where it could read them)
             raise
-        groups = len(run.optimizer.param_groups)
-        raise UserError(f"--resume {resume}: its optimizer state does not fit this run's AdamW ({groups} parameter "
-                        f"group(s): {one_line(error)}); a checkpoint written before --weight-decay spared biases "
-                        "and norms has 1 group where weight decay is on: resume it with the version that wrote "
-                        "it") from None
+        raise UserError(f"--resume {resume}: its optimizer state does not fit this run's AdamW "
+                        f"({len(run.optimizer.param_groups)} parameter group(s)): {one_line(error)}") from None
     step = json.loads((Path(resume) / STATE_FILE).read_text())["step"]
     run.accelerator.print(f"resumed from {resume} at step {step}")
     return step
