@@ -91,6 +91,19 @@ def keeps_running_statistics(method: str, hparams: dict) -> bool:
     return getattr(module, "RUNNING_STATISTICS", False) and {**module.DEFAULTS, **hparams}["decay"] > 0
 
 
+def logged_rewards(method: str, hparams: dict, logps: torch.Tensor, ref_logps: torch.Tensor | None = None):
+    """The rewards a trainer logs for `method` (hparams: defaults filled in), per response, detached: beta (1 for a
+    method without one) times the policy's log-prob, minus the reference's where one is given (TRL's rule); a
+    method with a reward of its own defines `rewards` (alpha_dpo: that of its implicit reference). The driver and
+    the TRL trainer log these."""
+    logps = logps.detach()
+    module = BASELINES.get(method)
+    if ref_logps is not None and hasattr(module, "rewards"):
+        return module.rewards(logps, ref_logps.to(logps), **hparams)
+    beta = hparams.get("beta", 1.0)
+    return beta * (logps - ref_logps.to(logps)) if ref_logps is not None else beta * logps
+
+
 def needs_reference(method: str, hparams: dict) -> bool:
     """Whether `method` with `hparams` (defaults filled in) needs reference-model log-probs."""
     return method != "amapo" and BASELINES[method].needs_reference({**method_defaults(method), **hparams})

@@ -367,6 +367,20 @@ def test_amapo_metrics_are_the_authors():
     assert float(metrics["rewards/accuracies"]) == 0.75
 
 
+def test_alpha_dpo_rewards_are_those_of_its_implicit_reference():
+    """alpha_dpo logs beta log(pi / pi_hat), pi_hat = U (pi / pi_ref)^alpha its implicit reference: beta ((1 - alpha)
+    logp + alpha ref), as its official trainer does (DPO's beta (logp - ref) before)."""
+    chosen, rejected = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    refs = (torch.tensor([-2.0, -1.0]), torch.tensor([-1.0, -3.0]))
+    config = TrainConfig(loss="alpha_dpo", hparams={"beta": 2.0, "alpha": 0.25})
+    _, metrics = loss_and_metrics(chosen, rejected, refs, config)
+    # chosen: 2 (0.75 [-1, -2] + 0.25 [-2, -1]) = [-2.5, -3.5]
+    # rejected: 2 (0.75 [-1.5, -1] + 0.25 [-1, -3]) = [-2.75, -3]
+    assert float(metrics["rewards/chosen"]) == pytest.approx(-3.0)
+    assert float(metrics["rewards/rejected"]) == pytest.approx(-2.875)
+    assert float(metrics["rewards/accuracies"]) == 0.5 and float(metrics["rewards/margins"]) == pytest.approx(-0.125)
+
+
 def test_dpo_rewards_are_each_side_against_its_own_reference():
     chosen, rejected = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.5])
     refs = (torch.tensor([-1.5, -2.0]), torch.tensor([-2.0, -3.5]))

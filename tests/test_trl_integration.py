@@ -642,6 +642,22 @@ def test_alpha_dpo_running_statistics_resume_and_survive_evaluation(tokenizer, h
         losses("from stateless", resume=str(tmp_path / "stateless" / "checkpoint-2"))
 
 
+def test_alpha_dpo_logs_the_rewards_of_its_implicit_reference(tokenizer, hh_pairs, tmp_path):
+    """The logged rewards are alpha_dpo's own, beta ((1 - alpha) logp + alpha ref) (length-normalized), as the
+    driver's (one function, preference.logged_rewards) and the official trainer's."""
+    trainer = trained(make_trainer(recording(PreferenceTrainer), PreferenceConfig, tokenizer, hh_pairs, tmp_path,
+                                   loss="alpha_dpo", loss_hparams={"beta": 2.0, "alpha": 0.25}, max_steps=1))
+    inputs, logged = trainer.steps[0]["inputs"], trainer.state.log_history[0]
+    model = tiny_llama(len(tokenizer))
+    model.load_state_dict(trainer.steps[0]["state"])
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    for side, logps in zip(("chosen", "rejected"), ak.sequence_logps(logits, labels, shift=True).chunk(2)):
+        expected = 2.0 * (0.75 * logps + 0.25 * inputs[f"ref_{side}_logps"].float())
+        assert logged[f"rewards/{side}"] == pytest.approx(expected.mean().item(), rel=1e-5), side
+
+
 def test_config_resolves_and_checks_hyperparameters(tmp_path):
     config = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False)
     args = PreferenceConfig(**config)

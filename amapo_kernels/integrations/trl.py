@@ -22,7 +22,8 @@ checkpoints. What differs from DPOTrainer:
   alpha_dpo with `decay` > 0 keeps running statistics (RunningStatisticsCallback), saved in every checkpoint's
   trainer_state.json and read back by a resumed run; evaluation reads them without updating them.
 - Logged: TRL's `rewards/*`, `logps/*` and `num_tokens` (rewards = beta x the method's log-probs, minus the
-  reference's where there is one), plus AMaPO's `batch_margin_mean`, `batch_margin_std`, `adaptive_margin`.
+  reference's where there is one; alpha_dpo's those of its implicit reference), plus AMaPO's
+  `batch_margin_mean`, `batch_margin_std`, `adaptive_margin`.
   TRL's `entropy`, `logits/*` and `mean_token_accuracy` need the logits the fused path never builds: not logged.
 """
 
@@ -55,8 +56,8 @@ import amapo_kernels as ak
 from amapo_kernels._checks import check_choice
 from amapo_kernels.batch_statistics import RunningStatistics
 from amapo_kernels.integrations.hf_head import disable_dropout, fused_logit_softcap, router_loss_function
-from amapo_kernels.preference import (METHODS, keeps_running_statistics, method_defaults, needs_reference,
-                                      resolved_hparams, statistics_pool_error, uses_mean_logps)
+from amapo_kernels.preference import (METHODS, keeps_running_statistics, logged_rewards, method_defaults,
+                                      needs_reference, resolved_hparams, statistics_pool_error, uses_mean_logps)
 
 LOSS_IMPLS = ("fused", "ops")
 # ODPO's per-pair scores would need dataset columns TRL's collator does not carry.
@@ -320,12 +321,9 @@ class PreferenceTrainer(DPOTrainer):
     def _record_metrics(self, mode, inputs, chosen, rejected, references, stats) -> None:
         """TRL's metric names over every rank's pairs, plus AMaPO's batch statistics."""
         gather, metrics = self.accelerator.gather, self._metrics[mode]
-        beta = self.args.loss_hparams.get("beta", 1.0)  # the loss's (None for a method without beta: unscaled)
-        chosen_reward, rejected_reward = beta * chosen, beta * rejected
-        if references:
-            chosen_reward = chosen_reward - beta * references["ref_chosen_logps"].to(chosen)
-            rejected_reward = rejected_reward - beta * references["ref_rejected_logps"].to(rejected)
-        chosen_reward, rejected_reward = gather(chosen_reward), gather(rejected_reward)
+        chosen_reward, rejected_reward = (
+            gather(logged_rewards(self.args.loss, self.args.loss_hparams, logps, references.get(f"ref_{side}_logps")))
+            for side, logps in (("chosen", chosen), ("rejected", rejected)))
         metrics["rewards/chosen"].append(chosen_reward.mean().item())
         metrics["rewards/rejected"].append(rejected_reward.mean().item())
         metrics["rewards/accuracies"].append((chosen_reward > rejected_reward).float().mean().item())

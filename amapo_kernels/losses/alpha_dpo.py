@@ -23,6 +23,13 @@ def needs_reference(hparams) -> bool:
     return True
 
 
+def rewards(logps, ref_logps, *, beta, alpha, **_):
+    """beta log(pi / pi_hat) of each response, pi_hat = U (pi / pi_ref)^alpha the method's implicit reference (U
+    uniform: a constant, dropped): beta ((1 - alpha) logp + alpha ref_logp), the rewards the official trainer
+    logs."""
+    return beta * (logps - alpha * (logps - ref_logps))
+
+
 def pair_losses(chosen, rejected, ref_chosen, ref_rejected, *, beta, gamma, alpha, decay, group=None,
                 running=None):
     gap = chosen - rejected

@@ -29,7 +29,8 @@ import amapo_kernels as ak
 from amapo_kernels import reference
 from amapo_kernels.integrations.hf_head import disable_dropout, fused_logit_softcap, router_loss_function
 from amapo_kernels.batch_statistics import RunningStatistics
-from amapo_kernels.preference import keeps_running_statistics, method_defaults, needs_reference, uses_mean_logps
+from amapo_kernels.preference import (keeps_running_statistics, logged_rewards, method_defaults, needs_reference,
+                                      uses_mean_logps)
 from amapo_train.cli_errors import UserError, one_line, require_extras, run_console_script
 from amapo_train.config import TrainConfig
 from amapo_train.command_line import (STATE_FILE, STATE_FILES, build_parser, check_run, config_from_args,
@@ -179,9 +180,8 @@ def loss_and_metrics(chosen, rejected, refs, config, pair_hparams=None, running=
         state = {"running": running} if running is not None else {}
         loss = ak.preference_loss(chosen, rejected, method=config.loss, **ref_kwargs, **config.hparams,
                                   **(pair_hparams or {}), **state)
-    beta = hparams.get("beta", 1.0)
-    chosen_reward = beta * (chosen.detach() - refs[0] if refs else chosen.detach())
-    rejected_reward = beta * (rejected.detach() - refs[1] if refs else rejected.detach())
+    chosen_reward = logged_rewards(config.loss, hparams, chosen, refs[0] if refs else None)
+    rejected_reward = logged_rewards(config.loss, hparams, rejected, refs[1] if refs else None)
     metrics.update({
         "loss": loss.detach(),
         "rewards/chosen": chosen_reward.mean(),
