@@ -834,6 +834,46 @@ def test_amapo_statistics_span_two_processes(tokenizer, tmp_path):
         assert max(abs(a - b) for a, b in zip(local, trainer_losses)) > 10 * TOLERANCE
 
 
+def moe_worker(rank, tokenizer_dir, out_dir, port):
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD)})
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    dataset = Dataset.from_list(load_records("bundled:hh-rlhf", "train", PAIRS))
+    trainer = make_trainer(recording(PreferenceTrainer), PreferenceConfig, tokenizer, dataset, Path(out_dir),
+                           model=tiny_mixtral(len(tokenizer)), loss="simpo", router_aux_loss_coef=0.5, max_steps=2,
+                           ddp_backend="gloo")
+    trained(trainer)
+    torch.save({"steps": trainer.steps, "log": trainer.state.log_history}, Path(out_dir) / f"rank{rank}.pt")
+    trainer.accelerator.wait_for_everyone()
+
+
+def test_moe_router_aux_loss_on_two_processes(tokenizer, tmp_path):
+    """A Mixtral under DDP (2 processes, fused path): each rank's loss is its own pairs' loss plus 0.5 x the
+    model's own router load-balancing loss of its batch, as DPOTrainer adds it per rank; aux_loss is logged as
+    the mean over the ranks."""
+    tokenizer_dir = _saved(tokenizer, tmp_path / "tokenizer")
+    mp.spawn(moe_worker, args=(tokenizer_dir, str(tmp_path), free_port()), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    model = tiny_mixtral(len(tokenizer))
+    hparams = method_defaults("simpo")
+    for index in range(2):
+        router_losses = []
+        for rank in ranks:
+            step = rank["steps"][index]
+            model.load_state_dict(step["state"])
+            inputs = step["inputs"]
+            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+            with torch.no_grad():
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                output_router_logits=True)
+            chosen, rejected = ak.sequence_logps(outputs.logits, labels, shift=True).chunk(2)
+            expected = ak.preference_loss(chosen, rejected, method="simpo", **hparams) + 0.5 * outputs.aux_loss
+            assert abs(step["loss"] - expected.item()) <= TOLERANCE, (index, step["loss"], expected.item())
+            router_losses.append(outputs.aux_loss.item())
+        logged = [entry for entry in ranks[0]["log"] if "aux_loss" in entry][index]["aux_loss"]
+        assert logged == pytest.approx(sum(router_losses) / WORLD, rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # DeepSpeed ZeRO-3 (one CPU process, in a subprocess: DeepSpeed's global state stays out of the other tests)
 # ----------------------------------------------------------------------------------------------------
