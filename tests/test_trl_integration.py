@@ -793,22 +793,30 @@ def test_z_score_methods_refuse_a_one_pair_eval_batch_passed_to_evaluate(tokeniz
 WORLD = 2
 
 
-def distributed_worker(rank, tokenizer_dir, out_dir, port):
+def distributed_worker(rank, tokenizer_dir, out_dir, port, make_model, options):
+    """Process `rank` of WORLD: two steps of a PreferenceTrainer (a model from make_model(vocabulary size),
+    `options` for its config) under DDP (gloo); its recorded steps and log saved as rank{rank}.pt."""
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD)})
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     dataset = Dataset.from_list(load_records("bundled:hh-rlhf", "train", PAIRS))
     trainer = make_trainer(recording(PreferenceTrainer), PreferenceConfig, tokenizer, dataset, Path(out_dir),
-                           loss="amapo", max_steps=2, ddp_backend="gloo")
+                           model=make_model(len(tokenizer)), max_steps=2, ddp_backend="gloo", **options)
     trained(trainer)
     torch.save({"steps": trainer.steps, "log": trainer.state.log_history}, Path(out_dir) / f"rank{rank}.pt")
     trainer.accelerator.wait_for_everyone()  # no rank tears the group down while another still talks to it
 
 
-def test_amapo_statistics_span_two_processes(tokenizer, tmp_path):
+def trained_on_two_processes(tokenizer, tmp_path, make_model, **options) -> list[dict]:
+    """Each rank's recorded steps and log of distributed_worker."""
     tokenizer_dir = _saved(tokenizer, tmp_path / "tokenizer")
-    mp.spawn(distributed_worker, args=(tokenizer_dir, str(tmp_path), free_port()), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    mp.spawn(distributed_worker, args=(tokenizer_dir, str(tmp_path), free_port(), make_model, options), nprocs=WORLD,
+             join=True)
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+
+
+def test_amapo_statistics_span_two_processes(tokenizer, tmp_path):
+    ranks = trained_on_two_processes(tokenizer, tmp_path, tiny_llama, loss="amapo")
     log = [entry for entry in ranks[0]["log"] if "batch_margin_mean" in entry]
     model = tiny_llama(len(tokenizer))
     for index, step in enumerate(ranks[0]["steps"]):
@@ -834,26 +842,11 @@ def test_amapo_statistics_span_two_processes(tokenizer, tmp_path):
         assert max(abs(a - b) for a, b in zip(local, trainer_losses)) > 10 * TOLERANCE
 
 
-def moe_worker(rank, tokenizer_dir, out_dir, port):
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD)})
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-    dataset = Dataset.from_list(load_records("bundled:hh-rlhf", "train", PAIRS))
-    trainer = make_trainer(recording(PreferenceTrainer), PreferenceConfig, tokenizer, dataset, Path(out_dir),
-                           model=tiny_mixtral(len(tokenizer)), loss="simpo", router_aux_loss_coef=0.5, max_steps=2,
-                           ddp_backend="gloo")
-    trained(trainer)
-    torch.save({"steps": trainer.steps, "log": trainer.state.log_history}, Path(out_dir) / f"rank{rank}.pt")
-    trainer.accelerator.wait_for_everyone()
-
-
 def test_moe_router_aux_loss_on_two_processes(tokenizer, tmp_path):
     """A Mixtral under DDP (2 processes, fused path): each rank's loss is its own pairs' loss plus 0.5 x the
     model's own router load-balancing loss of its batch, as DPOTrainer adds it per rank; aux_loss is logged as
     the mean over the ranks."""
-    tokenizer_dir = _saved(tokenizer, tmp_path / "tokenizer")
-    mp.spawn(moe_worker, args=(tokenizer_dir, str(tmp_path), free_port()), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    ranks = trained_on_two_processes(tokenizer, tmp_path, tiny_mixtral, loss="simpo", router_aux_loss_coef=0.5)
     model = tiny_mixtral(len(tokenizer))
     hparams = method_defaults("simpo")
     for index in range(2):
