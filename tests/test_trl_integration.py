@@ -879,45 +879,70 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 import test_trl_integration as t
 
 tokenizer = t.PreTrainedTokenizerFast.from_pretrained(sys.argv[1])
+make_model, run_options = getattr(t, sys.argv[2]), json.loads(sys.argv[3])
 dataset = t.Dataset.from_list(t.load_records("bundled:hh-rlhf", "train", t.PAIRS))
 zero3 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
          "zero_allow_untested_optimizer": True}
-options = {k: v for k, v in t.TRAINING.items() if k != "use_cpu"}
-args = t.PreferenceConfig(output_dir="zero3", loss="amapo", max_steps=3, deepspeed=zero3, **options)
-trainer = t.recording(t.PreferenceTrainer)(model=t.tiny_llama(len(tokenizer)), args=args, train_dataset=dataset,
+options = {**{k: v for k, v in t.TRAINING.items() if k != "use_cpu"}, **run_options}
+args = t.PreferenceConfig(output_dir="zero3", deepspeed=zero3, **options)
+trainer = t.recording(t.PreferenceTrainer)(model=make_model(len(tokenizer)), args=args, train_dataset=dataset,
                                            processing_class=tokenizer)
 trainer.steps = []
 trainer.train()
 head = trainer.model_wrapped.module.lm_head.weight
 print("RESULT " + json.dumps({"zero3": is_deepspeed_zero3_enabled(), "partitioned": head.numel() == 0,
-                              "losses": [step["loss"] for step in trainer.steps]}))
+                              "losses": [step["loss"] for step in trainer.steps],
+                              "log": [entry for entry in trainer.state.log_history if "loss" in entry]}))
 """
 
 
-def test_zero3_trains_as_without(tokenizer, hh_pairs, tmp_path):
-    """Under ZeRO-3 the fused path reads a partitioned lm_head weight: the per-step losses equal a plain run's
-    (steps 2 and 3 depend on the lm_head gradient of the steps before)."""
+def trained_under_zero3(tokenizer, tmp_path, make_model, **options) -> dict:
+    """ZERO3_SCRIPT's result: a PreferenceTrainer (model make_model(vocabulary size), `options` for its config)
+    under ZeRO-3 on one CPU process, in a subprocess; refuses a run in which lm_head's weight was not partitioned
+    (it would prove nothing)."""
     import json
     import subprocess
     import sys
 
     pytest.importorskip("deepspeed")
-    plain = trained(make_trainer(recording(PreferenceTrainer), PreferenceConfig, tokenizer, hh_pairs, tmp_path,
-                                 loss="amapo", max_steps=3))
     script = tmp_path / "zero3_run.py"
     script.write_text(ZERO3_SCRIPT)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": "",
            "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, str(script), _saved(tokenizer, tmp_path / "tokenizer")], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, str(script), _saved(tokenizer, tmp_path / "tokenizer"), make_model.__name__,
+                           json.dumps(options)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     result = json.loads(lines[-1].removeprefix("RESULT "))
     assert result["zero3"] and result["partitioned"], "ZeRO-3 did not partition lm_head.weight: proves nothing"
+    return result
+
+
+def test_zero3_trains_as_without(tokenizer, hh_pairs, tmp_path):
+    """Under ZeRO-3 the fused path reads a partitioned lm_head weight: the per-step losses equal a plain run's
+    (steps 2 and 3 depend on the lm_head gradient of the steps before)."""
+    plain = trained(make_trainer(recording(PreferenceTrainer), PreferenceConfig, tokenizer, hh_pairs, tmp_path,
+                                 loss="amapo", max_steps=3))
+    result = trained_under_zero3(tokenizer, tmp_path, tiny_llama, loss="amapo", max_steps=3)
     assert result["losses"] == pytest.approx([step["loss"] for step in plain.steps], abs=TOLERANCE)
+
+
+def test_moe_router_aux_loss_under_zero3(tokenizer, hh_pairs, tmp_path):
+    """A Mixtral under ZeRO-3 (experts, router and lm_head partitioned; fused path): the losses, router
+    load-balancing loss x 0.5 included, and the logged aux_loss equal a plain run's, step for step (steps 2 and
+    3 depend on the router's and the experts' gradients of the steps before)."""
+    options = dict(loss="simpo", router_aux_loss_coef=0.5, max_steps=3)
+    plain = trained(make_trainer(recording(PreferenceTrainer), PreferenceConfig, tokenizer, hh_pairs, tmp_path,
+                                 model=tiny_mixtral(len(tokenizer)), **options))
+    result = trained_under_zero3(tokenizer, tmp_path, tiny_mixtral, **options)
+    assert result["losses"] == pytest.approx([step["loss"] for step in plain.steps], abs=TOLERANCE)
+    plain_log = [entry for entry in plain.state.log_history if "loss" in entry]
+    assert len(result["log"]) == len(plain_log) == 3 and plain_log[0]["aux_loss"] > 0
+    for zero3_entry, plain_entry in zip(result["log"], plain_log):
+        assert zero3_entry["aux_loss"] == pytest.approx(plain_entry["aux_loss"], abs=TOLERANCE)
 
 
 # ----------------------------------------------------------------------------------------------------
