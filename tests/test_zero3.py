@@ -207,16 +207,17 @@ def test_a_mixture_of_experts_router_loss_under_zero3_on_two_processes(tmp_path)
             assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
 
 
-def test_alpha_dpo_running_statistics_resume_under_zero3(tmp_path):
-    """alpha_dpo's running statistics (decay > 0) under the recipe's ZeRO-3 (one CPU process): accelerate saves
-    the registered state beside DeepSpeed's checkpoint, so a run stopped after step 3 and resumed has the
-    uninterrupted run's losses."""
+@pytest.mark.parametrize("processes", [1, 2])
+def test_alpha_dpo_running_statistics_resume_under_zero3(tmp_path, processes):
+    """alpha_dpo's running statistics (decay > 0) under the recipe's ZeRO-3 (on 2 processes, over the pairs of
+    both): accelerate saves the registered state beside DeepSpeed's checkpoint, so a run stopped after step 3 and
+    resumed has the uninterrupted run's losses."""
     extra = ["--max-train-pairs", "32", "--max-steps", "5", "--eval-steps", "0", "--total-batch-size", "4",
              "--per-device-batch-size", "2", "--bf16", "false", "--warmup-ratio", "0", "--loss", "alpha_dpo",
              "--hparam", "beta=10", "--hparam", "alpha=1", "--hparam", "decay=0.9"]
-    straight = run_recipe(tmp_path, "straight", 1, extra)
-    run_recipe(tmp_path, "split", 1, [*extra, "--stop-after-steps", "3"])
+    straight = run_recipe(tmp_path, "straight", processes, extra)
+    run_recipe(tmp_path, "split", processes, [*extra, "--stop-after-steps", "3"])
     assert torch.load(tmp_path / "split" / "checkpoint-3" / "state" / "custom_checkpoint_1.pkl")["std"] > 0
-    resumed = run_recipe(tmp_path, "split", 1, [*extra, "--resume", "last"])
+    resumed = run_recipe(tmp_path, "split", processes, [*extra, "--resume", "last"])
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], rel=1e-6)
