@@ -21,6 +21,11 @@ eager's (one model, one batch: every impl must compute the same loss, within ben
 else the row says it disagrees); the last step's loss (finite: the run trained). A run that fails gets its
 row with the reason from its output: its last error line (else its last line that is not a progress bar).
 
+Liger-Kernel has no row (LIGER_NOT_WIRED, also in the header): its fused-linear preference losses
+(chunked_loss.fused_linear_preference, 0.8.5) call the loss on one chunk of chunk_size pairs at a time (1 by
+default), and AMaPO's margin needs the mean and std of d over every pair of the batch, so no exact AMaPO runs
+through them; bench_fused_linear.py times its fused-linear SimPO against this library's from-hidden path.
+
     python benchmarks/bench_train.py                      # CPU: llama3-vocab-tiny, short sequences
     python benchmarks/bench_train.py --device cuda        # the run: llama3-1b, seq 2048, ZeRO-3, bf16,
                                                           #   gradient checkpointing, 20 steps
@@ -53,6 +58,8 @@ DEFAULTS = {  # device -> (shape, seq_len, steps, warmup steps)
     "cpu": ("llama3-vocab-tiny", 256, 6, 2),
     "cuda": ("llama3-1b", 2048, 20, 5),
 }
+LIGER_NOT_WIRED = ("Liger-Kernel: not run; its fused-linear preference losses take the loss of one chunk of pairs "
+                   "at a time, and AMaPO's margin needs d's mean and std over the whole batch")
 # Characters per text: well beyond what the tiny tokenizer needs for --seq-len tokens (~3 characters each).
 CHARS_PER_TOKEN = 8
 
@@ -267,7 +274,8 @@ def main(argv=None):
     header = (f"# amapo-train throughput: random:{args.shape}, {2 * args.pairs} x {args.seq_len} tokens per step, "
               f"DeepSpeed {args.deepspeed}, bf16 {'on' if args.bf16 else 'off'}, gradient checkpointing "
               f"{'on' if args.checkpointing else 'off'}, {args.steps} steps ({args.warmup_steps} untimed)\n\n"
-              f"{meta.get('gpu', 'CPU')}, torch {meta['torch']}, {meta['date']}; command: `{meta['command']}`\n\n")
+              f"{meta.get('gpu', 'CPU')}, torch {meta['torch']}, {meta['date']}; command: `{meta['command']}`\n\n"
+              f"{LIGER_NOT_WIRED}\n\n")
     rows, started = [], time.perf_counter()
     for impl in args.impls:
         limit = time_limit(args.timeout, args.budget, spent=time.perf_counter() - started)

@@ -238,6 +238,7 @@ def test_train_benchmark_trains_every_impl_under_zero3(tmp_path):
     assert not any((tmp_path / impl / "final").exists() for impl in bench_train.IMPLS)  # --save-final off
     table = (tmp_path / "rows.md").read_text()
     assert "| fused |" in table and "| first loss | vs eager's |" in table and "DISAGREES" not in table
+    assert bench_train.LIGER_NOT_WIRED in table  # the peer the issue names says why it has no row
 
 
 def test_train_benchmark_marks_a_first_loss_unlike_eagers():
