@@ -150,7 +150,7 @@ def focalpo(lc, lr, rc, rr, *, beta=0.1, gamma=0.05):
     return -(torch.sigmoid(x) ** gamma) * torch.nn.functional.logsigmoid(x)
 
 
-def alpha_dpo(lc, lr, rc, rr, *, beta=2.5, gamma=1.5, alpha=0.2, decay=0.0, running=None):
+def alpha_dpo(lc, lr, rc, rr, *, beta=2.5, gamma=1.5, alpha=0.2, decay=0.0, label_smoothing=0.0, running=None):
     u = lc - lr
     m = (u - (rc - rr)).detach()
     if decay > 0:  # running (decayed) mean and std, updated by batches of 2+ pairs unless frozen
@@ -162,7 +162,8 @@ def alpha_dpo(lc, lr, rc, rr, *, beta=2.5, gamma=1.5, alpha=0.2, decay=0.0, runn
         m_star = (m - m.mean()) / m.std()
     else:
         m_star = torch.zeros_like(m)
-    return _sigmoid_loss(beta * (u - (gamma / beta + alpha * m_star)))
+    x = beta * (u - (gamma / beta + alpha * m_star))
+    return (1 - label_smoothing) * _sigmoid_loss(x) + label_smoothing * _sigmoid_loss(-x)
 
 
 BASELINES = {

@@ -25,7 +25,7 @@ OTHER_HPARAMS = {
     "kto": {"beta": 0.05, "desirable_weight": 1.33, "undesirable_weight": 1.0},
     "simpo": {"beta": 2.5, "gamma": 1.4},
     "focalpo": {"beta": 0.2, "gamma": 0.5},
-    "alpha_dpo": {"beta": 10.0, "gamma": 4.0, "alpha": 0.05},
+    "alpha_dpo": {"beta": 10.0, "gamma": 4.0, "alpha": 0.05, "label_smoothing": 0.1},
     "amapo": {"beta": 3.0, "variant": "paper"},
 }
 
@@ -214,11 +214,13 @@ def test_group_is_a_keyword_of_the_methods_with_batch_statistics():
         ak.preference_loss(*tensors[:2], method="dpo", group=None, **refs)
 
 
-def test_alpha_dpo_by_hand():
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_alpha_dpo_by_hand(eps):
     """alpha-DPO at its paper's defaults (beta 2.5, gamma 1.5, alpha 0.2), ops and fp64 reference against the closed
-    form -logsigmoid(x_i), x_i = beta * u_i - gamma - beta * alpha * z_i, z the z-score of M = u - (rc - rr) with
-    the unbiased std, detached: d loss / d chosen_i = -beta * sigmoid(-x_i) / B. The comparison with the
-    reference alone cannot see a change made to both (a biased std, a default, where beta multiplies)."""
+    form (1 - eps) softplus(-x_i) + eps softplus(x_i) (eps the label smoothing its official trainer applies),
+    x_i = beta * u_i - gamma - beta * alpha * z_i, z the z-score of M = u - (rc - rr) with the unbiased std,
+    detached: d loss / d chosen_i = beta * (eps - sigmoid(-x_i)) / B. The comparison with the reference alone
+    cannot see a change made to both (a biased std, a default, where beta multiplies, the smoothing's sign)."""
     chosen = torch.tensor([-1.0, -1.5, -0.5], dtype=torch.float64, requires_grad=True)
     rejected = torch.tensor([-2.0, -1.5, -2.5], dtype=torch.float64, requires_grad=True)
     refs = {"ref_chosen_logps": torch.tensor([-1.25, -2.0, -1.0], dtype=torch.float64),
@@ -227,10 +229,12 @@ def test_alpha_dpo_by_hand():
     std = math.sqrt(sum((mi - 1.0) ** 2 for mi in m) / (len(m) - 1))
     beta, gamma, alpha = 2.5, 1.5, 0.2
     x = [beta * ui - gamma - beta * alpha * (mi - 1.0) / std for ui, mi in zip(u, m)]
-    expected_grad = [-beta / (1 + math.exp(xi)) / 3 for xi in x]
+    expected_loss = sum((1 - eps) * math.log1p(math.exp(-xi)) + eps * math.log1p(math.exp(xi)) for xi in x) / 3
+    expected_grad = [beta * (eps - 1 / (1 + math.exp(xi))) / 3 for xi in x]
+    smoothing = {"label_smoothing": eps} if eps else {}  # eps = 0 also checks the default
     for fn in (ak.preference_loss, ref.preference_loss):
-        loss = fn(chosen, rejected, method="alpha_dpo", **refs)
-        assert loss.item() == pytest.approx(sum(math.log1p(math.exp(-xi)) for xi in x) / 3, rel=1e-12), fn.__module__
+        loss = fn(chosen, rejected, method="alpha_dpo", **refs, **smoothing)
+        assert loss.item() == pytest.approx(expected_loss, rel=1e-12), fn.__module__
         grad_chosen, grad_rejected = torch.autograd.grad(loss, (chosen, rejected))
         assert grad_chosen.tolist() == pytest.approx(expected_grad, rel=1e-12), fn.__module__
         assert grad_rejected.tolist() == pytest.approx([-g for g in expected_grad], rel=1e-12), fn.__module__

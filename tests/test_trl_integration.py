@@ -692,6 +692,8 @@ def test_config_resolves_and_checks_hyperparameters(tmp_path):
     with pytest.raises(ValueError, match="odpo.*scores"):
         PreferenceConfig(**config, loss="odpo")
     assert PreferenceConfig(**config, loss="alpha_dpo").loss_hparams["decay"] == 0.0
+    # TRL's label_smoothing sets alpha-DPO's, as in its official trainer (a DPOTrainer)
+    assert PreferenceConfig(**config, loss="alpha_dpo", label_smoothing=0.1).loss_hparams["label_smoothing"] == 0.1
     with pytest.raises(ValueError, match=r"decay must be a finite number in \[0.0, 1.0\), got 1.0"):
         PreferenceConfig(**config, loss="alpha_dpo", loss_hparams={"decay": 1.0})
     with pytest.raises(ValueError, match="sync_ref_model"):
