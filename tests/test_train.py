@@ -69,6 +69,63 @@ def test_resume_gives_the_same_losses(tmp_path, capsys):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
 
 
+def test_a_checkpoint_holds_the_model_weights_once(tmp_path, monkeypatch):
+    """Without DeepSpeed a resumable checkpoint's state/ holds no model (accelerate's save_state wrote the weights
+    there too, beside the from_pretrained copy: twice on disk); --resume loads that copy, as
+    test_resume_gives_the_same_losses checks. A checkpoint written before, with state/model.safetensors, still
+    resumes to the uninterrupted run's losses (accelerate loads its own copy). The weights file is listed in
+    trainer_state.json with its size: one cut short or deleted is refused naming it."""
+    common = [*SHORT, "--max-test-pairs", "8", "--max-steps", "4"]
+    main([*common, "--output-dir", str(tmp_path / "straight")])
+    main([*common, "--output-dir", str(tmp_path / "split"), "--stop-after-steps", "2"])
+    checkpoint = tmp_path / "split" / "checkpoint-2"
+    assert not (checkpoint / "state" / "model.safetensors").exists() and (checkpoint / "model.safetensors").exists()
+    stored = json.loads((checkpoint / "trainer_state.json").read_text())
+    weights = checkpoint / "model.safetensors"
+    assert stored["model_files"] == {"model.safetensors": weights.stat().st_size}
+    saved = weights.read_bytes()  # what --resume now loads is checked as state/ is: cut short, refused naming it
+    weights.write_bytes(saved[:100])
+    config = TrainConfig(**stored["config"])
+    with pytest.raises(UserError, match=f"--resume last: {weights} is 100 bytes, saved as {len(saved)}"):
+        check_resume("last", config)
+    weights.unlink()
+    with pytest.raises(UserError, match=f"--resume {checkpoint}: {weights} is missing"):
+        check_resume(str(checkpoint), config)
+    with monkeypatch.context() as patched:  # the layout of the versions before
+        patched.setattr(driver, "save_model_weights_once", lambda accelerator: None)
+        main([*common, "--output-dir", str(tmp_path / "old"), "--stop-after-steps", "2"])
+    assert (tmp_path / "old" / "checkpoint-2" / "state" / "model.safetensors").exists()
+    main([*common, "--output-dir", str(tmp_path / "old"), "--resume", "last"])
+    expected = [r["loss"] for r in read_metrics(tmp_path / "straight")]
+    assert [r["loss"] for r in read_metrics(tmp_path / "old")] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_mixture_of_experts_resumes_from_its_from_pretrained_weights(tmp_path):
+    """A Mixtral's checkpoint stores its experts as transformers' on-disk layout (one w1 / w2 / w3 per expert)
+    while the model holds them fused (gate_up_proj, down_proj): --resume loads them through from_pretrained,
+    and the resumed run has the uninterrupted run's losses (router loss included)."""
+    from safetensors import safe_open
+
+    tokenizer = models.train_tiny_tokenizer(["Hello there.", "General Kenobi!"], vocab_size=300)
+    model = tiny_mixtral(len(tokenizer), output_router_logits=False)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    common = [*SHORT, "--max-test-pairs", "8", "--model", str(tmp_path / "model"), "--max-steps", "4",
+              "--max-length", "96", "--max-prompt-length", "48", "--router-aux-loss-coef", "0.5"]
+    main([*common, "--output-dir", str(tmp_path / "straight")])
+    main([*common, "--output-dir", str(tmp_path / "split"), "--stop-after-steps", "2"])
+    checkpoint = tmp_path / "split" / "checkpoint-2"
+    with safe_open(checkpoint / "model.safetensors", "pt") as saved:
+        on_disk = set(saved.keys())
+    fused = "model.layers.0.mlp.experts.gate_up_proj"  # the model's name, not the file's: a conversion is loaded
+    assert fused in model.state_dict() and fused not in on_disk
+    assert not (checkpoint / "state" / "model.safetensors").exists()
+    main([*common, "--output-dir", str(tmp_path / "split"), "--resume", "last"])
+    expected = [(r["loss"], r["aux_loss"]) for r in read_metrics(tmp_path / "straight")]
+    resumed = [(r["loss"], r["aux_loss"]) for r in read_metrics(tmp_path / "split")]
+    assert len(resumed) == 4 and resumed == [pytest.approx(pair, rel=1e-6) for pair in expected]
+
+
 def test_alpha_dpo_running_statistics_resume_and_survive_evaluation(tmp_path, capsys):
     """alpha_dpo with decay > 0 (the official trainer's running mean and std of M): the state is in the checkpoint,
     so a resumed run has the uninterrupted run's losses; held-out evaluation reads it without updating it, so the

@@ -20,6 +20,9 @@ from amapo_train.data import looks_local
 
 STATE_FILE = "trainer_state.json"
 STATE_FILES = "state_files"  # STATE_FILE's key: {path under state/: size in bytes} of what --resume loads
+# STATE_FILE's key: {file name: size in bytes} of the from_pretrained weights that --resume loads into the model
+# (without DeepSpeed, state/ holds no model of its own: train.save_model_weights_once)
+MODEL_FILES = "model_files"
 LAST = "last"  # --resume last: the newest checkpoint of this run's settings in --output-dir
 # Settings a resumed run may change: where and how often it writes, evaluates and logs, and how it computes the
 # same steps. Every other one (model, data, loss, optimisation, schedule, seed, precision, DeepSpeed) must be
@@ -245,12 +248,19 @@ def state_files(state: Path) -> dict[str, int]:
             if file.is_file()}
 
 
+def model_files(checkpoint: Path) -> dict[str, int]:
+    """{file name: size in bytes} of the weights that save_pretrained wrote in `checkpoint` (model.safetensors,
+    or its shards and their index), stored in its STATE_FILE."""
+    return {file.name: file.stat().st_size for file in sorted(checkpoint.glob("model*.safetensors*"))}
+
+
 def check_stored_state(flag_value: str, path: Path, config: TrainConfig, world_size: int | None) -> None:
     """What the checkpoint's STATE_FILE records of its state beyond the settings, read once: the number of
-    processes of a DeepSpeed checkpoint and the files of state/."""
+    processes of a DeepSpeed checkpoint and the files --resume loads (state/'s and the model's weights)."""
     stored = json.loads((path / STATE_FILE).read_text())
     check_resume_processes(flag_value, path, stored.get("world_size"), config, world_size)
-    check_state_files(flag_value, path, stored.get(STATE_FILES))
+    check_saved_files(flag_value, path / "state", stored.get(STATE_FILES), state_files(path / "state"))
+    check_saved_files(flag_value, path, stored.get(MODEL_FILES), model_files(path))
     check_optimizer_groups(flag_value, path, config)
 
 
@@ -276,17 +286,17 @@ def check_optimizer_groups(flag_value: str, path: Path, config: TrainConfig) -> 
                         "before --weight-decay spared them has 1: resume it with the version that wrote it")
 
 
-def check_state_files(flag_value: str, path: Path, saved: dict[str, int] | None) -> None:
-    """The files of the checkpoint's state/ are those its save wrote (`saved`), of their sizes: one deleted or cut
-    short after the save (a full disk, a copy stopped half-way) is refused naming it, before accelerate fails on it
-    with a traceback or, for an RNG state, silently goes on without it. Checkpoints older than the list pass."""
-    found = state_files(path / "state")
+def check_saved_files(flag_value: str, folder: Path, saved: dict[str, int] | None, found: dict[str, int]) -> None:
+    """The files of a checkpoint's `folder` that --resume loads (its state/, its model weights) are those its save
+    wrote (`saved`), of their sizes (`found`: what is there now): one deleted or cut short after the save (a full
+    disk, a copy stopped half-way) is refused naming it, before accelerate fails on it with a traceback or, for an
+    RNG state, silently goes on without it. Checkpoints older than the list pass."""
     for name, size in (saved or {}).items():
         if name not in found:
-            raise UserError(f"--resume {flag_value}: {path / 'state' / name} is missing (the checkpoint was damaged "
+            raise UserError(f"--resume {flag_value}: {folder / name} is missing (the checkpoint was damaged "
                             "after its save): resume from another checkpoint")
         if found[name] != size:
-            raise UserError(f"--resume {flag_value}: {path / 'state' / name} is {found[name]} bytes, saved as {size} "
+            raise UserError(f"--resume {flag_value}: {folder / name} is {found[name]} bytes, saved as {size} "
                             "(the checkpoint was damaged after its save): resume from another checkpoint")
 
 

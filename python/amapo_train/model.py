@@ -134,13 +134,13 @@ def with_attention(model, name: str | None):
     return model
 
 
-def from_pretrained(auto_class, model: str, **kwargs):
+def from_pretrained(auto_class, model: str, flag: str = "--model", **kwargs):
     """auto_class.from_pretrained(model): a Hub name that cannot be reached (offline: after huggingface_hub's
     retries), a repository that does not exist, or a directory that holds no model or a damaged one, is a user
-    error naming --model and why, not a page of traceback."""
+    error naming `flag` (the option that named `model`) and why, not a page of traceback."""
     try:
         return auto_class.from_pretrained(model, **kwargs)
     except Exception as error:  # each library its own type: missing or truncated files (OSError, safetensors'
         # SafetensorError, torch.load's UnpicklingError), an unknown or invalid architecture (ValueError,
         # huggingface_hub's validation error), a tokenizer file of another layout (KeyError)
-        raise UserError(f"--model {model}: cannot be loaded: {one_line(error)}") from error
+        raise UserError(f"{flag} {model}: cannot be loaded: {one_line(error)}") from error

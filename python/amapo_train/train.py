@@ -33,8 +33,8 @@ from amapo_kernels.preference import (keeps_running_statistics, logged_rewards, 
                                       uses_mean_logps)
 from amapo_train.cli_errors import UserError, one_line, require_extras, run_console_script
 from amapo_train.config import TrainConfig
-from amapo_train.command_line import (STATE_FILE, STATE_FILES, build_parser, check_run, config_from_args,
-                                      default_world_size, run_checkpoints, state_files)
+from amapo_train.command_line import (MODEL_FILES, STATE_FILE, STATE_FILES, build_parser, check_run, config_from_args,
+                                      default_world_size, model_files, run_checkpoints, state_files)
 from amapo_train.data import (IGNORE_INDEX, PreferenceDataset, check_detected_formats, check_scores, collate,
                               concatenated, holdout_split, load_records, looks_local)
 
@@ -403,6 +403,8 @@ def save_checkpoint(accelerator, model, tokenizer, config, step: int, name: str,
         stored = {"step": step, "world_size": accelerator.num_processes, "config": dataclasses.asdict(config)}
         if resumable:  # what --resume loads, with each file's size: check_resume names one missing or cut short
             stored[STATE_FILES] = state_files(directory / "state")
+            if not config.deepspeed_config_path():  # the model's weights: save_model_weights_once
+                stored[MODEL_FILES] = model_files(directory)
         (directory / STATE_FILE).write_text(json.dumps(stored, indent=2))
         if resumable and config.save_total_limit:
             for pruned in prune_checkpoints(Path(config.output_dir), config, config.save_total_limit, step):
@@ -549,6 +551,7 @@ def set_up(config: TrainConfig) -> TrainingRun:
                         collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id))
     optimizer = torch.optim.AdamW(optimizer_groups(model, config.weight_decay), lr=config.learning_rate)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    save_model_weights_once(accelerator)
     steps_per_epoch = len(loader) // accelerator.gradient_accumulation_steps
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps:
@@ -570,6 +573,36 @@ def set_up(config: TrainConfig) -> TrainingRun:
         if config.eval_steps:
             run.test_ref_table = reference_logps_table(accelerator, model, test_set, config)
     return run
+
+
+def save_model_weights_once(accelerator) -> None:
+    """A resumable checkpoint holds the model's weights once: accelerate's save_state would also write them into
+    state/, beside the from_pretrained copy that save_checkpoint writes (the weights twice on disk, and twice the
+    time to write them). Without DeepSpeed (whose engine saves its own partitions and is left as it is) state/
+    gets no model, and --resume loads the from_pretrained copy into the model (transformers' own loading, with
+    its conversions of a checkpoint's layout: a mixture of experts' fused expert weights). A checkpoint that
+    holds state/model.safetensors (written before) is loaded by accelerate, as then."""
+    accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
+    accelerator.register_load_state_pre_hook(partial(load_weights_beside_state, accelerator))
+
+
+def load_weights_beside_state(accelerator, models: list, state_dir: str) -> None:
+    """accelerate's load_state pre-hook (save_model_weights_once): the weights of the checkpoint whose state/ is
+    `state_dir`, from its from_pretrained copy, into the model, on its device and in its dtype; `models` emptied,
+    so that accelerate loads no model of its own."""
+    if not models or (Path(state_dir) / "model.safetensors").exists():
+        return
+    from transformers import AutoModelForCausalLM
+
+    from amapo_train.model import from_pretrained
+
+    model = accelerator.unwrap_model(models[0])
+    parameter = next(model.parameters())
+    checkpoint = str(Path(state_dir).parent)
+    saved = from_pretrained(AutoModelForCausalLM, checkpoint, "--resume", dtype=parameter.dtype,
+                            device_map=parameter.device)
+    model.load_state_dict(saved.state_dict())
+    models.clear()
 
 
 # Parameters the HF Trainer (the authors') exempts from weight decay, by name (transformers 5's
