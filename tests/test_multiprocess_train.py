@@ -1,6 +1,7 @@
 """The training driver on 2 CPU processes (torchrun, gloo) against one process: the held-out metrics during
 training count every held-out pair once (accelerate pads the last evaluation batch of every process with repeats),
-and a DeepSpeed checkpoint is resumed on the number of processes that saved it or refused in one line."""
+a checkpoint without DeepSpeed resumes on 2 processes, and a DeepSpeed checkpoint is resumed on the number of
+processes that saved it or refused in one line."""
 
 import json
 import os
@@ -70,3 +71,16 @@ def test_a_deepspeed_checkpoint_resumes_on_its_own_number_of_processes(tmp_path)
     assert (f"amapo-train: error: --resume last: {out / 'checkpoint-1'} is a DeepSpeed checkpoint of 1 process(es), "
             "this launch has 2") in resumed.stderr, resumed.stderr[-3000:]
     assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text()).get("world_size") == 1
+
+
+def test_a_checkpoint_resumes_on_two_processes_without_deepspeed(tmp_path):
+    """DDP on 2 processes: each loads the checkpoint's from_pretrained weights (state/ holds no model of its own)
+    and the resumed run has the uninterrupted run's losses."""
+    common = [*TINY, "--max-test-pairs", "8", "--per-device-batch-size", "4", "--max-steps", "4"]
+    for name, extra in (("straight", []), ("split", ["--stop-after-steps", "2"]), ("split", ["--resume", "last"])):
+        proc = launch([*common, "--output-dir", str(tmp_path / name), *extra], 2)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not (tmp_path / "split" / "checkpoint-2" / "state" / "model.safetensors").exists()
+    straight, resumed = ([json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text()
+                          .splitlines()] for name in ("straight", "split"))
+    assert len(resumed) == 4 and resumed == pytest.approx(straight, rel=1e-6)
