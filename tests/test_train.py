@@ -100,6 +100,32 @@ def test_a_checkpoint_holds_the_model_weights_once(tmp_path, monkeypatch):
     assert [r["loss"] for r in read_metrics(tmp_path / "old")] == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_checkpoint_saved_over_an_earlier_runs_keeps_none_of_its_state(tmp_path, monkeypatch):
+    """A run saves checkpoint-2 over the one an earlier run left in --output-dir: nothing of the earlier state/ or
+    weights files stays. Its state/model.safetensors (a version that kept the weights there) was loaded in place
+    of this run's model, silently; its running statistics' file (an object this run does not register) stopped
+    accelerate's load with a traceback. Each resumes now to the uninterrupted run's losses."""
+    common = [*SHORT, "--max-test-pairs", "8", "--max-steps", "4", "--loss", "alpha_dpo"]
+    earlier_runs = {"weights in state/": ["--learning-rate", "3e-3"], "running statistics": ["--hparam", "decay=0.9"]}
+    main([*common, "--output-dir", str(tmp_path / "straight")])
+    expected = [r["loss"] for r in read_metrics(tmp_path / "straight")]
+    for index, (what, earlier) in enumerate(earlier_runs.items()):
+        out = tmp_path / str(index)
+        with monkeypatch.context() as patched:  # the earlier run: a version that kept the weights in state/
+            patched.setattr(driver, "save_model_weights_once", lambda accelerator: None)
+            main([*common, *earlier, "--output-dir", str(out), "--stop-after-steps", "2"])
+        # a shard of a sharded save (from_pretrained reads a model.safetensors before an index, so its leftover
+        # would be read in place of this save's shards; a leftover shard would be listed as this save's)
+        (out / "checkpoint-2" / "model-00001-of-00002.safetensors").write_bytes(b"earlier")
+        main([*common, "--output-dir", str(out), "--stop-after-steps", "2"])
+        assert sorted(path.name for path in (out / "checkpoint-2" / "state").iterdir()) == [
+            "custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"], what
+        stored = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+        assert list(stored["model_files"]) == ["model.safetensors"], what
+        main([*common, "--output-dir", str(out), "--resume", "last"])
+        assert [r["loss"] for r in read_metrics(out)] == pytest.approx(expected, rel=1e-6), what
+
+
 def test_a_mixture_of_experts_resumes_from_its_from_pretrained_weights(tmp_path):
     """A Mixtral's checkpoint stores its experts as transformers' on-disk layout (one w1 / w2 / w3 per expert)
     while the model holds them fused (gate_up_proj, down_proj): --resume loads them through from_pretrained,
@@ -506,7 +532,11 @@ def test_an_interrupted_save_over_an_earlier_checkpoint_is_not_resumed(tmp_path)
     class KilledWhileSaving(OneProcess):
         is_main_process = True
 
+        def wait_for_everyone(self):
+            pass
+
         def save_state(self, directory):
+            Path(directory).mkdir(parents=True, exist_ok=True)  # as accelerate's
             (Path(directory) / "half-written").write_text("")
             raise Killed
 

@@ -211,8 +211,9 @@ def check_deepspeed(config: TrainConfig) -> None:
 
 def check_resume(directory: str, config: TrainConfig, world_size: int | None = None) -> str:
     """--resume names a checkpoint of amapo-train whose run had this run's settings (RESUME_MAY_CHANGE aside), or
-    LAST; returns the checkpoint's directory. Also the files of its state/ and, under DeepSpeed, its number of
-    processes (ZeRO's optimizer state is partitioned over them), when `world_size` is given."""
+    LAST; returns the checkpoint's directory. Also the files that --resume loads (its state/, its model's weights)
+    and, under DeepSpeed, its number of processes (ZeRO's optimizer state is partitioned over them), when
+    `world_size` is given."""
     if directory == LAST:
         checkpoints = run_checkpoints(Path(config.output_dir), config)
         if not checkpoints:

@@ -386,18 +386,24 @@ def save_checkpoint(accelerator, model, tokenizer, config, step: int, name: str,
     parameter), which a finished run's final/ has no use for. After a resumable one, --save-total-limit prunes.
     STATE_FILE marks a finished save: removed first, written last, so that a save interrupted over an earlier
     run's checkpoint of the same name leaves one --resume does not take (run_checkpoints counts none without it).
-    It lists the files of state/ with their sizes (STATE_FILES), so that a checkpoint damaged after its save is
-    refused by --resume naming the file."""
+    It lists the files of state/ and, without DeepSpeed, the model's weights with their sizes (STATE_FILES,
+    MODEL_FILES), so that a checkpoint damaged after its save is refused by --resume naming the file. Saved over
+    an earlier run's checkpoint of the same name, none of that run's state/ or weights files stays: its
+    state/model.safetensors would be loaded in place of this model (save_model_weights_once), a registered
+    object it had and this run has not would stop accelerate's load, and its single weights file would be read
+    in place of this save's shards."""
     directory = Path(config.output_dir) / name
     if accelerator.is_main_process:
         (directory / STATE_FILE).unlink(missing_ok=True)
+        shutil.rmtree(directory / "state", ignore_errors=True)
+        for weights in directory.glob("model*.safetensors*"):
+            weights.unlink()
+    accelerator.wait_for_everyone()  # cleared before any process writes
     if resumable:
         accelerator.save_state(str(directory / "state"))
         accelerator.wait_for_everyone()  # every process's files (its RNG state) written before STATE_FILE lists them
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        if not resumable:  # an earlier run's state there would pass for this model's
-            shutil.rmtree(directory / "state", ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(directory)
         stored = {"step": step, "world_size": accelerator.num_processes, "config": dataclasses.asdict(config)}
