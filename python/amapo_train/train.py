@@ -396,8 +396,8 @@ def save_checkpoint(accelerator, model, tokenizer, config, step: int, name: str,
     if accelerator.is_main_process:
         (directory / STATE_FILE).unlink(missing_ok=True)
         shutil.rmtree(directory / "state", ignore_errors=True)
-        for weights in directory.glob("model*.safetensors*"):
-            weights.unlink()
+        for weights in model_files(directory):
+            (directory / weights).unlink()
     accelerator.wait_for_everyone()  # cleared before any process writes
     if resumable:
         accelerator.save_state(str(directory / "state"))
