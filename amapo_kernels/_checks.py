@@ -33,7 +33,8 @@ def check_local(name: str, value) -> None:
     if value is not None and dtensor is not None and isinstance(value, dtensor.DTensor):
         raise TypeError(
             f"{name} is a DTensor (placements {tuple(value.placements)}); the fused lm_head needs local tensors: pass "
-            f"{name}.full_tensor(), or call it inside the model's forward, where FSDP2 has gathered the parameters"
+            f"{name}.full_tensor(), or call it inside the forward of the FSDP2 unit that holds the weight (or a "
+            "method registered with torch.distributed.fsdp.register_fsdp_forward_method), where it is gathered"
         )
 
 

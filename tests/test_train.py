@@ -126,6 +126,31 @@ def test_a_checkpoint_saved_over_an_earlier_runs_keeps_none_of_its_state(tmp_pat
         assert [r["loss"] for r in read_metrics(out)] == pytest.approx(expected, rel=1e-6), what
 
 
+def test_a_sharded_checkpoint_resumes(tmp_path, monkeypatch):
+    """A model over transformers' shard size (50GB by default in transformers 5) is saved in shards with an
+    index: trainer_state.json lists each, --resume loads them all through from_pretrained to the uninterrupted
+    run's losses, and a shard deleted after the save is refused naming it."""
+    from transformers import PreTrainedModel
+
+    common = [*SHORT, "--max-test-pairs", "8", "--max-steps", "4"]
+    main([*common, "--output-dir", str(tmp_path / "straight")])
+    save_pretrained = PreTrainedModel.save_pretrained
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained",
+                        lambda model, *args, **kwargs: save_pretrained(model, *args, **kwargs, max_shard_size="1MB"))
+    main([*common, "--output-dir", str(tmp_path / "split"), "--stop-after-steps", "2"])
+    checkpoint = tmp_path / "split" / "checkpoint-2"
+    listed = json.loads((checkpoint / "trainer_state.json").read_text())["model_files"]
+    shards = [name for name in listed if name.endswith(".safetensors")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in listed and "model.safetensors" not in listed
+    main([*common, "--output-dir", str(tmp_path / "split"), "--resume", "last"])
+    expected = [r["loss"] for r in read_metrics(tmp_path / "straight")]
+    assert [r["loss"] for r in read_metrics(tmp_path / "split")] == pytest.approx(expected, rel=1e-6)
+    (checkpoint / shards[-1]).unlink()
+    stored = json.loads((checkpoint / "trainer_state.json").read_text())
+    with pytest.raises(UserError, match=f"--resume last: {checkpoint / shards[-1]} is missing"):
+        check_resume("last", TrainConfig(**stored["config"]))
+
+
 def test_a_mixture_of_experts_resumes_from_its_from_pretrained_weights(tmp_path):
     """A Mixtral's checkpoint stores its experts as transformers' on-disk layout (one w1 / w2 / w3 per expert)
     while the model holds them fused (gate_up_proj, down_proj): --resume loads them through from_pretrained,

@@ -5,6 +5,7 @@ reference log-probs are the method's; LoRA and prefix tuning train, prompt tunin
 dataset format is accepted; AMaPO's statistics span two processes; the README's TRL script runs as written;
 the example runner does what TRL's scripts/dpo.py does."""
 
+import functools
 import importlib.util
 import math
 import os
@@ -577,6 +578,51 @@ def test_peft_model_passed_in_with_virtual_tokens_raises(tokenizer, hh_pairs, tm
     assert trainer.model.peft_config["default"].peft_type.value == "CARTRIDGE"
 
 
+def test_peft_adapter_on_the_lm_head_is_refused_by_fused(tokenizer, hh_pairs, tmp_path):
+    """PEFT's trainable tokens on the lm_head add a delta in the head's forward that its weight leaves out: the
+    fused path stopped on an AttributeError (the wrapper has no bias). Refused when the trainer is built, naming
+    loss_impl; ops trains. LoRA on the lm_head (whose delta the fused path left out, silently: 4.75 nats off in a
+    sequence, measured) is refused by TRL 1.16's own DPOTrainer, and by hf_head where that check does not run."""
+    tokens = peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj"],
+                             trainable_token_indices={"lm_head": [1, 2, 3]})
+    for loss_impl in ("fused", "ops"):
+        args = PreferenceConfig(output_dir=str(tmp_path), loss="simpo", loss_impl=loss_impl, max_steps=1, **TRAINING)
+        build = functools.partial(recording(PreferenceTrainer), model=tiny_llama(len(tokenizer)), args=args,
+                                  train_dataset=hh_pairs, processing_class=tokenizer, peft_config=tokens)
+        if loss_impl == "fused":
+            with pytest.raises(ValueError, match=r"loss_impl 'fused' .* output embeddings, a peft\..*"
+                                                 r"TrainableTokensWrapper.* use 'ops'"):
+                build()
+        else:
+            trainer = build()
+            trainer.steps = []
+            trained(trainer)
+    lora = peft.get_peft_model(tiny_llama(len(tokenizer)), peft.LoraConfig(
+        r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match=r"loss_impl 'fused' .* output embeddings, a peft\.tuners\.lora"):
+        fused_logit_softcap(lora.get_base_model(), "loss_impl")
+
+
+def test_peft_modules_to_save_lm_head_fused_equals_ops(tokenizer, hh_pairs, tmp_path):
+    """modules_to_save=["lm_head"] trains a copy of the head beside LoRA's adapters: the fused path reads the
+    active copy's weight (the original one with the adapter disabled, DPO's live reference). Per-step losses
+    equal the ops path's; from step 2 on the copy differs from the original, so both are read."""
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                           task_type="CAUSAL_LM")
+    losses = {}
+    for loss_impl in ("fused", "ops"):
+        args = PreferenceConfig(output_dir=str(tmp_path / loss_impl), loss="dpo", loss_impl=loss_impl, max_steps=3,
+                                precompute_ref_log_probs=False, **TRAINING)
+        trainer = recording(PreferenceTrainer)(model=tiny_llama(len(tokenizer)), args=args, train_dataset=hh_pairs,
+                                               processing_class=tokenizer, peft_config=lora)
+        trainer.steps = []
+        losses[loss_impl] = [step["loss"] for step in trained(trainer).steps]
+    head = trainer.model.get_base_model().get_output_embeddings()
+    assert not torch.equal(head.modules_to_save["default"].weight, head.original_module.weight)
+    assert abs(losses["ops"][0] - math.log(2)) <= TOLERANCE < abs(losses["ops"][2] - math.log(2))
+    assert losses["fused"] == pytest.approx(losses["ops"], abs=TOLERANCE)
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}<|eos|>{% endfor %}"
                  "{% if add_generation_prompt %}<|bos|>assistant:{% endif %}")
 
@@ -945,6 +991,81 @@ def test_moe_router_aux_loss_under_zero3(tokenizer, hh_pairs, tmp_path):
     assert len(result["log"]) == len(plain_log) == 3 and plain_log[0]["aux_loss"] > 0
     for zero3_entry, plain_entry in zip(result["log"], plain_log):
         assert zero3_entry["aux_loss"] == pytest.approx(plain_entry["aux_loss"], abs=TOLERANCE)
+
+
+# ----------------------------------------------------------------------------------------------------
+# FSDP2 (fully_shard as accelerate applies it, 2 CPU processes, gloo)
+# ----------------------------------------------------------------------------------------------------
+
+FSDP_VOCAB, FSDP_STEPS, FSDP_LEARNING_RATE = 96, 2, 0.5
+
+
+def fsdp_batch(rank: int, step: int):
+    """Process `rank`'s token ids and labels (the prompt's 5 positions ignored) at `step`."""
+    generator = torch.Generator().manual_seed(100 * step + rank)
+    ids = torch.randint(0, FSDP_VOCAB, (4, 12), generator=generator)
+    return ids, ids.masked_fill(torch.arange(12) < 5, -100)
+
+
+def fsdp_worker(rank, port, head_unit, out_dir):
+    """Process `rank` of WORLD: the fused head on a tiny Llama sharded by fully_shard (every decoder layer a unit,
+    the lm_head in the root's unit or in one of its own), FSDP_STEPS SGD steps; its log-probs,
+    gradients (gathered) and the type of lm_head.weight saved as rank{rank}.pt."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from amapo_kernels.integrations.trl import _add_sequence_logps_head
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    model = tiny_llama(FSDP_VOCAB)
+    _add_sequence_logps_head(model)  # before sharding, as PreferenceTrainer (accelerate shards in train())
+    for layer in model.model.layers:
+        fully_shard(layer)
+    if head_unit == "own":  # accelerate's size-based wrap, for an lm_head over its min_num_params
+        fully_shard(model.lm_head)
+    fully_shard(model)
+    optimizer, steps = torch.optim.SGD(model.parameters(), lr=FSDP_LEARNING_RATE), []
+    for step in range(FSDP_STEPS):
+        ids, labels = fsdp_batch(rank, step)
+        logps, _ = model(input_ids=ids, preference_labels=labels, average_logps=True)
+        logps.sum().backward()
+        steps.append({"logps": logps.detach(), "grads": {name: parameter.grad.full_tensor()
+                                                         for name, parameter in model.named_parameters()}})
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.save({"steps": steps, "head": type(model.lm_head.weight).__name__}, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()  # no rank tears the group down while another still talks to it
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("head_unit", ["root", "own"])
+def test_fused_head_under_fsdp2(tmp_path, head_unit):
+    """FSDP2 shards the lm_head's weight (a DTensor between forwards): in the root's unit it is gathered by the
+    root's forward, around the fused call; in a unit of its own (which the fused path never calls as a module:
+    "lm_head_weight is a DTensor" before) by preference_logps, registered as a forward method of that unit, for
+    the forward and again for the backward. Each process's log-probs and the gradients FSDP averages over the
+    processes equal an unsharded model's, over two SGD steps (the second's depend on the first's gradients). The HF Trainer's FSDP is not run: accelerate runs no
+    FSDP on a CPU (FSDP2 is DDP there, silently; FSDP1 needs a GPU)."""
+    mp.spawn(fsdp_worker, args=(free_port(), head_unit, str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    assert all(rank["head"] == "DTensor" for rank in ranks), "lm_head.weight was not sharded: proves nothing"
+    model = tiny_llama(FSDP_VOCAB)
+    optimizer = torch.optim.SGD(model.parameters(), lr=FSDP_LEARNING_RATE)
+    for step in range(FSDP_STEPS):
+        optimizer.zero_grad()
+        total = 0
+        for rank in range(WORLD):
+            ids, labels = fsdp_batch(rank, step)
+            logps = ak.sequence_logps(model(input_ids=ids).logits, labels, shift=True, average=True)
+            assert ranks[rank]["steps"][step]["logps"] == pytest.approx(logps.detach(), abs=TOLERANCE)
+            total = total + logps.sum() / WORLD
+        total.backward()
+        for name, parameter in model.named_parameters():
+            grads = [rank["steps"][step]["grads"][name] for rank in ranks]
+            assert torch.equal(grads[0], grads[1]), name
+            assert torch.allclose(grads[0], parameter.grad, rtol=1e-5, atol=1e-7), (step, name)
+        optimizer.step()
 
 
 # ----------------------------------------------------------------------------------------------------

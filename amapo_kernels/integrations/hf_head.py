@@ -56,6 +56,27 @@ def _check_head_is_the_output_embeddings(model, switch: str) -> None:
             raise ValueError(f"{switch} 'fused' computes the logits as the output embeddings "
                              f"({type(head).__name__}) of the decoder's hidden states, but "
                              f"{type(model).__name__} also applies its {name!r} ({type(child).__name__}); use 'ops'")
+    _check_head_is_linear(head, switch)
+
+
+def _check_head_is_linear(head, switch: str) -> None:
+    """The fused path computes `hidden @ head.weight.T + head.bias`: what a head whose forward is nn.Linear's
+    computes, and PEFT's modules_to_save copy of one (its weight and bias are the active copy's, the original's
+    with the adapter disabled). A PEFT adapter on the lm_head itself (LoRA's, trainable tokens') adds in its
+    forward a delta that the weight leaves out: refused, naming `switch`, as any other head."""
+    linear = torch.nn.Linear.forward
+    copies = getattr(head, "modules_to_save", None)  # peft.utils.other.ModulesToSaveWrapper
+    if type(head).__name__ == "ModulesToSaveWrapper" and copies is not None:
+        if all(type(module).forward is linear for module in (head.original_module, *copies.values())):
+            return
+    elif type(head).forward is linear:
+        return
+    kind = f"{type(head).__module__}.{type(head).__name__}"
+    peft_hint = (" (a PEFT adapter on the lm_head: leave the lm_head out of target_modules and "
+                 "trainable_token_indices, or train it whole with modules_to_save)") if kind.startswith("peft.") else ""
+    raise ValueError(f"{switch} 'fused' computes the logits as the hidden states times the output embeddings' "
+                     f"weight, but the output embeddings, a {kind}, compute them in a forward of their own"
+                     f"{peft_hint}; use 'ops'")
 
 
 def router_loss_function(model, switch: str, way_out: str):

@@ -11,7 +11,7 @@ checkpoints. What differs from DPOTrainer:
   method; TRL's `beta` / `label_smoothing` (as alignment-handbook recipes set them) fill the method's own.
 - Log-probs come from `sequence_logps_from_hidden` (loss_impl="fused": the lm_head fused with the log-softmax,
   no logits) or `sequence_logps` from the logits (loss_impl="ops"), summed or length-normalized as the method
-  defines, computed inside the model's forward so DDP and DeepSpeed see an ordinary forward.
+  defines, computed inside the model's forward so DDP, DeepSpeed and FSDP2 see an ordinary forward.
 - MoE models (a config with `output_router_logits`): the router load-balancing loss of the model's family,
   weighted by `router_aux_loss_coef`, is added to the loss and logged as `aux_loss`, as DPOTrainer does.
 - `disable_dropout` (on by default) turns off every dropout of the model and the reference model, also the rates
@@ -31,6 +31,7 @@ import contextlib
 import functools
 import inspect
 import json
+import sys
 import types
 import unittest.mock
 import warnings
@@ -414,7 +415,10 @@ def _add_sequence_logps_head(model) -> None:
     `output_router_logits=True` (MoE models), inside the model's own forward: DDP and DeepSpeed see an
     ordinary forward, and under ZeRO-3 the lm_head weight is an external parameter of the module that is
     called, gathered by its hooks for the forward and again for the backward (which recomputes the tiles).
-    Without `preference_labels` the forward is the previous one. With PEFT the base model is patched."""
+    Under FSDP2 an lm_head in the root's unit is gathered with it; one sharded in a unit of its own (accelerate's
+    size-based wrap) is gathered by its preference_logps method, a forward method of that unit
+    (_gathered_by_fsdp2). Without `preference_labels` the forward is the previous one. With PEFT the base model
+    is patched."""
     root = model
     patched = model.get_base_model() if is_peft_model(model) else model
     if getattr(patched, "_preference_logps_head", False):
@@ -429,16 +433,20 @@ def _add_sequence_logps_head(model) -> None:
                 deepspeed.zero.register_external_parameter(root, parameter)
     previous = patched.forward
 
+    def preference_logps(self, hidden, labels, average):  # a method of the output embeddings
+        return ak.sequence_logps_from_hidden(hidden, self.weight, labels, bias=self.bias, shift=True, average=average,
+                                             logit_softcap=softcap)
+
+    head.preference_logps = types.MethodType(preference_logps, head)
+
     @functools.wraps(type(patched).forward)
     def forward(self, *args, preference_labels=None, average_logps=False, **kwargs):
         if preference_labels is None:
             return previous(*args, **kwargs)
         kwargs["use_cache"] = False
         outputs = self.base_model(*args, **kwargs)
-        hidden, lm_head = outputs.last_hidden_state, self.get_output_embeddings()
-        logps = ak.sequence_logps_from_hidden(hidden, lm_head.weight, preference_labels.to(hidden.device),
-                                              bias=lm_head.bias, shift=True, average=average_logps,
-                                              logit_softcap=softcap)
+        hidden, lm_head = outputs.last_hidden_state, _gathered_by_fsdp2(self.get_output_embeddings())
+        logps = lm_head.preference_logps(hidden, preference_labels.to(hidden.device), average_logps)
         aux_loss = None
         if kwargs.get("output_router_logits"):
             router_loss = router_loss_function(self, "router_aux_loss_coef",
@@ -448,3 +456,15 @@ def _add_sequence_logps_head(model) -> None:
 
     patched.forward = types.MethodType(forward, patched)
     patched._preference_logps_head = True
+
+
+def _gathered_by_fsdp2(head):
+    """`head`, whose preference_logps gathers its parameters where FSDP2 shards them in a unit of their own: a
+    forward method of that unit (registered once), so that FSDP gathers them before the call and again for its
+    backward, as for the unit's forward. An lm_head in the root's unit (accelerate's transformer-layer wrap) is
+    gathered by the root's forward, around the call."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is not None and isinstance(head, fsdp.FSDPModule) and not getattr(head, "_preference_logps_fsdp", False):
+        fsdp.register_fsdp_forward_method(head, "preference_logps")
+        head._preference_logps_fsdp = True
+    return head
