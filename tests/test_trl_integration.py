@@ -148,6 +148,21 @@ def test_amapo_steps_equal_the_driver(tokenizer, hh_pairs, tmp_path, loss_impl):
         assert logged[f"rewards/{side}"] == pytest.approx(2.5 * logps.mean().item(), rel=1e-6), side
 
 
+@pytest.mark.parametrize("loss_impl", ["fused", "ops"])
+def test_gradient_checkpointing_trains_as_without(tokenizer, hh_pairs, tmp_path, loss_impl):
+    """The paper's recipes train with gradient checkpointing (the decoder's layers recomputed in the backward, the
+    fused head after them): the per-step losses equal a run without it (steps 2 and 3 depend on the gradients of
+    the steps before)."""
+    losses = {}
+    for checkpointing in (False, True):
+        trainer = trained(make_trainer(recording(PreferenceTrainer), PreferenceConfig, tokenizer, hh_pairs,
+                                       tmp_path / str(checkpointing), loss="amapo", loss_impl=loss_impl, max_steps=3,
+                                       gradient_checkpointing=checkpointing))
+        assert trainer.model.is_gradient_checkpointing == checkpointing
+        losses[checkpointing] = [step["loss"] for step in trainer.steps]
+    assert losses[True] == pytest.approx(losses[False], abs=TOLERANCE)
+
+
 def test_dpo_steps_equal_trl_dpo(tokenizer, hh_pairs, tmp_path):
     ours = trained(make_trainer(recording(PreferenceTrainer), PreferenceConfig, tokenizer, hh_pairs,
                                 tmp_path / "ours", loss="dpo", beta=0.1, max_steps=3))
