@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -223,11 +224,25 @@ def copy_bandwidth_gbs():
     return 2 * source.numel() * 10 / (start.elapsed_time(end) * 1e-3) / 1e9
 
 
+# Environment variables that change what a benchmark runs or how fast (this library's kernel and tile choices,
+# torch's allocator and threads, Inductor's and Triton's settings): a results file's command line carries them.
+RUN_SHAPING_VARIABLES = re.compile(r"AMAPO_\w+|THP_MEM_ALLOC_ENABLE|OMP_NUM_THREADS|MKL_NUM_THREADS|PYTORCH_\w+|"
+                                   r"TORCHINDUCTOR_\w+|TRITON_\w+|CUDA_VISIBLE_DEVICES")
+
+
+def command_line() -> str:
+    """The command that reproduces this run: the variables of RUN_SHAPING_VARIABLES set here, then python and
+    its arguments."""
+    variables = [f"{name}={value}" for name, value in sorted(os.environ.items())
+                 if RUN_SHAPING_VARIABLES.fullmatch(name)]
+    return " ".join(shlex.quote(arg) for arg in [*variables, sys.executable.rsplit("/", 1)[-1], *sys.argv])
+
+
 def environment(device):
     """Device, driver, versions, date and the command line: what a results file must carry."""
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(arg) for arg in [sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+        "command": command_line(),
         "device": device,
         "torch": torch.__version__,
         "python": platform.python_version(),

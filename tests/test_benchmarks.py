@@ -330,6 +330,21 @@ def nan_gradient_loss(logits, labels):
     return bench_from_logits.eager_loss(scaled, labels)
 
 
+def test_results_carry_the_variables_that_shape_the_run(monkeypatch):
+    """A results file's command line starts with the environment variables that change what runs (the README's
+    CPU variations: AMAPO_CPU_KERNELS=avx2, THP_MEM_ALLOC_ENABLE=1), so that it reproduces the run; others stay
+    out."""
+    for name in [name for name in dict(bench_common.os.environ) if bench_common.RUN_SHAPING_VARIABLES.fullmatch(name)]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    monkeypatch.setenv("AMAPO_CPU_KERNELS", "avx2")
+    monkeypatch.setenv("HOME", "/home/someone")
+    monkeypatch.setattr(sys, "argv", ["benchmarks/bench_from_logits.py", "--sizes", "4x1024x32000"])
+    monkeypatch.setattr(sys, "executable", "/venv/bin/python")
+    assert bench_common.environment("cpu")["command"] == (
+        "AMAPO_CPU_KERNELS=avx2 THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_from_logits.py --sizes 4x1024x32000")
+
+
 def test_a_nan_gradient_disagrees_with_the_reference(tmp_path, monkeypatch):
     """A NaN error loses every comparison: max() over (loss, gradient) errors kept the loss's, and the row of a
     peer whose gradient is all NaN read "err vs ref 0.0e+00", agreeing."""

@@ -30,6 +30,7 @@ from transformers import (  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 import amapo_kernels as ak  # noqa: E402
+from amapo_kernels.integrations import hf_head  # noqa: E402
 from amapo_kernels.integrations.hf_head import LOGIT_SCALES, fused_logit_softcap  # noqa: E402
 from amapo_kernels.integrations.trl import PreferenceConfig, PreferenceTrainer  # noqa: E402
 from amapo_kernels.preference import method_defaults  # noqa: E402
@@ -597,7 +598,8 @@ def test_peft_adapter_on_the_lm_head_is_refused_by_fused(tokenizer, hh_pairs, tm
     """PEFT's trainable tokens on the lm_head add a delta in the head's forward that its weight leaves out: the
     fused path stopped on an AttributeError (the wrapper has no bias). Refused when the trainer is built, naming
     loss_impl; ops trains. LoRA on the lm_head (whose delta the fused path left out, silently: 4.75 nats off in a
-    sequence, measured) is refused by TRL 1.16's own DPOTrainer, and by hf_head where that check does not run."""
+    sequence, measured) is refused by TRL 1.16's own DPOTrainer, and by hf_head where that check does not run; so
+    is a model without output embeddings."""
     tokens = peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj"],
                              trainable_token_indices={"lm_head": [1, 2, 3]})
     for loss_impl in ("fused", "ops"):
@@ -616,6 +618,8 @@ def test_peft_adapter_on_the_lm_head_is_refused_by_fused(tokenizer, hh_pairs, tm
         r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj", "lm_head"]))
     with pytest.raises(ValueError, match=r"loss_impl 'fused' .* output embeddings, a peft\.tuners\.lora"):
         fused_logit_softcap(lora.get_base_model(), "loss_impl")
+    with pytest.raises(ValueError, match=r"--loss-impl 'fused' .* get_output_embeddings\(\) is None; use 'ops'"):
+        hf_head._check_head_is_linear(None, "--loss-impl")
 
 
 def test_peft_modules_to_save_lm_head_fused_equals_ops(tokenizer, hh_pairs, tmp_path):
@@ -1060,8 +1064,9 @@ def test_fused_head_under_fsdp2(tmp_path, head_unit):
     root's forward, around the fused call; in a unit of its own (which the fused path never calls as a module:
     "lm_head_weight is a DTensor" before) by preference_logps, registered as a forward method of that unit, for
     the forward and again for the backward. Each process's log-probs and the gradients FSDP averages over the
-    processes equal an unsharded model's, over two SGD steps (the second's depend on the first's gradients). The HF Trainer's FSDP is not run: accelerate runs no
-    FSDP on a CPU (FSDP2 is DDP there, silently; FSDP1 needs a GPU)."""
+    processes equal an unsharded model's, over two SGD steps (the second's depend on the first's gradients). The
+    HF Trainer's FSDP is not run: accelerate runs no FSDP on a CPU (FSDP2 is DDP there, silently; FSDP1 needs a
+    GPU)."""
     mp.spawn(fsdp_worker, args=(free_port(), head_unit, str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
     assert all(rank["head"] == "DTensor" for rank in ranks), "lm_head.weight was not sharded: proves nothing"

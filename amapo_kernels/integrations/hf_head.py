@@ -64,6 +64,9 @@ def _check_head_is_linear(head, switch: str) -> None:
     computes, and PEFT's modules_to_save copy of one (its weight and bias are the active copy's, the original's
     with the adapter disabled). A PEFT adapter on the lm_head itself (LoRA's, trainable tokens') adds in its
     forward a delta that the weight leaves out: refused, naming `switch`, as any other head."""
+    if head is None:
+        raise ValueError(f"{switch} 'fused' multiplies the hidden states by the output embeddings' weight, but the "
+                         "model's get_output_embeddings() is None; use 'ops'")
     linear = torch.nn.Linear.forward
     copies = getattr(head, "modules_to_save", None)  # peft.utils.other.ModulesToSaveWrapper
     if type(head).__name__ == "ModulesToSaveWrapper" and copies is not None:
