@@ -347,6 +347,23 @@ def tiny_llama4_text(vocab_size):
         num_attention_heads=4, num_key_value_heads=4, head_dim=16, num_local_experts=2))
 
 
+
+def test_fused_head_follows_a_replaced_lm_head(tokenizer):
+    """A head that replaces the patched one after _add_sequence_logps_head (resize_token_embeddings builds a new
+    lm_head) is the one the fused path multiplies by: its log-probs are those of the model's own logits."""
+    from amapo_kernels.integrations.trl import _add_sequence_logps_head
+
+    model = tiny_llama(len(tokenizer))
+    _add_sequence_logps_head(model)
+    head = model.get_output_embeddings()
+    model.resize_token_embeddings(len(tokenizer) + 8)
+    assert model.get_output_embeddings() is not head
+    ids = torch.randint(0, len(tokenizer) + 8, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.masked_fill(torch.arange(12) < 4, -100)
+    fused, _ = model(input_ids=ids, preference_labels=labels)
+    expected = ak.sequence_logps(model(input_ids=ids).logits, labels, shift=True, average=False)
+    assert fused.detach() == pytest.approx(expected.detach(), abs=TOLERANCE)
+
 @pytest.mark.parametrize("make_model, message", [
     (tiny_modernbert_decoder, "also applies its 'lm_head' (ModernBertDecoderPredictionHead); use 'ops'"),
     (tiny_llama4_text, "which Llama4ForCausalLM does not have (base_model_prefix='language_model'); use 'ops'")])
@@ -598,8 +615,8 @@ def test_peft_adapter_on_the_lm_head_is_refused_by_fused(tokenizer, hh_pairs, tm
     """PEFT's trainable tokens on the lm_head add a delta in the head's forward that its weight leaves out: the
     fused path stopped on an AttributeError (the wrapper has no bias). Refused when the trainer is built, naming
     loss_impl; ops trains. LoRA on the lm_head (whose delta the fused path left out, silently: 4.75 nats off in a
-    sequence, measured) is refused by TRL 1.16's own DPOTrainer, and by hf_head where that check does not run; so
-    is a model without output embeddings."""
+    sequence, measured) is refused by TRL 1.16's own DPOTrainer on both paths, and by hf_head where that check
+    does not run; so is a model without output embeddings."""
     tokens = peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj"],
                              trainable_token_indices={"lm_head": [1, 2, 3]})
     for loss_impl in ("fused", "ops"):
@@ -614,8 +631,13 @@ def test_peft_adapter_on_the_lm_head_is_refused_by_fused(tokenizer, hh_pairs, tm
             trainer = build()
             trainer.steps = []
             trained(trainer)
-    lora = peft.get_peft_model(tiny_llama(len(tokenizer)), peft.LoraConfig(
-        r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj", "lm_head"]))
+    lora_config = peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj", "lm_head"])
+    for loss_impl in ("fused", "ops"):  # TRL's refusal, whatever the path
+        args = PreferenceConfig(output_dir=str(tmp_path), loss="simpo", loss_impl=loss_impl, max_steps=1, **TRAINING)
+        with pytest.raises(ValueError, match="Applying a PEFT adapter to `lm_head` is not supported"):
+            PreferenceTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=hh_pairs,
+                              processing_class=tokenizer, peft_config=lora_config)
+    lora = peft.get_peft_model(tiny_llama(len(tokenizer)), lora_config)
     with pytest.raises(ValueError, match=r"loss_impl 'fused' .* output embeddings, a peft\.tuners\.lora"):
         fused_logit_softcap(lora.get_base_model(), "loss_impl")
     with pytest.raises(ValueError, match=r"--loss-impl 'fused' .* get_output_embeddings\(\) is None; use 'ops'"):

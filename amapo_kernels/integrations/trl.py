@@ -416,9 +416,8 @@ def _add_sequence_logps_head(model) -> None:
     ordinary forward, and under ZeRO-3 the lm_head weight is an external parameter of the module that is
     called, gathered by its hooks for the forward and again for the backward (which recomputes the tiles).
     Under FSDP2 an lm_head in the root's unit is gathered with it; one sharded in a unit of its own (accelerate's
-    size-based wrap) is gathered by its preference_logps method, a forward method of that unit
-    (_gathered_by_fsdp2). Without `preference_labels` the forward is the previous one. With PEFT the base model
-    is patched."""
+    size-based wrap) is gathered by its preference_logps method, a forward method of that unit (_head_method).
+    Without `preference_labels` the forward is the previous one. With PEFT the base model is patched."""
     root = model
     patched = model.get_base_model() if is_peft_model(model) else model
     if getattr(patched, "_preference_logps_head", False):
@@ -433,11 +432,9 @@ def _add_sequence_logps_head(model) -> None:
                 deepspeed.zero.register_external_parameter(root, parameter)
     previous = patched.forward
 
-    def preference_logps(self, hidden, labels, average):  # a method of the output embeddings
+    def preference_logps(self, hidden, labels, average):  # a method of the output embeddings: _head_method
         return ak.sequence_logps_from_hidden(hidden, self.weight, labels, bias=self.bias, shift=True, average=average,
                                              logit_softcap=softcap)
-
-    head.preference_logps = types.MethodType(preference_logps, head)
 
     @functools.wraps(type(patched).forward)
     def forward(self, *args, preference_labels=None, average_logps=False, **kwargs):
@@ -445,7 +442,7 @@ def _add_sequence_logps_head(model) -> None:
             return previous(*args, **kwargs)
         kwargs["use_cache"] = False
         outputs = self.base_model(*args, **kwargs)
-        hidden, lm_head = outputs.last_hidden_state, _gathered_by_fsdp2(self.get_output_embeddings())
+        hidden, lm_head = outputs.last_hidden_state, _head_method(self.get_output_embeddings(), preference_logps)
         logps = lm_head.preference_logps(hidden, preference_labels.to(hidden.device), average_logps)
         aux_loss = None
         if kwargs.get("output_router_logits"):
@@ -458,11 +455,14 @@ def _add_sequence_logps_head(model) -> None:
     patched._preference_logps_head = True
 
 
-def _gathered_by_fsdp2(head):
-    """`head`, whose preference_logps gathers its parameters where FSDP2 shards them in a unit of their own: a
-    forward method of that unit (registered once), so that FSDP gathers them before the call and again for its
-    backward, as for the unit's forward. An lm_head in the root's unit (accelerate's transformer-layer wrap) is
-    gathered by the root's forward, around the call."""
+def _head_method(head, preference_logps):
+    """`head` with `preference_logps` bound as its method of that name (bound on first use: a head that replaced
+    the patched one, resize_token_embeddings', gets it too), which gathers its parameters where FSDP2 shards them
+    in a unit of their own: a forward method of that unit (registered once), so that FSDP gathers them before the
+    call and again for its backward, as for the unit's forward. An lm_head in the root's unit (accelerate's
+    transformer-layer wrap) is gathered by the root's forward, around the call."""
+    if "preference_logps" not in vars(head):
+        head.preference_logps = types.MethodType(preference_logps, head)
     fsdp = sys.modules.get("torch.distributed.fsdp")
     if fsdp is not None and isinstance(head, fsdp.FSDPModule) and not getattr(head, "_preference_logps_fsdp", False):
         fsdp.register_fsdp_forward_method(head, "preference_logps")
