@@ -16,6 +16,12 @@ def _sigmoid_loss(x):
     return -torch.nn.functional.logsigmoid(x)
 
 
+def _smoothed_sigmoid_loss(x, label_smoothing):
+    """Conservative (cDPO) label smoothing of _sigmoid_loss: the label flipped with probability
+    label_smoothing."""
+    return (1 - label_smoothing) * _sigmoid_loss(x) + label_smoothing * _sigmoid_loss(-x)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sequence log-probabilities
 # ---------------------------------------------------------------------------------------------
@@ -86,8 +92,7 @@ def amapo_margin(chosen_logps, rejected_logps, *, beta=2.0, variant="code", abla
 def amapo_loss(chosen_logps, rejected_logps, *, beta=2.0, label_smoothing=0.0, variant="code", ablation=None):
     margin = amapo_margin(chosen_logps, rejected_logps, beta=beta, variant=variant, ablation=ablation)
     x = beta * (chosen_logps - rejected_logps) - margin
-    eps = label_smoothing
-    return ((1 - eps) * _sigmoid_loss(x) + eps * _sigmoid_loss(-x)).mean()
+    return _smoothed_sigmoid_loss(x, label_smoothing).mean()
 
 
 def amapo_loss_from_logits(logits, labels, *, beta=2.0, ignore_index=-100, label_smoothing=0.0, shift=False,
@@ -106,7 +111,7 @@ def amapo_loss_from_logits(logits, labels, *, beta=2.0, ignore_index=-100, label
 
 def dpo(lc, lr, rc, rr, *, beta=0.1, label_smoothing=0.0):
     x = beta * ((lc - rc) - (lr - rr))
-    return (1 - label_smoothing) * _sigmoid_loss(x) + label_smoothing * _sigmoid_loss(-x)
+    return _smoothed_sigmoid_loss(x, label_smoothing)
 
 
 def ipo(lc, lr, rc, rr, *, tau=0.1):
@@ -141,7 +146,7 @@ def kto(lc, lr, rc, rr, *, beta=0.1, desirable_weight=1.0, undesirable_weight=1.
 
 def simpo(lc, lr, rc, rr, *, beta=2.0, gamma=1.0, label_smoothing=0.0):
     x = beta * lc - beta * lr - gamma
-    return (1 - label_smoothing) * _sigmoid_loss(x) + label_smoothing * _sigmoid_loss(-x)
+    return _smoothed_sigmoid_loss(x, label_smoothing)
 
 
 def focalpo(lc, lr, rc, rr, *, beta=0.1, gamma=0.05):
@@ -163,7 +168,7 @@ def alpha_dpo(lc, lr, rc, rr, *, beta=2.5, gamma=1.5, alpha=0.2, decay=0.0, labe
     else:
         m_star = torch.zeros_like(m)
     x = beta * (u - (gamma / beta + alpha * m_star))
-    return (1 - label_smoothing) * _sigmoid_loss(x) + label_smoothing * _sigmoid_loss(-x)
+    return _smoothed_sigmoid_loss(x, label_smoothing)
 
 
 BASELINES = {
