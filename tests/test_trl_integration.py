@@ -1039,6 +1039,11 @@ def test_moe_router_aux_loss_under_zero3(tokenizer, hh_pairs, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 
 FSDP_VOCAB, FSDP_STEPS, FSDP_LEARNING_RATE = 96, 2, 0.5
+# Where fully_shard puts the lm_head: in the root's unit (accelerate's transformer-layer wrap); in a unit of its
+# own (its size-based wrap, for a head over min_num_params). With PEFT's modules_to_save wrapper, its size-based
+# wrap makes a unit of each copy and then of the wrapper (each copy over min_num_params: the wrapper holds no
+# parameter of its own), or of the wrapper alone (both copies together over it, neither alone).
+FSDP_HEAD_UNITS = ("root", "own", "peft_copies", "peft_wrapper")
 
 
 def fsdp_batch(rank: int, step: int):
@@ -1048,10 +1053,25 @@ def fsdp_batch(rank: int, step: int):
     return ids, ids.masked_fill(torch.arange(12) < 5, -100)
 
 
+def fsdp_model(head_unit: str):
+    """The model of test_fused_head_under_fsdp2, unsharded: a tiny Llama; for "peft_copies" with LoRA on q_proj
+    and a modules_to_save copy of the lm_head, the copy made unlike the original (so that reading the wrong one
+    shows: the adapter-disabled reference reads the original)."""
+    model = tiny_llama(FSDP_VOCAB)
+    if not head_unit.startswith("peft"):
+        return model
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                       modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        model.get_base_model().lm_head.modules_to_save["default"].weight.mul_(1.5)
+    return model
+
+
 def fsdp_worker(rank, port, head_unit, out_dir):
-    """Process `rank` of WORLD: the fused head on a tiny Llama sharded by fully_shard (every decoder layer a unit,
-    the lm_head in the root's unit or in one of its own), FSDP_STEPS SGD steps; its log-probs,
-    gradients (gathered) and the type of lm_head.weight saved as rank{rank}.pt."""
+    """Process `rank` of WORLD: the fused head on fsdp_model(head_unit) sharded by fully_shard (every decoder
+    layer a unit, the lm_head as FSDP_HEAD_UNITS says), FSDP_STEPS SGD steps; its log-probs (and, with PEFT, the
+    adapter-disabled reference's), the trained parameters' gradients (gathered) and the type of the lm_head's
+    weight saved as rank{rank}.pt."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
@@ -1059,41 +1079,54 @@ def fsdp_worker(rank, port, head_unit, out_dir):
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    model = tiny_llama(FSDP_VOCAB)
+    model = fsdp_model(head_unit)
     _add_sequence_logps_head(model)  # before sharding, as PreferenceTrainer (accelerate shards in train())
-    for layer in model.model.layers:
+    peft_head = head_unit.startswith("peft")
+    base = model.get_base_model() if peft_head else model
+    for layer in base.model.layers:
         fully_shard(layer)
-    if head_unit == "own":  # accelerate's size-based wrap, for an lm_head over its min_num_params
-        fully_shard(model.lm_head)
+    if head_unit == "peft_copies":
+        for copy in (base.lm_head.original_module, *base.lm_head.modules_to_save.values()):
+            fully_shard(copy)
+    if head_unit != "root":
+        fully_shard(base.lm_head)
     fully_shard(model)
     optimizer, steps = torch.optim.SGD(model.parameters(), lr=FSDP_LEARNING_RATE), []
     for step in range(FSDP_STEPS):
         ids, labels = fsdp_batch(rank, step)
         logps, _ = model(input_ids=ids, preference_labels=labels, average_logps=True)
         logps.sum().backward()
-        steps.append({"logps": logps.detach(), "grads": {name: parameter.grad.full_tensor()
-                                                         for name, parameter in model.named_parameters()}})
+        reference = None
+        if peft_head:
+            with model.disable_adapter(), torch.no_grad():
+                reference, _ = model(input_ids=ids, preference_labels=labels, average_logps=True)
+        steps.append({"logps": logps.detach(), "reference": reference,
+                      "grads": {name: parameter.grad.full_tensor() for name, parameter in model.named_parameters()
+                                if parameter.requires_grad}})
         optimizer.step()
         optimizer.zero_grad()
-    torch.save({"steps": steps, "head": type(model.lm_head.weight).__name__}, Path(out_dir) / f"rank{rank}.pt")
+    torch.save({"steps": steps, "head": type(base.lm_head.weight).__name__}, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("head_unit", ["root", "own"])
+@pytest.mark.parametrize("head_unit", FSDP_HEAD_UNITS)
 def test_fused_head_under_fsdp2(tmp_path, head_unit):
     """FSDP2 shards the lm_head's weight (a DTensor between forwards): in the root's unit it is gathered by the
     root's forward, around the fused call; in a unit of its own (which the fused path never calls as a module:
     "lm_head_weight is a DTensor" before) by preference_logps, registered as a forward method of that unit, for
-    the forward and again for the backward. Each process's log-probs and the gradients FSDP averages over the
-    processes equal an unsharded model's, over two SGD steps (the second's depend on the first's gradients). The
-    HF Trainer's FSDP is not run: accelerate runs no FSDP on a CPU (FSDP2 is DDP there, silently; FSDP1 needs a
-    GPU)."""
+    the forward and again for the backward; for PEFT's modules_to_save wrapper, by its method and that of the copy
+    its forward would call (the trained copy; the original with the adapter disabled; a TypeError before, with
+    the copies in units of their own). Each process's
+    log-probs (and reference log-probs) and the gradients FSDP averages over the processes equal an unsharded
+    model's, over two SGD steps (the second's depend on the first's gradients). The HF Trainer's FSDP is not
+    run: accelerate runs no FSDP on a CPU (FSDP2 is DDP there, silently; FSDP1 needs a GPU)."""
     mp.spawn(fsdp_worker, args=(free_port(), head_unit, str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
     assert all(rank["head"] == "DTensor" for rank in ranks), "lm_head.weight was not sharded: proves nothing"
-    model = tiny_llama(FSDP_VOCAB)
-    optimizer = torch.optim.SGD(model.parameters(), lr=FSDP_LEARNING_RATE)
+    model = fsdp_model(head_unit)
+    trained = {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
+    optimizer = torch.optim.SGD(trained.values(), lr=FSDP_LEARNING_RATE)
     for step in range(FSDP_STEPS):
         optimizer.zero_grad()
         total = 0
@@ -1101,9 +1134,15 @@ def test_fused_head_under_fsdp2(tmp_path, head_unit):
             ids, labels = fsdp_batch(rank, step)
             logps = ak.sequence_logps(model(input_ids=ids).logits, labels, shift=True, average=True)
             assert ranks[rank]["steps"][step]["logps"] == pytest.approx(logps.detach(), abs=TOLERANCE)
+            if head_unit.startswith("peft"):
+                with model.disable_adapter(), torch.no_grad():
+                    reference = ak.sequence_logps(model(input_ids=ids).logits, labels, shift=True, average=True)
+                assert not torch.allclose(reference, logps, atol=1e-3)  # the copies differ: the test can tell
+                assert ranks[rank]["steps"][step]["reference"] == pytest.approx(reference, abs=TOLERANCE)
             total = total + logps.sum() / WORLD
         total.backward()
-        for name, parameter in model.named_parameters():
+        assert ranks[0]["steps"][step]["grads"].keys() == trained.keys()
+        for name, parameter in trained.items():
             grads = [rank["steps"][step]["grads"][name] for rank in ranks]
             assert torch.equal(grads[0], grads[1]), name
             assert torch.allclose(grads[0], parameter.grad, rtol=1e-5, atol=1e-7), (step, name)

@@ -68,11 +68,7 @@ def _check_head_is_linear(head, switch: str) -> None:
         raise ValueError(f"{switch} 'fused' multiplies the hidden states by the output embeddings' weight, but the "
                          "model's get_output_embeddings() is None; use 'ops'")
     linear = torch.nn.Linear.forward
-    copies = getattr(head, "modules_to_save", None)  # peft.utils.other.ModulesToSaveWrapper
-    if type(head).__name__ == "ModulesToSaveWrapper" and copies is not None:
-        if all(type(module).forward is linear for module in (head.original_module, *copies.values())):
-            return
-    elif type(head).forward is linear:
+    if all(type(module).forward is linear for module in _peft_copies(head) or (head,)):
         return
     kind = f"{type(head).__module__}.{type(head).__name__}"
     peft_hint = (" (a PEFT adapter on the lm_head: leave the lm_head out of target_modules and "
@@ -80,6 +76,28 @@ def _check_head_is_linear(head, switch: str) -> None:
     raise ValueError(f"{switch} 'fused' computes the logits as the hidden states times the output embeddings' "
                      f"weight, but the output embeddings, a {kind}, compute them in a forward of their own"
                      f"{peft_hint}; use 'ops'")
+
+
+def logits_module(head):
+    """The module whose forward computes the logits: `head`, or for PEFT's modules_to_save wrapper the copy that
+    its forward calls (the active adapter's; the original with the adapter disabled), found by PEFT's own lookup:
+    the wrapper's `weight` is that copy's. The TRL integration calls a method of that module, so that an FSDP2
+    unit of the copy alone (accelerate's size-based wrap) gathers its weight."""
+    copies = _peft_copies(head)
+    if copies is None:
+        return head
+    weight = head.weight
+    return next(module for module in copies if module.weight is weight)
+
+
+def _peft_copies(head) -> tuple | None:
+    """The heads between which PEFT's modules_to_save wrapper `head` switches (the original, then each
+    adapter's trained copy); None for any other head. An instance check (fully_shard subclasses the wrapper),
+    of a class that exists only if peft was imported."""
+    peft_modules = sys.modules.get("peft.utils.other")
+    if peft_modules is None or not isinstance(head, peft_modules.ModulesToSaveWrapper):
+        return None
+    return head.original_module, *head.modules_to_save.values()
 
 
 def router_loss_function(model, switch: str, way_out: str):

@@ -56,7 +56,8 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 import amapo_kernels as ak
 from amapo_kernels._checks import check_choice
 from amapo_kernels.batch_statistics import RunningStatistics
-from amapo_kernels.integrations.hf_head import disable_dropout, fused_logit_softcap, router_loss_function
+from amapo_kernels.integrations.hf_head import (disable_dropout, fused_logit_softcap, logits_module,
+                                                router_loss_function)
 from amapo_kernels.preference import (METHODS, keeps_running_statistics, logged_rewards, method_defaults,
                                       needs_reference, resolved_hparams, statistics_pool_error, uses_mean_logps)
 
@@ -460,7 +461,11 @@ def _head_method(head, preference_logps):
     the patched one, resize_token_embeddings', gets it too), which gathers its parameters where FSDP2 shards them
     in a unit of their own: a forward method of that unit (registered once), so that FSDP gathers them before the
     call and again for its backward, as for the unit's forward. An lm_head in the root's unit (accelerate's
-    transformer-layer wrap) is gathered by the root's forward, around the call."""
+    transformer-layer wrap) is gathered by the root's forward, around the call. PEFT's modules_to_save wrapper
+    gets a method that calls its active copy's, as its forward calls the copy's forward: accelerate's size-based
+    wrap makes units of the copies, of the wrapper, or of both."""
+    if logits_module(head) is not head:
+        preference_logps = functools.partial(_active_copy_logps, preference_logps=preference_logps)
     if "preference_logps" not in vars(head):
         head.preference_logps = types.MethodType(preference_logps, head)
     fsdp = sys.modules.get("torch.distributed.fsdp")
@@ -468,3 +473,9 @@ def _head_method(head, preference_logps):
         fsdp.register_fsdp_forward_method(head, "preference_logps")
         head._preference_logps_fsdp = True
     return head
+
+
+def _active_copy_logps(wrapper, hidden, labels, average, *, preference_logps):
+    """The preference_logps method of PEFT's modules_to_save `wrapper`: that of the copy its forward would call
+    now (the active adapter's; the original with the adapter disabled, a DPO reference's pass)."""
+    return _head_method(logits_module(wrapper), preference_logps).preference_logps(hidden, labels, average)
