@@ -164,6 +164,23 @@ def test_gradient_checkpointing_trains_as_without(tokenizer, hh_pairs, tmp_path,
     assert losses[True] == pytest.approx(losses[False], abs=TOLERANCE)
 
 
+@pytest.mark.parametrize("loss_impl", ["fused", "ops"])
+def test_torch_compile_trains_as_without(tokenizer, hh_pairs, tmp_path, loss_impl):
+    """`torch_compile=True` (the Trainer compiles the model, whose forward holds the fused head or returns the
+    logits for the ops): the per-step losses equal an eager run's (steps 2 and 3 depend on the gradients of the
+    steps before)."""
+    losses = {}
+    torch._dynamo.utils.counters.clear()  # counts this test's compiled frames only
+    for compiled in (False, True):
+        trainer = trained(make_trainer(recording(PreferenceTrainer), PreferenceConfig, tokenizer, hh_pairs,
+                                       tmp_path / str(compiled), loss="amapo", loss_impl=loss_impl, max_steps=3,
+                                       torch_compile=compiled))
+        assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule) == compiled
+        losses[compiled] = [step["loss"] for step in trainer.steps]
+    assert torch._dynamo.utils.counters["frames"]["ok"] > 0, "nothing was compiled: proves nothing"
+    assert losses[True] == pytest.approx(losses[False], abs=TOLERANCE)
+
+
 def test_dpo_steps_equal_trl_dpo(tokenizer, hh_pairs, tmp_path):
     ours = trained(make_trainer(recording(PreferenceTrainer), PreferenceConfig, tokenizer, hh_pairs,
                                 tmp_path / "ours", loss="dpo", beta=0.1, max_steps=3))
