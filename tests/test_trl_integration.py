@@ -168,7 +168,8 @@ def test_gradient_checkpointing_trains_as_without(tokenizer, hh_pairs, tmp_path,
 def test_torch_compile_trains_as_without(tokenizer, hh_pairs, tmp_path, loss_impl):
     """`torch_compile=True` (the Trainer compiles the model, whose forward holds the fused head or returns the
     logits for the ops): the per-step losses equal an eager run's (steps 2 and 3 depend on the gradients of the
-    steps before)."""
+    steps before), and the model compiles without a graph break (one before, in the fused path: its lm_head
+    method bound inside the forward)."""
     losses = {}
     torch._dynamo.utils.counters.clear()  # counts this test's compiled frames only
     for compiled in (False, True):
@@ -178,6 +179,7 @@ def test_torch_compile_trains_as_without(tokenizer, hh_pairs, tmp_path, loss_imp
         assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule) == compiled
         losses[compiled] = [step["loss"] for step in trainer.steps]
     assert torch._dynamo.utils.counters["frames"]["ok"] > 0, "nothing was compiled: proves nothing"
+    assert not torch._dynamo.utils.counters["graph_break"]  # the fused head's method is bound before compiling
     assert losses[True] == pytest.approx(losses[False], abs=TOLERANCE)
 
 

@@ -68,7 +68,7 @@ def _check_head_is_linear(head, switch: str) -> None:
         raise ValueError(f"{switch} 'fused' multiplies the hidden states by the output embeddings' weight, but the "
                          "model's get_output_embeddings() is None; use 'ops'")
     linear = torch.nn.Linear.forward
-    if all(type(module).forward is linear for module in _peft_copies(head) or (head,)):
+    if all(type(module).forward is linear for module in head_copies(head)):
         return
     kind = f"{type(head).__module__}.{type(head).__name__}"
     peft_hint = (" (a PEFT adapter on the lm_head: leave the lm_head out of target_modules and "
@@ -83,20 +83,17 @@ def logits_module(head):
     its forward calls (the active adapter's; the original with the adapter disabled), found by PEFT's own lookup:
     the wrapper's `weight` is that copy's. The TRL integration calls a method of that module, so that an FSDP2
     unit of the copy alone (accelerate's size-based wrap) gathers its weight."""
-    copies = _peft_copies(head)
-    if copies is None:
-        return head
     weight = head.weight
-    return next(module for module in copies if module.weight is weight)
+    return next(module for module in head_copies(head) if module.weight is weight)
 
 
-def _peft_copies(head) -> tuple | None:
-    """The heads between which PEFT's modules_to_save wrapper `head` switches (the original, then each
-    adapter's trained copy); None for any other head. An instance check (fully_shard subclasses the wrapper),
-    of a class that exists only if peft was imported."""
+def head_copies(head) -> tuple:
+    """The modules that may compute the logits for the output embeddings `head`: `head`, or the heads between
+    which PEFT's modules_to_save wrapper switches (the original, then each adapter's trained copy). An instance
+    check (fully_shard subclasses the wrapper), of a class that exists only if peft was imported."""
     peft_modules = sys.modules.get("peft.utils.other")
     if peft_modules is None or not isinstance(head, peft_modules.ModulesToSaveWrapper):
-        return None
+        return (head,)
     return head.original_module, *head.modules_to_save.values()
 
 

@@ -56,7 +56,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 import amapo_kernels as ak
 from amapo_kernels._checks import check_choice
 from amapo_kernels.batch_statistics import RunningStatistics
-from amapo_kernels.integrations.hf_head import (disable_dropout, fused_logit_softcap, logits_module,
+from amapo_kernels.integrations.hf_head import (disable_dropout, fused_logit_softcap, head_copies, logits_module,
                                                 router_loss_function)
 from amapo_kernels.preference import (METHODS, keeps_running_statistics, logged_rewards, method_defaults,
                                       needs_reference, resolved_hparams, statistics_pool_error, uses_mean_logps)
@@ -454,6 +454,8 @@ def _add_sequence_logps_head(model) -> None:
 
     patched.forward = types.MethodType(forward, patched)
     patched._preference_logps_head = True
+    for module in (head, *head_copies(head)):  # bound now: a method bound in a compiled forward is a graph break
+        _head_method(module, preference_logps)
 
 
 def _head_method(head, preference_logps):
