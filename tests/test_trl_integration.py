@@ -1038,6 +1038,25 @@ def test_zero3_trains_as_without(tokenizer, hh_pairs, tmp_path):
     assert result["losses"] == pytest.approx([step["loss"] for step in plain.steps], abs=TOLERANCE)
 
 
+def tiny_llama_peft_head(vocab_size):
+    """tiny_llama under PEFT: LoRA on q_proj and a trained copy of the lm_head (modules_to_save)."""
+    return peft.get_peft_model(tiny_llama(vocab_size), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
+
+
+def test_peft_lm_head_copy_under_zero3(tokenizer, hh_pairs, tmp_path):
+    """PEFT's modules_to_save copy of the lm_head under ZeRO-3, DPO with the live adapter-disabled reference
+    (fused path): the policy reads the trained copy, the reference the original, each partitioned; the
+    per-step losses equal a plain run's (from step 2 the copy differs from the original)."""
+    options = dict(loss="dpo", max_steps=3, precompute_ref_log_probs=False)
+    plain = trained(make_trainer(recording(PreferenceTrainer), PreferenceConfig, tokenizer, hh_pairs, tmp_path,
+                                 model=tiny_llama_peft_head(len(tokenizer)), **options))
+    losses = [step["loss"] for step in plain.steps]
+    assert abs(losses[0] - math.log(2)) <= TOLERANCE < abs(losses[2] - math.log(2))
+    result = trained_under_zero3(tokenizer, tmp_path, tiny_llama_peft_head, **options)
+    assert result["losses"] == pytest.approx(losses, abs=TOLERANCE)
+
+
 def test_moe_router_aux_loss_under_zero3(tokenizer, hh_pairs, tmp_path):
     """A Mixtral under ZeRO-3 (experts, router and lm_head partitioned; fused path): the losses, router
     load-balancing loss x 0.5 included, and the logged aux_loss equal a plain run's, step for step (steps 2 and
