@@ -383,6 +383,31 @@ def test_fused_head_follows_a_replaced_lm_head(tokenizer):
     expected = ak.sequence_logps(model(input_ids=ids).logits, labels, shift=True, average=False)
     assert fused.detach() == pytest.approx(expected.detach(), abs=TOLERANCE)
 
+
+def test_a_deep_copy_of_a_patched_model_computes_with_its_own_weights(tokenizer):
+    """copy.deepcopy of a model with the fused head (a user's copy of trainer.model, an EMA or reference copy):
+    the copy's forward, with and without preference_labels, uses the copy's weights (without them it ran the
+    original's forward before: its weights, silently)."""
+    import copy
+
+    from amapo_kernels.integrations.trl import _add_sequence_logps_head
+
+    model = tiny_llama(len(tokenizer))
+    _add_sequence_logps_head(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in twin.parameters():
+            parameter.mul_(0.5)
+    ids = torch.randint(0, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.masked_fill(torch.arange(12) < 4, -100)
+    with torch.no_grad():
+        logits = twin(input_ids=ids).logits
+        assert not torch.allclose(logits, model(input_ids=ids).logits, atol=1e-3)
+        assert torch.equal(logits, transformers.LlamaForCausalLM.forward(twin, input_ids=ids).logits)
+        fused, _ = twin(input_ids=ids, preference_labels=labels)
+    assert fused == pytest.approx(ak.sequence_logps(logits, labels, shift=True, average=False), abs=TOLERANCE)
+
+
 @pytest.mark.parametrize("make_model, message", [
     (tiny_modernbert_decoder, "also applies its 'lm_head' (ModernBertDecoderPredictionHead); use 'ops'"),
     (tiny_llama4_text, "which Llama4ForCausalLM does not have (base_model_prefix='language_model'); use 'ops'")])

@@ -431,7 +431,7 @@ def _add_sequence_logps_head(model) -> None:
         for parameter in (head.weight, head.bias):
             if parameter is not None:
                 deepspeed.zero.register_external_parameter(root, parameter)
-    previous = patched.forward
+    patched._forward_without_preference_logps = patched.forward  # an attribute: a deep copy calls its own
 
     def preference_logps(self, hidden, labels, average):  # a method of the output embeddings: _head_method
         return ak.sequence_logps_from_hidden(hidden, self.weight, labels, bias=self.bias, shift=True, average=average,
@@ -440,7 +440,7 @@ def _add_sequence_logps_head(model) -> None:
     @functools.wraps(type(patched).forward)
     def forward(self, *args, preference_labels=None, average_logps=False, **kwargs):
         if preference_labels is None:
-            return previous(*args, **kwargs)
+            return self._forward_without_preference_logps(*args, **kwargs)
         kwargs["use_cache"] = False
         outputs = self.base_model(*args, **kwargs)
         hidden, lm_head = outputs.last_hidden_state, _head_method(self.get_output_embeddings(), preference_logps)
