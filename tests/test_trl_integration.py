@@ -1102,11 +1102,25 @@ def test_moe_router_aux_loss_under_zero3(tokenizer, hh_pairs, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 
 FSDP_VOCAB, FSDP_STEPS, FSDP_LEARNING_RATE = 96, 2, 0.5
-# Where fully_shard puts the lm_head: in the root's unit (accelerate's transformer-layer wrap); in a unit of its
-# own (its size-based wrap, for a head over min_num_params). With PEFT's modules_to_save wrapper, its size-based
-# wrap makes a unit of each copy and then of the wrapper (each copy over min_num_params: the wrapper holds no
-# parameter of its own), or of the wrapper alone (both copies together over it, neither alone).
-FSDP_HEAD_UNITS = ("root", "own", "peft_copies", "peft_wrapper")
+# case: (PEFT's modules_to_save copy of the lm_head or not; how the model is sharded: accelerate's own FSDP2
+# preparation with its transformer-layer wrap, or by hand: every decoder layer, these modules (paths under the
+# model that computes the logits) and the root; the FSDP2 units around the head; the modules of the head's unit,
+# None in the root's). accelerate 1.15 carves the final norm and the lm_head into one unit after its policy's;
+# by hand the lm_head can be in the root's unit or in one of its own (a size-based wrap's: accelerate 1.15's own
+# stops on a Llama's ModuleList), and PEFT's copies and their wrapper in units of their own, or the wrapper alone
+# (each copy under min_num_params, both over it).
+ACCELERATE = "accelerate"
+LM_HEAD, PEFT_HEAD = "lm_head", "base_model.model.lm_head"
+FSDP_CASES = {
+    "root": (False, (), [""], None),
+    "own": (False, ("lm_head",), ["", LM_HEAD], [LM_HEAD]),
+    "accelerate": (False, ACCELERATE, ["", LM_HEAD], ["model.norm", LM_HEAD]),
+    "peft_copies": (True, ("lm_head.original_module", "lm_head.modules_to_save.default", "lm_head"),
+                    ["", PEFT_HEAD, f"{PEFT_HEAD}.original_module", f"{PEFT_HEAD}.modules_to_save.default"],
+                    [PEFT_HEAD]),
+    "peft_wrapper": (True, ("lm_head",), ["", PEFT_HEAD], [PEFT_HEAD]),
+    "peft_accelerate": (True, ACCELERATE, ["", PEFT_HEAD], [PEFT_HEAD]),
+}
 
 
 def fsdp_batch(rank: int, step: int):
@@ -1116,12 +1130,12 @@ def fsdp_batch(rank: int, step: int):
     return ids, ids.masked_fill(torch.arange(12) < 5, -100)
 
 
-def fsdp_model(head_unit: str):
-    """The model of test_fused_head_under_fsdp2, unsharded: a tiny Llama; for "peft_copies" with LoRA on q_proj
+def fsdp_model(peft_head: bool):
+    """The model of test_fused_head_under_fsdp2, unsharded: a tiny Llama; with `peft_head`, with LoRA on q_proj
     and a modules_to_save copy of the lm_head, the copy made unlike the original (so that reading the wrong one
     shows: the adapter-disabled reference reads the original)."""
     model = tiny_llama(FSDP_VOCAB)
-    if not head_unit.startswith("peft"):
+    if not peft_head:
         return model
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
                                                        modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
@@ -1130,64 +1144,86 @@ def fsdp_model(head_unit: str):
     return model
 
 
-def fsdp_worker(rank, port, head_unit, out_dir):
-    """Process `rank` of WORLD: the fused head on fsdp_model(head_unit) sharded by fully_shard (every decoder
-    layer a unit, the lm_head as FSDP_HEAD_UNITS says), FSDP_STEPS SGD steps; its log-probs (and, with PEFT, the
-    adapter-disabled reference's), the trained parameters' gradients (gathered) and the type of the lm_head's
-    weight saved as rank{rank}.pt."""
-    import torch.distributed as dist
+def fsdp_shard(model, rank: int, wrap):
+    """`model` sharded by FSDP2 as FSDP_CASES says (`wrap`): by accelerate's own fsdp2_prepare_model with its
+    transformer-layer wrap (what the Trainer runs on GPUs; on a CPU accelerate turns FSDP into DDP, so its
+    function is called here directly, with the fields of the accelerator it reads), or by hand."""
     from torch.distributed.fsdp import fully_shard
+
+    if wrap == ACCELERATE:
+        from accelerate.utils import FullyShardedDataParallelPlugin
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                                transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
+        accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no",
+                                      is_main_process=rank == 0, device=torch.device("cpu"), torch_device_mesh=None)
+        return fsdp2_prepare_model(accelerator, model)
+    logits_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for module in (*logits_model.model.layers, *map(logits_model.get_submodule, wrap)):
+        fully_shard(module)
+    return fully_shard(model)
+
+
+def fsdp_worker(rank, port, case, out_dir):
+    """Process `rank` of WORLD: the fused head on fsdp_model sharded as FSDP_CASES[case] says, FSDP_STEPS SGD
+    steps; its log-probs (and, with PEFT, the adapter-disabled reference's), the trained parameters' gradients
+    (gathered), the names of the FSDP units around the head and the type of its weight saved as rank{rank}.pt."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
 
     from amapo_kernels.integrations.trl import _add_sequence_logps_head
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    model = fsdp_model(head_unit)
+    peft_head, wrap, _, _ = FSDP_CASES[case]
+    model = fsdp_model(peft_head)
     _add_sequence_logps_head(model)  # before sharding, as PreferenceTrainer (accelerate shards in train())
-    peft_head = head_unit.startswith("peft")
-    base = model.get_base_model() if peft_head else model
-    for layer in base.model.layers:
-        fully_shard(layer)
-    if head_unit == "peft_copies":
-        for copy in (base.lm_head.original_module, *base.lm_head.modules_to_save.values()):
-            fully_shard(copy)
-    if head_unit != "root":
-        fully_shard(base.lm_head)
-    fully_shard(model)
+    model = fsdp_shard(model, rank, wrap)
+    head = model.get_output_embeddings()
+    units = [name for name, module in model.named_modules() if isinstance(module, FSDPModule)
+             and (name == "" or "lm_head" in name)]
+    names = {module: name for name, module in model.named_modules()}
+    head_unit = None
+    if isinstance(head, FSDPModule):
+        head_unit = [names[module] for module in head._get_fsdp_state()._modules]
     optimizer, steps = torch.optim.SGD(model.parameters(), lr=FSDP_LEARNING_RATE), []
     for step in range(FSDP_STEPS):
         ids, labels = fsdp_batch(rank, step)
         logps, _ = model(input_ids=ids, preference_labels=labels, average_logps=True)
-        logps.sum().backward()
         reference = None
-        if peft_head:
+        if peft_head:  # before the backward, as TRL does (a forward between the backward and the step loses the
+            # gradients of a unit kept unsharded after its forward, as accelerate's lm_head unit: FSDP2's doing)
             with model.disable_adapter(), torch.no_grad():
                 reference, _ = model(input_ids=ids, preference_labels=labels, average_logps=True)
+        logps.sum().backward()
         steps.append({"logps": logps.detach(), "reference": reference,
                       "grads": {name: parameter.grad.full_tensor() for name, parameter in model.named_parameters()
                                 if parameter.requires_grad}})
         optimizer.step()
         optimizer.zero_grad()
-    torch.save({"steps": steps, "head": type(base.lm_head.weight).__name__}, Path(out_dir) / f"rank{rank}.pt")
+    torch.save({"steps": steps, "head": type(head.weight).__name__, "units": units, "head_unit": head_unit},
+               Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("head_unit", FSDP_HEAD_UNITS)
-def test_fused_head_under_fsdp2(tmp_path, head_unit):
-    """FSDP2 shards the lm_head's weight (a DTensor between forwards): in the root's unit it is gathered by the
-    root's forward, around the fused call; in a unit of its own (which the fused path never calls as a module:
-    "lm_head_weight is a DTensor" before) by preference_logps, registered as a forward method of that unit, for
-    the forward and again for the backward; for PEFT's modules_to_save wrapper, by its method and that of the copy
-    its forward would call (the trained copy; the original with the adapter disabled; a TypeError before, with
-    the copies in units of their own). Each process's
-    log-probs (and reference log-probs) and the gradients FSDP averages over the processes equal an unsharded
-    model's, over two SGD steps (the second's depend on the first's gradients). The HF Trainer's FSDP is not
-    run: accelerate runs no FSDP on a CPU (FSDP2 is DDP there, silently; FSDP1 needs a GPU)."""
-    mp.spawn(fsdp_worker, args=(free_port(), head_unit, str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("case", FSDP_CASES)
+def test_fused_head_under_fsdp2(tmp_path, case):
+    """FSDP2 shards the lm_head's weight (a DTensor between forwards). The fused path never calls the head as a
+    module; its preference_logps method is registered as a forward method of the head's unit, so that FSDP
+    gathers the weight for the call and again for its backward ("lm_head_weight is a DTensor" before), also
+    where accelerate groups it with the final norm; PEFT's modules_to_save wrapper's method calls that of the
+    copy its forward would call (the trained copy; the original with the adapter disabled; a TypeError before,
+    with the copies in units of their own). In the root's unit the head is gathered by the root's forward. Each
+    process's log-probs (and reference log-probs) and the gradients FSDP averages over the processes equal an
+    unsharded model's, over two SGD steps (the second's depend on the first's gradients)."""
+    peft_head, _, units, head_unit = FSDP_CASES[case]
+    mp.spawn(fsdp_worker, args=(free_port(), case, str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
     assert all(rank["head"] == "DTensor" for rank in ranks), "lm_head.weight was not sharded: proves nothing"
-    model = fsdp_model(head_unit)
+    assert (ranks[0]["units"], ranks[0]["head_unit"]) == (units, head_unit), "not the units the case is about"
+    model = fsdp_model(peft_head)
     trained = {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
     optimizer = torch.optim.SGD(trained.values(), lr=FSDP_LEARNING_RATE)
     for step in range(FSDP_STEPS):
@@ -1197,7 +1233,7 @@ def test_fused_head_under_fsdp2(tmp_path, head_unit):
             ids, labels = fsdp_batch(rank, step)
             logps = ak.sequence_logps(model(input_ids=ids).logits, labels, shift=True, average=True)
             assert ranks[rank]["steps"][step]["logps"] == pytest.approx(logps.detach(), abs=TOLERANCE)
-            if head_unit.startswith("peft"):
+            if peft_head:
                 with model.disable_adapter(), torch.no_grad():
                     reference = ak.sequence_logps(model(input_ids=ids).logits, labels, shift=True, average=True)
                 assert not torch.allclose(reference, logps, atol=1e-3)  # the copies differ: the test can tell

@@ -82,7 +82,7 @@ def logits_module(head):
     """The module whose forward computes the logits: `head`, or for PEFT's modules_to_save wrapper the copy that
     its forward calls (the active adapter's; the original with the adapter disabled), found by PEFT's own lookup:
     the wrapper's `weight` is that copy's. The TRL integration calls a method of that module, so that an FSDP2
-    unit of the copy alone (accelerate's size-based wrap) gathers its weight."""
+    unit of the copy alone (a size-based wrap's) gathers its weight."""
     weight = head.weight
     return next(module for module in head_copies(head) if module.weight is weight)
 

@@ -416,8 +416,8 @@ def _add_sequence_logps_head(model) -> None:
     `output_router_logits=True` (MoE models), inside the model's own forward: DDP and DeepSpeed see an
     ordinary forward, and under ZeRO-3 the lm_head weight is an external parameter of the module that is
     called, gathered by its hooks for the forward and again for the backward (which recomputes the tiles).
-    Under FSDP2 an lm_head in the root's unit is gathered with it; one sharded in a unit of its own (accelerate's
-    size-based wrap) is gathered by its preference_logps method, a forward method of that unit (_head_method).
+    Under FSDP2 the lm_head's unit gathers it for the call (_head_method: a registered forward method of a unit of
+    its own, the hooks of a unit it shares or of the root's).
     Without `preference_labels` the forward is the previous one. With PEFT the base model is patched."""
     root = model
     patched = model.get_base_model() if is_peft_model(model) else model
@@ -462,19 +462,30 @@ def _head_method(head, preference_logps):
     """`head` with `preference_logps` bound as its method of that name (bound on first use: a head that replaced
     the patched one, resize_token_embeddings', gets it too), which gathers its parameters where FSDP2 shards them
     in a unit of their own: a forward method of that unit (registered once), so that FSDP gathers them before the
-    call and again for its backward, as for the unit's forward. An lm_head in the root's unit (accelerate's
-    transformer-layer wrap) is gathered by the root's forward, around the call. PEFT's modules_to_save wrapper
-    gets a method that calls its active copy's, as its forward calls the copy's forward: accelerate's size-based
-    wrap makes units of the copies, of the wrapper, or of both."""
+    call and again for its backward, as for the unit's forward; in a unit it shares (accelerate's FSDP2 puts the
+    lm_head with the final norm), by that unit's own hooks (_unit_modules); in the root's unit, by the root's.
+    PEFT's modules_to_save wrapper gets a method that calls its active copy's, as its forward calls the copy's
+    forward: either or both may be units."""
     if logits_module(head) is not head:
         preference_logps = functools.partial(_active_copy_logps, preference_logps=preference_logps)
     if "preference_logps" not in vars(head):
         head.preference_logps = types.MethodType(preference_logps, head)
     fsdp = sys.modules.get("torch.distributed.fsdp")
     if fsdp is not None and isinstance(head, fsdp.FSDPModule) and not getattr(head, "_preference_logps_fsdp", False):
-        fsdp.register_fsdp_forward_method(head, "preference_logps")
+        if _unit_modules(head) == 1:
+            fsdp.register_fsdp_forward_method(head, "preference_logps")
         head._preference_logps_fsdp = True
     return head
+
+
+def _unit_modules(head) -> int:
+    """How many modules the FSDP2 unit of `head` groups (fully_shard of a list). A grouped unit, as accelerate's
+    final norm and lm_head, is gathered by the forward of its module that runs first (the norm, before the head)
+    and kept for the head's call by accelerate's reshard_after_forward=False, so the head's method is not
+    registered there: re-running the unit's hooks from it crashed torch 2.11 in the backward (a segfault, on 2 CPU
+    processes; torch 2.14 ran it). Where the weight is not gathered, the fused path stops with the DTensor
+    TypeError. Read from FSDP2's state, which has no public accessor for it."""
+    return len(getattr(head._get_fsdp_state(), "_modules", (head,)))
 
 
 def _active_copy_logps(wrapper, hidden, labels, average, *, preference_logps):
