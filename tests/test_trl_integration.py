@@ -1098,7 +1098,7 @@ def test_moe_router_aux_loss_under_zero3(tokenizer, hh_pairs, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# FSDP2 (fully_shard as accelerate applies it, 2 CPU processes, gloo)
+# FSDP2 (accelerate's own preparation and fully_shard by hand, 2 CPU processes, gloo)
 # ----------------------------------------------------------------------------------------------------
 
 FSDP_VOCAB, FSDP_STEPS, FSDP_LEARNING_RATE = 96, 2, 0.5
@@ -1211,11 +1211,12 @@ def fsdp_worker(rank, port, case, out_dir):
 @pytest.mark.parametrize("case", FSDP_CASES)
 def test_fused_head_under_fsdp2(tmp_path, case):
     """FSDP2 shards the lm_head's weight (a DTensor between forwards). The fused path never calls the head as a
-    module; its preference_logps method is registered as a forward method of the head's unit, so that FSDP
-    gathers the weight for the call and again for its backward ("lm_head_weight is a DTensor" before), also
-    where accelerate groups it with the final norm; PEFT's modules_to_save wrapper's method calls that of the
-    copy its forward would call (the trained copy; the original with the adapter disabled; a TypeError before,
-    with the copies in units of their own). In the root's unit the head is gathered by the root's forward. Each
+    module; its preference_logps method is registered as a forward method of a unit of its own, so that FSDP
+    gathers the weight for the call and again for its backward ("lm_head_weight is a DTensor" before); in the
+    unit accelerate makes of the final norm and the head, the norm's forward gathers it (the method registered
+    there crashed torch 2.11); PEFT's modules_to_save wrapper's method calls that of the copy its forward would
+    call (the trained copy; the original with the adapter disabled; a TypeError before, with the copies in units
+    of their own). In the root's unit the head is gathered by the root's forward. Each
     process's log-probs (and reference log-probs) and the gradients FSDP averages over the processes equal an
     unsharded model's, over two SGD steps (the second's depend on the first's gradients)."""
     peft_head, _, units, head_unit = FSDP_CASES[case]
