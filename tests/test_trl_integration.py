@@ -688,12 +688,17 @@ def test_peft_adapter_on_the_lm_head_is_refused_by_fused(tokenizer, hh_pairs, tm
         hf_head._check_head_is_linear(None, "--loss-impl")
 
 
+def lm_head_copy_config():
+    """PEFT's LoRA on q_proj with a trained copy of the lm_head (modules_to_save), a fresh config each call."""
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                           task_type="CAUSAL_LM")
+
+
 def test_peft_modules_to_save_lm_head_fused_equals_ops(tokenizer, hh_pairs, tmp_path):
     """modules_to_save=["lm_head"] trains a copy of the head beside LoRA's adapters: the fused path reads the
     active copy's weight (the original one with the adapter disabled, DPO's live reference). Per-step losses
     equal the ops path's; from step 2 on the copy differs from the original, so both are read."""
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"],
-                           task_type="CAUSAL_LM")
+    lora = lm_head_copy_config()
     losses = {}
     for loss_impl in ("fused", "ops"):
         args = PreferenceConfig(output_dir=str(tmp_path / loss_impl), loss="dpo", loss_impl=loss_impl, max_steps=3,
@@ -1065,8 +1070,7 @@ def test_zero3_trains_as_without(tokenizer, hh_pairs, tmp_path):
 
 def tiny_llama_peft_head(vocab_size):
     """tiny_llama under PEFT: LoRA on q_proj and a trained copy of the lm_head (modules_to_save)."""
-    return peft.get_peft_model(tiny_llama(vocab_size), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
+    return peft.get_peft_model(tiny_llama(vocab_size), lm_head_copy_config())
 
 
 def test_peft_lm_head_copy_under_zero3(tokenizer, hh_pairs, tmp_path):
@@ -1134,11 +1138,9 @@ def fsdp_model(peft_head: bool):
     """The model of test_fused_head_under_fsdp2, unsharded: a tiny Llama; with `peft_head`, with LoRA on q_proj
     and a modules_to_save copy of the lm_head, the copy made unlike the original (so that reading the wrong one
     shows: the adapter-disabled reference reads the original)."""
-    model = tiny_llama(FSDP_VOCAB)
     if not peft_head:
-        return model
-    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                                                       modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
+        return tiny_llama(FSDP_VOCAB)
+    model = tiny_llama_peft_head(FSDP_VOCAB)
     with torch.no_grad():
         model.get_base_model().lm_head.modules_to_save["default"].weight.mul_(1.5)
     return model

@@ -466,9 +466,9 @@ def _head_method(head, preference_logps):
     lm_head with the final norm), by that unit's own hooks (_unit_modules); in the root's unit, by the root's.
     PEFT's modules_to_save wrapper gets a method that calls its active copy's, as its forward calls the copy's
     forward: either or both may be units."""
-    if logits_module(head) is not head:
-        preference_logps = functools.partial(_active_copy_logps, preference_logps=preference_logps)
     if "preference_logps" not in vars(head):
+        if logits_module(head) is not head:
+            preference_logps = functools.partial(_active_copy_logps, preference_logps=preference_logps)
         head.preference_logps = types.MethodType(preference_logps, head)
     fsdp = sys.modules.get("torch.distributed.fsdp")
     if fsdp is not None and isinstance(head, fsdp.FSDPModule) and not getattr(head, "_preference_logps_fsdp", False):
