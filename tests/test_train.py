@@ -211,8 +211,8 @@ def test_resume_of_a_checkpoint_with_another_optimizer_layout_is_one_line(tmp_pa
     too, at the load."""
     out, common = tmp_path / "run", [*SHORT, "--max-steps", "4", "--weight-decay", "0.1"]
     with monkeypatch.context() as patched:  # the layout of that version
-        patched.setattr(driver, "optimizer_groups", lambda model, weight_decay: [
-            {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}])
+        patched.setattr(driver, "optimizer_groups", lambda model, config: [
+            {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": config.weight_decay}])
         main([*common, "--output-dir", str(out), "--stop-after-steps", "2"])
     monkeypatch.setattr(driver, "set_up", lambda config: pytest.fail("set up before the check"))
     with pytest.raises(UserError, match=r"--resume last: \S+/checkpoint-2's AdamW has 1 parameter group\(s\), this "
@@ -222,10 +222,10 @@ def test_resume_of_a_checkpoint_with_another_optimizer_layout_is_one_line(tmp_pa
     moved = tmp_path / "moved"
     with monkeypatch.context() as patched:  # one parameter in the other group
         two_groups = driver.optimizer_groups
-        patched.setattr(driver, "optimizer_groups", lambda model, weight_decay: [
-            {**group, "params": group["params"][1:] if i == 0 else [two_groups(model, weight_decay)[0]["params"][0],
+        patched.setattr(driver, "optimizer_groups", lambda model, config: [
+            {**group, "params": group["params"][1:] if i == 0 else [two_groups(model, config)[0]["params"][0],
                                                                     *group["params"]]}
-            for i, group in enumerate(two_groups(model, weight_decay))])
+            for i, group in enumerate(two_groups(model, config))])
         main([*common, "--output-dir", str(moved), "--stop-after-steps", "2"])
     with pytest.raises(UserError, match=r"--resume \S+/checkpoint-2: its optimizer state does not fit this run's "
                                         r"AdamW \(2 parameter group\(s\)\): loaded state dict contains a parameter "
@@ -1326,7 +1326,9 @@ def test_weight_decay_spares_biases_and_norms_as_the_hf_trainer():
     from transformers import Trainer
 
     model = dropout_models()["phi"]  # LayerNorm modules with biases, and biased projections
-    groups = driver.optimizer_groups(model, 0.1)
+    config = TrainConfig(weight_decay=0.1)
+    groups = driver.optimizer_groups(model, config)
+    assert len(groups) == config.optimizer_group_count()  # the count --resume checks a checkpoint against
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in groups[0]["params"]}
     assert decayed == set(Trainer.get_decay_parameter_names(None, model))
@@ -1335,7 +1337,10 @@ def test_weight_decay_spares_biases_and_norms_as_the_hf_trainer():
     assert spared and all("bias" in n or "layernorm" in n or "norm" in n for n in spared), spared
     assert "model.layers.0.self_attn.q_proj.weight" in decayed and "model.final_layernorm.weight" in spared
     assert len(decayed) + len(spared) == len(list(model.parameters()))
-    assert [len(g["params"]) for g in driver.optimizer_groups(model, 0.0)] == [len(list(model.parameters()))]
+    config = TrainConfig(weight_decay=0.0)
+    groups = driver.optimizer_groups(model, config)
+    assert [len(g["params"]) for g in groups] == [len(list(model.parameters()))]
+    assert config.optimizer_group_count() == 1
 
 
 @pytest.mark.parametrize("name, factors", [("linear", [1 / 3, 1.0, 5 / 9, 0.0]), ("constant_with_warmup",

@@ -280,7 +280,7 @@ def check_optimizer_groups(flag_value: str, path: Path, config: TrainConfig) -> 
         saved = len(torch.load(optimizer_file, map_location="cpu", mmap=True, weights_only=True)["param_groups"])
     except Exception:  # not torch's format, or types it will not unpickle here: the load says what is wrong
         return
-    groups = 2 if config.weight_decay else 1
+    groups = config.optimizer_group_count()
     if saved != groups:
         raise UserError(f"--resume {flag_value}: {path}'s AdamW has {saved} parameter group(s), this run's {groups} "
                         "(weight decay on: decayed parameters and spared biases and norms); a checkpoint written "

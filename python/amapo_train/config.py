@@ -200,6 +200,11 @@ class TrainConfig:
         """The pairs over which AMaPO's batch mean and std are taken: one micro-batch of every process."""
         return self.per_device_batch_size * world_size
 
+    def optimizer_group_count(self) -> int:
+        """AdamW's parameter groups (train.optimizer_groups): with weight decay 2, the decayed parameters and the
+        spared biases and norms; without, 1 (so that a checkpoint of such a run keeps its one-group state)."""
+        return 2 if self.weight_decay else 1
+
     def deepspeed_config_path(self) -> str | None:
         if self.deepspeed in (None, "", "none"):
             return None

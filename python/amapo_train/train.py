@@ -555,7 +555,7 @@ def set_up(config: TrainConfig) -> TrainingRun:
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed)).tolist()
     loader = DataLoader(Subset(train_set, order), batch_size=config.per_device_batch_size, drop_last=True,
                         collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id))
-    optimizer = torch.optim.AdamW(optimizer_groups(model, config.weight_decay), lr=config.learning_rate)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, config), lr=config.learning_rate)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     save_model_weights_once(accelerator)
     steps_per_epoch = len(loader) // accelerator.gradient_accumulation_steps
@@ -617,12 +617,13 @@ def load_weights_beside_state(accelerator, models: list, state_dir: str) -> None
 NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
 
 
-def optimizer_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW's parameter groups: weight decay on every trained parameter but biases, normalization weights and
-    LayerNorm modules' (NO_DECAY_PATTERNS), as the HF Trainer's; one group when there is no decay (so that a
-    checkpoint of such a run keeps its one-group optimizer state)."""
+def optimizer_groups(model, config: TrainConfig) -> list[dict]:
+    """AdamW's parameter groups, as many as config.optimizer_group_count() says (which --resume checks a
+    checkpoint against): weight decay on every trained parameter but biases, normalization weights and LayerNorm
+    modules' (NO_DECAY_PATTERNS), as the HF Trainer's; one group when there is no decay."""
     trained = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
-    if not weight_decay:
+    weight_decay = config.weight_decay
+    if config.optimizer_group_count() == 1:
         return [{"params": [parameter for _, parameter in trained], "weight_decay": 0.0}]
     from transformers.trainer_pt_utils import get_parameter_names
 
