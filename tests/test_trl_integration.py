@@ -1303,6 +1303,24 @@ def test_example_recipe_parses(tmp_path):
         load_runner().parse(["--output_dir", str(tmp_path), "--use_cpu", "true", "--loss_hparams", "[1]"])
 
 
+@pytest.mark.parametrize("args, error", [
+    (["--config", "{tmp}/missing.yaml"], r"No such file or directory: '\S+/missing.yaml'"),
+    (["--config", "{tmp}/broken.yaml"], r"while parsing a flow sequence in \"\S+/broken.yaml\""),
+    (["--loss", "nosuch"], r"loss must be one of \['alpha_dpo', .*\], got 'nosuch'"),
+    (["--loss_hparams", '{{"gamma": 1}}'], r"loss_hparams: loss='amapo' has no hyperparameter \['gamma'\]"),
+])
+def test_runner_configuration_error_is_one_line(tmp_path, capsys, args, error):
+    """A configuration error of the runner (the recipe, a field PreferenceConfig refuses) is one line on stderr and
+    exit status 2, as argparse says an unknown flag; it was a traceback."""
+    (tmp_path / "broken.yaml").write_text("loss: [amapo\n")
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    with pytest.raises(SystemExit) as exited:
+        load_runner().main(["--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false", *args])
+    stderr = [line for line in capsys.readouterr().err.splitlines() if "Warning" not in line and "warn(" not in line]
+    assert exited.value.code == 2 and len(stderr) == 1, stderr
+    assert re.fullmatch(f"run_preference.py: error: .*{error}.*", stderr[0]), stderr[0]
+
+
 @pytest.fixture(scope="module")
 def local_hub(tokenizer, tmp_path_factory):
     """A tiny model and train / test JSON files on disk: what the runner loads by name."""

@@ -12,6 +12,7 @@ mixture), --resume_from_checkpoint and Hub push.
 import sys
 
 import transformers
+import yaml
 from accelerate.logging import get_logger
 from datasets import load_dataset
 from packaging.version import Version
@@ -30,8 +31,19 @@ def parse(argv=None):
     return parser.parse_args_and_config(args=argv)
 
 
+def parse_or_exit(argv=None):
+    """parse(), with a configuration error (a recipe that is missing or not YAML, a field that PreferenceConfig or
+    TrainingArguments refuses) said in one line with exit status 2, as argparse says an unknown flag: parsing
+    only reads the recipe and the flags, so every error there is the user's."""
+    try:
+        return parse(argv)
+    except (OSError, ValueError, TypeError, yaml.YAMLError) as error:
+        print(f"run_preference.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None):
-    script_args, training_args, model_args, dataset_args = parse(argv)
+    script_args, training_args, model_args, dataset_args = parse_or_exit(argv)
     # TRL's defaults from the model arguments, then what the recipe or the command line set in model_init_kwargs
     model_init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
                              attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
