@@ -412,8 +412,8 @@ def sequence_logps_from_hidden(
     logit_softcap=c: logits c * tanh(z / c). average: divide by the row's scored-label count (0 if none).
     token_chunk x vocab_chunk: the torch backend's largest block of logits (in fp32, or fp64 for fp64 inputs).
     backend: "triton" (amapo_kernels.triton_fused_linear; CUDA, or the CPU under TRITON_INTERPRET=1), "cublas"
-    (the same module with every lm_head product on cuBLAS: fp32 logits in bounded chunks, reduced by the
-    from-logits kernels and a Triton g kernel), "torch" (tiles in PyTorch), "auto" (triton for CUDA tensors
+    (the same module with every lm_head product on cuBLAS: fp32 logits in bounded chunks, reduced by Triton
+    kernels), "torch" (tiles in PyTorch), "auto" (triton for CUDA tensors
     except float64, torch otherwise).
     gradient_filter: Triton only; skip backward tiles whose softmax is below the gradients' dtype resolution
     (error bound in amapo_kernels.triton_fused_linear). Off by default.

@@ -24,13 +24,14 @@ backward  by vocabulary chunks of at most GRAD_TILE_BYTES: _grad_logits_kernel r
           reads of it by cuBLAS. That kernel is kept for the gradient filter, which skips most of it.
 
 matmuls="cublas" (the public backend="cublas"): the same statistics and gradients with every lm_head product
-on cuBLAS, for GPUs where its matmuls outrun these Triton ones by more than the extra traffic costs. The
-forward takes chunks of whole rows of fp32 logits (_forward_chunk tokens, at most 2 * GRAD_TILE_BYTES), adds
-bias and softcap in place and reduces each chunk with the from-logits op's forward kernel (amapo_kernels._ops);
-the backward recomputes each vocabulary chunk's fp32 logits (at most GRAD_TILE_BYTES) with cuBLAS and
-_grad_from_logits_kernel turns them into g (bias and softcap applied as the tile epilogue does), then the
-same two products. The cost is memory traffic the Triton path does not have: each pass writes and reads all
-the fp32 logits once, chunk by chunk, 3.2 GB each way at the paper's size (S = 6144, V = 128256).
+on cuBLAS, for GPUs where its matmuls outrun these Triton ones by more than the extra traffic costs. Both
+passes walk the same vocabulary chunks (fp32 logits of at most GRAD_TILE_BYTES) and take each chunk's logits
+from the same cuBLAS product (_cublas_chunk_logits), so that the backward's softmax is that of the forward's
+own logits, bit for bit; bias and softcap are applied by the tile epilogue's code in both. The forward reduces
+each chunk with _stats_from_logits_kernel (splits merged as the Triton path's); in the backward
+_grad_from_logits_kernel turns it into g, then the same two products. The cost is memory traffic the Triton
+path does not have: each pass writes and reads all the fp32 logits once, chunk by chunk, 3.2 GB each way at
+the paper's size (S = 6144, V = 128256).
 
 Tile sizes: on a GPU each kernel is autotuned (once per (V, H, dtypes) key; the number of tokens is not
 in the key, so a new batch shape does not tune again) over a few Hopper configurations (TUNING), or runs
@@ -72,8 +73,6 @@ import torch
 import triton
 import triton.language as tl
 from triton import knobs
-
-from amapo_kernels._ops import ops  # the from-logits kernels (CPU and CUDA), for matmuls="cublas"
 
 INTERPRETED = bool(knobs.runtime.interpret)  # decided when the kernels below are decorated
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -190,12 +189,9 @@ def _stats_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stri
                   PRECISION: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
     """Per scored token i < rows (a compact list): the (max, sum of exp) of its logits in this program's
     vocabulary split, and its label's logit."""
-    pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    batch_row, step, labels, in_range = _scored_rows(token_ptr, offs_n, rows, steps, labels_ptr, stride_lb,
-                                                     stride_lt, shift, ignore_index)
-    live = in_range & (labels != ignore_index)
+    offs_n, batch_row, step, labels, in_range, live = _stats_rows(token_ptr, labels_ptr, stride_lb, stride_lt, rows,
+                                                                  steps, shift, ignore_index, BN)
     # a block with no live token (none, in a compact list of scored tokens, but cheap to keep) stores (0, 1)
     running_max = tl.zeros((BN,), dtype=tl.float32)
     running_sum = tl.full((BN,), 1.0, dtype=tl.float32)
@@ -210,16 +206,70 @@ def _stats_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stri
             s = _tile_logits(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr, stride_wv, stride_wk, bias_ptr,
                              batch_row, step, live, offs_v, vocab_live, width, softcap,
                              HAS_BIAS, SOFTCAP, DOT_F32, PRECISION, BN, BV, BK)
-            # a split starts inside the vocabulary (host side), so new_max is finite from its first block on
-            new_max = tl.maximum(running_max, tl.max(s, axis=1))
-            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
-            running_max = new_max
-            hit = offs_v[None, :] == labels[:, None]
-            label_logit = tl.sum(tl.where(hit, s, 0.0), axis=1)
-            tl.store(label_logit_ptr + offs_n, label_logit, mask=live & (labels >= v0) & (labels < v0 + BV))
+            # (a block never straddles two splits: splits are whole blocks, and labels lie below the vocabulary)
+            running_max, running_sum = _fold_tile(s, running_max, running_sum, labels, live, offs_n, offs_v, v0,
+                                                  v0 + BV, label_logit_ptr)
+    _store_split_stats(max_ptr, sum_ptr, split, rows, offs_n, in_range, running_max, running_sum)
+
+
+@triton.jit
+def _stats_rows(token_ptr, labels_ptr, stride_lb, stride_lt, rows, steps, shift, ignore_index, BN: tl.constexpr):
+    """The scored tokens of this program of a statistics kernel: (offsets, batch row, step, label, in range,
+    live: in range and scored)."""
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    batch_row, step, labels, in_range = _scored_rows(token_ptr, offs_n, rows, steps, labels_ptr, stride_lb,
+                                                     stride_lt, shift, ignore_index)
+    return offs_n, batch_row, step, labels, in_range, in_range & (labels != ignore_index)
+
+
+@triton.jit
+def _store_split_stats(max_ptr, sum_ptr, split, rows, offs_n, in_range, running_max, running_sum):
+    """Stores the tokens' (max, sum of exp) over one vocabulary split as row `split` of [splits, rows]."""
     out = split.to(tl.int64) * rows + offs_n
     tl.store(max_ptr + out, running_max, mask=in_range)
     tl.store(sum_ptr + out, running_sum, mask=in_range)
+
+
+@triton.jit
+def _fold_tile(s, running_max, running_sum, labels, live, offs_n, offs_v, v_begin, v_end, label_logit_ptr):
+    """The running (max, sum of exp) of each token's logits with a [BN, BV] tile s (vocabulary columns
+    offs_v = v_begin + arange(BV), those from v_end on -inf) folded in, and the label's logit stored by the tile
+    that holds it. A split starts inside the vocabulary (host side), so the new max is finite from its first
+    tile on."""
+    new_max = tl.maximum(running_max, tl.max(s, axis=1))
+    running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
+    hit = offs_v[None, :] == labels[:, None]
+    label_logit = tl.sum(tl.where(hit, s, 0.0), axis=1)
+    # a test per row, not a reduction of hit: one more [BN, BV] reduction spilled 9 KB a thread on sm_90
+    tl.store(label_logit_ptr + offs_n, label_logit, mask=live & (labels >= v_begin) & (labels < v_end))
+    return new_max, running_sum
+
+
+@triton.jit
+def _stats_from_logits_kernel(z_ptr, stride_z, bias_ptr, labels_ptr, stride_lb, stride_lt, token_ptr, max_ptr,
+                              sum_ptr, label_logit_ptr, rows, steps, shift, ignore_index, softcap, v_start, chunk,
+                              split_width, first_split, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                              BN: tl.constexpr, BV: tl.constexpr):
+    """_stats_kernel for matmuls="cublas": the chunk's logits z = hidden @ W^T (fp32, [rows, chunk], from the
+    same cuBLAS product as the backward's) are read instead of computed, bias and softcap applied by the same
+    epilogue as the backward's; this program's split of the chunk's columns goes to split first_split + its
+    index."""
+    split = tl.program_id(1)
+    offs_n, _, _, labels, in_range, live = _stats_rows(token_ptr, labels_ptr, stride_lb, stride_lt, rows, steps,
+                                                       shift, ignore_index, BN)
+    running_max = tl.full((BN,), float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros((BN,), dtype=tl.float32)
+    j_begin = split * split_width
+    j_end = tl.minimum(j_begin + split_width, chunk)
+    for j0 in range(j_begin, j_end, BV):
+        offs_j = j0 + tl.arange(0, BV)
+        vocab_live = offs_j < j_end
+        z = tl.load(z_ptr + offs_n.to(tl.int64)[:, None] * stride_z + offs_j[None, :],
+                    mask=in_range[:, None] & vocab_live[None, :], other=0.0)
+        s = _bias_and_softcap(z, bias_ptr, v_start + offs_j, vocab_live, softcap, HAS_BIAS, SOFTCAP)
+        running_max, running_sum = _fold_tile(s, running_max, running_sum, labels, live, offs_n, v_start + offs_j,
+                                              v_start + j0, v_start + tl.minimum(j0 + BV, j_end), label_logit_ptr)
+    _store_split_stats(max_ptr, sum_ptr, first_split + split, rows, offs_n, in_range, running_max, running_sum)
 
 
 @triton.jit
@@ -358,7 +408,8 @@ def _accumulating_backward_kernel(h_ptr, stride_hb, stride_ht, stride_hk, w_ptr,
 # ---------------------------------------------------------------------------------------------
 
 INTERPRETER_BLOCKS = {"BN": 16, "BV": 16, "BK": 16}  # tl.dot's smallest tiles
-# _grad_from_logits_kernel (no tl.dot, bandwidth-bound): [16, 512] fp32 tiles, 32 elements a thread
+# _grad_from_logits_kernel and _stats_from_logits_kernel (no tl.dot, bandwidth-bound): [16, 512] fp32 tiles, 32
+# elements a thread
 ELEMENTWISE_BLOCKS = {"BN": 16, "BV": 512, "num_warps": 8}
 # the filter's kernel on a GPU, by operands (fp32 with BK = 64 and 3 stages would need 240 KiB of shared memory)
 ACCUMULATING_BLOCKS = {"half": {"BN": 64, "BV": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
@@ -483,14 +534,6 @@ def _grad_chunk(positions: int, vocab: int, dtype: torch.dtype) -> int:
     return min(max(VOCAB_GRANULE, fitting), triton.cdiv(vocab, VOCAB_GRANULE) * VOCAB_GRANULE)
 
 
-def _forward_chunk(tokens: int, vocab: int) -> int:
-    """Scored tokens per forward chunk with matmuls="cublas": fp32 logits of at most 2 * GRAD_TILE_BYTES
-    (256 rows at V = 128256: a wide enough product for cuBLAS); in the interpreter a few rows."""
-    if INTERPRETED:
-        return 3
-    return max(1, min(tokens, 2 * GRAD_TILE_BYTES // (4 * vocab) // 64 * 64 or 1))
-
-
 def _precision(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[bool, str]:
     """(dot in fp32, input precision): tensor cores for two equal half dtypes, else fp32 operands, tf32
     only if torch allows it."""
@@ -512,6 +555,7 @@ class _Problem:
         self.tokens = hidden.shape[0] * self.steps
         self.vocab, self.width = weight.shape
         self.dot_f32, precision = _precision(hidden, weight)
+        self.g_dtype = torch.float32 if self.dot_f32 else hidden.dtype  # as eager autograd rounds grad_logits
         self.tensors = (
             hidden, *hidden.stride(), weight, *weight.stride(), bias if bias is not None else weight,
             labels, *labels.stride(),
@@ -566,7 +610,7 @@ def _check_matmuls(matmuls: str) -> None:
 def token_stats(hidden, weight, bias, labels, *, shift, softcap, ignore_index, matmuls="triton") -> torch.Tensor:
     """[N, 3] fp64 (max, log sum exp(s - max), label logit) per scored position, as the torch backend's;
     positions whose label is ignore_index get zeros. matmuls: "triton" (the logits in the stats kernel's
-    tile epilogue, never in memory) or "cublas" (see _cublas_token_stats)."""
+    tile epilogue, never in memory) or "cublas" (see _cublas_split_stats)."""
     _check_matmuls(matmuls)
     problem = _Problem(hidden, weight, bias, labels, shift, softcap, ignore_index)
     device = hidden.device
@@ -576,16 +620,16 @@ def token_stats(hidden, weight, bias, labels, *, shift, softcap, ignore_index, m
     if rows == 0:
         return stats
     if matmuls == "cublas":
-        stats[scored] = _cublas_token_stats(problem, scored)
-        return stats
-    split_width = _stats_splits(rows, problem.vocab, device)
-    splits = triton.cdiv(problem.vocab, split_width)
-    maxima = torch.empty(splits, rows, dtype=torch.float32, device=device)
-    sums = torch.empty_like(maxima)
-    label_logit = torch.zeros(rows, dtype=torch.float32, device=device)
-    _launch("_stats_kernel", problem.dot_f32, lambda meta: (triton.cdiv(rows, meta["BN"]), splits),
-            *problem.tensors, scored, maxima, sums, label_logit, rows, max(problem.steps, 1), problem.vocab,
-            problem.width, problem.shift, ignore_index, problem.softcap, split_width, **problem.flags)
+        maxima, sums, label_logit = _cublas_split_stats(problem, scored)
+    else:
+        split_width = _stats_splits(rows, problem.vocab, device)
+        splits = triton.cdiv(problem.vocab, split_width)
+        maxima = torch.empty(splits, rows, dtype=torch.float32, device=device)
+        sums = torch.empty_like(maxima)
+        label_logit = torch.zeros(rows, dtype=torch.float32, device=device)
+        _launch("_stats_kernel", problem.dot_f32, lambda meta: (triton.cdiv(rows, meta["BN"]), splits),
+                *problem.tensors, scored, maxima, sums, label_logit, rows, max(problem.steps, 1), problem.vocab,
+                problem.width, problem.shift, ignore_index, problem.softcap, split_width, **problem.flags)
     # the merge of the splits in fp64: O(splits * N), rounding that does not grow with the split count
     row_max = maxima.double().amax(dim=0)
     log_sum = (sums.double() * torch.exp(maxima.double() - row_max)).sum(dim=0).log()
@@ -593,30 +637,55 @@ def token_stats(hidden, weight, bias, labels, *, shift, softcap, ignore_index, m
     return stats
 
 
-def _cublas_token_stats(problem: _Problem, scored: torch.Tensor) -> torch.Tensor:
-    """[S, 3] fp64 statistics of the scored tokens with matmuls="cublas": chunks of whole rows of fp32 logits
-    from cuBLAS (bias and softcap applied in place), each reduced by the from-logits op's forward kernel
-    (one pass over the chunk, fp32 accumulation), which gives (max, log sum) and the label's log-prob."""
-    hidden, weight, bias = problem.hidden, problem.weight, problem.bias
-    labels = problem.labels[:, problem.shift:problem.shift + problem.steps].reshape(-1)
-    out = torch.empty(scored.numel(), 3, dtype=torch.float64, device=hidden.device)
-    chunk = _forward_chunk(scored.numel(), problem.vocab)
-    operand = torch.float32 if problem.dot_f32 else hidden.dtype
-    weight_t = weight.to(operand).t()
-    for i0 in range(0, scored.numel(), chunk):
-        tokens = scored[i0:i0 + chunk]
-        z = _product_fp32(hidden[problem.coordinates(tokens)].to(operand), weight_t)  # [n, V]
-        if bias is not None:
-            z += bias.to(torch.float32)
-        if problem.flags["SOFTCAP"]:
-            z.div_(problem.softcap).tanh_().mul_(problem.softcap)
-        token_logp, softmax_stats = ops.sequence_logps_fwd(z[:, None], labels[tokens][:, None],
-                                                           problem.ignore_index, False, False, False)
-        max_and_log_sum = softmax_stats[:, 0].double()
-        out[i0:i0 + chunk, :2] = max_and_log_sum
-        out[i0:i0 + chunk, 2] = token_logp.double() + max_and_log_sum.sum(dim=1)  # the label's logit
-        del z
-    return out
+def _cublas_split_stats(problem: _Problem, scored: torch.Tensor):
+    """(maxima [splits, S], sums of exp, label logits [S]) of the scored tokens with matmuls="cublas", as
+    _stats_kernel's: by the backward's vocabulary chunks, the chunk's fp32 logits from the very cuBLAS product
+    the backward recomputes (_cublas_chunk_logits, same operands and shapes: the same bits), reduced by
+    _stats_from_logits_kernel. So the backward's softmax exp(z - max - log sum) sums to 1 over its own logits:
+    logits of another product (whole rows, as this pass took before) differ in the last bits, which biased
+    every gradient by about their difference times E_p[W] (fp32 grad_hidden 5x torch's error, measured in the
+    interpreter)."""
+    rows = scored.numel()
+    device = problem.hidden.device
+    chunk = _cublas_chunk(rows, problem.vocab)
+    blocks = INTERPRETER_BLOCKS if INTERPRETED else ELEMENTWISE_BLOCKS
+    split_width = 2 * blocks["BV"]  # two tiles a program: the in-program fold and the merge of splits both run
+    chunk_splits = [triton.cdiv(min(chunk, problem.vocab - v0), split_width)
+                    for v0 in range(0, problem.vocab, chunk)]
+    maxima = torch.empty(sum(chunk_splits), rows, dtype=torch.float32, device=device)
+    sums = torch.empty_like(maxima)
+    label_logit = torch.zeros(rows, dtype=torch.float32, device=device)
+    operands = _scored_hidden_rows(problem, scored, problem.g_dtype)
+    bias = problem.bias if problem.bias is not None else maxima
+    first_split = 0
+    for (v0, weight_chunk), splits in zip(_vocab_chunks(problem, chunk), chunk_splits):
+        z = _cublas_chunk_logits(operands, weight_chunk)
+        _stats_from_logits_kernel[(triton.cdiv(rows, blocks["BN"]), splits)](
+            z, z.stride(0), bias, problem.labels, *problem.labels.stride(), scored, maxima, sums, label_logit, rows,
+            max(problem.steps, 1), problem.shift, problem.ignore_index, problem.softcap, v0, weight_chunk.shape[0],
+            split_width, first_split, HAS_BIAS=problem.flags["HAS_BIAS"], SOFTCAP=problem.flags["SOFTCAP"],
+            BN=blocks["BN"], BV=blocks["BV"], **({} if INTERPRETED else {"num_warps": blocks["num_warps"]}),
+        )
+        first_split += splits
+    return maxima, sums, label_logit
+
+
+def _cublas_chunk(positions: int, vocab: int) -> int:
+    """Vocabulary columns of one chunk with matmuls="cublas", forward and backward alike (their logits must be
+    the same product): fp32 logits of GRAD_TILE_BYTES at most."""
+    return _grad_chunk(positions, vocab, torch.float32)
+
+
+def _vocab_chunks(problem: _Problem, chunk: int):
+    """(v0, W[v0:v0 + chunk] in g's dtype) over the vocabulary: a view unless the dtypes are mixed."""
+    for v0 in range(0, problem.vocab, chunk):
+        yield v0, problem.weight[v0:v0 + chunk].to(problem.g_dtype)
+
+
+def _cublas_chunk_logits(rows: torch.Tensor, weight_chunk: torch.Tensor) -> torch.Tensor:
+    """The fp32 logits rows @ weight_chunk^T of a chunk (bias and softcap not applied), the one product
+    both passes of matmuls="cublas" take."""
+    return _product_fp32(rows, weight_chunk.t())
 
 
 def _product_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -709,21 +778,20 @@ def _chunked_gradients(problem: _Problem, scored, stats, coefs, need_hidden, nee
     hidden, weight, bias = problem.hidden, problem.weight, problem.bias
     width, vocab, device = problem.width, problem.vocab, hidden.device
     positions = scored.numel()
-    g_dtype = torch.float32 if problem.dot_f32 else hidden.dtype  # as eager autograd rounds grad_logits
+    g_dtype = problem.g_dtype
     # with cuBLAS recomputing them, the chunk's fp32 logits are the larger buffer
-    chunk = _grad_chunk(positions, vocab, torch.float32 if matmuls == "cublas" else g_dtype)
+    chunk = _cublas_chunk(positions, vocab) if matmuls == "cublas" else _grad_chunk(positions, vocab, g_dtype)
     g_chunk = torch.empty(positions, chunk, dtype=g_dtype, device=device)
     grad_rows = torch.zeros(positions, width, dtype=torch.float32, device=device) if need_hidden else None
     rows = _scored_hidden_rows(problem, scored, g_dtype) if need_weight or matmuls == "cublas" else None
     grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=device) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias else None
     unused = torch.zeros(1, dtype=torch.float32, device=device)
-    for v0 in range(0, vocab, chunk):
-        v1 = min(v0 + chunk, vocab)
+    for v0, weight_chunk in _vocab_chunks(problem, chunk):
+        v1 = v0 + weight_chunk.shape[0]
         g = g_chunk[:, : v1 - v0]
         # without a bias gradient the kernel still takes a pointer, one the autotuner's reset may zero
         bias_part = grad_bias[v0:v1] if need_bias else unused
-        weight_chunk = weight[v0:v1].to(g_dtype)  # a view unless the dtypes are mixed
         if matmuls == "cublas":
             _cublas_grad_chunk(problem, scored, stats, coefs, rows, weight_chunk, v0, g, bias_part, need_bias)
         else:
@@ -750,7 +818,7 @@ def _cublas_grad_chunk(problem: _Problem, scored, stats, coefs, rows, weight_chu
     rows @ weight_chunk^T from cuBLAS, then _grad_from_logits_kernel (bias, softcap, softmax from the saved
     statistics, g in g's dtype)."""
     columns = weight_chunk.shape[0]
-    z = _product_fp32(rows, weight_chunk.t())
+    z = _cublas_chunk_logits(rows, weight_chunk)  # the forward's product (_cublas_split_stats): the same bits
     blocks = INTERPRETER_BLOCKS if INTERPRETED else ELEMENTWISE_BLOCKS
     grid = (triton.cdiv(scored.numel(), blocks["BN"]), triton.cdiv(columns, blocks["BV"]))
     bias = problem.bias if problem.bias is not None else z

@@ -46,7 +46,8 @@ HOPPER_SHARED_MEMORY = 232448  # bytes a block may opt into on H100 / H200 (227 
 # system reserves 1 KiB a block; 64K registers in 4 partitions, allocated to warps in units of 256; 64 warps.
 SM_SHARED_MEMORY, SHARED_RESERVED_PER_BLOCK = 233472, 1024
 REGISTERS_PER_PARTITION, PARTITIONS, REGISTER_UNIT, MAX_WARPS = 16384, 4, 256, 64
-KERNELS = ("_stats_kernel", "_grad_logits_kernel", "_grad_from_logits_kernel", "_accumulating_backward_kernel")
+KERNELS = ("_stats_kernel", "_stats_from_logits_kernel", "_grad_logits_kernel", "_grad_from_logits_kernel",
+           "_accumulating_backward_kernel")
 TUNED = kernels.TUNED_KERNELS
 OPERANDS = {"bf16": (torch.bfloat16, "ieee"), "fp32": (torch.float32, "ieee"), "tf32": (torch.float32, "tf32")}
 EPILOGUES = ("plain", "bias+softcap")  # Llama / Mistral heads; Gemma-2's softcapped logits (with a bias too)
@@ -113,9 +114,9 @@ def _recording(launches: list, config_index: int):
 
 
 def record_launches(dtype: torch.dtype, config_index: int, epilogue: str) -> list[Launch]:
-    """The launches of the forward and of the three backward paths (g chunks with Triton matmuls, with cuBLAS
-    matmuls, the accumulating kernel with the gradient filter) for a CPU batch, with bias and softcap or
-    without either."""
+    """The launches of both forwards (Triton and cuBLAS matmuls) and of the three backward paths (g chunks with
+    Triton matmuls, with cuBLAS matmuls, the accumulating kernel with the gradient filter) for a CPU batch, with
+    bias and softcap or without either."""
     if kernels.INTERPRETED:
         raise RuntimeError("triton_fused_linear was imported under TRITON_INTERPRET=1: nothing is compiled there")
     generator = torch.Generator().manual_seed(0)
@@ -128,6 +129,7 @@ def record_launches(dtype: torch.dtype, config_index: int, epilogue: str) -> lis
     common = {"shift": True, "softcap": 30.0 if epilogue == "bias+softcap" else None, "ignore_index": -100}
     launches = []
     with _recording(launches, config_index):
+        kernels.token_stats(hidden, weight, bias, labels, **common, matmuls="cublas")
         stats = kernels.token_stats(hidden, weight, bias, labels, **common)
         coefs = torch.ones(stats.shape[0])
         for options in ({}, {"matmuls": "cublas"}, {"gradient_filter": True}):
