@@ -7,7 +7,7 @@ forward + backward of the loss, gradients of hidden and lm_head weight:
     triton     amapo_loss_from_hidden(..., backend="triton")                 (Triton kernels; CUDA only)
     triton_filter  the same with gradient_filter=True (Cut Cross-Entropy-style tile skipping; CUDA only)
     cublas     amapo_loss_from_hidden(..., backend="cublas")  (the lm_head products on cuBLAS in fp32 chunks,
-               reduced by the from-logits kernels and a Triton g kernel; CUDA only)
+               reduced by Triton kernels; CUDA only)
     op_logits  F.linear(hidden, weight) -> amapo_loss_from_logits            (logits materialized, compiled op)
     eager      F.linear(hidden, weight) -> reference.amapo_loss_from_logits  (plain torch, log_softmax copy)
     compile    torch.compile of eager
