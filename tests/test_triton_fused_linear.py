@@ -173,7 +173,7 @@ def test_interpreter_suite(tmp_path):
 # rows then) biased grad_hidden to 5.5x torch's error
 @example(batch=5, steps=5, width=20, vocab=37, shift=False, average=False, with_bias=False, softcap=None, seed=5,
          backend="cublas")
-# and a single token whose fp32 log-prob torch happens to round almost exactly (the values' floor, below)
+# and a single token whose fp32 log-prob torch happens to round almost exactly (assert_logps_rule's values' floor)
 @example(batch=1, steps=1, width=20, vocab=5, shift=False, average=False, with_bias=False, softcap=None, seed=20728,
          backend="triton")
 def test_logps_match_reference(batch, steps, width, vocab, shift, average, with_bias, softcap, seed, backend):
