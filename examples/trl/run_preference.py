@@ -20,6 +20,7 @@ from trl import (DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser, 
                  get_quantization_config)
 
 from amapo_kernels.integrations.trl import PreferenceConfig, PreferenceTrainer
+from amapo_train.cli_errors import one_line
 
 logger = get_logger(__name__)
 
@@ -38,7 +39,7 @@ def parse_or_exit(argv=None):
     try:
         return parse(argv)
     except (OSError, ValueError, TypeError, yaml.YAMLError) as error:
-        print(f"run_preference.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"run_preference.py: error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
 
 
