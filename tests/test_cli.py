@@ -34,6 +34,13 @@ MISTAKES = {
     "eval fraction out of range": (["--eval-fraction", "1.5"], "--eval-fraction must be in (0, 1)"),
     "on/off booleans only": (["--bf16", "yes"], "argument --bf16: expected one of"),
     "bad recipe": (["--recipe", "nope"], "no recipe 'nope'"),
+    # a ~user that names nobody (a shell leaves it as it is): pathlib's RuntimeError was a traceback
+    "output in the home of no user": (["--output-dir", "~nosuchuser-amapo/run"],
+                                      "--output-dir ~nosuchuser-amapo/run: no user 'nosuchuser-amapo' here"),
+    "data in the home of no user": (["--dataset", "~nosuchuser-amapo/pairs.jsonl"],
+                                    "--dataset ~nosuchuser-amapo/pairs.jsonl: no user 'nosuchuser-amapo' here"),
+    "model in the home of no user": (["--model", "~nosuchuser-amapo/model"],
+                                     "--model ~nosuchuser-amapo/model: no user 'nosuchuser-amapo' here"),
     "hparam the method does not take": (["--hparam", "gamma=1.0"], "'gamma' is not a hyperparameter of amapo"),
     "bad boolean": (["--bf16", "maybe"], "argument --bf16: expected one of"),
     "bad tracker": (["--log-with", "foo"], "argument --log-with: invalid choice"),

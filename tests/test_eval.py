@@ -136,6 +136,9 @@ def test_bootstrap_interval():
     assert ranking_accuracy(torch.ones(7, dtype=torch.bool)) == {"accuracy": 1.0, "ci_low": 1.0, "ci_high": 1.0, "n": 7}
     zero = ranking_accuracy(torch.zeros(5, dtype=torch.bool))
     assert (zero["accuracy"], zero["ci_low"], zero["ci_high"]) == (0.0, 0.0, 0.0)
+    for n_boot in (0, 2**24 + 1):  # none, or more than MAX_RESAMPLES (8 bytes each, held at once)
+        with pytest.raises(ValueError, match=r"n_boot must be in \[1, 16777216\]"):
+            ranking_accuracy(correct, n_boot=n_boot)
     # Chunked resampling (n * n_boot above the chunk bound) still gives a sane interval.
     big = ranking_accuracy(torch.arange(20000) % 5 != 0, n_boot=300, seed=1)
     assert big["ci_low"] < 0.8 < big["ci_high"]
@@ -728,7 +731,10 @@ EVAL_ARGUMENT_MISTAKES = {  # a value outside what its flag takes: one line, sta
     "split files into a file": (["splits", "--output", "/dev/null"], "--output /dev/null: /dev/null is not a directory"),
     "no such device": (["rank", "--device", "gpu0"], "--device gpu0: not a device name (cpu, cuda or cuda:N)"),
     "a device type the scripts do not run on": (["rank", "--device", "mps"], "--device mps: only cpu and cuda"),
-    "no bootstrap resample": (["rank", "--n-boot", "0"], "--n-boot 0: must be >= 1"),
+    "no bootstrap resample": (["rank", "--n-boot", "0"], "--n-boot 0: must be in [1, 16777216]"),
+    # 2**32 resamples took 32 GiB (the machine's memory was gone), after every pair had been scored
+    "too many bootstrap resamples": (["rank", "--n-boot", str(2**24 + 1)],
+                                     f"--n-boot {2**24 + 1}: must be in [1, 16777216]"),
     "no response token": (["rank", "--max-length", "0"], "--max-prompt-length 1800 must lie in [1, --max-length 0)"),
     "prompt as long as the pair": (["rmbench", "--max-length", "64", "--max-prompt-length", "64"],
                                    "--max-prompt-length 64 must lie in [1, --max-length 64)"),
@@ -748,6 +754,15 @@ EVAL_ARGUMENT_MISTAKES = {  # a value outside what its flag takes: one line, sta
     "empty split directory": (["splits", "--output", ""], "--output is empty: give a directory path"),
     "empty answers file": (["generate", "--format", "alpacaeval", "--output", ""],
                            "--output is empty: give a file path"),
+    # a NUL character (a Python caller's: a shell cannot pass one): splits failed with a ValueError traceback
+    "NUL in a directory": (["splits", "--output", "a\0b"],
+                           "--output 'a\\x00b': a path cannot hold a NUL character"),
+    # a ~user that names nobody (a shell leaves it as it is): pathlib's RuntimeError was a traceback
+    "home of no user": (["splits", "--output", "~nosuchuser-amapo/splits"],
+                        "--output ~nosuchuser-amapo/splits: no user 'nosuchuser-amapo' here to expand "
+                        "~nosuchuser-amapo"),
+    "data in the home of no user": (["rank", "--data", "~nosuchuser-amapo/pairs.jsonl"],
+                                    "--data ~nosuchuser-amapo/pairs.jsonl: no user 'nosuchuser-amapo' here"),
     "no such tokenization": (["rank", "--tokenization", "joint"], "argument --tokenization: invalid choice: 'joint'"),
     "no new token": (["generate", "--format", "alpacaeval", "--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
 }

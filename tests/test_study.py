@@ -187,6 +187,8 @@ STUDY_MISTAKES = {  # argv -> the start of its one-line message; all refused bef
     ("--out-dir", ""): "--out-dir is empty: give a directory path",  # it wrote the results into the working directory
     ("--workers", "two"): "argument --workers: invalid int value",  # argparse's own errors: one line too
     ("--out-dir", "/dev/null/study"): "--out-dir /dev/null/study: /dev/null is not a directory",
+    # a quoted ~user that names nobody (a shell leaves it as it is): pathlib's RuntimeError was a traceback
+    ("--out-dir", "~nosuchuser-amapo/study"): "--out-dir ~nosuchuser-amapo/study: no user 'nosuchuser-amapo' here",
     ("--hh-rlhf", "--runs-dir", "/dev/null/runs"): "--runs-dir /dev/null/runs: /dev/null is not a directory",
 }
 

@@ -70,13 +70,25 @@ def check_range(flag: str, value, low=None, high=None) -> None:
         raise UserError(f"{flag} {value}: must be {bounds}")
 
 
+def expanded_path(flag: str, path: str) -> Path:
+    """Path(path) with a leading ~ or ~user expanded, as the shell does unquoted. A user with no home is a
+    UserError naming `flag`: a shell leaves `~nosuchuser/x` as it is, and pathlib raises a RuntimeError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        head = Path(path).parts[0]
+        raise UserError(f"{flag} {path}: no user {head[1:]!r} here to expand {head}") from None
+
+
 def check_output_path(flag: str, path: str, *, directory: bool) -> None:
     """`path` (a directory, or a file when not `directory`) can be written: its folder exists or can be made,
     its nearest existing ancestor being a writable directory. Checked without creating anything (--dry-run
     leaves no trace), before the work whose results would go there."""
     if not str(path).strip():  # `--output "$OUT"` with OUT unset: Path("") is the working directory
         raise UserError(f"{flag} is empty: give a {'directory' if directory else 'file'} path")
-    target = Path(path).expanduser().absolute()
+    if "\0" in str(path):  # (only from a Python caller: a shell cannot pass one) pathlib's exists() says False
+        raise UserError(f"{flag} {path!r}: a path cannot hold a NUL character")
+    target = expanded_path(flag, path).absolute()
     if not directory and target.is_dir():
         raise UserError(f"{flag} {path}: is a directory, not a file")
     folder = target if directory else target.parent

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from amapo_kernels.preference import METHODS
 from amapo_train.cli_errors import (HelpFormatter, OneLineParser, UserError, check_device, check_output_path,
-                                    check_range)
+                                    check_range, expanded_path)
 from amapo_train.config import (BOOLEANS, CHAT_TEMPLATES, CONFIGS, DATASET_FORMATS, DEFAULT_SCORE_COLUMNS, DEVICES,
                                 LOSS_IMPLS, LR_SCHEDULERS, RECIPES, TOKENIZATIONS, TRACKERS, TrainConfig,
                                 hparam_value)
@@ -157,7 +157,8 @@ def check_run(config: TrainConfig, args, world_size: int) -> str | None:
     if config.eval_dataset:
         check_source("--eval-dataset", config.eval_dataset)
         same_file = looks_local(config.dataset) and looks_local(config.eval_dataset) and \
-            Path(config.dataset).expanduser().resolve() == Path(config.eval_dataset).expanduser().resolve()
+            expanded_path("--dataset", config.dataset).resolve() == \
+            expanded_path("--eval-dataset", config.eval_dataset).resolve()
         if same_file or (config.eval_dataset == config.dataset and config.test_split == config.train_split):
             raise UserError(f"--eval-dataset {config.eval_dataset} is the training data; give other data, or "
                             "--eval-fraction to hold out a share of it")
@@ -174,7 +175,7 @@ def check_run(config: TrainConfig, args, world_size: int) -> str | None:
 
 
 def check_source(flag: str, source: str) -> None:
-    if looks_local(source) and not Path(source).expanduser().is_file():
+    if looks_local(source) and not expanded_path(flag, source).is_file():
         raise UserError(f"{flag} {source}: no such file")
 
 
@@ -186,9 +187,9 @@ def check_model(model: str) -> None:
         except ValueError as error:
             raise UserError(str(error)) from None
         return
-    if model == "tiny" or not (Path(model).expanduser().exists() or model.startswith(("/", ".", "~"))):
+    if model == "tiny" or not model.startswith(("/", ".", "~")) and not Path(model).exists():
         return  # the built-in tiny model, or a Hub name
-    path = Path(model).expanduser()
+    path = expanded_path("--model", model)
     if not path.is_dir():
         raise UserError(f"--model {model}: no such directory")
     if not (path / "config.json").is_file():

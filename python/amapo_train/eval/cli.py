@@ -36,7 +36,8 @@ from pathlib import Path
 
 from amapo_train.cli_errors import HelpFormatter as _HelpFormatter
 from amapo_train.cli_errors import OneLineParser as _Parser
-from amapo_train.cli_errors import UserError, check_device, check_output_path, check_range, run_console_script
+from amapo_train.cli_errors import (UserError, check_device, check_output_path, check_range, expanded_path,
+                                    run_console_script)
 from amapo_train.cli_errors import one_line as _one_line
 from amapo_train.cli_errors import require_extras as _require_extras
 from amapo_train.command_line import STATE_FILE, parse_bool
@@ -74,10 +75,10 @@ def check_model_dir(path: str) -> None:
 def read_records(flag: str, source: str, split: str, limit: int | None = None) -> list[dict]:
     """``amapo_train.data.load_records`` with its failures as one-line user errors naming ``flag``."""
     local = not source.startswith("bundled:") and looks_local(source)
-    if local and not Path(source).expanduser().exists():
+    if local and not expanded_path(flag, source).exists():
         raise UserError(f"{flag} {source}: no such file")
     try:
-        records = load_records(str(Path(source).expanduser()) if local else source, split, limit)
+        records = load_records(str(expanded_path(flag, source)) if local else source, split, limit)
     except (OSError, ValueError, ImportError) as error:  # missing/corrupt file, bad JSON, no `datasets`
         raise UserError(f"{flag} {source}: {_one_line(error)}") from error
     if not records:
@@ -573,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insert-system-message", type=parse_bool, default=None, metavar="on|off",
                    help="an empty system turn when a chat has none, as amapo-train's flag; "
                         f"default: {from_checkpoint}{on_off}")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% interval")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% interval, 1 to 2**24")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.set_defaults(func=cmd_rank)
 
@@ -620,9 +621,13 @@ MODEL_COMMANDS = ("rank", "rmbench", "generate")
 
 def check_args(args) -> None:
     """Everything that can be checked before a model or data set is loaded."""
-    for flag, name in (("--batch-size", "batch_size"), ("--limit", "limit"), ("--n-boot", "n_boot")):
+    for flag, name in (("--batch-size", "batch_size"), ("--limit", "limit")):
         if getattr(args, name, None) is not None:
             check_range(flag, getattr(args, name), 1)
+    if args.command == "rank":
+        from amapo_train.eval.ranking import MAX_RESAMPLES
+
+        check_range("--n-boot", args.n_boot, 1, MAX_RESAMPLES)
     if args.command == "rank":
         check_model_dir(args.model)  # before its training config is read
         resolve_token_settings(args)

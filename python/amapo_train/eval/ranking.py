@@ -26,6 +26,10 @@ from amapo_train.data import BATCH_KEYS, IGNORE_INDEX, collate
 
 __all__ = ["BATCH_KEYS", "collate", "evaluate_ranking", "make_batches", "pair_logps", "ranking_accuracy"]
 
+# The resampled accuracies are held at once, 8 bytes each (128 MiB here; 2**32 of them took 32 GiB and the
+# machine's memory, after every pair had been scored).
+MAX_RESAMPLES = 2**24
+
 
 # --------------------------------------------------------------------------------------------------
 # log-probs and accuracy
@@ -95,8 +99,8 @@ def ranking_accuracy(
     n = correct.numel()
     if n == 0:
         raise ValueError("ranking_accuracy needs at least one pair")
-    if n_boot < 1:
-        raise ValueError("n_boot must be >= 1")
+    if not 1 <= n_boot <= MAX_RESAMPLES:
+        raise ValueError(f"n_boot must be in [1, {MAX_RESAMPLES}], got {n_boot}")
     if not 0.0 < confidence < 1.0:
         raise ValueError("confidence must be in (0, 1)")
     gen = torch.Generator().manual_seed(int(seed))
