@@ -116,7 +116,7 @@ def test_records_not_in_the_named_format_are_a_one_line_error_before_the_model_l
     status = cli(["--dataset", str(pairs), "--dataset-format", "hh-rlhf", "--output-dir", str(tmp_path / "run")])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert status == 2 and len(lines) == 1, lines
-    assert "training record 0: a record in the 'pairs' format where dataset_format is 'hh-rlhf'" in lines[0]
+    assert "record 0: a record in the 'pairs' format where dataset_format is 'hh-rlhf'" in lines[0]
     assert not (tmp_path / "run").exists()
 
 
@@ -183,16 +183,39 @@ def write_pairs(path, count, **extra):
 
 def test_single_local_file_is_split_and_the_log_says_so(tmp_path):
     pairs = write_pairs(tmp_path / "pairs.jsonl", 40)
-    train, test, source = load_splits(config_for(["--dataset", str(pairs)]))
+    train, test, source, _ = load_splits(config_for(["--dataset", str(pairs)]))
     assert (len(train), len(test)) == (36, 4) and "0.1 of" in source and "disjoint" in source
     assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in test}
-    train, test, source = load_splits(config_for(["--dataset", str(pairs), "--eval-fraction", "0.25", "--seed", "3"]))
+    train, test, source, _ = load_splits(config_for(["--dataset", str(pairs), "--eval-fraction", "0.25", "--seed", "3"]))
     assert (len(train), len(test)) == (30, 10) and "seed 3" in source
     other = write_pairs(tmp_path / "other.jsonl", 5)
-    train, test, source = load_splits(config_for(["--dataset", str(pairs), "--eval-dataset", str(other)]))
+    train, test, source, _ = load_splits(config_for(["--dataset", str(pairs), "--eval-dataset", str(other)]))
     assert (len(train), len(test)) == (40, 5) and source.startswith(str(other))
     with pytest.raises(UserError, match="is the training data"):
         main(["--dataset", str(pairs), "--eval-dataset", str(pairs), "--dry-run"])
+
+
+def test_a_bad_record_is_named_by_its_position_in_its_file(tmp_path, capsys):
+    """With a held-out share of one file, a bad record was named by its position in the training (or held-out)
+    share, which the seed decides ("training record 6" for the file's record 7), and one in --eval-dataset under
+    --dataset's name; --show-examples numbered the pairs of the share, not of the file."""
+    from amapo_train.train import cli
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 10)
+    records = [json.loads(line) for line in pairs.read_text().splitlines()]
+    records[7] = {"prompt": "x", "chosen": 1, "rejected": "y"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(json.dumps(r) for r in records))
+    for seed in range(4):  # the record lands in the training share for some seeds, in the held-out one for others
+        with pytest.raises(UserError, match=rf"^--dataset {re.escape(str(bad))}: record 7: cannot tell the format"):
+            load_splits(config_for(["--dataset", str(bad), "--eval-fraction", "0.5", "--seed", str(seed)]))
+    with pytest.raises(UserError, match=rf"^--eval-dataset {re.escape(str(bad))}: record 7: "):
+        load_splits(config_for(["--dataset", str(pairs), "--eval-dataset", str(bad)]))
+    splits = load_splits(config_for(["--dataset", str(pairs), "--eval-fraction", "0.5", "--seed", "0"]))
+    assert [records[i] for i in splits.train_positions] == splits.train and splits.train_positions != list(range(5))
+    assert cli(["--dataset", str(pairs), "--eval-fraction", "0.5", "--seed", "0", "--show-examples", "5"]) == 0
+    shown = re.findall(r"=== pair \d+ \(record (\d+)\)", capsys.readouterr().out)
+    assert [int(i) for i in shown] == splits.train_positions
 
 
 def test_odpo_through_the_driver(tmp_path):
@@ -284,5 +307,5 @@ def test_a_record_that_splits_into_no_pair_is_a_one_line_error_before_the_model_
     status = cli(["--dataset", str(pairs), "--eval-dataset", str(held_out), "--output-dir", str(tmp_path / "run")])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert status == 2 and len(lines) == 1, lines
-    assert lines[0].startswith(f"amapo-train: error: --dataset {pairs}: training record 1: ") and message in lines[0]
+    assert lines[0].startswith(f"amapo-train: error: --dataset {pairs}: record 1: ") and message in lines[0]
     assert not (tmp_path / "run").exists()

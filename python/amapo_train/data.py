@@ -407,17 +407,22 @@ def tokenize_pair_separate(tokenizer, prompt: str, chosen: str, rejected: str, *
     return pair
 
 
-def holdout_split(records: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(training records, held-out records): a seeded random `fraction` of `records` (at least one) held
-    out, the rest for training; disjoint by position, each keeping the file's order."""
+def holdout_positions(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training positions, held-out positions) of `count` records: a seeded random `fraction` of them (at
+    least one) held out, the rest for training; disjoint, each in increasing order (the file's)."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
-    if len(records) < 2:
-        raise ValueError(f"cannot hold out a share of {len(records)} record(s)")
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-    held_out = set(order[:min(max(1, round(fraction * len(records))), len(records) - 1)])
-    return ([r for i, r in enumerate(records) if i not in held_out],
-            [r for i, r in enumerate(records) if i in held_out])
+    if count < 2:
+        raise ValueError(f"cannot hold out a share of {count} record(s)")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = set(order[:min(max(1, round(fraction * count)), count - 1)])
+    return [i for i in range(count) if i not in held_out], sorted(held_out)
+
+
+def holdout_split(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(training records, held-out records) at holdout_positions."""
+    train, held_out = holdout_positions(len(records), fraction, seed)
+    return [records[i] for i in train], [records[i] for i in held_out]
 
 
 def record_format(record: dict, fmt: str = "auto") -> str:
@@ -451,28 +456,30 @@ def check_record(record: dict, fmt: str = "auto") -> str:
     return fmt
 
 
-def check_detected_formats(records: list[dict], where: str, fmt: str = "auto") -> None:
+def check_detected_formats(records: list[dict], where: str, fmt: str = "auto", positions=None) -> None:
     """Every record is in a known format, and in `fmt` unless "auto", and splits into a prompt and two
     responses (check_record); a ValueError naming the first that is not, before any tokenizer or model is
-    needed."""
-    for position, record in enumerate(records):
+    needed: "{where} {position}" (where: e.g. "record"; positions: each record's position in its source, so
+    that the message points into the file; default: its position in `records`)."""
+    for record, position in zip(records, positions or range(len(records))):
         try:
             check_record(record, fmt)
         except ValueError as error:
-            raise ValueError(f"{where} record {position}: {error}") from None
+            raise ValueError(f"{where} {position}: {error}") from None
 
 
-def check_scores(records: list[dict], columns: tuple[str, str], where: str) -> None:
+def check_scores(records: list[dict], columns: tuple[str, str], where: str, positions=None) -> None:
     """Every record has numeric `columns` (chosen's score, rejected's), the chosen one higher (ODPO's
-    offset is the log of their gap); a ValueError naming the first record that has not."""
-    for position, record in enumerate(records):
+    offset is the log of their gap); a ValueError naming the first record that has not (as
+    check_detected_formats)."""
+    for record, position in zip(records, positions or range(len(records))):
         values = [record.get(column) for column in columns]
         for column, value in zip(columns, values):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{where} record {position}: no numeric score column {column!r} "
+                raise ValueError(f"{where} {position}: no numeric score column {column!r} "
                                  f"(columns: {sorted(record)})")
         if not values[0] > values[1]:
-            raise ValueError(f"{where} record {position}: {columns[0]} {values[0]} is not above {columns[1]} "
+            raise ValueError(f"{where} {position}: {columns[0]} {values[0]} is not above {columns[1]} "
                              f"{values[1]} (ODPO needs the chosen response scored higher)")
 
 

@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+import typing
 from functools import partial
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from amapo_train.config import TrainConfig
 from amapo_train.command_line import (MODEL_FILES, STATE_FILE, STATE_FILES, build_parser, check_run, config_from_args,
                                       default_world_size, model_files, run_checkpoints, state_files)
 from amapo_train.data import (IGNORE_INDEX, PreferenceDataset, check_detected_formats, check_scores, collate,
-                              concatenated, holdout_split, load_records, looks_local)
+                              concatenated, holdout_positions, load_records, looks_local)
 
 # tqdm and amapo_train.model (transformers) are imported where used: `amapo-train` without the training
 # extras then says how to install them (cli) instead of failing at import.
@@ -287,24 +288,56 @@ def held_out_plan(config: TrainConfig) -> tuple[float | None, str]:
     return None, f"{config.dataset} split {config.test_split} (training: split {config.train_split})"
 
 
-def load_splits(config: TrainConfig) -> tuple[list[dict], list[dict], str]:
-    """(training records, held-out records, where the held-out ones come from: held_out_plan), checked (a
-    known format, ODPO's score columns) before any model loads."""
+class Splits(typing.NamedTuple):
+    """load_splits' records: the training and held-out ones, where the held-out ones come from (held_out_plan),
+    and each training record's position in its source (its file, or its split), by which show_examples names it."""
+    train: list[dict]
+    test: list[dict]
+    source: str
+    train_positions: list[int]
+
+
+def held_out_source(config: TrainConfig) -> tuple[str, str]:
+    """(the flag, its value) of the data the held-out records come from, for the messages about them."""
+    return ("--eval-dataset", config.eval_dataset) if config.eval_dataset else ("--dataset", config.dataset)
+
+
+def load_splits(config: TrainConfig) -> Splits:
+    """The training and held-out records, checked (a known format, ODPO's score columns) before any model loads.
+    An error names the flag of the data at fault and the record's position in its source: with a held-out share
+    of one file, its position in the file, not in the share."""
     fraction, source = held_out_plan(config)
-    try:
+    test_flag, test_source = held_out_source(config)
+    with data_errors("--dataset", config.dataset):
         train = load_records(config.dataset, config.train_split)
+        train_at = list(range(len(train)))
         if fraction:
-            train, test = holdout_split(train, fraction, config.seed)
-        else:
-            test = load_records(config.eval_dataset or config.dataset, config.test_split)
-        train, test = train[:config.max_train_pairs or None], test[:config.max_test_pairs or None]
-        for records, where in ((train, "training"), (test, "held-out")):
-            check_detected_formats(records, where, config.dataset_format)
+            train_at, test_at = holdout_positions(len(train), fraction, config.seed)
+            train, test = [train[i] for i in train_at], [train[i] for i in test_at]
+    if not fraction:
+        with data_errors(test_flag, test_source):
+            test = load_records(test_source, config.test_split)
+        test_at = list(range(len(test)))
+    train, train_at = train[:config.max_train_pairs or None], train_at[:config.max_train_pairs or None]
+    test, test_at = test[:config.max_test_pairs or None], test_at[:config.max_test_pairs or None]
+    sides = ((train, train_at, "--dataset", config.dataset, config.train_split),
+             (test, test_at, test_flag, test_source, config.train_split if fraction else config.test_split))
+    for records, positions, flag, name, split in sides:
+        where = "record" if looks_local(name) else f"split {split!r} record"  # a local file has one split
+        with data_errors(flag, name):
+            check_detected_formats(records, where, config.dataset_format, positions)
             if config.score_columns():
-                check_scores(records, config.score_columns(), where)
-    except (OSError, ValueError, ImportError) as error:  # missing file, bad JSON, bad record, no `datasets`
-        raise UserError(f"--dataset {config.dataset}: {one_line(error)}") from error
-    return train, test, source
+                check_scores(records, config.score_columns(), where, positions)
+    return Splits(train, test, source, train_at)
+
+
+@contextlib.contextmanager
+def data_errors(flag: str, source: str):
+    """A missing file, bad JSON, a bad record or no `datasets` as a user error naming the data's flag."""
+    try:
+        yield
+    except (OSError, ValueError, ImportError) as error:
+        raise UserError(f"{flag} {source}: {one_line(error)}") from error
 
 
 def datasets(config, tokenizer, splits):
@@ -313,8 +346,8 @@ def datasets(config, tokenizer, splits):
                   tokenization=config.tokenization, insert_system_message=config.insert_system_message,
                   score_columns=config.score_columns())
     tokenized = []
-    for records in splits:
-        with tokenization_errors(config):
+    for records, (flag, source) in zip(splits, (("--dataset", config.dataset), held_out_source(config))):
+        with tokenization_errors(flag, source):
             dataset = PreferenceDataset(records, tokenizer, **kwargs)
         dataset.pad_token_id = tokenizer.pad_token_id
         tokenized.append(dataset)
@@ -322,7 +355,7 @@ def datasets(config, tokenizer, splits):
 
 
 @contextlib.contextmanager
-def tokenization_errors(config):
+def tokenization_errors(flag: str, source: str):
     """What only the tokenizer finds in a record (its chat template refusing a conversation, a prompt the two
     sides tokenize differently) as a user error naming the data, as amapo-eval says it, not a traceback."""
     from jinja2 import TemplateError  # transformers renders chat templates with jinja2
@@ -330,7 +363,7 @@ def tokenization_errors(config):
     try:
         yield
     except (ValueError, TemplateError) as error:
-        raise UserError(f"--dataset {config.dataset}: {one_line(error)}") from error
+        raise UserError(f"{flag} {source}: {one_line(error)}") from error
 
 
 def dry_run(config: TrainConfig, world_size: int) -> dict:
@@ -518,7 +551,7 @@ def set_up(config: TrainConfig) -> TrainingRun:
 
     from amapo_train.model import enable_checkpointing, load_model_and_tokenizer
 
-    train_records, test_records, eval_source = load_splits(config)
+    train_records, test_records, eval_source, _ = load_splits(config)
     accelerator = make_accelerator(config)
     warning = stats_pool_warning(config, accelerator.num_processes)
     if warning:
@@ -798,14 +831,16 @@ def show_examples(config: TrainConfig, count: int) -> None:
     from amapo_train.model import load_tokenizer
 
     tokenizer = load_tokenizer(config)
-    records = load_splits(config)[0][:count]
-    with tokenization_errors(config):
+    splits = load_splits(config)
+    records = splits.train[:count]
+    with tokenization_errors("--dataset", config.dataset):
         dataset = PreferenceDataset(records, tokenizer, fmt=config.dataset_format, max_length=config.max_length,
                                     max_prompt_length=config.max_prompt_length, tokenization=config.tokenization,
                                     insert_system_message=config.insert_system_message)
     for index in range(len(dataset)):
         pair = dataset[index]
-        print(f"=== pair {index} (record {dataset.record_index[index]})")
+        position = splits.train_positions[dataset.record_index[index]]  # in the file (or split), as errors say
+        print(f"=== pair {index} (record {position})")
         for side in ("chosen", "rejected"):
             ids, labels = pair[f"{side}_input_ids"], pair[f"{side}_labels"]
             scored = sum(label != IGNORE_INDEX for label in labels)
