@@ -183,13 +183,14 @@ def write_pairs(path, count, **extra):
 
 def test_single_local_file_is_split_and_the_log_says_so(tmp_path):
     pairs = write_pairs(tmp_path / "pairs.jsonl", 40)
-    train, test, source, _ = load_splits(config_for(["--dataset", str(pairs)]))
+    train, test, source, *_ = load_splits(config_for(["--dataset", str(pairs)]))
     assert (len(train), len(test)) == (36, 4) and "0.1 of" in source and "disjoint" in source
     assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in test}
-    train, test, source, _ = load_splits(config_for(["--dataset", str(pairs), "--eval-fraction", "0.25", "--seed", "3"]))
+    train, test, source, *_ = load_splits(config_for(["--dataset", str(pairs), "--eval-fraction", "0.25",
+                                                      "--seed", "3"]))
     assert (len(train), len(test)) == (30, 10) and "seed 3" in source
     other = write_pairs(tmp_path / "other.jsonl", 5)
-    train, test, source, _ = load_splits(config_for(["--dataset", str(pairs), "--eval-dataset", str(other)]))
+    train, test, source, *_ = load_splits(config_for(["--dataset", str(pairs), "--eval-dataset", str(other)]))
     assert (len(train), len(test)) == (40, 5) and source.startswith(str(other))
     with pytest.raises(UserError, match="is the training data"):
         main(["--dataset", str(pairs), "--eval-dataset", str(pairs), "--dry-run"])

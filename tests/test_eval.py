@@ -962,7 +962,8 @@ def test_cli_rank_chat_template_refusing_a_system_turn(tmp_path, tiny_model, tin
     # a response): one line naming the cause, and the way out (the model loads first: its loading bar may show).
     assert cli.main([*rank, "--model", gemma]) == 2
     error = one_error_line(capsys)
-    assert "refuses a record: Conversation roles must alternate" in error and "--tokenization separate" in error
+    assert f"--data {data}: record 0: Conversation roles must alternate" in error, error
+    assert f"the chat template of --model {gemma} refuses it" in error and "--tokenization separate" in error
     assert cli.main([*rank, "--model", gemma, "--tokenization", "separate"]) == 0
 
 

@@ -952,7 +952,17 @@ def test_a_chat_template_refusing_a_record_is_a_user_error(tmp_path, capsys):
                          "--output-dir", str(tmp_path / "run")])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("amapo-train: error:")]
     assert status == 2 and len(errors) == 1, errors
-    assert f"--dataset {pairs}: System role not supported" in errors[0]
+    assert re.search(rf"--dataset {re.escape(str(pairs))}: record [0-9]: System role not supported", errors[0])
+    # one in --eval-dataset: named under that flag (it was under --dataset's), by its position in that file
+    user_only = {**record, "prompt": record["prompt"][1:]}
+    pairs.write_text("\n".join(json.dumps(user_only) for _ in range(10)))
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("\n".join(json.dumps(record if i == 2 else user_only) for i in range(4)))
+    status = driver.cli(["--model", str(model_dir), "--dataset", str(pairs), "--eval-dataset", str(held_out),
+                         "--log-with", "none", "--device", "cpu", "--output-dir", str(tmp_path / "run")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("amapo-train: error:")]
+    assert status == 2 and errors == [f"amapo-train: error: --eval-dataset {held_out}: record 2: System role not "
+                                      "supported"], errors
 
 
 def test_a_fresh_run_over_an_earlier_one_says_what_it_replaces(tmp_path, capsys):

@@ -483,29 +483,41 @@ def check_scores(records: list[dict], columns: tuple[str, str], where: str, posi
                              f"{values[1]} (ODPO needs the chosen response scored higher)")
 
 
+class RecordError(ValueError):
+    """A record PreferenceDataset cannot make into a pair, named by its position in its source ("record N: ...");
+    its __cause__ is what was raised about it (a ValueError, a KeyError, or the chat template's jinja2
+    TemplateError when the template refuses the conversation)."""
+
+
 class PreferenceDataset(torch.utils.data.Dataset):
     """Tokenized pairs of `records` (any format of FORMATS); `dropped` counts pairs left with an empty
     response (a blank answer message too, chat template or not), `record_index[i]` is the position in
     `records` of item i, `stats` sums it up. Item i is
     tokenize_pair's dict plus `index` i, and `chosen_score` / `rejected_score` (the record's columns
-    `score_columns`) when given."""
+    `score_columns`) when given. A record that cannot be tokenized is a RecordError naming its position in
+    `positions` (each record's position in its source, e.g. its file; default: its position in `records`)."""
 
     def __init__(self, records, tokenizer, *, fmt="auto", max_length=2048, max_prompt_length=1800,
                  use_chat_template=True, tokenization="trl", insert_system_message=True,
-                 score_columns: tuple[str, str] | None = None):
+                 score_columns: tuple[str, str] | None = None, positions=None):
+        from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
         self.pairs, self.record_index, self.dropped = [], [], 0
-        for position, record in enumerate(records):
-            texts = record_texts(record, tokenizer, fmt, use_chat_template=use_chat_template,
-                                 tokenization=tokenization, insert_system_message=insert_system_message)
-            pair = tokenize_pair(tokenizer, *texts, max_length=max_length, max_prompt_length=max_prompt_length,
-                                 tokenization=tokenization)
+        for index, (record, position) in enumerate(zip(records, positions or range(len(records)))):
+            try:
+                texts = record_texts(record, tokenizer, fmt, use_chat_template=use_chat_template,
+                                     tokenization=tokenization, insert_system_message=insert_system_message)
+                pair = tokenize_pair(tokenizer, *texts, max_length=max_length, max_prompt_length=max_prompt_length,
+                                     tokenization=tokenization)
+            except (ValueError, KeyError, TemplateError) as error:
+                raise RecordError(f"record {position}: {error}") from error
             if pair is None:
                 self.dropped += 1
             else:
                 if score_columns:
                     pair["chosen_score"], pair["rejected_score"] = (float(record[c]) for c in score_columns)
                 self.pairs.append(pair)
-                self.record_index.append(position)
+                self.record_index.append(index)
 
     @property
     def stats(self) -> dict:

@@ -290,11 +290,12 @@ def held_out_plan(config: TrainConfig) -> tuple[float | None, str]:
 
 class Splits(typing.NamedTuple):
     """load_splits' records: the training and held-out ones, where the held-out ones come from (held_out_plan),
-    and each training record's position in its source (its file, or its split), by which show_examples names it."""
+    and each record's position in its source (its file, or its split), by which the messages name it."""
     train: list[dict]
     test: list[dict]
     source: str
     train_positions: list[int]
+    test_positions: list[int]
 
 
 def held_out_source(config: TrainConfig) -> tuple[str, str]:
@@ -328,7 +329,7 @@ def load_splits(config: TrainConfig) -> Splits:
             check_detected_formats(records, where, config.dataset_format, positions)
             if config.score_columns():
                 check_scores(records, config.score_columns(), where, positions)
-    return Splits(train, test, source, train_at)
+    return Splits(train, test, source, train_at, test_at)
 
 
 @contextlib.contextmanager
@@ -340,15 +341,17 @@ def data_errors(flag: str, source: str):
         raise UserError(f"{flag} {source}: {one_line(error)}") from error
 
 
-def datasets(config, tokenizer, splits):
-    """Tokenized (train, test) PreferenceDatasets of the record lists `splits` (load_splits)."""
+def datasets(config, tokenizer, splits: Splits):
+    """Tokenized (train, test) PreferenceDatasets of load_splits' records."""
     kwargs = dict(fmt=config.dataset_format, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                   tokenization=config.tokenization, insert_system_message=config.insert_system_message,
                   score_columns=config.score_columns())
     tokenized = []
-    for records, (flag, source) in zip(splits, (("--dataset", config.dataset), held_out_source(config))):
+    sides = ((splits.train, splits.train_positions, "--dataset", config.dataset),
+             (splits.test, splits.test_positions, *held_out_source(config)))
+    for records, positions, flag, source in sides:
         with tokenization_errors(flag, source):
-            dataset = PreferenceDataset(records, tokenizer, **kwargs)
+            dataset = PreferenceDataset(records, tokenizer, positions=positions, **kwargs)
         dataset.pad_token_id = tokenizer.pad_token_id
         tokenized.append(dataset)
     return tuple(tokenized)
@@ -551,7 +554,7 @@ def set_up(config: TrainConfig) -> TrainingRun:
 
     from amapo_train.model import enable_checkpointing, load_model_and_tokenizer
 
-    train_records, test_records, eval_source, _ = load_splits(config)
+    splits = load_splits(config)
     accelerator = make_accelerator(config)
     warning = stats_pool_warning(config, accelerator.num_processes)
     if warning:
@@ -570,16 +573,17 @@ def set_up(config: TrainConfig) -> TrainingRun:
         accelerator.print("dropout off in the model (--disable-dropout)")
     if config.gradient_checkpointing:
         enable_checkpointing(model)
-    train_set, test_set = datasets(config, tokenizer, (train_records, test_records))
+    train_set, test_set = datasets(config, tokenizer, splits)
     accelerator.print(f"accelerate: {accelerator.distributed_type.value}, {accelerator.num_processes} process(es), "
                       f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}")
     accelerator.print(f"data: {len(train_set)} train / {len(test_set)} test pairs "
                       f"({train_set.dropped} / {test_set.dropped} dropped: {DROPPED})")
+    eval_source = splits.source
     if held_out_plan(config)[0]:  # a seeded share of the training file: kept, so the evaluation can be rerun
         if accelerator.is_main_process:
             held_out = Path(config.output_dir) / HELD_OUT_FILE
             held_out.parent.mkdir(parents=True, exist_ok=True)
-            held_out.write_text("".join(json.dumps(record) + "\n" for record in test_records))
+            held_out.write_text("".join(json.dumps(record) + "\n" for record in splits.test))
         eval_source += f", written to {Path(config.output_dir) / HELD_OUT_FILE}"
     accelerator.print(f"eval data: {eval_source}")
     if len(test_set) == 0:  # the held-out ranking accuracy (and every eval_ metric) would have nothing to rank
@@ -832,15 +836,14 @@ def show_examples(config: TrainConfig, count: int) -> None:
 
     tokenizer = load_tokenizer(config)
     splits = load_splits(config)
-    records = splits.train[:count]
+    records, positions = splits.train[:count], splits.train_positions[:count]
     with tokenization_errors("--dataset", config.dataset):
         dataset = PreferenceDataset(records, tokenizer, fmt=config.dataset_format, max_length=config.max_length,
                                     max_prompt_length=config.max_prompt_length, tokenization=config.tokenization,
-                                    insert_system_message=config.insert_system_message)
+                                    insert_system_message=config.insert_system_message, positions=positions)
     for index in range(len(dataset)):
         pair = dataset[index]
-        position = splits.train_positions[dataset.record_index[index]]  # in the file (or split), as errors say
-        print(f"=== pair {index} (record {position})")
+        print(f"=== pair {index} (record {positions[dataset.record_index[index]]})")  # in its file, as errors say
         for side in ("chosen", "rejected"):
             ids, labels = pair[f"{side}_input_ids"], pair[f"{side}_labels"]
             scored = sum(label != IGNORE_INDEX for label in labels)

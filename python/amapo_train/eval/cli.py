@@ -44,8 +44,9 @@ from amapo_train.command_line import STATE_FILE, parse_bool
 from amapo_train.config import NUMBER_RANGES, TOKENIZATIONS, TrainConfig, check_length_flags
 from amapo_train.data import (
     PreferenceDataset,
+    RecordError,
     chat_texts,
-    check_record,
+    check_detected_formats,
     has_chat_template,
     load_records,
     looks_local,
@@ -219,8 +220,7 @@ def cmd_rank(args) -> dict:
 
     records = read_records("--data", args.data, args.split, args.limit)
     try:  # a record in no known format, or one that splits into no pair, fails here, before the model loads
-        for record in records:
-            check_record(record)
+        check_detected_formats(records, "record")
     except ValueError as error:
         raise UserError(f"--data {args.data}: {_one_line(error)}") from error
     from jinja2 import TemplateError
@@ -232,12 +232,12 @@ def cmd_rank(args) -> dict:
         dataset = PreferenceDataset(records, tokenizer, max_length=args.max_length,
                                     max_prompt_length=args.max_prompt_length, use_chat_template=use_template,
                                     tokenization=args.tokenization, insert_system_message=args.insert_system_message)
-    except (ValueError, KeyError) as error:  # a record in no known format, a missing column
-        raise UserError(f"--data {args.data}: {_one_line(error)}") from error
-    except TemplateError as error:  # the template refuses a conversation (Gemma: a system turn, roles not alternating)
-        raise UserError(f"--data {args.data}: the chat template of --model {args.model} refuses a record: "
-                        f"{_one_line(error)} (--tokenization separate renders each response after its prompt, "
-                        "--chat-template none as plain dialogue)") from error
+    except RecordError as error:  # a record in no known format, or one the template refuses (Gemma: a system turn)
+        way_out = ""
+        if isinstance(error.__cause__, TemplateError):
+            way_out = (f" (the chat template of --model {args.model} refuses it; --tokenization separate renders "
+                       "each response after its prompt, --chat-template none as plain dialogue)")
+        raise UserError(f"--data {args.data}: {_one_line(error)}{way_out}") from error
     if not len(dataset):
         raise UserError(f"--data {args.data}: no pair left after tokenization")
     batches = make_batches(dataset, args.batch_size, _pad_id(tokenizer))
