@@ -965,6 +965,28 @@ def test_a_chat_template_refusing_a_record_is_a_user_error(tmp_path, capsys):
                                       "supported"], errors
 
 
+def test_a_diverged_run_stops_at_its_first_non_finite_step(tmp_path, capsys):
+    """A learning rate that sends the weights to inf: the run went on to its end with NaN losses, saved NaN
+    checkpoints and a final model, reported a held-out accuracy of 0 and exited 0. It now stops at the first step
+    with a non-finite gradient norm, before that step's update and before any checkpoint of it."""
+    out = tmp_path / "run"
+    status = driver.cli([*SHORT, "--learning-rate", "1e30", "--max-steps", "5", "--save-steps", "1",
+                         "--output-dir", str(out)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("amapo-train: error:")]
+    assert status == 2 and len(errors) == 1, errors
+    found = re.fullmatch(r"amapo-train: error: step (\d): the gradient norm is nan: training diverged and stopped "
+                         r"\(lower --learning-rate, or check the data\); the checkpoints before it are kept", errors[0])
+    assert found, errors[0]
+    step = int(found.group(1))
+    assert step >= 2  # a step of finite gradients first: its checkpoint is kept
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, step)) and all(math.isfinite(s["loss"]) for s in steps)
+    assert sorted(p.name for p in out.iterdir()) == [*(f"checkpoint-{i}" for i in range(1, step)), "metrics.jsonl"]
+    with pytest.raises(UserError, match="^step 7: the loss is inf: training diverged"):  # DeepSpeed's check
+        driver.stop_if_diverged(7, "loss", math.inf)
+    driver.stop_if_diverged(7, "gradient norm", None)  # DeepSpeed's optimizer may compute no norm
+
+
 def test_a_fresh_run_over_an_earlier_one_says_what_it_replaces(tmp_path, capsys):
     """A fresh run into an earlier run's directory starts metrics.jsonl anew and leaves the earlier checkpoints
     beside its own: a warning names them (a rerun of the same command still runs); the first run gets none."""

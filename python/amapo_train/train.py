@@ -765,6 +765,7 @@ def train_steps(run: TrainingRun, config: TrainConfig, step: int, last: int, log
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = gradient_norm(accelerator, model, config.max_grad_norm)
+                    stop_if_diverged(step + 1, "gradient norm", grad_norm)
                 run.optimizer.step()
                 run.optimizer.zero_grad()
             for key, value in metrics.items():
@@ -775,6 +776,7 @@ def train_steps(run: TrainingRun, config: TrainConfig, step: int, last: int, log
             run.scheduler.step()
             step += 1
             record = log_step(accelerator, sums, accumulation, tokens, started, step, epoch, run.scheduler, grad_norm)
+            stop_if_diverged(step, "loss", record["loss"])  # (DeepSpeed's engine may give no norm)
             record_step(run, config, step, record, log_path)
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
@@ -863,6 +865,16 @@ def marked_text(tokenizer, ids, labels) -> str:
             pieces.append(text if labels[start] == IGNORE_INDEX else f"⟦{text}⟧")
             start = position
     return "".join(pieces)
+
+
+def stop_if_diverged(step: int, name: str, value: float | None) -> None:
+    """Stops the run, in one line, at the first step whose gradient norm or loss (`name`, the same on every
+    process: reduced) is not finite: before its optimizer update where the norm comes first (without DeepSpeed,
+    whose engine updates inside the backward), and before any evaluation or checkpoint of it. Training on would
+    turn every weight NaN and end with status 0, NaN checkpoints and a held-out accuracy of 0."""
+    if value is not None and not math.isfinite(value):
+        raise UserError(f"step {step}: the {name} is {value}: training diverged and stopped (lower --learning-rate, "
+                        "or check the data); the checkpoints before it are kept")
 
 
 def gradient_norm(accelerator, model, max_norm: float | None) -> float | None:
