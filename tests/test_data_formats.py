@@ -212,6 +212,9 @@ def test_a_bad_record_is_named_by_its_position_in_its_file(tmp_path, capsys):
             load_splits(config_for(["--dataset", str(bad), "--eval-fraction", "0.5", "--seed", str(seed)]))
     with pytest.raises(UserError, match=rf"^--eval-dataset {re.escape(str(bad))}: record 7: "):
         load_splits(config_for(["--dataset", str(pairs), "--eval-dataset", str(bad)]))
+    with pytest.raises(UserError, match=r"^--dataset bundled:hh-rlhf split 'train': record 0: a record in the "
+                                        r"'hh-rlhf' format where dataset_format is 'pairs'"):  # a source of splits
+        load_splits(config_for(["--dataset", "bundled:hh-rlhf", "--dataset-format", "pairs"]))
     splits = load_splits(config_for(["--dataset", str(pairs), "--eval-fraction", "0.5", "--seed", "0"]))
     assert [records[i] for i in splits.train_positions] == splits.train and splits.train_positions != list(range(5))
     assert cli(["--dataset", str(pairs), "--eval-fraction", "0.5", "--seed", "0", "--show-examples", "5"]) == 0

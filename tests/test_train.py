@@ -1084,7 +1084,7 @@ def test_a_data_error_of_several_lines_is_said_on_one():
     """What the tokenizer raises about a record (a template's message can span lines) is one line of the CLI's
     error, as every user error."""
     with pytest.raises(UserError) as info:
-        with driver.tokenization_errors("--eval-dataset", "held.jsonl"):
+        with driver.tokenization_errors("--eval-dataset held.jsonl"):
             raise ValueError("the template refuses\n  a system turn")
     assert str(info.value) == "--eval-dataset held.jsonl: the template refuses a system turn"
 

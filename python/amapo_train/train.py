@@ -298,47 +298,53 @@ class Splits(typing.NamedTuple):
     test_positions: list[int]
 
 
-def held_out_source(config: TrainConfig) -> tuple[str, str]:
-    """(the flag, its value) of the data the held-out records come from, for the messages about them."""
-    return ("--eval-dataset", config.eval_dataset) if config.eval_dataset else ("--dataset", config.dataset)
+def data_names(config: TrainConfig) -> tuple[str, str]:
+    """How the messages name the training data and the held-out data: the flag and its value, and the split
+    where the source has several (a Hub or bundled dataset; a local file has one)."""
+    fraction = held_out_plan(config)[0]
+    test_flag, test_source = ("--eval-dataset", config.eval_dataset) if config.eval_dataset else \
+        ("--dataset", config.dataset)
+
+    def name(flag, source, split):
+        return f"{flag} {source}" + ("" if looks_local(source) else f" split {split!r}")
+
+    return (name("--dataset", config.dataset, config.train_split),
+            name(test_flag, test_source, config.train_split if fraction else config.test_split))
 
 
 def load_splits(config: TrainConfig) -> Splits:
     """The training and held-out records, checked (a known format, ODPO's score columns) before any model loads.
-    An error names the flag of the data at fault and the record's position in its source: with a held-out share
-    of one file, its position in the file, not in the share."""
+    An error names the data at fault (data_names) and the record's position in its source: with a held-out
+    share of one file, its position in the file, not in the share."""
     fraction, source = held_out_plan(config)
-    test_flag, test_source = held_out_source(config)
-    with data_errors("--dataset", config.dataset):
+    train_name, test_name = data_names(config)
+    with data_errors(train_name):
         train = load_records(config.dataset, config.train_split)
         train_at = list(range(len(train)))
         if fraction:
             train_at, test_at = holdout_positions(len(train), fraction, config.seed)
             train, test = [train[i] for i in train_at], [train[i] for i in test_at]
     if not fraction:
-        with data_errors(test_flag, test_source):
-            test = load_records(test_source, config.test_split)
+        with data_errors(test_name):
+            test = load_records(config.eval_dataset or config.dataset, config.test_split)
         test_at = list(range(len(test)))
     train, train_at = train[:config.max_train_pairs or None], train_at[:config.max_train_pairs or None]
     test, test_at = test[:config.max_test_pairs or None], test_at[:config.max_test_pairs or None]
-    sides = ((train, train_at, "--dataset", config.dataset, config.train_split),
-             (test, test_at, test_flag, test_source, config.train_split if fraction else config.test_split))
-    for records, positions, flag, name, split in sides:
-        where = "record" if looks_local(name) else f"split {split!r} record"  # a local file has one split
-        with data_errors(flag, name):
-            check_detected_formats(records, where, config.dataset_format, positions)
+    for records, positions, name in ((train, train_at, train_name), (test, test_at, test_name)):
+        with data_errors(name):
+            check_detected_formats(records, "record", config.dataset_format, positions)
             if config.score_columns():
-                check_scores(records, config.score_columns(), where, positions)
+                check_scores(records, config.score_columns(), "record", positions)
     return Splits(train, test, source, train_at, test_at)
 
 
 @contextlib.contextmanager
-def data_errors(flag: str, source: str):
-    """A missing file, bad JSON, a bad record or no `datasets` as a user error naming the data's flag."""
+def data_errors(name: str):
+    """A missing file, bad JSON, a bad record or no `datasets` as a user error naming the data (data_names)."""
     try:
         yield
     except (OSError, ValueError, ImportError) as error:
-        raise UserError(f"{flag} {source}: {one_line(error)}") from error
+        raise UserError(f"{name}: {one_line(error)}") from error
 
 
 def datasets(config, tokenizer, splits: Splits):
@@ -347,10 +353,9 @@ def datasets(config, tokenizer, splits: Splits):
                   tokenization=config.tokenization, insert_system_message=config.insert_system_message,
                   score_columns=config.score_columns())
     tokenized = []
-    sides = ((splits.train, splits.train_positions, "--dataset", config.dataset),
-             (splits.test, splits.test_positions, *held_out_source(config)))
-    for records, positions, flag, source in sides:
-        with tokenization_errors(flag, source):
+    sides = zip((splits.train, splits.test), (splits.train_positions, splits.test_positions), data_names(config))
+    for records, positions, name in sides:
+        with tokenization_errors(name):
             dataset = PreferenceDataset(records, tokenizer, positions=positions, **kwargs)
         dataset.pad_token_id = tokenizer.pad_token_id
         tokenized.append(dataset)
@@ -358,15 +363,16 @@ def datasets(config, tokenizer, splits: Splits):
 
 
 @contextlib.contextmanager
-def tokenization_errors(flag: str, source: str):
+def tokenization_errors(name: str):
     """What only the tokenizer finds in a record (its chat template refusing a conversation, a prompt the two
-    sides tokenize differently) as a user error naming the data, as amapo-eval says it, not a traceback."""
+    sides tokenize differently) as a user error naming the data (data_names), as amapo-eval says it, not a
+    traceback."""
     from jinja2 import TemplateError  # transformers renders chat templates with jinja2
 
     try:
         yield
     except (ValueError, TemplateError) as error:
-        raise UserError(f"{flag} {source}: {one_line(error)}") from error
+        raise UserError(f"{name}: {one_line(error)}") from error
 
 
 def dry_run(config: TrainConfig, world_size: int) -> dict:
@@ -839,7 +845,7 @@ def show_examples(config: TrainConfig, count: int) -> None:
     tokenizer = load_tokenizer(config)
     splits = load_splits(config)
     records, positions = splits.train[:count], splits.train_positions[:count]
-    with tokenization_errors("--dataset", config.dataset):
+    with tokenization_errors(data_names(config)[0]):
         dataset = PreferenceDataset(records, tokenizer, fmt=config.dataset_format, max_length=config.max_length,
                                     max_prompt_length=config.max_prompt_length, tokenization=config.tokenization,
                                     insert_system_message=config.insert_system_message, positions=positions)

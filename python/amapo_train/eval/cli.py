@@ -628,7 +628,6 @@ def check_args(args) -> None:
         from amapo_train.eval.ranking import MAX_RESAMPLES
 
         check_range("--n-boot", args.n_boot, 1, MAX_RESAMPLES)
-    if args.command == "rank":
         check_model_dir(args.model)  # before its training config is read
         resolve_token_settings(args)
     if hasattr(args, "max_prompt_length"):
