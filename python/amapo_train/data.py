@@ -461,7 +461,7 @@ def check_detected_formats(records: list[dict], where: str, fmt: str = "auto", p
     responses (check_record); a ValueError naming the first that is not, before any tokenizer or model is
     needed: "{where} {position}" (where: e.g. "record"; positions: each record's position in its source, so
     that the message points into the file; default: its position in `records`)."""
-    for record, position in zip(records, positions or range(len(records))):
+    for record, position in zip(records, positions or range(len(records)), strict=True):
         try:
             check_record(record, fmt)
         except ValueError as error:
@@ -472,7 +472,7 @@ def check_scores(records: list[dict], columns: tuple[str, str], where: str, posi
     """Every record has numeric `columns` (chosen's score, rejected's), the chosen one higher (ODPO's
     offset is the log of their gap); a ValueError naming the first record that has not (as
     check_detected_formats)."""
-    for record, position in zip(records, positions or range(len(records))):
+    for record, position in zip(records, positions or range(len(records)), strict=True):
         values = [record.get(column) for column in columns]
         for column, value in zip(columns, values):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -503,7 +503,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         from jinja2 import TemplateError  # transformers renders chat templates with jinja2
 
         self.pairs, self.record_index, self.dropped = [], [], 0
-        for index, (record, position) in enumerate(zip(records, positions or range(len(records)))):
+        for index, (record, position) in enumerate(zip(records, positions or range(len(records)), strict=True)):
             try:
                 texts = record_texts(record, tokenizer, fmt, use_chat_template=use_chat_template,
                                      tokenization=tokenization, insert_system_message=insert_system_message)
