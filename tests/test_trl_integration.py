@@ -5,6 +5,7 @@ reference log-probs are the method's; LoRA and prefix tuning train, prompt tunin
 dataset format is accepted; AMaPO's statistics span two processes; the README's TRL script runs as written;
 the example runner does what TRL's scripts/dpo.py does."""
 
+import copy
 import functools
 import importlib.util
 import math
@@ -880,6 +881,20 @@ def test_sync_ref_model_names_the_precompute_default(tmp_path):
     with pytest.raises(ValueError, match="sync_ref_model=True.*precompute_ref_log_probs=False"):
         PreferenceConfig(**config)
     assert PreferenceConfig(**config, precompute_ref_log_probs=False).sync_ref_model
+
+
+def test_a_reference_method_names_the_reference_of_a_model_built_in_memory(tokenizer, hh_pairs, tmp_path):
+    """Without ref_model and precomputed log-probs, DPOTrainer builds the reference from the policy's name or path:
+    a model built in memory has none, and TRL failed with "Repo id must use alphanumeric chars ...: ''". Now an
+    error names ref_model and the ways out; with a ref_model (or precomputed log-probs, the default) it trains."""
+    args = PreferenceConfig(output_dir=str(tmp_path), **{**TRAINING, "max_steps": 1}, loss="dpo",
+                            precompute_ref_log_probs=False)
+    model = tiny_llama(len(tokenizer))
+    with pytest.raises(ValueError, match=r"^ref_model: loss='dpo' needs a reference model.*built in memory"):
+        PreferenceTrainer(model=model, args=args, train_dataset=hh_pairs, processing_class=tokenizer)
+    trainer = PreferenceTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=hh_pairs,
+                                processing_class=tokenizer)
+    assert math.isfinite(trainer.train().training_loss)
 
 
 def test_trl_loss_options_raise(tmp_path):

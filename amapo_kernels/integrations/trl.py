@@ -31,6 +31,7 @@ import contextlib
 import functools
 import inspect
 import json
+import os
 import sys
 import types
 import unittest.mock
@@ -180,6 +181,7 @@ class PreferenceTrainer(DPOTrainer):
             raise ValueError(f"ref_model: loss={args.loss!r} is reference-free and uses no reference model")
         passed = inspect.signature(DPOTrainer.__init__).bind(self, model, ref_model, args, *rest, **kwargs).arguments
         _check_peft_adapter(model, passed.get("peft_config"))
+        _check_reference_source(model, ref_model, args, passed.get("peft_config"))
         _check_statistics_pool(args, passed.get("eval_dataset") is not None)
         asked_precompute = args.precompute_ref_log_probs
         if self.reference_free:
@@ -395,6 +397,21 @@ def _check_statistics_pool(args: PreferenceConfig, evaluates: bool) -> None:
     error = statistics_pool_error(args.loss, args.loss_hparams, sizes, args.world_size, eval_sizes)
     if error:
         raise ValueError(error)
+
+
+def _check_reference_source(model, ref_model, args: PreferenceConfig, peft_config) -> None:
+    """Without ref_model, PEFT (its adapter disabled) or precomputed log-probs (outside FSDP), DPOTrainer builds the
+    reference model from the policy's name or path: a model built in memory has none, and TRL failed with "Repo id
+    must use alphanumeric chars ...: ''". Raise naming the ways out instead, before anything is tokenized."""
+    in_memory = not isinstance(model, str) and not getattr(model.config, "_name_or_path", "")
+    fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")  # accelerate's
+    loads_reference = not args.precompute_ref_log_probs or fsdp
+    if (in_memory and loads_reference and ref_model is None and peft_config is None and not is_peft_model(model)
+            and not args.is_reference_free):
+        raise ValueError(f"ref_model: loss={args.loss!r} needs a reference model, which DPOTrainer builds from the "
+                         "policy's name or path, and this model (built in memory) has none: pass ref_model= (a copy "
+                         "of the model before training), or precompute_ref_log_probs=True (the default here) "
+                         "outside FSDP, or a model name or path")
 
 
 def _check_peft_adapter(model, peft_config) -> None:
