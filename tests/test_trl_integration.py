@@ -897,6 +897,21 @@ def test_a_reference_method_names_the_reference_of_a_model_built_in_memory(token
     assert math.isfinite(trainer.train().training_loss)
 
 
+@pytest.mark.parametrize("loss", ["amapo", "dpo"])
+def test_a_dataset_left_empty_by_truncation_is_named(tokenizer, hh_pairs, tmp_path, loss):
+    """With truncation_mode="keep_start" TRL drops the examples whose prompt fills max_length: an eval dataset left
+    empty was evaluated with no metric but its runtime (amapo), or failed in the reference precompute with
+    "torch.cat(): expected a non-empty list of Tensors" (dpo). Found by a fuzz of PreferenceConfig combinations."""
+    args = PreferenceConfig(output_dir=str(tmp_path), **{**TRAINING, "max_length": 16, "max_steps": 1}, loss=loss,
+                            eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=2)
+    eval_pairs = hh_pairs.select(range(16, 24))
+    for train, evaluated, name in ((hh_pairs.select(range(16)), eval_pairs, "eval"), (eval_pairs, None, "train")):
+        with pytest.raises(ValueError, match=rf"^{name} dataset: none of its 8 examples is left after tokenization: "
+                                             r"with truncation_mode='keep_start'.*max_length=16"):
+            PreferenceTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=train,
+                              eval_dataset=evaluated, processing_class=tokenizer)
+
+
 def test_trl_loss_options_raise(tmp_path):
     """Every DPOConfig option that shapes TRL's own loss is refused at a non-default value, naming it."""
     config = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False)

@@ -218,6 +218,19 @@ class PreferenceTrainer(DPOTrainer):
                 if model is not None:
                     _add_sequence_logps_head(model)
 
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """DPOTrainer's tokenization, then a map-style dataset left with no example is an error naming it: with
+        truncation_mode="keep_start" TRL drops every example whose prompt fills max_length, and a dataset left
+        empty failed later, in the reference precompute ("torch.cat(): expected a non-empty list of Tensors"), or
+        was evaluated with no metric but its runtime."""
+        given = len(dataset) if hasattr(dataset, "__len__") else None
+        prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if given and hasattr(prepared, "__len__") and len(prepared) == 0:
+            raise ValueError(f"{dataset_name} dataset: none of its {given} examples is left after tokenization: with "
+                             f"truncation_mode='keep_start', TRL drops those whose prompt fills max_length="
+                             f"{args.max_length}; raise max_length, or set truncation_mode='keep_end'")
+        return prepared
+
     # -- reference log-probs ------------------------------------------------------------------------------
 
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
