@@ -750,10 +750,12 @@ def train_steps(run: TrainingRun, config: TrainConfig, step: int, last: int, log
     """Optimizer steps from `step` to `last`, epoch by epoch (a resumed epoch skips its done batches): each
     logged, evaluated and checkpointed as the config asks; after a step that some process received a stop signal
     by (`received`, see stop_signals), none more. Returns the step reached and whether a signal stopped it."""
+    from accelerate.utils import DistributedType
     from tqdm.auto import tqdm
 
     accelerator, model = run.accelerator, run.model
     accumulation = accelerator.gradient_accumulation_steps
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     progress = tqdm(total=run.total_steps, initial=step, desc=f"{config.loss} ({config.loss_impl})",
                     disable=not accelerator.is_main_process)
     model.train()
@@ -771,7 +773,8 @@ def train_steps(run: TrainingRun, config: TrainConfig, step: int, last: int, log
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = gradient_norm(accelerator, model, config.max_grad_norm)
-                    stop_if_diverged(step + 1, "gradient norm", grad_norm)
+                    if not deepspeed:  # (DeepSpeed skips a loss scale's overflow step itself, its norm then inf)
+                        stop_if_diverged(step + 1, "gradient norm", grad_norm)
                 run.optimizer.step()
                 run.optimizer.zero_grad()
             for key, value in metrics.items():
@@ -782,7 +785,7 @@ def train_steps(run: TrainingRun, config: TrainConfig, step: int, last: int, log
             run.scheduler.step()
             step += 1
             record = log_step(accelerator, sums, accumulation, tokens, started, step, epoch, run.scheduler, grad_norm)
-            stop_if_diverged(step, "loss", record["loss"])  # (DeepSpeed's engine may give no norm)
+            stop_if_diverged(step, "loss", record["loss"])
             record_step(run, config, step, record, log_path)
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
@@ -875,9 +878,10 @@ def marked_text(tokenizer, ids, labels) -> str:
 
 def stop_if_diverged(step: int, name: str, value: float | None) -> None:
     """Stops the run, in one line, at the first step whose gradient norm or loss (`name`, the same on every
-    process: reduced) is not finite: before its optimizer update where the norm comes first (without DeepSpeed,
-    whose engine updates inside the backward), and before any evaluation or checkpoint of it. Training on would
-    turn every weight NaN and end with status 0, NaN checkpoints and a held-out accuracy of 0."""
+    process: reduced) is not finite, before any evaluation or checkpoint of it. train_steps checks the gradient
+    norm before the optimizer update, without DeepSpeed (whose engine updates inside the backward, and skips a
+    step whose fp16 loss scale overflowed, reporting its norm as inf), and every step's loss after it. Training on
+    would turn every weight NaN and end with status 0, NaN checkpoints and a held-out accuracy of 0."""
     if value is not None and not math.isfinite(value):
         raise UserError(f"step {step}: the {name} is {value}: training diverged and stopped (lower --learning-rate, "
                         "or check the data); the checkpoints before it are kept")
