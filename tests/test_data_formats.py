@@ -134,30 +134,26 @@ def test_file_that_is_not_json_records_names_the_line(tmp_path, name, text, mess
 
 @settings(max_examples=int(os.environ.get("AMAPO_HYPOTHESIS_EXAMPLES", 25)), deadline=None)
 @given(n=st.integers(2, 300), fraction=st.floats(0.01, 0.99), seed=st.integers(0, 2**31))
-def test_holdout_split_never_overlaps_training(n, fraction, seed):
-    records = [{"id": i} for i in range(n)]
-    train, held_out = data.holdout_split(records, fraction, seed)
-    train_ids, held_ids = {r["id"] for r in train}, {r["id"] for r in held_out}
-    assert not train_ids & held_ids and train_ids | held_ids == set(range(n)) and train and held_out
-    assert data.holdout_split(records, fraction, seed) == (train, held_out)  # seeded
+def test_holdout_never_overlaps_training(n, fraction, seed):
+    train, held_out = data.holdout_positions(n, fraction, seed)
+    assert not set(train) & set(held_out) and set(train) | set(held_out) == set(range(n)) and train and held_out
+    assert data.holdout_positions(n, fraction, seed) == (train, held_out)  # seeded
 
 
 @pytest.mark.parametrize("n, fraction, held", [(9, 0.3, 3), (7, 0.5, 4), (5, 0.99, 4), (50, 0.001, 1), (40, 0.1, 4)])
-def test_holdout_split_holds_out_the_rounded_share(n, fraction, held):
+def test_holdout_holds_out_the_rounded_share(n, fraction, held):
     # round(fraction * n) records (9 x 0.3 = 2.7 -> 3, 7 x 0.5 = 3.5 -> 4), at least one, at most n - 1
-    records = [{"id": i} for i in range(n)]
-    train, held_out = data.holdout_split(records, fraction, seed=0)
+    train, held_out = data.holdout_positions(n, fraction, seed=0)
     assert (len(train), len(held_out)) == (n - held, held)
-    assert train == sorted(train, key=lambda r: r["id"]) and held_out == sorted(held_out, key=lambda r: r["id"])
+    assert train == sorted(train) and held_out == sorted(held_out)  # the file's order
 
 
-def test_holdout_split_is_the_seeds_permutation():
+def test_holdout_is_the_seeds_permutation():
     # held out: the first round(0.25 * 20) = 5 positions of torch.randperm(20) under the given seed
-    records = [{"id": i} for i in range(20)]
     held = set(torch.randperm(20, generator=torch.Generator().manual_seed(5)).tolist()[:5])
-    train, held_out = data.holdout_split(records, 0.25, seed=5)
-    assert [r["id"] for r in held_out] == sorted(held) and [r["id"] for r in train] == sorted(set(range(20)) - held)
-    assert data.holdout_split(records, 0.25, seed=6) != (train, held_out)
+    train, held_out = data.holdout_positions(20, 0.25, seed=5)
+    assert held_out == sorted(held) and train == sorted(set(range(20)) - held)
+    assert data.holdout_positions(20, 0.25, seed=6) != (train, held_out)
 
 
 def test_score_columns_give_each_pair_its_chosen_and_rejected_score(tok):

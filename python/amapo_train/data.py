@@ -419,12 +419,6 @@ def holdout_positions(count: int, fraction: float, seed: int) -> tuple[list[int]
     return [i for i in range(count) if i not in held_out], sorted(held_out)
 
 
-def holdout_split(records: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(training records, held-out records) at holdout_positions."""
-    train, held_out = holdout_positions(len(records), fraction, seed)
-    return [records[i] for i in train], [records[i] for i in held_out]
-
-
 def record_format(record: dict, fmt: str = "auto") -> str:
     """`record`'s format (detect_format), which must be `fmt` unless that is "auto"; else a ValueError."""
     found = detect_format(record)
