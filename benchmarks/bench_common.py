@@ -200,6 +200,26 @@ def unless_out_of_memory(compute):
         return None
 
 
+class InputsDoNotFit(Exception):
+    """A size whose inputs this device cannot allocate: its rows say so (or the script stops in one line)."""
+
+
+def allocated(make):
+    """make()'s inputs; an allocation that fails (torch's CPU allocator raises a plain RuntimeError, CUDA's an
+    OutOfMemoryError) is InputsDoNotFit naming the size asked, not a traceback from inside the inputs' maker."""
+    try:
+        return make()
+    except RuntimeError as error:
+        if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
+            raise
+        if isinstance(error, torch.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        in_bytes = re.search(r"allocate (\d+) bytes", str(error))  # CPU: "... tried to allocate N bytes"
+        asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", str(error))  # CUDA: "Tried to allocate 2.00 GiB"
+        amount = f"{int(in_bytes[1]) / 2**30:.1f} GiB" if in_bytes else asked[1] if asked else "an allocation"
+        raise InputsDoNotFit(f"the inputs do not fit in this device's memory ({amount} asked at once)") from None
+
+
 def format_error(record):
     """The table's cell of a row (or of agreement()'s errors): the larger of its two relative errors, "-"
     where it has none."""

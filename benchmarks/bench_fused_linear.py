@@ -54,9 +54,10 @@ import amapo_kernels as ak  # noqa: E402
 from amapo_kernels import reference as ref  # noqa: E402
 from amapo_kernels.fused_linear import TOKEN_CHUNK, VOCAB_CHUNK, amapo_loss_from_hidden  # noqa: E402
 from amapo_kernels.testing import LargestTensor  # noqa: E402
-from bench_common import (AGREEMENT_LIMIT, Parser, agreement, cuda_peak_extra_bytes, disagreement,  # noqa: E402
-                          environment, format_error, int_at_least, markdown_table, names_of, output_path, sizes_of,
-                          time_ms, unavailable_backend, unless_out_of_memory, write_results)
+from bench_common import (AGREEMENT_LIMIT, InputsDoNotFit, Parser, agreement, allocated,  # noqa: E402
+                          cuda_peak_extra_bytes, disagreement, environment, format_error, int_at_least, markdown_table,
+                          names_of, output_path, sizes_of, time_ms, unavailable_backend, unless_out_of_memory,
+                          write_results)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SIZES = {"cpu": "2x128x128x4096,4x256x256x8192", "cuda": "8x1024x4096x32000,8x2048x4096x128256"}
@@ -290,7 +291,14 @@ def main(argv=None):
     print(header)
     for size in args.sizes or DEFAULT_SIZES[args.device].split(","):
         batch, steps, width, vocab = map(int, size.split("x"))
-        hidden, weight, labels = make_inputs(batch, steps, width, vocab, dtype, args.device)
+        try:
+            hidden, weight, labels = allocated(lambda: make_inputs(batch, steps, width, vocab, dtype, args.device))
+        except InputsDoNotFit as reason:  # one row says so; the other sizes still run
+            rows.append({"batch": batch, "steps": steps, "width": width, "vocab": vocab, "method": "every method",
+                         "ms": None, "memory_bytes": None, "note": str(reason)})
+            print(f"{size:>24} {'every method':>12} {reason}", flush=True)
+            save(complete=False)
+            continue
         references = {REFERENCE_LOSS.get(name, eager_loss) for name in methods if name != "floor_4mm"}
         expected = unless_out_of_memory(lambda: reference_results(references, hidden, weight, labels))
         for name in methods:

@@ -22,8 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import amapo_kernels as ak  # noqa: E402
-from bench_common import (Parser, environment, int_at_least, markdown_table, output_path, replace_text,  # noqa: E402
-                          sizes_of, time_ms, unavailable_backend)
+from bench_common import (InputsDoNotFit, Parser, allocated, environment, int_at_least, markdown_table,  # noqa: E402
+                          output_path, replace_text, sizes_of, time_ms, unavailable_backend)
 from bench_from_logits import DTYPES  # noqa: E402
 
 PATHS = ("from_logits", "from_hidden")
@@ -119,7 +119,11 @@ def main(argv=None):
         reason = unavailable_backend(args.backend, DTYPES[args.dtype], args.device)
         if reason:
             parser.error(f"--backend {args.backend}: {reason}")
-    step = make_step(args.path, args.size, DTYPES[args.dtype], args.device, args.backend, args.inplace)
+    try:
+        step = allocated(lambda: make_step(args.path, args.size, DTYPES[args.dtype], args.device, args.backend,
+                                           args.inplace))
+    except InputsDoNotFit as reason:
+        parser.error(f"--size {args.size}: {reason}")
     for _ in range(args.warmup):
         step()
     wall_ms = time_ms(step, args.device, warmup=0, repeats=20)

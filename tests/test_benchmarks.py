@@ -106,6 +106,70 @@ def test_fused_linear_stopped_midway_keeps_its_rows(tmp_path, monkeypatch):
     assert_partial(out, md, "results", rows)
 
 
+ALLOCATION_FAILURES = [  # (what the allocator raised, the size the note names)
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 4303557230592 bytes. Error code 12 (Cannot allocate memory)"), "4008.0 GiB"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB. GPU 0 has a total capacity of 79.19 "
+                            "GiB of which 12.00 GiB is free."), "64.00 GiB"),
+]
+
+
+def inputs_too_large_for(big, failure, make_inputs):
+    """make_inputs, raising `failure` for the size whose first dimension is `big` (as its allocator would)."""
+
+    def make(*args, **kwargs):
+        if args[0] == big:
+            raise failure
+        return make_inputs(*args, **kwargs)
+
+    return make
+
+
+@pytest.mark.parametrize("failure, amount", ALLOCATION_FAILURES, ids=["cpu", "cuda"])
+def test_a_size_whose_inputs_do_not_fit_gets_a_row_saying_so(tmp_path, monkeypatch, failure, amount):
+    """A size too large for the device was a traceback from inside the inputs' maker, the sizes after it lost:
+    now a row of the size says how much was asked, and the other sizes run."""
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    note = f"the inputs do not fit in this device's memory ({amount} asked at once)"
+    monkeypatch.setattr(bench_from_logits, "make_inputs",
+                        inputs_too_large_for(64, failure, bench_from_logits.make_inputs))
+    md = tmp_path / "logits.md"
+    rows = bench_from_logits.main(["--sizes", "64x8x64,2x8x64", "--dtypes", "fp32", "--peers", "ours", "--repeats", "1",
+                                   "--markdown", str(md)])
+    assert [(row["size"], row["peer"], row.get("note")) for row in rows] == [
+        ("64x8x64", "every peer", note), ("2x8x64", "ours", None)], rows
+    assert f"| 64x8x64 | fp32 | every peer | - | - | - | - | - | {note} |" in md.read_text()
+    monkeypatch.setattr(bench_fused_linear, "make_inputs",
+                        inputs_too_large_for(64, failure, bench_fused_linear.make_inputs))
+    out = tmp_path / "hidden.json"
+    bench_fused_linear.main(["--sizes", "64x8x16x64,2x8x16x64", "--repeats", "1", "--warmup", "1", "--methods",
+                             "fused", "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["batch"], row["method"], row["ms"] is None, row["note"]) for row in rows] == [
+        (64, "every method", True, note), (2, "fused", False, None)], rows
+
+
+@pytest.mark.parametrize("failure, amount", ALLOCATION_FAILURES, ids=["cpu", "cuda"])
+def test_profile_step_of_inputs_that_do_not_fit_is_one_line_and_status_2(monkeypatch, capsys, failure, amount):
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bench_from_logits, "make_inputs", inputs_too_large_for(64, failure, None))
+    with pytest.raises(SystemExit) as stop:
+        profile_step.main(["--size", "64x8x64"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith(f": error: --size 64x8x64: the inputs do not fit in this device's memory ({amount} "
+                             "asked at once)"), lines
+
+
+def test_an_error_other_than_an_allocation_failure_is_not_called_one():
+    """allocated() turns allocation failures only: any other error of the inputs' maker stays what it is."""
+    def broken():
+        raise RuntimeError("expected a tensor on the same device")
+
+    with pytest.raises(RuntimeError, match="same device"):
+        bench_common.allocated(broken)
+
+
 def test_fused_linear_default_cpu_methods_run(tmp_path):
     out = tmp_path / "rows.json"
     bench_fused_linear.main(["--sizes", "2x8x16x64", "--repeats", "1", "--warmup", "1", "--json", str(out),
