@@ -177,6 +177,20 @@ def write_pairs(path, count, **extra):
     return path
 
 
+def test_a_file_in_the_home_of_no_user_is_a_missing_file():
+    """load_records("~nosuchuser/x.jsonl"), called from Python: pathlib's RuntimeError ("Could not determine
+    home directory") is the FileNotFoundError of any other missing file, naming the path."""
+    with pytest.raises(FileNotFoundError, match=r"^~nosuchuser-amapo/pairs.jsonl: no user 'nosuchuser-amapo'"):
+        data.load_records("~nosuchuser-amapo/pairs.jsonl", "train")
+
+
+def test_records_and_their_positions_go_one_for_one():
+    assert list(data.positioned(["a", "b"])) == [("a", 0), ("b", 1)]
+    assert list(data.positioned(["a", "b"], [4, 9])) == [("a", 4), ("b", 9)]
+    with pytest.raises(ValueError):
+        list(data.positioned(["a", "b"], [4]))
+
+
 def test_single_local_file_is_split_and_the_log_says_so(tmp_path):
     pairs = write_pairs(tmp_path / "pairs.jsonl", 40)
     train, test, source, *_ = load_splits(config_for(["--dataset", str(pairs)]))

@@ -78,7 +78,10 @@ def load_records(source: str, split: str, limit: int | None = None) -> list[dict
             raise ValueError(f"bundled:hh-rlhf has the splits 'train' and 'test', not {split!r}")
         records = read_json_records(BUNDLED / f"hh_rlhf_harmless_{split}.jsonl.gz")
     elif looks_local(source):
-        path = Path(source).expanduser()
+        try:
+            path = Path(source).expanduser()
+        except RuntimeError:  # "~nosuchuser/x.json": pathlib finds no home to expand it to
+            raise FileNotFoundError(f"{source}: no user {Path(source).parts[0][1:]!r} here to expand it") from None
         if not path.is_file():
             raise FileNotFoundError(f"{source}: no such file")
         records = read_json_records(path)
@@ -450,12 +453,18 @@ def check_record(record: dict, fmt: str = "auto") -> str:
     return fmt
 
 
+def positioned(records: list, positions=None):
+    """(record, position) pairs: each record with its position in its source (`positions`; default: its
+    position in `records`), one for one (a length mismatch is an error, not a silent truncation)."""
+    return zip(records, range(len(records)) if positions is None else positions, strict=True)
+
+
 def check_detected_formats(records: list[dict], where: str, fmt: str = "auto", positions=None) -> None:
     """Every record is in a known format, and in `fmt` unless "auto", and splits into a prompt and two
     responses (check_record); a ValueError naming the first that is not, before any tokenizer or model is
     needed: "{where} {position}" (where: e.g. "record"; positions: each record's position in its source, so
     that the message points into the file; default: its position in `records`)."""
-    for record, position in zip(records, positions or range(len(records)), strict=True):
+    for record, position in positioned(records, positions):
         try:
             check_record(record, fmt)
         except ValueError as error:
@@ -466,7 +475,7 @@ def check_scores(records: list[dict], columns: tuple[str, str], where: str, posi
     """Every record has numeric `columns` (chosen's score, rejected's), the chosen one higher (ODPO's
     offset is the log of their gap); a ValueError naming the first record that has not (as
     check_detected_formats)."""
-    for record, position in zip(records, positions or range(len(records)), strict=True):
+    for record, position in positioned(records, positions):
         values = [record.get(column) for column in columns]
         for column, value in zip(columns, values):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -497,7 +506,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         from jinja2 import TemplateError  # transformers renders chat templates with jinja2
 
         self.pairs, self.record_index, self.dropped = [], [], 0
-        for index, (record, position) in enumerate(zip(records, positions or range(len(records)), strict=True)):
+        for index, (record, position) in enumerate(positioned(records, positions)):
             try:
                 texts = record_texts(record, tokenizer, fmt, use_chat_template=use_chat_template,
                                      tokenization=tokenization, insert_system_message=insert_system_message)

@@ -76,10 +76,11 @@ def check_model_dir(path: str) -> None:
 def read_records(flag: str, source: str, split: str, limit: int | None = None) -> list[dict]:
     """``amapo_train.data.load_records`` with its failures as one-line user errors naming ``flag``."""
     local = not source.startswith("bundled:") and looks_local(source)
-    if local and not expanded_path(flag, source).exists():
+    path = expanded_path(flag, source) if local else None
+    if local and not path.exists():
         raise UserError(f"{flag} {source}: no such file")
     try:
-        records = load_records(str(expanded_path(flag, source)) if local else source, split, limit)
+        records = load_records(str(path) if local else source, split, limit)
     except (OSError, ValueError, ImportError) as error:  # missing/corrupt file, bad JSON, no `datasets`
         raise UserError(f"{flag} {source}: {_one_line(error)}") from error
     if not records:
