@@ -69,6 +69,40 @@ def test_user_error_is_one_line_and_status_2(name):
     assert "Traceback" not in run.stderr
 
 
+def test_paths_in_the_home_are_expanded_once_from_a_recipe_or_the_command_line(tmp_path, monkeypatch):
+    """A ~ that reaches amapo-train unexpanded (a recipe's `output_dir: ~/runs/x`, a quoted flag) was checked as
+    $HOME/runs/x and written to ./~/runs/x: the config's paths are expanded once, where it is read."""
+    from amapo_train.command_line import build_parser, config_from_args
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("output_dir: ~/runs/x\ndataset: ~/pairs.jsonl\nmodel: ~/model\ndeepspeed: ~/ds.json\n")
+    config = config_from_args(build_parser("").parse_args(["--recipe", str(recipe), "--eval-dataset", "~/eval.jsonl"]))
+    assert (config.output_dir, config.dataset, config.eval_dataset, config.model, config.deepspeed) == (
+        str(home / "runs/x"), str(home / "pairs.jsonl"), str(home / "eval.jsonl"), str(home / "model"),
+        str(home / "ds.json"))
+    (home / "r.yaml").parent.mkdir()
+    (home / "r.yaml").write_text("loss: simpo\n")
+    config = config_from_args(build_parser("").parse_args(["--recipe", "~/r.yaml", "--model", "random:llama3-tiny"]))
+    assert (config.loss, config.output_dir, config.model) == ("simpo", TrainConfig.output_dir, "random:llama3-tiny")
+
+
+def test_a_run_writes_where_its_home_path_was_checked(tmp_path, monkeypatch):
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert cli(["--output-dir", "~/run", "--max-steps", "2", "--stop-after-steps", "1", "--max-train-pairs", "64",
+                "--max-test-pairs", "8"]) == 0
+    assert (home / "run" / "metrics.jsonl").is_file() and list(cwd.iterdir()) == []
+    with pytest.raises(UserError, match=f"--resume {home}/run/checkpoint-9: no such directory"):
+        check_resume("~/run/checkpoint-9", TrainConfig())
+    run_config = TrainConfig.from_recipe("tiny", output_dir=str(home / "run"), max_steps=2, max_train_pairs=64,
+                                         max_test_pairs=8)
+    assert check_resume("~/run/checkpoint-1", run_config) == str(home / "run/checkpoint-1")
+
+
 def test_every_flag_has_help_and_shows_its_default_and_choices():
     import dataclasses
 

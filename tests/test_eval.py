@@ -1,6 +1,7 @@
 """Evaluation tools (python/amapo_train/eval): ranking accuracy, bootstrap, RM-Bench, splits, CLI."""
 
 import json
+import shutil
 import math
 import os
 import random
@@ -554,6 +555,24 @@ def test_cli_rank_end_to_end(tmp_path, saved_model, tiny_tokenizer, capsys):
     assert res["normalized"]["accuracy"] == pytest.approx(sum(correct_mean) / 3)
     for key in ("summed", "normalized"):
         assert res[key]["ci_low"] <= res[key]["accuracy"] <= res[key]["ci_high"]
+
+
+def test_cli_paths_in_the_home_are_expanded_once(tmp_path, saved_model, monkeypatch, capsys):
+    """Quoted (or from a Python caller), `--output '~/x'` was checked as $HOME/x and written to ./~/x, and
+    `--model '~/m'` was "no such directory": every path flag is expanded once, before its check and its use."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    shutil.copytree(saved_model, home / "model")
+    (home / "pairs.jsonl").write_text(json.dumps({"prompt": "the cat", "chosen": "sat", "rejected": "ran"}) + "\n")
+    (home / "uf.jsonl").write_text("\n".join(json.dumps(r) for r in uf_records()) + "\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert cli.main(["rank", "--model", "~/model", "--data", "~/pairs.jsonl", "--output", "~/rank.json",
+                     "--device", "cpu", "--no-progress", "--n-boot", "10"]) == 0
+    assert json.loads((home / "rank.json").read_text())["model"] == str(home / "model")
+    assert cli.main(["splits", "--data", "~/uf.jsonl", "--output", "~/splits", "--valid-models", "C,D"]) == 0
+    assert (home / "splits" / "split.json").is_file()
+    assert list(cwd.iterdir()) == [], "nothing is written to ./~"
 
 
 def test_cli_splits_and_generate(tmp_path, saved_model):

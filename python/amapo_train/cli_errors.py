@@ -80,6 +80,16 @@ def expanded_path(flag: str, path: str) -> Path:
         raise UserError(f"{flag} {path}: no user {head[1:]!r} here to expand {head}") from None
 
 
+def home_expanded(flag: str, value):
+    """`value` with a leading ~ or ~user expanded (expanded_path), as a string; any other value (a relative or
+    absolute path, a Hub or bundled name, None) as it is. For the paths that reach a program unexpanded (quoted,
+    from a recipe file, from a Python caller), applied once where the command line is read: checked as
+    $HOME/run, such a path was then written to ./~/run."""
+    if isinstance(value, str) and value.startswith("~"):
+        return str(expanded_path(flag, value))
+    return value
+
+
 def check_output_path(flag: str, path: str, *, directory: bool) -> None:
     """`path` (a directory, or a file when not `directory`) can be written: its folder exists or can be made,
     its nearest existing ancestor being a writable directory. Checked without creating anything (--dry-run

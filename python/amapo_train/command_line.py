@@ -12,7 +12,7 @@ from pathlib import Path
 
 from amapo_kernels.preference import METHODS
 from amapo_train.cli_errors import (HelpFormatter, OneLineParser, UserError, check_device, check_output_path,
-                                    check_range, expanded_path)
+                                    check_range, expanded_path, home_expanded)
 from amapo_train.config import (BOOLEANS, CHAT_TEMPLATES, CONFIGS, DATASET_FORMATS, DEFAULT_SCORE_COLUMNS, DEVICES,
                                 LOSS_IMPLS, LR_SCHEDULERS, RECIPES, TOKENIZATIONS, TRACKERS, TrainConfig,
                                 hparam_value)
@@ -134,9 +134,17 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+# The config's paths, by the flag that sets them: a leading ~ is expanded once, whether it came from the command
+# line (quoted) or from the recipe file.
+PATH_FLAGS = {"output_dir": "--output-dir", "dataset": "--dataset", "eval_dataset": "--eval-dataset",
+              "model": "--model", "deepspeed": "--deepspeed"}
+
+
 def config_from_args(args) -> TrainConfig:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "hparams"}
-    config = TrainConfig.from_recipe(args.recipe, **overrides)
+    config = TrainConfig.from_recipe(home_expanded("--recipe", args.recipe), **overrides)
+    for name, flag in PATH_FLAGS.items():
+        setattr(config, name, home_expanded(flag, getattr(config, name)))
     for item in args.hparam:
         name, equals, value = item.partition("=")
         if not equals or not name:
@@ -222,6 +230,7 @@ def check_resume(directory: str, config: TrainConfig, world_size: int | None = N
                             "of this run's settings")
         check_stored_state(LAST, checkpoints[-1][1], config, world_size)
         return str(checkpoints[-1][1])
+    directory = home_expanded("--resume", directory)
     path = Path(directory)
     if not path.is_dir():
         raise UserError(f"--resume {directory}: no such directory")

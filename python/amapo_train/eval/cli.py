@@ -37,7 +37,7 @@ from pathlib import Path
 from amapo_train.cli_errors import HelpFormatter as _HelpFormatter
 from amapo_train.cli_errors import OneLineParser as _Parser
 from amapo_train.cli_errors import (UserError, check_device, check_output_path, check_range, expanded_path,
-                                    run_console_script)
+                                    home_expanded, run_console_script)
 from amapo_train.cli_errors import one_line as _one_line
 from amapo_train.cli_errors import require_extras as _require_extras
 from amapo_train.command_line import STATE_FILE, parse_bool
@@ -653,8 +653,15 @@ def check_args(args) -> None:
         resolve_decoding(args)
 
 
+# The path flags of the subcommands (each has some): a leading ~ is expanded once, before any check or use.
+PATH_FLAGS = {"model": "--model", "data": "--data", "output": "--output", "instructions": "--instructions"}
+
+
 def run(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    for name, flag in PATH_FLAGS.items():
+        if hasattr(args, name):
+            setattr(args, name, home_expanded(flag, getattr(args, name)))
     check_args(args)
     args.func(args)
 

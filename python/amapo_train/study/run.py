@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from amapo_train.cli_errors import (OneLineParser, UserError, check_device, check_output_path, check_range,
-                                    run_console_script)
+                                    home_expanded, run_console_script)
 from amapo_train.config import NUMBER_RANGES
 from amapo_train.study import hh_rlhf, report
 from amapo_train.study.design import BY_LABEL, GRIDS, METHODS, POOL_METHOD, QUICK, StudyConfig, scaled
@@ -104,6 +104,7 @@ def parse_config(args) -> StudyConfig:
         check_range("--seeds", seed, *NUMBER_RANGES["seed"])
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
+    args.out_dir, args.runs_dir = home_expanded("--out-dir", args.out_dir), home_expanded("--runs-dir", args.runs_dir)
     # The results are written only at the end: a directory that cannot be made would lose the whole study.
     check_output_path("--out-dir", args.out_dir, directory=True)
     if args.hh_rlhf:
