@@ -56,6 +56,26 @@ def conditioning_floor(reference, inputs, dtype, *, seed=0):
     return worst
 
 
+def logps_rounding_floors(loss_of_logps, logps64, labels, *, shift, ignore_index=-100):
+    """[loss floor, logits-gradient floor] of a loss computed from the per-sequence log-probs that the from-logits
+    API hands it in fp32 (its log-prob dtype, whatever the logits'): how much the fp64 loss, and each row's
+    gradient coefficient (d loss / d log-prob over the row's count, times |onehot - softmax| <= 1), move when
+    those log-probs move by one fp32 ulp (conditioning_floor). Each is a mean of token log-probs of size ~10 (an
+    ulp of ~1e-6), and the loss sees their differences, times beta: plain torch's errors in two rows can happen
+    to share a sign and cancel in the difference (seen: 9e-8 against a kernel's 1.0e-6), a kernel's equally
+    small ones need not."""
+    scored = (labels[:, 1:] if shift else labels) != ignore_index
+    counts = scored.sum(-1).clamp(min=1).double().to(logps64.device)
+
+    def loss_and_coefficients(logps):
+        logps = logps.requires_grad_()
+        loss = loss_of_logps(logps)
+        (row_grads,) = torch.autograd.grad(loss, logps)
+        return [loss, row_grads / counts]
+
+    return conditioning_floor(loss_and_coefficients, [logps64.detach()], torch.float32)
+
+
 def softmax_grad_floor(row_grads, labels, *, shift, average, ignore_index=-100):
     """The conditioning of a logits gradient coef * (onehot - softmax): where the label's probability is near 1
     the two terms cancel, and a kernel computing in fp32 holds that probability only to one fp32 ulp of 1, so

@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from helpers import assert_within_rule, conditioning_floor, peaked_logits, random_labels, softmax_grad_floor
+from helpers import (assert_within_rule, conditioning_floor, logps_rounding_floors, peaked_logits, random_labels,
+                     softmax_grad_floor)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -173,12 +174,17 @@ def test_from_logits_matches_reference(device, pairs, steps, vocab, dtype, shift
     grads = [torch.autograd.grad(loss, leaf)[0] for loss, leaf in zip(losses, leaves)]
     from_logits = fp64_loss_and_grads(lambda x, y: ref.amapo_loss_from_logits(x, y, **kwargs))
     conditioning = conditioning_floor(from_logits, [logits, labels], torch.float32)  # the kernels compute in fp32
-    assert_within_rule(losses[0], losses[1], losses[2], k=2, dtype=torch.float32, what="loss",
-                       conditioning=conditioning[0])
     logps64 = ref.sequence_logps(logits.detach().double(), labels, shift=shift).requires_grad_()
-    loss64 = ref.amapo_loss(logps64[:pairs], logps64[pairs:], beta=2.0, variant=variant, label_smoothing=0.05)
-    (row_grads,) = torch.autograd.grad(loss64, logps64)
-    grad_floor = max(conditioning[1], softmax_grad_floor(row_grads, labels, shift=shift, average=True))
+
+    def loss_of_logps(logps):
+        return ref.amapo_loss(logps[:pairs], logps[pairs:], beta=2.0, variant=variant, label_smoothing=0.05)
+
+    value_floor, coefficient_floor = logps_rounding_floors(loss_of_logps, logps64, labels, shift=shift)
+    assert_within_rule(losses[0], losses[1], losses[2], k=2, dtype=torch.float32, what="loss",
+                       conditioning=max(conditioning[0], value_floor))
+    (row_grads,) = torch.autograd.grad(loss_of_logps(logps64), logps64)
+    grad_floor = max(conditioning[1], coefficient_floor, softmax_grad_floor(row_grads, labels, shift=shift,
+                                                                            average=True))
     assert_within_rule(grads[0], grads[1], grads[2], k=3, dtype=dtype, what="grad logits", conditioning=grad_floor)
 
 
@@ -268,11 +274,14 @@ def test_custom_ignore_index(device):
     grads = [torch.autograd.grad(loss, leaf)[0] for loss, leaf in zip(losses, leaves)]
     from_logits = fp64_loss_and_grads(lambda x, y: ref.amapo_loss_from_logits(x, y, **kwargs))
     conditioning = conditioning_floor(from_logits, [logits, labels], torch.float32)
-    assert_within_rule(losses[0], losses[1], losses[2], k=2, dtype=torch.float32, what="loss",
-                       conditioning=conditioning[0])
     logps64 = ref.sequence_logps(logits.detach().double(), labels, ignore_index=-1, shift=True).requires_grad_()
+    value_floor, coefficient_floor = logps_rounding_floors(lambda logps: ref.amapo_loss(logps[:2], logps[2:], beta=2.0),
+                                                          logps64, labels, shift=True, ignore_index=-1)
+    assert_within_rule(losses[0], losses[1], losses[2], k=2, dtype=torch.float32, what="loss",
+                       conditioning=max(conditioning[0], value_floor))
     (row_grads,) = torch.autograd.grad(ref.amapo_loss(logps64[:2], logps64[2:], beta=2.0), logps64)
-    grad_floor = max(conditioning[1], softmax_grad_floor(row_grads, labels, shift=True, average=True, ignore_index=-1))
+    grad_floor = max(conditioning[1], coefficient_floor,
+                     softmax_grad_floor(row_grads, labels, shift=True, average=True, ignore_index=-1))
     assert_within_rule(grads[0], grads[1], grads[2], k=3, dtype=torch.float32, what="grad logits",
                        conditioning=grad_floor)
     assert torch.equal(ak.AMaPOLoss(**kwargs)(logits, labels), losses[0].detach())
