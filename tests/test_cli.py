@@ -41,6 +41,15 @@ MISTAKES = {
                                     "--dataset ~nosuchuser-amapo/pairs.jsonl: no user 'nosuchuser-amapo' here"),
     "model in the home of no user": (["--model", "~nosuchuser-amapo/model"],
                                      "--model ~nosuchuser-amapo/model: no user 'nosuchuser-amapo' here"),
+    # a split or a name the bundled data does not have: --show-examples gave a traceback, --dry-run passed it
+    "bundled split that does not exist": (["--train-split", "nope"], "--dataset bundled:hh-rlhf split 'nope': "
+                                          "bundled:hh-rlhf has the splits 'train' and 'test', not 'nope'"),
+    "bundled test split that does not exist": (["--test-split", "validation"],
+                                               "--dataset bundled:hh-rlhf split 'validation': bundled:hh-rlhf has"),
+    "bundled eval split that does not exist": (["--eval-dataset", "bundled:hh-rlhf", "--train-split", "test",
+                                                "--test-split", "dev"], "--eval-dataset bundled:hh-rlhf split 'dev':"),
+    "no such bundled dataset": (["--dataset", "bundled:nope"],
+                                "--dataset bundled:nope split 'train': no bundled dataset 'nope'"),
     "hparam the method does not take": (["--hparam", "gamma=1.0"], "'gamma' is not a hyperparameter of amapo"),
     "bad boolean": (["--bf16", "maybe"], "argument --bf16: expected one of"),
     "bad tracker": (["--log-with", "foo"], "argument --log-with: invalid choice"),
@@ -101,6 +110,18 @@ def test_a_run_writes_where_its_home_path_was_checked(tmp_path, monkeypatch):
     run_config = TrainConfig.from_recipe("tiny", output_dir=str(home / "run"), max_steps=2, max_train_pairs=64,
                                          max_test_pairs=8)
     assert check_resume("~/run/checkpoint-1", run_config) == str(home / "run/checkpoint-1")
+
+
+def test_a_split_the_run_does_not_read_is_not_checked(capsys):
+    """The held-out pairs come from --eval-fraction of the training split: the test split is not read."""
+    assert cli(["--eval-fraction", "0.1", "--test-split", "dev", "--dry-run"]) == 0
+
+
+def test_show_examples_of_a_split_the_bundled_data_lacks_is_one_line(capsys):
+    assert cli(["--train-split", "nope", "--show-examples", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "amapo-train: error: --dataset bundled:hh-rlhf split 'nope': bundled:hh-rlhf has the splits 'train' and "
+        "'test', not 'nope'"]
 
 
 def test_every_flag_has_help_and_shows_its_default_and_choices():

@@ -16,7 +16,7 @@ from amapo_train.cli_errors import (HelpFormatter, OneLineParser, UserError, che
 from amapo_train.config import (BOOLEANS, CHAT_TEMPLATES, CONFIGS, DATASET_FORMATS, DEFAULT_SCORE_COLUMNS, DEVICES,
                                 LOSS_IMPLS, LR_SCHEDULERS, RECIPES, TOKENIZATIONS, TRACKERS, TrainConfig,
                                 hparam_value)
-from amapo_train.data import looks_local
+from amapo_train.data import check_bundled, looks_local
 
 STATE_FILE = "trainer_state.json"
 STATE_FILES = "state_files"  # STATE_FILE's key: {path under state/: size in bytes} of what --resume loads
@@ -161,9 +161,12 @@ def check_run(config: TrainConfig, args, world_size: int) -> str | None:
         if value is not None:
             check_range(flag, value, 1)
     config.validate(world_size)
-    check_source("--dataset", config.dataset)
+    # the held-out pairs come from the dataset's test split unless --eval-dataset or --eval-fraction says otherwise
+    test_from_dataset = not config.eval_dataset and config.eval_fraction is None
+    check_source("--dataset", config.dataset, (config.train_split, config.test_split) if test_from_dataset
+                 else (config.train_split,))
     if config.eval_dataset:
-        check_source("--eval-dataset", config.eval_dataset)
+        check_source("--eval-dataset", config.eval_dataset, (config.test_split,))
         same_file = looks_local(config.dataset) and looks_local(config.eval_dataset) and \
             expanded_path("--dataset", config.dataset).resolve() == \
             expanded_path("--eval-dataset", config.eval_dataset).resolve()
@@ -182,8 +185,16 @@ def check_run(config: TrainConfig, args, world_size: int) -> str | None:
     return resume
 
 
-def check_source(flag: str, source: str) -> None:
-    if looks_local(source) and not expanded_path(flag, source).is_file():
+def check_source(flag: str, source: str, splits: tuple[str, ...]) -> None:
+    """A local file exists; a bundled dataset exists and has each of the `splits` this run reads of it (a Hub
+    dataset's are known only once it is loaded)."""
+    if source.startswith("bundled:"):
+        for split in splits:
+            try:
+                check_bundled(source, split)
+            except ValueError as error:
+                raise UserError(f"{flag} {source} split {split!r}: {error}") from None
+    elif looks_local(source) and not expanded_path(flag, source).is_file():
         raise UserError(f"{flag} {source}: no such file")
 
 

@@ -71,11 +71,7 @@ def looks_local(source: str) -> bool:
 def load_records(source: str, split: str, limit: int | None = None) -> list[dict]:
     """Raw records of `split` from "bundled:hh-rlhf", a local .json/.jsonl(.gz) file or a Hub dataset."""
     if source.startswith("bundled:"):
-        name = source.removeprefix("bundled:")
-        if name != "hh-rlhf":
-            raise ValueError(f"no bundled dataset {name!r}; the bundled one is 'bundled:hh-rlhf'")
-        if split not in ("train", "test"):
-            raise ValueError(f"bundled:hh-rlhf has the splits 'train' and 'test', not {split!r}")
+        check_bundled(source, split)
         records = read_json_records(BUNDLED / f"hh_rlhf_harmless_{split}.jsonl.gz")
     elif looks_local(source):
         try:
@@ -92,6 +88,15 @@ def load_records(source: str, split: str, limit: int | None = None) -> list[dict
             raise ImportError(f"loading {source!r} from the Hub needs `pip install datasets`") from error
         records = list(datasets.load_dataset(source, split=split))
     return records[:limit] if limit else records
+
+
+def check_bundled(source: str, split: str) -> None:
+    """`source` ("bundled:NAME") names a bundled dataset that has `split`; else a ValueError saying which do."""
+    name = source.removeprefix("bundled:")
+    if name != "hh-rlhf":
+        raise ValueError(f"no bundled dataset {name!r}; the bundled one is 'bundled:hh-rlhf'")
+    if split not in ("train", "test"):
+        raise ValueError(f"bundled:hh-rlhf has the splits 'train' and 'test', not {split!r}")
 
 
 def read_json_records(path) -> list[dict]:
