@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import amapo_kernels
-from amapo_train.cli_errors import UserError, check_output_path, one_line
+from amapo_train.cli_errors import UserError, check_output_path, expanded_path, one_line
 
 
 class Parser(argparse.ArgumentParser):
@@ -77,7 +77,7 @@ def output_path(directory=False):
             check_output_path("", text, directory=directory)
         except UserError as error:
             raise argparse.ArgumentTypeError(one_line(error)) from None
-        return Path(text)
+        return expanded_path("", text)  # where it was checked: a quoted ~/x is not ./~/x
 
     return parse
 

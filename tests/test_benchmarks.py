@@ -161,6 +161,18 @@ def test_profile_step_of_inputs_that_do_not_fit_is_one_line_and_status_2(monkeyp
                              "asked at once)"), lines
 
 
+def test_results_paths_in_the_home_are_written_where_they_were_checked(tmp_path, monkeypatch):
+    """A quoted `--json '~/r.json'` was checked as $HOME/r.json and written to ./~/r.json."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    bench_from_logits.main(["--sizes", "2x8x64", "--dtypes", "fp32", "--peers", "ours", "--repeats", "1",
+                            "--json", "~/r.json", "--markdown", "~/r.md"])
+    assert (home / "r.json").is_file() and (home / "r.md").is_file() and list(cwd.iterdir()) == []
+    assert bench_common.output_path(directory=True)("~/work") == home / "work"
+
+
 def test_an_error_other_than_an_allocation_failure_is_not_called_one():
     """allocated() turns allocation failures only: any other error of the inputs' maker stays what it is."""
     def broken():
