@@ -131,8 +131,11 @@ def anon_huge_kib(address: int) -> int:
                            "huge pages, 'never' none: the advice would not show)")
 def test_out_of_place_gradient_is_advised_onto_huge_pages():
     """The logits-sized gradient is advised onto 2 MiB pages before it is written: on 4 KiB pages first-touch
-    faults took most of the backward (4x1024x32000 fp32 on the 2-core machine: 360 ms, 136 with them)."""
-    x = torch.randn(2, 64, 32768, requires_grad=True)  # a 16 MiB gradient
-    labels = torch.randint(0, 32768, (2, 64))
+    faults took most of the backward (4x1024x32000 fp32 on the 2-core machine: 360 ms, 136 with them).
+    A 64 MiB gradient: above glibc's largest dynamic mmap threshold (32 MiB) it is always a fresh mapping. A
+    16 MiB one could come from heap memory a training run earlier in this process had freed, its pages already
+    faulted on 4 KiB pages (no first-touch cost left to save), and the test failed after such a run."""
+    x = torch.randn(2, 64, 131072, requires_grad=True)
+    labels = torch.randint(0, 131072, (2, 64))
     (grad,) = torch.autograd.grad(ak.sequence_logps(x, labels, shift=True).sum(), x)
     assert anon_huge_kib(grad.data_ptr() + grad.nbytes // 2) >= 2048
