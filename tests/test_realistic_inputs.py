@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_within_rule, conditioning_floor, random_labels, softmax_grad_floor
+from helpers import assert_within_rule, conditioning_floor, logps_rounding_floors, random_labels, softmax_grad_floor
 
 from amapo_kernels.testing import LargestTensor, peaked_logits
 
@@ -86,6 +86,17 @@ def test_softmax_grad_floor_counts_the_shifted_labels():
     row_grads = torch.tensor([2.0, 8.0])
     assert softmax_grad_floor(row_grads, labels, shift=True, average=True) == pytest.approx(eps)
     assert softmax_grad_floor(row_grads, labels, shift=True, average=False) == pytest.approx(2 * eps)
+
+
+def test_logps_rounding_floors_move_each_log_prob_by_one_fp32_ulp():
+    ulp = 2.0**-20  # one fp32 ulp in [8, 16)
+    logps = torch.tensor([8.5, 9.5], dtype=torch.float64)
+    labels = torch.tensor([[3, 4, -100, -100], [5, 6, 7, 8]])  # 2 and 4 scored tokens (no shift)
+    value, coefficient = logps_rounding_floors(lambda lp: (lp**2).sum() / 2, logps, labels, shift=False)
+    # every log-prob one ulp up moves the value by (8.5 + 9.5) ulps, to first order, and each row's gradient (its
+    # log-prob) by one ulp, over the row's count of scored tokens
+    assert value == pytest.approx(18 * ulp, rel=1e-5)
+    assert coefficient == pytest.approx(ulp / 2, rel=1e-9)
 
 
 def test_random_labels_ignore_the_given_share_and_rows():
