@@ -161,8 +161,7 @@ def check_run(config: TrainConfig, args, world_size: int) -> str | None:
         if value is not None:
             check_range(flag, value, 1)
     config.validate(world_size)
-    # the held-out pairs come from the dataset's test split unless --eval-dataset or --eval-fraction says otherwise
-    test_from_dataset = not config.eval_dataset and config.eval_fraction is None
+    test_from_dataset = not config.eval_dataset and not held_out_plan(config)[0]  # the source's test split
     check_source("--dataset", config.dataset, (config.train_split, config.test_split) if test_from_dataset
                  else (config.train_split,))
     if config.eval_dataset:
@@ -183,6 +182,24 @@ def check_run(config: TrainConfig, args, world_size: int) -> str | None:
         raise UserError(f"--log-with {config.log_with}: `{module}` is not installed (pip install {module}, "
                         "or --log-with none)")
     return resume
+
+
+DEFAULT_EVAL_FRACTION = 0.1  # held out of a single local file given without --eval-dataset / --eval-fraction
+
+
+def held_out_plan(config: TrainConfig) -> tuple[float | None, str]:
+    """(the share of the training records to hold out, or None, and where the held-out records come from):
+    --eval-dataset, else a seeded --eval-fraction of the training records (DEFAULT_EVAL_FRACTION for a
+    single local file), else the source's --test-split. Never the training records themselves."""
+    if config.eval_dataset:
+        return None, f"{config.eval_dataset} (split {config.test_split})"
+    fraction = config.eval_fraction
+    if fraction is None and looks_local(config.dataset):
+        fraction = DEFAULT_EVAL_FRACTION
+    if fraction:
+        return fraction, (f"{fraction:g} of {config.dataset} held out (seed {config.seed}), disjoint from the "
+                          "training records")
+    return None, f"{config.dataset} split {config.test_split} (training: split {config.train_split})"
 
 
 def check_source(flag: str, source: str, splits: tuple[str, ...]) -> None:

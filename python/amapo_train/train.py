@@ -35,14 +35,13 @@ from amapo_kernels.preference import (keeps_running_statistics, logged_rewards, 
 from amapo_train.cli_errors import UserError, one_line, require_extras, run_console_script
 from amapo_train.config import TrainConfig
 from amapo_train.command_line import (MODEL_FILES, STATE_FILE, STATE_FILES, build_parser, check_run, config_from_args,
-                                      default_world_size, model_files, run_checkpoints, state_files)
+                                      default_world_size, held_out_plan, model_files, run_checkpoints, state_files)
 from amapo_train.data import (IGNORE_INDEX, PreferenceDataset, check_detected_formats, check_scores, collate,
                               concatenated, holdout_positions, load_records, looks_local)
 
 # tqdm and amapo_train.model (transformers) are imported where used: `amapo-train` without the training
 # extras then says how to install them (cli) instead of failing at import.
 
-DEFAULT_EVAL_FRACTION = 0.1  # held out of a single local file given without --eval-dataset / --eval-fraction
 # Why a pair is dropped (PreferenceDataset.dropped): a response blank in the data (the only cause under the default
 # trl tokenization, whose truncation always leaves each response a token) or cut to nothing (separate).
 DROPPED = "an empty or blank response, in the data or after truncation"
@@ -271,21 +270,6 @@ def make_accelerator(config: TrainConfig):
         cpu=on_cpu,
         kwargs_handlers=handlers,
     )
-
-
-def held_out_plan(config: TrainConfig) -> tuple[float | None, str]:
-    """(the share of the training records to hold out, or None, and where the held-out records come from):
-    --eval-dataset, else a seeded --eval-fraction of the training records (DEFAULT_EVAL_FRACTION for a
-    single local file), else the source's --test-split. Never the training records themselves."""
-    if config.eval_dataset:
-        return None, f"{config.eval_dataset} (split {config.test_split})"
-    fraction = config.eval_fraction
-    if fraction is None and looks_local(config.dataset):
-        fraction = DEFAULT_EVAL_FRACTION
-    if fraction:
-        return fraction, (f"{fraction:g} of {config.dataset} held out (seed {config.seed}), disjoint from the "
-                          "training records")
-    return None, f"{config.dataset} split {config.test_split} (training: split {config.train_split})"
 
 
 class Splits(typing.NamedTuple):
