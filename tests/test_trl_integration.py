@@ -973,6 +973,9 @@ def distributed_worker(rank, tokenizer_dir, out_dir, port, make_model, options):
     trained(trainer)
     torch.save({"steps": trainer.steps, "log": trainer.state.log_history}, Path(out_dir) / f"rank{rank}.pt")
     trainer.accelerator.wait_for_everyone()  # no rank tears the group down while another still talks to it
+    # the Trainer leaves the group alive; gloo's worker threads, still running in the interpreter's teardown,
+    # abort the process at times (SIGABRT, "terminate called without an active exception": torch's issue 190489)
+    torch.distributed.destroy_process_group()
 
 
 def trained_on_two_processes(tokenizer, tmp_path, make_model, **options) -> list[dict]:
@@ -1041,7 +1044,7 @@ def test_moe_router_aux_loss_on_two_processes(tokenizer, tmp_path):
 
 ZERO3_SCRIPT = r"""
 import importlib, json, sys
-from pathlib import Path
+import torch
 importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # one process: no shm op build
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 import test_trl_integration as t
@@ -1061,7 +1064,8 @@ trainer.train()
 head = trainer.model_wrapped.module.lm_head.weight
 print("RESULT " + json.dumps({"zero3": is_deepspeed_zero3_enabled(), "partitioned": head.numel() == 0,
                               "losses": [step["loss"] for step in trainer.steps],
-                              "log": [entry for entry in trainer.state.log_history if "loss" in entry]}))
+                              "log": [entry for entry in trainer.state.log_history if "loss" in entry]}), flush=True)
+torch.distributed.destroy_process_group()  # the Trainer leaves DeepSpeed's gloo group alive: as distributed_worker
 """
 
 

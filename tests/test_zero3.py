@@ -102,7 +102,10 @@ def main():
     result["scale"] = expected.abs().max().item()
     # the hidden-state gradient reached the (also partitioned) embedding: the same in both
     result["embed"] = (safe_get_full_grad(engine.module.embed.weight) - plain.embed.weight.grad).abs().max().item()
-    print("RESULT " + json.dumps(result))
+    print("RESULT " + json.dumps(result), flush=True)
+    # DeepSpeed leaves its gloo group alive; its worker threads, still running in the interpreter's teardown,
+    # abort the process at times (SIGABRT, "terminate called without an active exception": torch's issue 190489)
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
