@@ -1,10 +1,10 @@
 """Evaluation tools (python/amapo_train/eval): ranking accuracy, bootstrap, RM-Bench, splits, CLI."""
 
 import json
-import shutil
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
