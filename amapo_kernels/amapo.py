@@ -145,7 +145,8 @@ def amapo_loss_from_logits(
 
 
 class AMaPOLoss(nn.Module):
-    """nn.Module form of amapo_loss_from_logits: `loss = AMaPOLoss(beta=2.0)(logits, labels)`."""
+    """nn.Module form of amapo_loss_from_logits: `loss = AMaPOLoss(beta=2.0)(logits, labels)`; every keyword,
+    inplace_backward and check_labels included, is that function's."""
 
     def __init__(
         self,
@@ -157,12 +158,16 @@ class AMaPOLoss(nn.Module):
         variant: str = "code",
         ablation: str | None = None,
         group=None,
+        inplace_backward: bool = False,
+        check_labels: bool = True,
     ) -> None:
         super().__init__()
         _check_hparams(beta, label_smoothing, variant, ablation)
-        check_bool("shift", shift)
+        for name, switch in (("shift", shift), ("inplace_backward", inplace_backward), ("check_labels", check_labels)):
+            check_bool(name, switch)
         self.beta, self.ignore_index, self.label_smoothing = beta, ignore_index, label_smoothing
         self.shift, self.variant, self.ablation, self.group = shift, variant, ablation, group
+        self.inplace_backward, self.check_labels = inplace_backward, check_labels
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, return_stats: bool = False):
         return amapo_loss_from_logits(
@@ -176,7 +181,10 @@ class AMaPOLoss(nn.Module):
             ablation=self.ablation,
             group=self.group,
             return_stats=return_stats,
+            inplace_backward=self.inplace_backward,
+            check_labels=self.check_labels,
         )
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, variant={self.variant!r}, ablation={self.ablation!r}, shift={self.shift}"
+        return (f"beta={self.beta}, variant={self.variant!r}, ablation={self.ablation!r}, shift={self.shift}, "
+                f"inplace_backward={self.inplace_backward}")

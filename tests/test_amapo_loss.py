@@ -10,7 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import amapo_kernels as ak
+from amapo_kernels import amapo as amapo_module
 from amapo_kernels import reference as ref
+from amapo_kernels.sequence_logps import sequence_logps
 
 
 def pair_logps(batch, generator, *, spread=1.0, device="cpu", dtype=torch.float32):
@@ -196,6 +198,33 @@ def test_module_matches_function(device):
     expected = ak.amapo_loss_from_logits(logits, labels, beta=3.0, shift=True, variant="paper")
     assert torch.equal(module(logits, labels), expected)
     assert "beta=3.0" in repr(module)
+
+
+def test_module_passes_inplace_backward_and_check_labels(device, monkeypatch):
+    """AMaPOLoss(inplace_backward=True) writes the function's gradient over the logits (the module's forward
+    passes the switch: without it the logits keep their values); check_labels=False reaches sequence_logps
+    too (on CUDA an out-of-range label is then NaN instead of the range check's ValueError; the CPU always
+    checks)."""
+    generator = torch.Generator().manual_seed(6)
+    logits = peaked_logits(4, 6, 40, dtype=torch.float32, generator=generator, device=device)
+    labels = random_labels(4, 6, 40, ignore_prob=0.2, generator=generator, device=device)
+    leaf = logits.detach().requires_grad_()
+    (expected,) = torch.autograd.grad(ak.amapo_loss_from_logits(leaf, labels, shift=True), leaf)
+    overwritten = logits.detach().requires_grad_().clone()  # a non-leaf: its memory takes the gradient
+    ak.AMaPOLoss(shift=True, inplace_backward=True)(overwritten, labels).backward()
+    assert torch.equal(overwritten.detach(), expected)
+    assert "inplace_backward=True" in repr(ak.AMaPOLoss(inplace_backward=True))
+    seen = []
+    monkeypatch.setattr(amapo_module, "sequence_logps",
+                        lambda *args, **kwargs: seen.append(kwargs["check_labels"]) or sequence_logps(*args, **kwargs))
+    ak.AMaPOLoss(shift=True, check_labels=False)(logits, labels)
+    ak.AMaPOLoss(shift=True)(logits, labels)
+    assert seen == [False, True]
+    labels[0, 3] = 40
+    with pytest.raises(ValueError, match="labels must lie in"):
+        ak.AMaPOLoss(shift=True)(logits, labels)
+    if device == "cuda":
+        assert ak.AMaPOLoss(shift=True, check_labels=False)(logits, labels).isnan()
 
 
 @pytest.mark.parametrize("variant", ak.VARIANTS)

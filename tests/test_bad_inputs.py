@@ -76,6 +76,7 @@ SWITCHES = [  # (function, its switch): each given a truthy string, which bool()
     ("sequence_logps_from_hidden", "average"), ("sequence_logps_from_hidden", "shift"),
     ("sequence_logps_from_hidden", "gradient_filter"), ("amapo_loss_from_hidden", "shift"),
     ("amapo_loss_from_hidden", "return_stats"), ("amapo_loss", "return_stats"), ("AMaPOLoss", "shift"),
+    ("AMaPOLoss", "inplace_backward"), ("AMaPOLoss", "check_labels"),
 ]
 
 
