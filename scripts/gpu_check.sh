@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Proves the CUDA ops on a GPU machine (H100/H200, torch preinstalled, no network), in two calls that each
 # fit in 10 minutes on 16 cores:
-#   bash scripts/gpu_check.sh part1   # environment, build (-Xptxas -v), kernels registered, every CUDA test,
-#                                     #   compute-sanitizer memcheck/racecheck/synccheck/initcheck; measured on an
-#                                     #   H200 (2026-12-04): build 66 s, tests 10 + 70 s, each sanitizer 7-8 s
+#   bash scripts/gpu_check.sh part1   # environment, build (-Xptxas -v), kernels registered, the CUDA kernels'
+#                                     #   tests, compute-sanitizer memcheck/racecheck/synccheck/initcheck, then
+#                                     #   every other CUDA test; measured on an H200 (2026-12-04): build 66 s,
+#                                     #   tests 10 + 70 s, each sanitizer 7-8 s
 #   bash scripts/gpu_check.sh part2   # both benchmarks at the paper size with every peer, ncu of the
 #                                     #   from-logits kernels and of the fused lm_head's Triton matmuls, then
 #                                     #   profile_step.py's kernel tables of one step;
@@ -112,21 +113,11 @@ print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_devic
 assert ak.has_cuda_kernels(), "CUDA kernels not registered"
 print("CUDA kernels registered; built against torch", C.torch_version, "running", torch.__version__)'
 
-  # Every CUDA test: the CUDA kernels' own file, then the cuda-marked variants of all the others (-m cuda leaves
-  # out their CPU-emulated variants, which CI runs). A skip here is a failure of this check (the machine has a
-  # GPU), so -rs lists the reasons.
+  # Every CUDA test: the CUDA kernels' own file here, the cuda-marked variants of all the others after the
+  # sanitizers (-m cuda leaves out their CPU-emulated variants, which CI runs). A skip is a failure of this
+  # check (the machine has a GPU), so -rs lists the reasons.
   run_step "tests/test_cuda_kernels.py" "$RESULTS/tests.log" 200 \
     "$PY" -m pytest -q -p no:cacheprovider -rfEs -m cuda tests/test_cuda_kernels.py
-  # 300 s: the Triton tests compile each autotuning configuration once (~30 kernels) besides their runs;
-  # pytest-xdist (in the GPU image) spreads those compiles over 4 processes sharing the one GPU.
-  local xdist=()
-  "$PY" -c 'import xdist' 2>/dev/null && xdist=(-n 4)
-  run_step "pytest -m cuda (all files)" "$RESULTS/tests.log" 300 \
-    "$PY" -m pytest -q -p no:cacheprovider -rfEs "${xdist[@]}" -m cuda tests --ignore=tests/test_cuda_kernels.py
-  if grep -E "^SKIPPED.*(CUDA|cuda|GPU)" "$RESULTS/tests.log"; then
-    summary_row "no CUDA test skipped" FAILED 0 tests.log; FAILED=1
-  fi
-
   # compute-sanitizer on small cases of every kernel, caching allocator off: each tensor its own allocation.
   # memcheck/racecheck/synccheck instrument our kernels only; initcheck must see every kernel's writes
   # (measured: filtered to ours, it called the labels that torch's copy kernel wrote uninitialized, 99
@@ -140,6 +131,17 @@ print("CUDA kernels registered; built against torch", C.torch_version, "running"
       compute-sanitizer --tool "$tool" --error-exitcode 9 "${filter[@]}" "$PY" tools/gpu_sanitize_case.py
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|========= (Invalid|Race|Uninitialized|Barrier)" "$RESULTS/sanitizers.log" | tail -2
   done
+  # The cuda-marked tests of every other file last: 300 s, as the Triton tests compile each autotuning
+  # configuration once (~30 kernels) besides their runs, a time harder to foresee than the sanitizers' few
+  # seconds each, so a short BUDGET cuts this step and not those. pytest-xdist (in the GPU image) spreads
+  # the compiles over 4 processes sharing the one GPU.
+  local xdist=()
+  "$PY" -c 'import xdist' 2>/dev/null && xdist=(-n 4)
+  run_step "pytest -m cuda (all files)" "$RESULTS/tests.log" 300 \
+    "$PY" -m pytest -q -p no:cacheprovider -rfEs "${xdist[@]}" -m cuda tests --ignore=tests/test_cuda_kernels.py
+  if grep -E "^SKIPPED.*(CUDA|cuda|GPU)" "$RESULTS/tests.log"; then
+    summary_row "no CUDA test skipped" FAILED 0 tests.log; FAILED=1
+  fi
 }
 
 # part2 and part3 on a fresh machine: part1's extension carried in .gpu_so/, else a build.
