@@ -907,7 +907,8 @@ def test_a_dataset_left_empty_by_truncation_is_named(tokenizer, hh_pairs, tmp_pa
     eval_pairs = hh_pairs.select(range(16, 24))
     for train, evaluated, name in ((hh_pairs.select(range(16)), eval_pairs, "eval"), (eval_pairs, None, "train")):
         with pytest.raises(ValueError, match=rf"^{name} dataset: none of its 8 examples is left after tokenization: "
-                                             r"with truncation_mode='keep_start'.*max_length=16"):
+                                             r"with truncation_mode='keep_start'.*max_length=16; raise max_length, "
+                                             r"or shorten those prompts"):
             PreferenceTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=train,
                               eval_dataset=evaluated, processing_class=tokenizer)
 

@@ -228,7 +228,8 @@ class PreferenceTrainer(DPOTrainer):
         if given and hasattr(prepared, "__len__") and len(prepared) == 0:
             raise ValueError(f"{dataset_name} dataset: none of its {given} examples is left after tokenization: with "
                              f"truncation_mode='keep_start', TRL drops those whose prompt fills max_length="
-                             f"{args.max_length}; raise max_length, or set truncation_mode='keep_end'")
+                             f"{args.max_length}; raise max_length, or shorten those prompts (truncation_mode="
+                             f"'keep_end' would keep them, but TRL 1.16 deprecates it)")
         return prepared
 
     # -- reference log-probs ------------------------------------------------------------------------------
