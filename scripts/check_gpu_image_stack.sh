@@ -8,7 +8,7 @@
 # sm_90a by its compiler, the driver under DeepSpeed. Not covered: Python 3.12, anything that needs the GPU.
 # numpy < 2.4 because Triton 3.6's interpreter cannot run loops with a newer one (triton-lang/triton#9171):
 # the GPU image's numpy 2.5 only skips the interpreter tests there, here they must run.
-# Usage: bash scripts/check_gpu_image_stack.sh   (about 10 minutes on 2 cores, a 4.8 GB venv under /tmp)
+# Usage: bash scripts/check_gpu_image_stack.sh   (about 18 minutes on 2 cores, a 4.8 GB venv under /tmp)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TORCH_PIN=2.11.0 EXPECTED="torch 2.11.0+cu130, triton 3.6.0"

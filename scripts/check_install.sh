@@ -6,7 +6,7 @@
 #      from the source tree names the shadowing instead of failing obscurely;
 #   3. the README's test command in existing-torch mode (AMAPO_USE_EXISTING_TORCH=1) keeps that torch,
 #      builds against it and runs: every test module imports, and the kernel tests pass.
-# Usage: bash scripts/check_install.sh [torch version, default 2.13.0]   (about 4 minutes on 2 cores)
+# Usage: bash scripts/check_install.sh [torch version, default 2.13.0]   (about 3 minutes on 2 cores)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TORCH_PIN="${1:-2.13.0}"
