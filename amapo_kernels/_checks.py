@@ -8,6 +8,7 @@ import operator
 import sys
 
 import torch
+import torch.distributed as dist
 
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 LOGPS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -17,6 +18,9 @@ SCORE_DTYPES = (*LOGPS_DTYPES, torch.int64, torch.int32)  # ODPO's external scor
 def check_tensor(name: str, value, *, dims: int | None = None, dtypes=None) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.is_nested or value.layout != torch.strided:  # a sparse or nested one failed inside an op, unnamed
+        kind = "a nested tensor" if value.is_nested else f"layout {value.layout}"
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {kind}")
     if dims is not None and value.dim() != dims:
         raise ValueError(f"{name} must have {dims} dims, got shape {tuple(value.shape)}")
     if dtypes is not None and value.dtype not in dtypes:
@@ -36,6 +40,14 @@ def check_local(name: str, value) -> None:
             f"{name}.full_tensor(), or call it inside the forward of the FSDP2 unit that holds the weight (or a "
             "method registered with torch.distributed.fsdp.register_fsdp_forward_method), where it is gathered"
         )
+
+
+def check_group(group) -> None:
+    """group= (the ranks that share a loss's batch statistics): None (the world, when torch.distributed is
+    initialized) or a ProcessGroup; anything else failed inside the all-gather, after the forward, naming no
+    argument."""
+    if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(f"group must be None or a torch.distributed ProcessGroup, got {type(group).__name__}")
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:

@@ -30,6 +30,7 @@ from amapo_kernels._checks import (
     SMOOTHING,
     check_bool,
     check_even_batch,
+    check_group,
     check_hparams,
     check_logits_labels,
     check_pair_logps,
@@ -81,6 +82,7 @@ def amapo_loss(
     check_pair_logps(chosen_logps, rejected_logps)
     _check_hparams(beta, label_smoothing, variant, ablation)
     check_bool("return_stats", return_stats)
+    check_group(group)
     refuse_unsupported_transforms("amapo_kernels.amapo_loss", chosen_logps, rejected_logps)
     dtype = acc_dtype(chosen_logps, rejected_logps)
     chosen, rejected = chosen_logps.to(dtype), rejected_logps.to(dtype)
@@ -129,6 +131,7 @@ def amapo_loss_from_logits(
     check_even_batch("logits", logits)
     _check_hparams(beta, label_smoothing, variant, ablation)  # before the pass over the logits, as every check
     check_bool("return_stats", return_stats)
+    check_group(group)
     logps = sequence_logps(logits, labels, ignore_index=ignore_index, average=True, shift=shift,
                            inplace_backward=inplace_backward, check_labels=check_labels)
     chosen, rejected = logps.chunk(2)  # its backward is one cat (two slices' would be 5 kernels)

@@ -187,8 +187,10 @@ def _token_stats(tiles: _Tiles, n0: int, n1: int):
         picked = s.gather(1, (labels - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
         label_logit = torch.where(inside, picked.double(), label_logit)
         new_max = torch.maximum(running_max, s.amax(dim=1).double())  # a max of tile values: exact in acc
-        tile_sum = s.sub_(new_max.to(s.dtype)[:, None]).exp_().sum(dim=1)  # in place: s is not needed again
-        running_sum = running_sum * torch.exp(running_max - new_max) + tile_sum.double()
+        # a row with no finite logit yet (a bias of -inf masking these ids) shifts by 0: -inf - (-inf) is NaN
+        pivot = new_max.masked_fill(new_max == float("-inf"), 0.0)
+        tile_sum = s.sub_(pivot.to(s.dtype)[:, None]).exp_().sum(dim=1)  # in place: s is not needed again
+        running_sum = running_sum * torch.exp(running_max - pivot) + tile_sum.double()
         running_max = new_max
     return running_max, torch.log(running_sum), label_logit
 

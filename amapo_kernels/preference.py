@@ -5,7 +5,7 @@ import inspect
 import torch
 
 from amapo_kernels._checks import (LOGPS_DTYPES, SCORE_DTYPES, Range, _as_float, check_bool, check_choice,
-                                   check_hparams, check_pair_logps, check_per_pair)
+                                   check_group, check_hparams, check_pair_logps, check_per_pair)
 from amapo_kernels import amapo
 from amapo_kernels._ops import acc_dtype
 from amapo_kernels.batch_statistics import RunningStatistics
@@ -119,6 +119,7 @@ def check_call(method: str, pairs: int, device: torch.device, ref_chosen_logps, 
     if method == "amapo":  # amapo_loss's keywords; group and return_stats are its own, not hyperparameters
         resolved_hparams(method, {k: v for k, v in hparams.items() if k not in ("group", "return_stats")})
         check_bool("return_stats", hparams.get("return_stats", False))
+        check_group(hparams.get("group"))
         _check_references(method, pairs, device, ref_chosen_logps, ref_rejected_logps, needed=False)
         return hparams
     module = BASELINES[method]
@@ -128,6 +129,7 @@ def check_call(method: str, pairs: int, device: torch.device, ref_chosen_logps, 
     taken = {"group": batch_statistics_of(method), "running": getattr(module, "RUNNING_STATISTICS", False)}
     keywords = {name: hparams[name] for name in taken if taken[name] and name in hparams}
     hparams = resolved_hparams(method, {name: value for name, value in hparams.items() if name not in keywords})
+    check_group(keywords.get("group"))
     if taken["running"]:
         _check_running(method, hparams["decay"], keywords.get("running"))
     _check_references(method, pairs, device, ref_chosen_logps, ref_rejected_logps,

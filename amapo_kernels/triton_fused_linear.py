@@ -234,10 +234,12 @@ def _store_split_stats(max_ptr, sum_ptr, split, rows, offs_n, in_range, running_
 def _fold_tile(s, running_max, running_sum, labels, live, offs_n, offs_v, v_begin, v_end, label_logit_ptr):
     """The running (max, sum of exp) of each token's logits with a [BN, BV] tile s (vocabulary columns
     offs_v = v_begin + arange(BV), those from v_end on -inf) folded in, and the label's logit stored by the tile
-    that holds it. A split starts inside the vocabulary (host side), so the new max is finite from its first
-    tile on."""
+    that holds it. A split starts inside the vocabulary (host side), but a bias of -inf can mask its first tiles
+    (e.g. reserved ids): until a finite logit comes, the max stays -inf and the tile is shifted by 0, not by
+    -inf (-inf - (-inf) is NaN); such a split stores (-inf, 0), which the merge weighs by exp(-inf) = 0."""
     new_max = tl.maximum(running_max, tl.max(s, axis=1))
-    running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
+    pivot = tl.where(new_max == float("-inf"), 0.0, new_max)
+    running_sum = running_sum * tl.exp(running_max - pivot) + tl.sum(tl.exp(s - pivot[:, None]), axis=1)
     hit = offs_v[None, :] == labels[:, None]
     label_logit = tl.sum(tl.where(hit, s, 0.0), axis=1)
     # a test per row, not a reduction of hit: one more [BN, BV] reduction spilled 9 KB a thread on sm_90

@@ -35,7 +35,7 @@ def conditioning_floor(reference, inputs, dtype, *, seed=0):
     """How much the fp64 `reference` moves when its floating inputs move by one ulp of `dtype`: the max over
     elements of |reference(x + delta) - reference(x)| for two perturbations (every input one ulp up; one ulp
     with random signs), one float per output. `reference` maps fp64 tensors to a list of fp64 tensors;
-    integer inputs are passed unchanged. This is the quantity's conditioning at this input: e.g. AMaPO's exp
+    integer inputs and non-finite elements are passed unchanged. This is the quantity's conditioning at this input: e.g. AMaPO's exp
     margin magnifies a 1-ulp log-prob change, and a log near 1 turns it into a large relative change."""
     generator = torch.Generator().manual_seed(seed)
     base = [out.detach() for out in reference(*[x.detach().double() if x.is_floating_point() else x for x in inputs])]
@@ -48,6 +48,7 @@ def conditioning_floor(reference, inputs, dtype, *, seed=0):
                 continue
             low = x.detach().to(dtype)
             ulp = (torch.nextafter(low, torch.full_like(low, float("inf"))) - low).double()
+            ulp = torch.where(torch.isfinite(low), ulp, 0.0)  # a -inf (a masked id) has no neighbour to move to
             sign = torch.randint(0, 2, x.shape, generator=generator).double().to(x.device) * 2 - 1 if random_signs else 1.0
             moved.append(x.detach().double() + sign * ulp)
         for i, out in enumerate(reference(*moved)):

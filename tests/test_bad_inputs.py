@@ -38,6 +38,10 @@ LOGITS_CASES = [
     ("labels on meta", torch.randn(2, 3, V), torch.zeros(2, 3, dtype=torch.long, device="meta"), ValueError,
      "one device"),
     ("logits not a tensor", [[[0.0] * V]], torch.zeros(1, 1, dtype=torch.long), TypeError, "logits must be a torch.Tensor"),
+    ("sparse logits", torch.randn(2, 3, V).to_sparse(), torch.zeros(2, 3, dtype=torch.long), TypeError,
+     "logits must be a dense (strided) tensor, got layout torch.sparse_coo"),
+    ("sparse labels", torch.randn(2, 3, V), torch.zeros(2, 3, dtype=torch.long).to_sparse(), TypeError,
+     "labels must be a dense (strided) tensor, got layout torch.sparse_coo"),
 ]
 
 
@@ -217,6 +221,11 @@ PAIR_CASES = [
     ("beta", dict(beta=0.0), ValueError, "method='amapo': beta must be a finite number in (0.0, inf)"),
     ("label_smoothing", dict(label_smoothing=0.7), ValueError,
      "method='amapo': label_smoothing must be a finite number in [0.0, 0.5]"),
+    ("sparse chosen", dict(chosen_logps=torch.zeros(2).to_sparse()), TypeError,
+     "chosen_logps must be a dense (strided) tensor"),
+    ("nested rejected", dict(rejected_logps=torch.nested.nested_tensor([torch.zeros(2)], layout=torch.jagged)),
+     TypeError, "rejected_logps must be a dense (strided) tensor, got a nested tensor"),
+    ("group", dict(group="world"), TypeError, "group must be None or a torch.distributed ProcessGroup, got str"),
 ]
 
 
@@ -279,6 +288,10 @@ BEFORE_THE_FORWARD = {  # a wrong argument of each loss from hidden states or lo
                         ValueError, "ref_chosen_logps must have the shape of chosen_logps (1,), got (3,)"),
     "variant": (dict(method="amapo", variant="papr"), ValueError, "method='amapo': variant must be one of"),
     "return_stats": (dict(method="amapo", return_stats="yes"), TypeError, "return_stats must be True or False"),
+    # before: an AttributeError from inside the all-gather, after the forward
+    "amapo group": (dict(method="amapo", group="world"), TypeError, "group must be None or a torch.distributed"),
+    "kto group": (dict(method="kto", group=0, ref_chosen_logps=torch.zeros(1), ref_rejected_logps=torch.zeros(1)),
+                  TypeError, "group must be None or a torch.distributed ProcessGroup, got int"),
 }
 
 

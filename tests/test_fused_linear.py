@@ -44,6 +44,14 @@ def make_batch(batch, steps, width, vocab, *, generator, with_bias=True, ignore_
     return hidden, weight, bias, labels
 
 
+def masked_vocabulary(bias, labels, masked):
+    """The bias -inf on the first `masked` ids (a vocabulary range masked out: reserved or other languages'
+    tokens), which no label then hits: leading vocabulary tiles with no finite logit."""
+    bias = bias.clone()
+    bias[:masked] = float("-inf")
+    return bias, torch.where(labels == -100, labels, labels % (bias.shape[0] - masked) + masked)
+
+
 def materialized_logits(hidden, weight, bias, softcap):
     """What the eager reference does: all [B, T, V] logits in the inputs' dtype."""
     logits = F.linear(hidden, weight, bias)
@@ -260,6 +268,28 @@ def test_chunking_does_not_change_the_result():
         torch.testing.assert_close(result, results[0], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("vocab_chunk", [3, 16, 4096])
+def test_a_vocabulary_range_masked_by_the_bias(vocab_chunk):
+    """Vocabulary chunks with no finite logit (a bias of -inf on their ids) before the first finite one keep the
+    running max at -inf: the merge shifts by 0 there (-inf - (-inf) would be NaN), so the values and gradients
+    are the reference's at any tiling."""
+    generator = torch.Generator().manual_seed(16)
+    hidden, weight, bias, labels = make_batch(4, 6, 8, 50, generator=generator)
+    bias, labels = masked_vocabulary(bias, labels, 40)
+    tensors = quantized((hidden, weight, bias), torch.float32)
+
+    def logps_of(dtype, **fused_options):
+        h, w, b = leaves(tensors, dtype)
+        if fused_options:
+            logps = sequence_logps_from_hidden(h, w, labels, bias=b, shift=True, **fused_options)
+        else:
+            logps = ref.sequence_logps(materialized_logits(h, w, b, None), labels, shift=True)
+        return logps, torch.autograd.grad(logps.sum(), (h, w, b))
+
+    fused = logps_of(torch.float32, token_chunk=5, vocab_chunk=vocab_chunk, backend="torch")
+    assert_rule(fused, logps_of(torch.float64), logps_of(torch.float32), torch.float32, "masked vocabulary")
+
+
 def test_all_ignored_rows_give_zero_and_no_gradient():
     generator = torch.Generator().manual_seed(15)
     hidden, weight, bias, labels = make_batch(4, 5, 6, 19, generator=generator, all_ignored_rows=[0, 3])
@@ -451,6 +481,9 @@ BAD = [
     ("empty vocabulary", dict(lm_head_weight=torch.randn(0, H)), ValueError, "empty vocabulary"),
     ("bias shape", dict(bias=torch.randn(V + 1)), ValueError, "bias must be [V] = [7]"),
     ("bias 2-D", dict(bias=torch.randn(1, V)), ValueError, "bias must have 1 dims"),
+    ("sparse weight", dict(lm_head_weight=torch.randn(V, H).to_sparse()), TypeError,
+     "lm_head_weight must be a dense (strided) tensor, got layout torch.sparse_coo"),
+    ("sparse bias", dict(bias=torch.randn(V).to_sparse()), TypeError, "bias must be a dense (strided) tensor"),
     ("labels int32", dict(labels=torch.zeros(2, 3, dtype=torch.int32)), TypeError, "labels must have dtype"),
     ("labels T mismatch", dict(labels=torch.zeros(2, 4, dtype=torch.long)), ValueError, "labels must be [B, T]"),
     ("label >= V", dict(labels=torch.full((2, 3), V)), ValueError, "labels must lie in [0, V=7)"),

@@ -30,6 +30,7 @@ from test_fused_linear import (
     fused_run,
     leaves,
     make_batch,
+    masked_vocabulary,
     materialized_logits,
     method_extras,
     quantized,
@@ -223,6 +224,18 @@ def test_gpu_tiles_match_reference(monkeypatch, tile, accumulate):
                                               all_ignored_rows=[1])
     backend = "cublas" if accumulate == "cublas" else "triton"
     assert_logps_rule((hidden, weight, bias), labels, FP32, backend, average=True, shift=True, softcap=4.0)
+
+
+@interpreted
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_vocabulary_range_masked_by_the_bias(backend):
+    """A bias of -inf on the first 40 ids (V = 80): the first vocabulary split (two blocks of 16) holds no finite
+    logit and the second starts with 8 more, so a split's running max stays -inf, then meets -inf again;
+    values and gradients as the reference's (the fold once shifted by -inf - (-inf) = NaN)."""
+    generator = torch.Generator().manual_seed(25)
+    hidden, weight, bias, labels = make_batch(3, 7, 20, 80, generator=generator, all_ignored_rows=[1])
+    bias, labels = masked_vocabulary(bias, labels, 40)
+    assert_logps_rule((hidden, weight, bias), labels, FP32, backend, average=True, shift=True, softcap=None)
 
 
 @interpreted
@@ -897,6 +910,18 @@ def test_cuda_logps_match_reference(shape, dtype, softcap, backend):
     torch.backends.cuda.matmul.allow_tf32 = False
     tensors, labels = cuda_batch(*shape, seed=shape[1], dtype=dtype)
     assert_logps_rule(tensors, labels, dtype, backend, average=True, shift=True, softcap=softcap)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("backend", BACKENDS)
+@cuda
+def test_cuda_a_vocabulary_range_masked_by_the_bias(dtype, backend):
+    """The first 5000 of 32003 ids masked by a bias of -inf: whole vocabulary splits and chunks of the GPU's
+    sizes with no finite logit."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    (hidden, weight, bias), labels = cuda_batch(2, 300, 1024, 32003, seed=26, dtype=dtype)
+    bias, labels = masked_vocabulary(bias, labels, 5000)
+    assert_logps_rule((hidden, weight, bias), labels, dtype, backend, average=True, shift=True, softcap=None)
 
 
 def operands_of(dtype):
