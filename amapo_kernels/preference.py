@@ -175,8 +175,8 @@ def check_float_range(method: str, hparams: dict, dtype: torch.dtype) -> None:
     limit = torch.finfo(dtype).max
     for name, rule in BASELINES[method].RULES.items():
         if isinstance(rule, Range) and abs(_as_float(hparams[name])) > limit:
-            raise ValueError(f"method={method!r}: {name} must be within {dtype}'s range (the loss computes in "
-                             f"{dtype}; pass float64 log-probs for larger values), got {hparams[name]!r}")
+            raise ValueError(f"method={method!r}: {name} must be within {dtype}'s range, in which the loss computes "
+                             f"(that of the log-probs), got {hparams[name]!r}")
 
 
 def preference_loss(

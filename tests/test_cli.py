@@ -29,6 +29,9 @@ MISTAKES = {
     "hparam of the wrong type": (["--hparam", "beta=high"], "--hparam beta=high: expected a float"),
     "hparam without a value": (["--hparam", "beta"], "expected NAME=VALUE"),
     "hparam value outside its range": (["--loss", "dpo", "--hparam", "beta=-1"], "beta must be a finite number in (0.0, inf)"),
+    # beyond float32, the dtype of a reference-free loss here: a traceback at the first step, --dry-run passed it
+    "hparam beyond the loss's dtype": (["--loss", "simpo", "--hparam", "beta=1e39"],
+                                       "method='simpo': beta must be within torch.float32's range"),
     "odpo scores given as hparam": (["--loss", "odpo", "--hparam", "chosen_scores=1"], "--chosen-score-column"),
     "score column without odpo": (["--chosen-score-column", "s"], "are for --loss odpo"),
     "eval fraction out of range": (["--eval-fraction", "1.5"], "--eval-fraction must be in (0, 1)"),

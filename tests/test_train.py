@@ -59,6 +59,10 @@ def test_resume_gives_the_same_losses(tmp_path, capsys):
     main([*common, "--output-dir", str(straight)])
     first = main([*common, "--output-dir", str(split), "--save-steps", "2", "--stop-after-steps", "3"])
     assert first["steps"] == 3 and first["checkpoint"] == str(split / "checkpoint-3")
+    # a stop at or before the step resumed from would train nothing and save that checkpoint anew
+    with pytest.raises(UserError, match=re.escape("--stop-after-steps 3: --resume last continues from step 3; give "
+                                                  "a later step")):
+        main([*common, "--output-dir", str(split), "--resume", "last", "--stop-after-steps", "3"])
     capsys.readouterr()
     main([*common, "--output-dir", str(split), "--resume", "last"])
     assert f"resumed from {split / 'checkpoint-3'} at step 3" in capsys.readouterr().out
@@ -67,6 +71,30 @@ def test_resume_gives_the_same_losses(tmp_path, capsys):
     for a, b in zip(expected, resumed):
         for key in ("loss", "rewards/margins", "learning_rate"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+
+
+def test_each_epoch_draws_its_own_order_and_logs_the_rate_each_step_used(tmp_path, monkeypatch):
+    """40 pairs in micro-batches of 8, 2 a step: 4 of the 5 micro-batches train in an epoch. Each epoch draws its
+    own order (before, every epoch repeated the first one's micro-batches and left out the same 8 pairs), epoch
+    0's that of the seed alone; a step logs the learning rate its optimizer step used (before, the next step's:
+    step 1 of a warm-up from 0 was logged at the peak rate)."""
+    batches, rates = [], []
+    monkeypatch.setattr(driver, "collate", lambda pairs, **kwargs: batches.append([p["index"] for p in pairs])
+                        or data.collate(pairs, **kwargs))
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *args, **kwargs: rates.append(
+        self.param_groups[0]["lr"]) or step(self, *args, **kwargs))
+    out = tmp_path / "run"
+    main([*SHORT, "--max-train-pairs", "40", "--max-test-pairs", "8", "--loss", "simpo", "--epochs", "2",
+          "--warmup-ratio", "0.25", "--lr-scheduler", "linear", "--save-final", "off", "--seed", "7",
+          "--output-dir", str(out)])
+    # the loader reads one micro-batch ahead: each epoch's 5, of which the first 4 train
+    first, second = batches[:4], batches[5:9]
+    assert sorted(sum(first, [])) != sorted(sum(second, [])), "both epochs left out the same pairs"
+    assert first == [driver.EpochOrder(range(40), 7).order[i:i + 8] for i in range(0, 32, 8)]
+    assert second == [driver.EpochOrder(range(40), 8).order[i:i + 8] for i in range(0, 32, 8)]
+    assert rates[0] == 0.0 and len(rates) == 4
+    assert [record["learning_rate"] for record in read_metrics(out)] == pytest.approx(rates, abs=0)
 
 
 def test_a_checkpoint_holds_the_model_weights_once(tmp_path, monkeypatch):
@@ -641,17 +669,12 @@ def test_a_checkpoint_damaged_after_its_save_is_refused_naming_the_file(tmp_path
     assert error.count("\n") == 1 and "random_states_0.pkl is missing" in error, error
 
 
-class ConstantLR:
-    def get_last_lr(self):
-        return [0.25]
-
-
 def test_a_steps_metrics_are_micro_batch_means():
     """Summed over the 2 micro-batches of a step, a loss of 1.2 is a step loss of 0.6; tokens/s: the step's
     tokens over its seconds."""
     accelerator = OneProcess()
     sums = {"loss": torch.tensor(1.2), "rewards/accuracies": torch.tensor(1.5)}
-    record = log_step(accelerator, sums, 2, 300, time.perf_counter() - 2.0, 7, 1, ConstantLR())
+    record = log_step(accelerator, sums, 2, 300, time.perf_counter() - 2.0, 7, 1, 0.25)
     assert record["loss"] == pytest.approx(0.6) and record["rewards/accuracies"] == pytest.approx(0.75)
     assert (record["step"], record["epoch"], record["learning_rate"]) == (7, 1, 0.25)
     assert record["tokens_per_s"] == pytest.approx(150, rel=0.05)

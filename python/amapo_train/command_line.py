@@ -68,7 +68,7 @@ HELP = {  # one line per TrainConfig field; a recipe sets the same keys
     "lr_scheduler": "the learning rate after the warm-up: cosine to 0 (the recipes'), linear to 0, or constant",
     "weight_decay": "AdamW weight decay, on all weights but biases and norms (as the HF Trainer)",
     "max_grad_norm": "gradient clipping norm (0: off)",
-    "seed": "seed of the model init, data order and --eval-fraction split",
+    "seed": "seed of the model init, the data order (drawn anew each epoch) and the --eval-fraction split",
     "bf16": "bf16 mixed precision (on/off)",
     "gradient_checkpointing": "recompute activations in the backward (on/off)",
     "disable_dropout": "dropout off in the model (on/off), as the authors' trainer and TRL's DPOTrainer",
@@ -176,6 +176,11 @@ def check_run(config: TrainConfig, args, world_size: int) -> str | None:
     check_deepspeed(config)
     check_output_path("--output-dir", config.output_dir, directory=True)
     resume = check_resume(args.resume, config, world_size) if args.resume else None
+    if resume and args.stop_after_steps is not None:  # else no step ran, and the resumed checkpoint was saved anew
+        reached = json.loads((Path(resume) / STATE_FILE).read_text()).get("step", 0)
+        if args.stop_after_steps <= reached:
+            raise UserError(f"--stop-after-steps {args.stop_after_steps}: --resume {args.resume} continues from step "
+                            f"{reached}; give a later step")
     check_device(config.device)
     module = TRACKER_MODULES.get(config.log_with)
     if module and importlib.util.find_spec(module) is None:

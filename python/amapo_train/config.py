@@ -5,7 +5,10 @@ import os
 import typing
 from pathlib import Path
 
-from amapo_kernels.preference import METHODS, method_defaults, resolved_hparams, statistics_pool_error
+import torch
+
+from amapo_kernels.preference import (METHODS, check_float_range, method_defaults, needs_reference, resolved_hparams,
+                                      statistics_pool_error)
 from amapo_train.cli_errors import UserError, check_range
 from amapo_train.data import FORMATS, check_lengths
 
@@ -140,7 +143,11 @@ class TrainConfig:
                 raise UserError(f"--hparam {name!r} is not a hyperparameter of {self.loss}; it takes "
                                 f"{sorted(settable_hparams(self.loss))}")
         try:  # values too (finite, sign, range, choices), by the library's own rules
-            resolved_hparams(self.loss, self.hparams)
+            resolved = resolved_hparams(self.loss, self.hparams)
+            # and within the range of the dtype the loss computes in (train.py: the policy's log-probs are float32,
+            # the reference's float64), else the first step failed on it, after the model and data had loaded
+            check_float_range(self.loss, resolved, torch.float64 if needs_reference(self.loss, resolved)
+                              else torch.float32)
         except (TypeError, ValueError) as error:
             raise UserError(f"--hparam: {error}") from None
         if (self.chosen_score_column or self.rejected_score_column) and self.loss not in DATA_HPARAMS:

@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 import amapo_kernels as ak
 from amapo_kernels import reference
@@ -466,6 +466,7 @@ class TrainingRun:
     optimizer: object
     scheduler: object
     loader: DataLoader
+    train_order: "EpochOrder"  # the loader's dataset: train_set in the order of the epoch being trained
     train_set: PreferenceDataset
     test_set: PreferenceDataset
     steps_per_epoch: int
@@ -579,8 +580,8 @@ def set_up(config: TrainConfig) -> TrainingRun:
     if len(test_set) == 0:  # the held-out ranking accuracy (and every eval_ metric) would have nothing to rank
         raise UserError(f"held-out data {eval_source}: no usable pair ({test_set.dropped} dropped: "
                         f"{DROPPED})")
-    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    loader = DataLoader(Subset(train_set, order), batch_size=config.per_device_batch_size, drop_last=True,
+    train_order = EpochOrder(train_set, config.seed)
+    loader = DataLoader(train_order, batch_size=config.per_device_batch_size, drop_last=True,
                         collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id))
     optimizer = torch.optim.AdamW(optimizer_groups(model, config), lr=config.learning_rate)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -599,13 +600,35 @@ def set_up(config: TrainConfig) -> TrainingRun:
     running = RunningStatistics() if keeps_running_statistics(config.loss, config.hparams) else None
     if running is not None:  # saved in state/ and loaded by --resume, as the scheduler
         accelerator.register_for_checkpointing(running)
-    run = TrainingRun(accelerator, model, tokenizer, optimizer, scheduler, loader, train_set, test_set,
+    run = TrainingRun(accelerator, model, tokenizer, optimizer, scheduler, loader, train_order, train_set, test_set,
                       steps_per_epoch, total_steps, router_weight=router_weight, running=running)
     if needs_reference(config.loss, config.hparams):
         run.ref_table = reference_logps_table(accelerator, model, train_set, config)
         if config.eval_steps:
             run.test_ref_table = reference_logps_table(accelerator, model, test_set, config)
     return run
+
+
+class EpochOrder(torch.utils.data.Dataset):
+    """`dataset` in a seeded order drawn anew for each epoch (seed + epoch; epoch 0's is the seed's), as
+    transformers' Trainer reshuffles: with one order, every epoch repeated the same micro-batches (so AMaPO's
+    batch statistics) and left out the same pairs (drop_last, a partial accumulation window). train_steps sets
+    the epoch from the step, so a resumed run draws the order the uninterrupted one did; not through
+    accelerate's set_epoch, which its loaders call with their own count of passes."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+        self.start_epoch(0)
+
+    def start_epoch(self, epoch: int) -> None:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        self.order = torch.randperm(len(self.dataset), generator=generator).tolist()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, position: int):
+        return self.dataset[self.order[position]]
 
 
 def save_model_weights_once(accelerator) -> None:
@@ -746,6 +769,7 @@ def train_steps(run: TrainingRun, config: TrainConfig, step: int, last: int, log
     stopped = False
     while step < last and not stopped:
         epoch, done_in_epoch = divmod(step, run.steps_per_epoch)
+        run.train_order.start_epoch(epoch)
         batches = (accelerator.skip_first_batches(run.loader, done_in_epoch * accumulation) if done_in_epoch
                    else run.loader)
         sums, tokens, started = {}, 0, time.perf_counter()
@@ -766,9 +790,10 @@ def train_steps(run: TrainingRun, config: TrainConfig, step: int, last: int, log
             tokens += int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
             if not accelerator.sync_gradients:
                 continue
+            learning_rate = run.scheduler.get_last_lr()[0]  # the step's own (transformers' Trainer logs it too)
             run.scheduler.step()
             step += 1
-            record = log_step(accelerator, sums, accumulation, tokens, started, step, epoch, run.scheduler, grad_norm)
+            record = log_step(accelerator, sums, accumulation, tokens, started, step, epoch, learning_rate, grad_norm)
             stop_if_diverged(step, "loss", record["loss"])
             record_step(run, config, step, record, log_path)
             progress.update(1)
@@ -885,13 +910,14 @@ def gradient_norm(accelerator, model, max_norm: float | None) -> float | None:
     return None if norm is None else float(norm)
 
 
-def log_step(accelerator, sums, accumulation, tokens, started, step, epoch, scheduler, grad_norm=None) -> dict:
-    """Metrics of one optimizer step: micro-batch means, averaged over processes; grad_norm is the step's."""
+def log_step(accelerator, sums, accumulation, tokens, started, step, epoch, learning_rate, grad_norm=None) -> dict:
+    """Metrics of one optimizer step: micro-batch means, averaged over processes; the learning rate and grad_norm
+    are the step's."""
     keys = sorted(sums)
     means = accelerator.reduce(torch.stack([sums[k] / accumulation for k in keys]).to(accelerator.device),
                                reduction="mean")
     total_tokens = accelerator.reduce(torch.tensor(float(tokens), device=accelerator.device), reduction="sum")
-    record = {"step": step, "epoch": epoch, "learning_rate": scheduler.get_last_lr()[0]}
+    record = {"step": step, "epoch": epoch, "learning_rate": learning_rate}
     record.update({key: float(value) for key, value in zip(keys, means)})
     if grad_norm is not None:
         record["grad_norm"] = grad_norm
