@@ -124,12 +124,22 @@ def test_records_not_in_the_named_format_are_a_one_line_error_before_the_model_l
     ("broken.jsonl", '{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{bad\n', "line 3: not JSON: Expecting property name"),
     ("numbers.json", "[1, 2]", "item 0: a record must be a JSON object, got int 1"),
     ("strings.jsonl", '{"prompt": "a"}\n"text"\n', "line 2: a record must be a JSON object, got str 'text'"),
+    ("deep.json", "[" * 100_000, "nested deeper than Python's recursion limit"),  # was a RecursionError traceback
 ])
 def test_file_that_is_not_json_records_names_the_line(tmp_path, name, text, message):
     path = tmp_path / name
     path.write_text(text)
     with pytest.raises(ValueError, match=re.escape(message)):
         data.read_json_records(path)
+
+
+def test_line_separators_inside_json_strings_stay_in_their_record(tmp_path):
+    """JSON strings may hold U+2028, U+2029 and U+0085 raw (json.dumps(ensure_ascii=False) writes them so, as
+    amapo-eval splits does); a JSONL line ends at a newline only (str.splitlines cut the record there)."""
+    records = [{"prompt": "p", "chosen": f"a{separator}b", "rejected": "c"} for separator in "\u2028\u2029\x85"]
+    path = tmp_path / "separators.jsonl"
+    path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\r\n" for record in records), encoding="utf-8")
+    assert data.read_json_records(path) == records
 
 
 @settings(max_examples=int(os.environ.get("AMAPO_HYPOTHESIS_EXAMPLES", 25)), deadline=None)

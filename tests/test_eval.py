@@ -1,5 +1,6 @@
 """Evaluation tools (python/amapo_train/eval): ranking accuracy, bootstrap, RM-Bench, splits, CLI."""
 
+import copy
 import json
 import math
 import os
@@ -1429,3 +1430,32 @@ def test_cli_rmbench_drops_an_empty_response_with_a_chat_template_too(tmp_path, 
                          "--no-progress", "--chat-template", template]) == 0
         res = json.loads(out.read_text())
         assert (res["chat_template"], res["n_dropped"], res["pooled"]["n"]) == (template == "auto", 1, 3), template
+
+
+def test_cli_a_model_scoring_nan_is_a_user_error(tmp_path, tiny_model, tiny_tokenizer, capsys):
+    """A model whose outputs are not finite (a NaN lm_head row here; an fp16 overflow alike) is a one-line error
+    naming it, in rank and rmbench: ranked, its pairs counted as wrong (accuracy 0, a zero-width interval, exit
+    0), and rmbench took its NaN scores for empty responses ("no scorable prompt")."""
+    broken = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        broken.lm_head.weight[5] = float("nan")
+    model = save_model(tmp_path / "model", broken, tiny_tokenizer)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "the cat", "chosen": "sat on the mat", "rejected": "ran far away"}) + "\n")
+    data_file = tmp_path / "total_dataset.json"
+    data_file.write_text(json.dumps(rmbench_records(["chat", "math"])))
+    for command, data in (("rank", pairs), ("rmbench", data_file)):
+        assert cli.main([command, "--model", str(model), "--data", str(data), "--device", "cpu", "--no-progress"]) == 2
+        assert f"--model {model}: " in (line := one_error_line(capsys)), line
+        assert "pairs scored a non-finite log-prob (NaN or inf)" in line, (command, line)
+
+
+def test_cli_rank_prints_the_ties(tmp_path, saved_model, capsys):
+    """A pair whose two responses are the same text ties, counted wrong: the printed accuracy says so (before,
+    only the JSON's `ties` did, and a tie looked like a wrong ranking)."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "the cat", "chosen": "sat on the mat", "rejected": "sat on the mat"}) + "\n"
+                    + json.dumps({"prompt": "a dog", "chosen": "good answer", "rejected": "bad"}) + "\n")
+    assert cli.main(["rank", "--model", str(saved_model), "--data", str(data), "--device", "cpu", "--no-progress"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ranking accuracy")]
+    assert len(lines) == 2 and all(line.endswith(" (1 tie(s), counted wrong)") for line in lines), lines

@@ -106,11 +106,15 @@ def read_json_records(path) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as handle:
         text = handle.read()
-    if text.lstrip().startswith("["):
-        placed = [(f"item {position}", record) for position, record in enumerate(json.loads(text))]
-    else:
-        placed = [(f"line {number}", json_line(number, line))
-                  for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    try:
+        if text.lstrip().startswith("["):
+            placed = [(f"item {position}", record) for position, record in enumerate(json.loads(text))]
+        else:  # split at "\n" alone: str.splitlines also splits at U+2028, U+2029 and U+0085, which JSON strings
+            # may hold raw (json.dumps(ensure_ascii=False) writes them so, as amapo-eval splits does)
+            placed = [(f"line {number}", json_line(number, line))
+                      for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+    except RecursionError:
+        raise ValueError("not JSON that can be read: nested deeper than Python's recursion limit") from None
     for place, record in placed:
         if not isinstance(record, dict):
             raise ValueError(f"{place}: a record must be a JSON object, got {type(record).__name__} {record!r:.60}")

@@ -989,14 +989,17 @@ def evaluate_loss(accelerator, model, test_set, config, ref_table, router_weight
 
 def evaluate(accelerator, model, test_set, config) -> dict:
     """Held-out ranking accuracy (summed and length-normalized log-probs) with bootstrap intervals."""
-    from amapo_train.eval.ranking import evaluate_ranking
+    from amapo_train.eval.ranking import NonFiniteScores, evaluate_ranking
 
     loader = accelerator.prepare(DataLoader(test_set, batch_size=config.eval_batch_size,
                                             collate_fn=partial(collate, pad_token_id=test_set.pad_token_id)))
     def gather(tensors):
         return accelerator.gather_for_metrics(tuple(t.to(accelerator.device) for t in tensors))
 
-    result = evaluate_ranking(model, loader, progress=accelerator.is_main_process, gather=gather)
+    try:
+        result = evaluate_ranking(model, loader, progress=accelerator.is_main_process, gather=gather)
+    except NonFiniteScores as error:  # the checkpoints are saved: the run stops in one line, as a diverged step
+        raise UserError(f"held-out evaluation: {error}") from None
     accelerator.print(f"held-out ranking accuracy ({result['n_pairs']} pairs, 95% bootstrap interval): "
                       + ", ".join(f"{kind} {100 * result[kind]['accuracy']:.1f}% "
                                   f"[{100 * result[kind]['ci_low']:.1f}, {100 * result[kind]['ci_high']:.1f}]"

@@ -12,6 +12,7 @@ Records, texts, tokenization and batches are the training driver's (``amapo_trai
 from amapo_train.data import PreferenceDataset
 from amapo_train.eval.ranking import (
     BATCH_KEYS,
+    NonFiniteScores,
     collate,
     evaluate_ranking,
     make_batches,
@@ -23,6 +24,7 @@ from amapo_train.eval.splits import build_generalization_splits, random_split
 
 __all__ = [
     "BATCH_KEYS",
+    "NonFiniteScores",
     "PreferenceDataset",
     "build_generalization_splits",
     "collate",

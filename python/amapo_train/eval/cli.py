@@ -28,6 +28,7 @@ the same way (``amapo_train.data.render_prompt``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import sys
@@ -203,7 +204,8 @@ def _pad_id(tokenizer):
 
 
 def _fmt(stats: dict) -> str:
-    return f"{stats['accuracy']:.4f} [{stats['ci_low']:.4f}, {stats['ci_high']:.4f}]"
+    ties = f" ({stats['ties']} tie(s), counted wrong)" if stats.get("ties") else ""  # else seen in the JSON only
+    return f"{stats['accuracy']:.4f} [{stats['ci_low']:.4f}, {stats['ci_high']:.4f}]{ties}"
 
 
 def _write_json(path, obj) -> None:
@@ -242,7 +244,8 @@ def cmd_rank(args) -> dict:
     if not len(dataset):
         raise UserError(f"--data {args.data}: no pair left after tokenization")
     batches = make_batches(dataset, args.batch_size, _pad_id(tokenizer))
-    res = evaluate_ranking(model, batches, progress=not args.no_progress, n_boot=args.n_boot, seed=args.seed)
+    with finite_scores(args):
+        res = evaluate_ranking(model, batches, progress=not args.no_progress, n_boot=args.n_boot, seed=args.seed)
     level = int(round(100 * res["confidence"]))
     print(f"pairs: {res['n_pairs']} (dropped with an empty response: {dataset.dropped})")
     print(f"ranking accuracy, summed log-probs (Eq. 4):  {_fmt(res['summed'])}")
@@ -288,6 +291,19 @@ def print_rmbench(report: dict) -> None:
                   f"{acc['n']:>6}")
 
 
+@contextlib.contextmanager
+def finite_scores(args):
+    """A model that scores a NaN or infinite log-prob is a one-line error naming it (evaluate_ranking's
+    NonFiniteScores), not an accuracy."""
+    from amapo_train.eval.ranking import NonFiniteScores
+
+    try:
+        yield
+    except NonFiniteScores as error:
+        advice = "; try --dtype float32 or bfloat16" if args.dtype == "float16" else ""
+        raise UserError(f"--model {args.model}: {error}{advice}") from None
+
+
 def cmd_rmbench(args) -> dict:
     from amapo_train.eval.rmbench import check_rmbench_records, rmbench_report, score_rmbench
 
@@ -302,10 +318,11 @@ def cmd_rmbench(args) -> dict:
         return chat_texts([{"role": "user", "content": prompt}], {"role": "assistant", "content": chosen},
                           {"role": "assistant", "content": rejected}, tokenizer, use_template)
 
-    chosen, rejected, kept = score_rmbench(
-        model, tokenizer, records, batch_size=args.batch_size, max_length=args.max_length,
-        max_prompt_length=args.max_prompt_length, format_pair=fmt, progress=not args.no_progress,
-    )
+    with finite_scores(args):
+        chosen, rejected, kept = score_rmbench(
+            model, tokenizer, records, batch_size=args.batch_size, max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length, format_pair=fmt, progress=not args.no_progress,
+        )
     if not kept.any():
         raise UserError(f"--data {args.data}: no scorable prompt (every prompt has an empty response)")
     domains = [r["domain"] for r, k in zip(records, kept.tolist()) if k]

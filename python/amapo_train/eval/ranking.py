@@ -118,6 +118,12 @@ def ranking_accuracy(
     return {"accuracy": correct.mean().item(), "ci_low": lo, "ci_high": hi, "n": n}
 
 
+class NonFiniteScores(ValueError):
+    """Some pair scored a NaN or infinite log-prob: the model's outputs are not finite there (its weights, or an
+    overflow of float16). Ranked, such a pair counted as wrong (NaN > x is false), and a broken model read as
+    an accuracy of 0 with a zero-width interval."""
+
+
 def evaluate_ranking(
     model,
     batches: Iterable[dict],
@@ -140,7 +146,7 @@ def evaluate_ranking(
     them; the statistics are computed in that same order, so they do not depend on the batching. The model is put in eval mode and restored.
     ``gather(tensors) -> tensors``: under data parallelism, collects every process's rows of a batch
     (e.g. ``accelerator.gather_for_metrics``), so that each process scores its shard and all report on
-    every pair.
+    every pair. A NaN or infinite log-prob raises NonFiniteScores.
     """
     from tqdm.auto import tqdm
 
@@ -174,6 +180,10 @@ def evaluate_ranking(
         order = torch.argsort(cat["index"], stable=True)
         cat = {k: v[order] for k, v in cat.items()}
     result = {"n_pairs": int(cat["chosen_sum"].numel())}
+    finite = torch.stack([torch.isfinite(cat[key]) for key in parts]).all(0)
+    if not finite.all():
+        raise NonFiniteScores(f"{int((~finite).sum())} of {result['n_pairs']} pairs scored a non-finite log-prob "
+                              "(NaN or inf): the model's outputs are not finite there")
     for name, suffix in (("summed", "sum"), ("normalized", "mean")):
         chosen, rejected = cat[f"chosen_{suffix}"], cat[f"rejected_{suffix}"]
         stats = ranking_accuracy(chosen > rejected, n_boot=n_boot, seed=seed, confidence=confidence)
