@@ -13,7 +13,8 @@ Ablations (paper Table 5), with s = mu (code) or beta*mu (paper) the oracle esti
     "no_znorm":    the exponent uses the raw gap instead of the z-score: (mu - d_i) * s  [paper: beta*(mu - d_i) * s]
     "no_exp":      linear scaling instead of exp: m_i = beta * z_i * s  where gated
     "no_adaptive": Eq. 8 with the oracle mu: m_i = beta * mu where d_i < mu (Eq. 8's gate r_i < mu_r, both
-                   variants, either sign of mu; one constant per batch)
+                   variants, either sign of mu; one constant per batch), not no_znorm and no_exp composed
+                   (beta * (mu - d_i) * s), though Sec. 5.3 words it as removing both
     "no_zero":     no zero margin for correctly ranked pairs: the exp margin on every pair (paper: gamma_i
                    keeps Eq. 9's max(., 0), so m_i >= beta)
 Statistics: per-rank (count, mean, M2) merged with Chan's formula around a pivot, so mu - d_i and sd keep
