@@ -168,6 +168,7 @@ std::tuple<at::Tensor, at::Tensor> sequence_logps_fwd_cpu(const at::Tensor& logi
     auto stats = softmax_stats.select(0, b).slice(0, t0, t1);
     stats.select(1, 0).copy_(max_x.squeeze(1));
     stats.select(1, 1).copy_(log_sum.squeeze(1));
+    stats.masked_fill_(labels_b.valid.logical_not().unsqueeze(1), 0);  // an ignored row's, as the row kernels'
   });
   return {sequence_sums(token_logps, label_counts(used, ignore_index), average), softmax_stats};
 }

@@ -221,8 +221,10 @@ __device__ __forceinline__ acc label_logit(const scalar_t* x, int64_t label, int
   return label >= 0 && label < vocab ? static_cast<acc>(x[label]) : acc(NAN);
 }
 
-// The row's (max, log sum exp(x - max)) as the CPU op computes them with ATen's amax and exp, and the label's
-// log-prob. (x - max) - log(sum) keeps the precision of log_softmax; max + log(sum) would round at |max|.
+// The row's (max, log sum exp(x - max)) as the CPU op computes them with ATen's amax and exp (a row with NaN or
+// +inf, whose log-prob is NaN on every device, gets non-finite statistics, not necessarily the CPU's: fmax drops
+// NaN), and the label's log-prob. (x - max) - log(sum) keeps the precision of log_softmax; max + log(sum) would
+// round at |max|.
 template <typename acc>
 __device__ void finish_row(const SoftmaxState<acc>& total, acc label_x, acc* token_logp, acc* stats) {
   acc max_x = total.max_x;

@@ -33,6 +33,10 @@ for dtype in (torch.float32, torch.bfloat16):
     out = ak.sequence_logps(x, labels, shift=True)
     (grad,) = torch.autograd.grad(out.sum(), x)
     results[str(dtype)] = (out, grad)
+x = peaked_logits(2, 9, 67, dtype=torch.float32, generator=g)
+labels = torch.randint(0, 67, (2, 9), generator=g)
+labels[:, ::3] = -100
+results["stats"] = (labels, torch.ops.amapo_kernels.sequence_logps_fwd(x, labels, -100, False, False)[1])
 torch.save(results, {path!r})
 """
 
@@ -52,6 +56,10 @@ def test_the_variable_selects_each_path_and_the_paths_agree(tmp_path):
         results[kernels] = torch.load(path)
         assert results[kernels]["kernels"] == kernels
     aten = results["aten"]
+    for kernels in RUNNABLE:  # the op's (max, log sum exp) per row: ignored rows' are 0 (the aten path's were not)
+        labels, stats = results[kernels]["stats"]
+        assert torch.count_nonzero(stats[labels == -100]) == 0, kernels
+        torch.testing.assert_close(stats, aten["stats"][1], rtol=1e-6, atol=1e-6)
     for kernels in RUNNABLE[:-1]:
         for dtype in ("torch.float32", "torch.bfloat16"):
             (out, grad), (out_aten, grad_aten) = results[kernels][dtype], aten[dtype]
