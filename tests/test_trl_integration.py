@@ -425,10 +425,11 @@ def test_fused_refuses_a_head_it_would_not_compute(tokenizer, hh_pairs, tmp_path
 
 
 @pytest.mark.parametrize("model_class, scale", [("Granite", "logits_scaling"), ("Cohere", "logit_scale")])
-def test_fused_refuses_a_logit_scaling(tokenizer, hh_pairs, tmp_path, model_class, scale):
+def test_fused_refuses_a_logit_scaling(tokenizer, hh_pairs, tmp_path, model_class, scale, monkeypatch):
     """A model that scales its logits after the lm_head (Granite divides by logits_scaling, Cohere multiplies by
-    logit_scale), which the fused head would leave out: loss_impl='fused' refuses it, naming the option; 'ops'
-    (the model's own logits) trains; a scale of 1 is no scaling and the fused path takes it."""
+    logit_scale), which the fused head would leave out: loss_impl='fused' refuses it, naming the option, before
+    the datasets are tokenized (and the reference log-probs computed); 'ops' (the model's own logits) trains; a
+    scale of 1 is no scaling and the fused path takes it."""
     def model(value):
         config = getattr(transformers, f"{model_class}Config")(
             vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -436,9 +437,11 @@ def test_fused_refuses_a_logit_scaling(tokenizer, hh_pairs, tmp_path, model_clas
         torch.manual_seed(0)
         return getattr(transformers, f"{model_class}ForCausalLM")(config)
 
-    with pytest.raises(ValueError, match=f"loss_impl 'fused' does not apply the model's {scale}=0.25; use 'ops'"):
-        make_trainer(PreferenceTrainer, PreferenceConfig, tokenizer, hh_pairs, tmp_path, model=model(0.25),
-                     loss="simpo", max_steps=1)
+    with monkeypatch.context() as patched:
+        patched.setattr(DPOTrainer, "_prepare_dataset", lambda *args, **kwargs: pytest.fail("tokenized first"))
+        with pytest.raises(ValueError, match=f"loss_impl 'fused' does not apply the model's {scale}=0.25; use 'ops'"):
+            make_trainer(PreferenceTrainer, PreferenceConfig, tokenizer, hh_pairs, tmp_path, model=model(0.25),
+                         loss="dpo", max_steps=1)
     for loss_impl, value in (("ops", 0.25), ("fused", 1.0)):
         trained(make_trainer(recording(PreferenceTrainer), PreferenceConfig, tokenizer, hh_pairs,
                              tmp_path / loss_impl, model=model(value), loss="simpo", loss_impl=loss_impl, max_steps=1))
@@ -871,6 +874,36 @@ def test_config_changed_after_construction_is_checked(tokenizer, hh_pairs, tmp_p
     with pytest.raises((ValueError, TypeError), match=message):
         PreferenceTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=hh_pairs,
                           processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("options, change, message", [
+    (dict(loss="dpo", label_smoothing=0.1), lambda args: setattr(args, "label_smoothing", 0.0),
+     r"label_smoothing=0.0 and loss_hparams\['label_smoothing'\]=0.1 disagree"),
+    (dict(loss="amapo", amapo_variant="paper"), lambda args: setattr(args, "amapo_variant", None),
+     r"amapo_variant=None and loss_hparams\['variant'\]='paper' disagree"),
+    (dict(loss="amapo", amapo_ablation="no_exp"), lambda args: setattr(args, "amapo_ablation", None),
+     r"amapo_ablation=None and loss_hparams\['ablation'\]='no_exp' disagree")])
+def test_an_alias_set_back_to_its_unset_value_is_checked(tokenizer, hh_pairs, tmp_path, monkeypatch, options, change,
+                                                         message):
+    """TRL's alias fields mirror loss_hparams after construction: one set back to its unset value (0.0, None) was
+    passed over, and the trainer trained with the smoothing, variant or ablation the user had turned off."""
+    monkeypatch.setattr(DPOTrainer, "_prepare_dataset", lambda *args, **kwargs: pytest.fail("tokenized first"))
+    args = PreferenceConfig(output_dir=str(tmp_path), max_steps=1, **TRAINING, **options)
+    change(args)
+    with pytest.raises(ValueError, match=message):
+        PreferenceTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=hh_pairs,
+                          processing_class=tokenizer)
+
+
+def test_a_vision_language_processor_is_refused_before_tokenization(tokenizer, hh_pairs, tmp_path, monkeypatch):
+    """A processor (a vision-language model's) was refused after DPOTrainer's constructor, i.e. after the datasets
+    were tokenized and every reference log-prob computed: now first."""
+    monkeypatch.setattr(DPOTrainer, "_prepare_dataset", lambda *args, **kwargs: pytest.fail("tokenized first"))
+    processor = transformers.LlavaProcessor(transformers.CLIPImageProcessor(), tokenizer)
+    args = PreferenceConfig(output_dir=str(tmp_path), max_steps=1, **TRAINING, loss="dpo")
+    with pytest.raises(ValueError, match="supports causal language models; got a vision-language processor"):
+        PreferenceTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=hh_pairs,
+                          processing_class=processor)
 
 
 def test_sync_ref_model_names_the_precompute_default(tmp_path):
@@ -1438,3 +1471,29 @@ def test_disable_dropout_turns_off_every_dropout(tokenizer, hh_pairs, tmp_path, 
         with torch.no_grad():
             first, second = network(input_ids=ids).logits, network(input_ids=ids).logits
         assert torch.equal(first, second) == disable
+
+
+def test_precomputed_reference_log_probs_are_computed_without_dropout(tokenizer, hh_pairs, tmp_path):
+    """DPOTrainer precomputes the reference log-probs inside its constructor, before disable_dropout turned off
+    the attention_dropout of a model built in memory (train mode): the cached values carried dropout noise, and
+    DPO's first step, where the policy is its reference, was not log 2."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        attention_dropout=0.5))
+    trainer = trained(make_trainer(recording(PreferenceTrainer), PreferenceConfig, tokenizer, hh_pairs, tmp_path,
+                                   model=model, loss="dpo", max_steps=1))
+    assert trainer.steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_a_streaming_dataset_names_the_precompute_default(tokenizer, hh_pairs, tmp_path):
+    """A reference method on an iterable (streaming) dataset: TRL's error said `precompute_ref_log_probs=True` is
+    not supported, a flag the user never set (it is this config's default); now the error says so and names the
+    way out."""
+    args = PreferenceConfig(output_dir=str(tmp_path), **{**TRAINING, "max_steps": 1}, loss="dpo")
+    with pytest.raises(ValueError, match="train dataset: a streaming .* True by default here .* "
+                                         "set precompute_ref_log_probs=False"):
+        PreferenceTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=hh_pairs.to_iterable_dataset(),
+                          processing_class=tokenizer)

@@ -43,7 +43,9 @@ import torch
 
 try:
     from accelerate.utils import is_peft_model
+    from datasets import IterableDataset
     from datasets.fingerprint import Hasher
+    from transformers import ProcessorMixin
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
     from transformers.trainer_callback import ExportableState, TrainerCallback
     from transformers.training_args import _convert_str_dict
@@ -129,9 +131,19 @@ class PreferenceConfig(DPOConfig):
             raise ValueError("sync_ref_model=True updates the reference model, whose log-probs "
                              "precompute_ref_log_probs (True by default here, unlike DPOConfig) computes once: "
                              "set precompute_ref_log_probs=False")
-        # None for a method without beta (its rewards are unscaled): a value here would be refused by the check
-        # above when the config is built again (dataclasses.replace, a to_dict() round trip)
-        self.beta = self.loss_hparams.get("beta")
+        self._mirror_aliases()
+
+    def _mirror_aliases(self) -> None:
+        """TRL's alias fields (beta, label_smoothing, amapo_variant, amapo_ablation) take the resolved values, so
+        that a field set after construction, back to its unset value too (`args.label_smoothing = 0.0`), differs
+        from loss_hparams and is refused by the trainer's check, not passed over. beta is None for a method without
+        one (its rewards are unscaled): a value there would be refused when the config is built again
+        (dataclasses.replace, a to_dict() round trip)."""
+        defaults = method_defaults(self.loss)
+        for config_name, name, _ in TRL_ALIASES:
+            if name in defaults or config_name == "beta":
+                setattr(self, config_name, self.loss_hparams.get(name))
+        self._aliases_mirrored = True
 
     @property
     def is_reference_free(self) -> bool:
@@ -147,7 +159,8 @@ class PreferenceConfig(DPOConfig):
                             f"it takes {sorted(defaults)}")
         for config_name, name, unset in TRL_ALIASES:
             value = getattr(self, config_name)
-            if value == unset:
+            # unset means "the method's value" at construction; after it, the field mirrors loss_hparams
+            if value == unset and (name not in defaults or not getattr(self, "_aliases_mirrored", False)):
                 continue
             if name not in defaults:
                 raise ValueError(f"{config_name}={value!r} does not apply to loss={self.loss!r}; "
@@ -180,6 +193,15 @@ class PreferenceTrainer(DPOTrainer):
         if self.reference_free and ref_model is not None:
             raise ValueError(f"ref_model: loss={args.loss!r} is reference-free and uses no reference model")
         passed = inspect.signature(DPOTrainer.__init__).bind(self, model, ref_model, args, *rest, **kwargs).arguments
+        if isinstance(passed.get("processing_class"), ProcessorMixin):  # as DPOTrainer tells a VLM: before it
+            # tokenizes and precomputes the reference log-probs (the check after the constructor, for a processor
+            # loaded by name, came after that whole pass)
+            raise ValueError("PreferenceTrainer supports causal language models; got a vision-language processor")
+        if args.loss_impl == "fused":  # a head the fused path cannot apply, refused before the tokenization
+            for network in (model, ref_model):
+                if network is not None and not isinstance(network, str):
+                    fused_logit_softcap(network.get_base_model() if is_peft_model(network) else network,
+                                        "loss_impl")
         _check_peft_adapter(model, passed.get("peft_config"))
         _check_reference_source(model, ref_model, args, passed.get("peft_config"))
         _check_statistics_pool(args, passed.get("eval_dataset") is not None)
@@ -202,13 +224,19 @@ class PreferenceTrainer(DPOTrainer):
         if self.reference_free:
             self.precompute_ref_logps = False
             assert self.ref_model is None, "a reference-free loss must not build a reference model"
-        if args.disable_dropout:  # DPOTrainer's walk turns off nn.Dropout modules only (attention_dropout stays)
-            for network in (self.model, self.ref_model):
-                if network is not None:
-                    disable_dropout(network)
+        self._disable_dropout()
         if keeps_running_statistics(args.loss, args.loss_hparams):
             self.add_callback(RunningStatisticsCallback())
         self._add_heads()
+
+    def _disable_dropout(self) -> None:
+        """With disable_dropout, every dropout of the policy and the reference model off: DPOTrainer's walk turns
+        off nn.Dropout modules only (Llama's attention_dropout stays). Idempotent: also run before the reference
+        precompute, which DPOTrainer's constructor runs."""
+        if self.args.disable_dropout:
+            for network in (self.model, self.ref_model):
+                if network is not None:
+                    disable_dropout(network)
 
     def _add_heads(self) -> None:
         """The fused log-probs head on the policy and the reference model (idempotent: DPOTrainer precomputes
@@ -237,7 +265,12 @@ class PreferenceTrainer(DPOTrainer):
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
         if self.reference_free:
             return dataset
+        if isinstance(dataset, IterableDataset):  # TRL's error named a flag the user did not set
+            raise ValueError(f"{name} dataset: a streaming (iterable) dataset, whose reference log-probs cannot be "
+                             "precomputed, and precompute_ref_log_probs is True by default here (False in "
+                             "DPOConfig): set precompute_ref_log_probs=False for a live reference model")
         self._add_heads()
+        self._disable_dropout()  # else the cached reference log-probs kept functional dropout (attention_dropout)
         # TRL names the cached log-probs after (dataset, reference weights) alone; ours are also summed or
         # length-normalized per the method, computed by loss_impl's path, on sequences the collator truncated
         # (max_length is in no dataset fingerprint with keep_end), under the autocast precision: a cache of other
