@@ -126,6 +126,9 @@ def time_ms(run, device, warmup, repeats, prepare=None):
     for _ in range(repeats):
         prepare()
         if device == "cuda":
+            # prepare's work (a logits-sized copy for the peers that overwrite them) done before the start event:
+            # else the host ran ahead of it, and the run's launches until its first host sync went untimed
+            torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             run()
@@ -137,6 +140,15 @@ def time_ms(run, device, warmup, repeats, prepare=None):
             run()
             times.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(times)
+
+
+def compiled_for_this_size(fn):
+    """torch.compile(fn) with fresh caches and static shapes, made for one size of a benchmark: Dynamo keys its
+    graphs by fn's code, not by the torch.compile wrapper, so a wrapper per size still shared one cache, the
+    second size turned the graph dynamic (automatic dynamic shapes) and every later size ran that graph; past
+    the recompile limit, fn would run uncompiled."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
 
 
 def cuda_peak_extra_bytes(run, prepare=None, gradient_bytes=0):

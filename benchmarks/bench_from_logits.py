@@ -46,9 +46,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_common import (AGREEMENT_LIMIT, InputsDoNotFit, Parser, agreement, allocated, copy_bandwidth_gbs,
-                          cuda_peak_extra_bytes, disagreement, environment, format_error, int_at_least, markdown_table,
-                          output_path, sizes_of, time_ms, unless_out_of_memory, write_results)
+from bench_common import (AGREEMENT_LIMIT, InputsDoNotFit, Parser, agreement, allocated, compiled_for_this_size,
+                          copy_bandwidth_gbs, cuda_peak_extra_bytes, disagreement, environment, format_error,
+                          int_at_least, markdown_table, output_path, sizes_of, time_ms, unless_out_of_memory,
+                          write_results)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -145,7 +146,7 @@ def peer_fns(device):
                                                                          shift=True, inplace_backward=True),
         "ours_unchecked": ours_unchecked,
         "eager": eager_loss,
-        "compile": torch.compile(eager_loss),
+        "compile": compiled_for_this_size(eager_loss),
         "liger": liger_loss,
         "liger_pref": liger_preference,
         "trl": trl_loss,

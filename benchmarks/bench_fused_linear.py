@@ -55,9 +55,9 @@ from amapo_kernels import reference as ref  # noqa: E402
 from amapo_kernels.fused_linear import TOKEN_CHUNK, VOCAB_CHUNK, amapo_loss_from_hidden  # noqa: E402
 from amapo_kernels.testing import LargestTensor  # noqa: E402
 from bench_common import (AGREEMENT_LIMIT, InputsDoNotFit, Parser, agreement, allocated,  # noqa: E402
-                          cuda_peak_extra_bytes, disagreement, environment, format_error, int_at_least, markdown_table,
-                          names_of, output_path, sizes_of, time_ms, unavailable_backend, unless_out_of_memory,
-                          write_results)
+                          compiled_for_this_size, cuda_peak_extra_bytes, disagreement, environment, format_error,
+                          int_at_least, markdown_table, names_of, output_path, sizes_of, time_ms, unavailable_backend,
+                          unless_out_of_memory, write_results)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SIZES = {"cpu": "2x128x128x4096,4x256x256x8192", "cuda": "8x1024x4096x32000,8x2048x4096x128256"}
@@ -72,8 +72,10 @@ class PeerUnavailable(Exception):
 
 
 def eager_pair_logps(hidden, weight, labels):
-    """(chosen, rejected) length-normalized log-probs from all the logits, in plain PyTorch (the reference)."""
-    return ref.sequence_logps(F.linear(hidden, weight), labels, shift=True).float().chunk(2)
+    """(chosen, rejected) length-normalized log-probs from all the logits, in plain PyTorch (the reference): the
+    logits in the inputs' dtype, their log-softmax in fp32, as bench_from_logits's eager (a bf16 log-softmax was
+    off by 0.03 to 0.25 in the loss, up to the whole 0.05 of the agreement check)."""
+    return ref.sequence_logps(F.linear(hidden, weight).float(), labels, shift=True).chunk(2)
 
 
 def eager_loss(hidden, weight, labels):
@@ -89,8 +91,8 @@ _COMPILED = {}
 
 
 def compiled_eager_loss(hidden, weight, labels):
-    if "eager" not in _COMPILED:
-        _COMPILED["eager"] = torch.compile(eager_loss)
+    if "eager" not in _COMPILED:  # dropped at each size (main)
+        _COMPILED["eager"] = compiled_for_this_size(eager_loss)
     return _COMPILED["eager"](hidden, weight, labels)
 
 
@@ -291,6 +293,7 @@ def main(argv=None):
     print(header)
     for size in args.sizes or DEFAULT_SIZES[args.device].split(","):
         batch, steps, width, vocab = map(int, size.split("x"))
+        _COMPILED.pop("eager", None)  # compiled anew for this size's shapes
         try:
             hidden, weight, labels = allocated(lambda: make_inputs(batch, steps, width, vocab, dtype, args.device))
         except InputsDoNotFit as reason:  # one row says so; the other sizes still run

@@ -34,9 +34,10 @@ def assert_within_rule(actual, fp64, same_dtype, *, k, dtype, what="value", cond
 def conditioning_floor(reference, inputs, dtype, *, seed=0):
     """How much the fp64 `reference` moves when its floating inputs move by one ulp of `dtype`: the max over
     elements of |reference(x + delta) - reference(x)| for two perturbations (every input one ulp up; one ulp
-    with random signs), one float per output. `reference` maps fp64 tensors to a list of fp64 tensors;
-    integer inputs and non-finite elements are passed unchanged. This is the quantity's conditioning at this input: e.g. AMaPO's exp
-    margin magnifies a 1-ulp log-prob change, and a log near 1 turns it into a large relative change."""
+    with random signs), one float per output. `reference` maps fp64 tensors to a list of fp64 tensors; integer
+    inputs and non-finite elements are passed unchanged. This is the quantity's conditioning at this input: e.g.
+    AMaPO's exp margin magnifies a 1-ulp log-prob change, and a log near 1 turns it into a large relative
+    change."""
     generator = torch.Generator().manual_seed(seed)
     base = [out.detach() for out in reference(*[x.detach().double() if x.is_floating_point() else x for x in inputs])]
     worst = [0.0] * len(base)
