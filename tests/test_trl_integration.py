@@ -478,6 +478,47 @@ def test_fused_head_softcap_of_a_model():
                 fused_logit_softcap(SimpleNamespace(module=scaled) if wrapped else scaled, "loss_impl")
 
 
+def test_fused_head_of_models_that_name_or_skip_their_transforms_otherwise():
+    """RecurrentGemma's softcap is logits_soft_cap (the fused path ignored it: log-probs 0.25 nats off the model's
+    at a cap of 3); Gemma 3's multimodal model keeps final_logit_softcapping in its text config but applies none
+    (its fused log-probs were capped, 0.5 nats off); MPT's forward ignores its config's logit_scale (refused
+    before); ProphetNet takes its logits from its n-gram stream, not the decoder's last hidden states (its fused
+    log-probs were 0.9 nats off): refused, naming the option."""
+    torch.manual_seed(0)
+    recurrent = transformers.RecurrentGemmaForCausalLM(transformers.RecurrentGemmaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, lru_width=32, attention_window_size=8, logits_soft_cap=3.0))
+    assert fused_logit_softcap(recurrent, "loss_impl") == 3.0
+    text_config = SimpleNamespace(final_logit_softcapping=30.0)
+    gemma3 = type("Gemma3ForConditionalGeneration", (), {})()
+    gemma3.config = SimpleNamespace(get_text_config=lambda: text_config)
+    assert fused_logit_softcap(gemma3, "loss_impl") is None
+    mpt = transformers.MptForCausalLM(transformers.MptConfig(vocab_size=64, d_model=32, n_heads=2, n_layers=1,
+                                                             logit_scale=0.5))
+    assert fused_logit_softcap(mpt, "loss_impl") is None
+    prophetnet = transformers.ProphetNetForCausalLM(transformers.ProphetNetConfig(
+        vocab_size=64, hidden_size=16, encoder_ffn_dim=32, decoder_ffn_dim=32, num_encoder_layers=1,
+        num_decoder_layers=1, num_encoder_attention_heads=2, num_decoder_attention_heads=2))
+    with pytest.raises(ValueError, match="loss_impl 'fused' .* ProphetNetForCausalLM takes its logits from its "
+                                         "n-gram predicting stream; use 'ops'"):
+        fused_logit_softcap(prophetnet, "loss_impl")
+
+
+def test_doges_router_loss_takes_its_number_of_keys():
+    """Doge's load_balancing_loss_func takes num_keys before top_k: called as Mixtral's, the mask went in as
+    top_k and the first fused step died in a TypeError. Its router loss is the model's own aux_loss."""
+    from amapo_kernels.integrations.hf_head import router_loss_function
+
+    torch.manual_seed(0)
+    doge = transformers.DogeForCausalLM(transformers.DogeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, is_moe=True, num_experts=16, num_experts_per_tok=2))
+    ids, mask = torch.randint(0, 64, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    outputs = doge(input_ids=ids, attention_mask=mask, output_router_logits=True)
+    router_loss = router_loss_function(doge, "loss_impl", "use 'ops'")(outputs.router_logits, mask)
+    torch.testing.assert_close(router_loss, outputs.aux_loss, rtol=0, atol=0)
+
+
 def test_fused_head_refuses_inklings_hidden_scaling_and_truncated_vocabulary():
     """Inkling divides the hidden states by logits_mup_width_multiplier (24 by default) before its lm_head and
     keeps only the first unpadded_vocab_size logits: the fused path, which does neither, refuses each, naming

@@ -4,6 +4,8 @@ and vocabulary truncation it does not; for a mixture of experts, the router load
 would add), and where its dropout hides. One place for the TRL integration and amapo-train, so that neither
 computes log-probs of logits other than the model's."""
 
+import inspect
+import math
 import sys
 
 import torch
@@ -14,9 +16,16 @@ import torch
 # only a softcap.
 LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling",
                 "logits_mup_width_multiplier")
-# Final logit softcaps, `c * tanh(z / c)` in each modeling file: Gemma 2's name (and most models'), and xLSTM's
-# (output_logit_soft_cap, 30 by default), which the fused path applies as logit_softcap.
-SOFTCAPS = ("final_logit_softcapping", "output_logit_soft_cap")
+# Final logit softcaps, `c * tanh(z / c)` in each modeling file: Gemma 2's name (and most models'), xLSTM's
+# (output_logit_soft_cap, 30 by default) and RecurrentGemma's (logits_soft_cap, 30 by default), which the fused
+# path applies as logit_softcap.
+SOFTCAPS = ("final_logit_softcapping", "output_logit_soft_cap", "logits_soft_cap")
+# Config attributes of the above that a model's forward does not apply (read in its modeling file): Gemma 3's
+# multimodal model keeps its text config's final_logit_softcapping unapplied; MPT's forward ignores logit_scale.
+NOT_APPLIED = {"Gemma3ForConditionalGeneration": ("final_logit_softcapping",), "MptForCausalLM": ("logit_scale",)}
+# Models whose logits are the output embeddings of hidden states other than the decoder's last: ProphetNet's
+# come from its n-gram predicting stream.
+OTHER_HIDDEN_STATES = ("ProphetNetForCausalLM", "XLMProphetNetForCausalLM")
 
 
 def fused_logit_softcap(model, switch: str) -> float | None:
@@ -26,9 +35,13 @@ def fused_logit_softcap(model, switch: str) -> float | None:
     scales its logits or drops the lm_head's last rows (Inkling's unpadded_vocab_size), which the fused path
     would leave out."""
     model = getattr(model, "module", model)  # a training wrapper (DeepSpeed's engine, DDP) holds it as .module
+    if type(model).__name__ in OTHER_HIDDEN_STATES:
+        raise ValueError(f"{switch} 'fused' multiplies the decoder's last hidden states by the output embeddings, "
+                         f"but {type(model).__name__} takes its logits from its n-gram predicting stream; use 'ops'")
     text_config = model.config.get_text_config()
+    applied = [name for name in (*LOGIT_SCALES, *SOFTCAPS) if name not in NOT_APPLIED.get(type(model).__name__, ())]
     for name in LOGIT_SCALES:
-        if getattr(text_config, name, None) not in (None, 1, 1.0):
+        if name in applied and getattr(text_config, name, None) not in (None, 1, 1.0):
             raise ValueError(f"{switch} 'fused' does not apply the model's {name}={getattr(text_config, name)!r}; "
                              "use 'ops'")
     unpadded, vocab = getattr(text_config, "unpadded_vocab_size", None), getattr(text_config, "vocab_size", None)
@@ -36,8 +49,8 @@ def fused_logit_softcap(model, switch: str) -> float | None:
         raise ValueError(f"{switch} 'fused' does not drop the logits beyond the model's unpadded_vocab_size="
                          f"{unpadded!r} (its lm_head has vocab_size={vocab!r} rows); use 'ops'")
     _check_head_is_the_output_embeddings(model, switch)
-    return next((getattr(text_config, name) for name in SOFTCAPS if getattr(text_config, name, None) is not None),
-                None)
+    return next((getattr(text_config, name) for name in SOFTCAPS
+                 if name in applied and getattr(text_config, name, None) is not None), None)
 
 
 def _check_head_is_the_output_embeddings(model, switch: str) -> None:
@@ -101,8 +114,8 @@ def router_loss_function(model, switch: str, way_out: str):
     """The MoE router load-balancing loss of `model`'s family as f(router_logits of its decoder, attention_mask):
     transformers' load_balancing_loss_func of its modeling module (what its own forward adds), on the experts of
     its config. TRL's fused lm_head imports Mixtral's, which every causal MoE family of transformers 5 copies
-    (Doge aside). A family without one is a ValueError naming `switch` (the caller's option that asked for the
-    loss) and `way_out` (how to go on without it)."""
+    (Doge's takes its number of keys too). A family without one is a ValueError naming `switch` (the caller's
+    option that asked for the loss) and `way_out` (how to go on without it)."""
     model = getattr(model, "module", model)
     function = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
     if function is None:
@@ -116,11 +129,14 @@ def router_loss_function(model, switch: str, way_out: str):
         raise ValueError(f"{switch}: the fused lm_head finds no num_experts / num_experts_per_tok on "
                          f"{type(model).__name__} or its config; {way_out}")
 
+    # Doge's takes the number of keys of its product-key routing too: the floor of sqrt(experts), as its forward
+    keys = (math.isqrt(experts),) if "num_keys" in inspect.signature(function).parameters else ()
+
     def router_loss(router_logits, attention_mask):
         if router_logits is None:
             raise ValueError(f"{switch}: {type(model).__name__}'s decoder returned no router logits under "
                              f"output_router_logits=True; {way_out}")
-        return function(router_logits, experts, top_k, attention_mask)
+        return function(router_logits, experts, *keys, top_k, attention_mask)
 
     return router_loss
 
