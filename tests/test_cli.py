@@ -305,6 +305,29 @@ def test_deepspeed_config_and_output_dir_are_checked_first(tmp_path, capsys):
     assert not (tmp_path / "new").exists()  # a dry run creates nothing
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"gradient_accumulation_steps": 1}, "gradient_accumulation_steps is 1 where this run's is 32 (4 process(es))"),
+    ({"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu is 4 where this run's is 1"),
+    ({"gradient_clipping": 0.5}, "gradient_clipping is 0.5 where this run's is 1.0"),
+    ({"zero_optimization": {"stage": 3}}, "ZeRO-3 without stage3_gather_16bit_weights_on_model_save: true"),
+    ([], "not a JSON DeepSpeed config: a list, not an object")])
+def test_a_deepspeed_file_that_disagrees_with_the_run_is_refused(tmp_path, capsys, settings, message):
+    """accelerate fills a DeepSpeed file's "auto" values only: its own accumulation, micro-batch or clipping
+    replaced the run's with one log line (llama3-8b-base's batch of 128 on 4 processes became 4 per step, its
+    schedule 32 times longer), and ZeRO-3 without the weights' gather for saving failed at the first checkpoint. Refused, before
+    anything loads; the same numbers as the run's, or "auto", pass."""
+    from amapo_train.train import cli
+
+    file = tmp_path / "ds.json"
+    base = ["--recipe", "llama3-8b-base", "--world-size", "4", "--deepspeed", str(file), "--dry-run"]
+    file.write_text(json.dumps(settings))
+    assert_one_line_error(cli(base), capsys.readouterr().err, message)
+    file.write_text(json.dumps({"gradient_accumulation_steps": 32, "train_micro_batch_size_per_gpu": "auto",
+                                "gradient_clipping": 1, "zero_optimization": {
+                                    "stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}))
+    assert cli(base) == 0
+
+
 def test_an_option_off_by_default_can_be_set_back_to_none():
     """A recipe's ablation can be undone from the command line: `--hparam ablation=none` is None, not the
     string 'none' (which the method would refuse)."""

@@ -173,7 +173,7 @@ def check_run(config: TrainConfig, args, world_size: int) -> str | None:
             raise UserError(f"--eval-dataset {config.eval_dataset} is the training data; give other data, or "
                             "--eval-fraction to hold out a share of it")
     check_model(config.model)
-    check_deepspeed(config)
+    check_deepspeed(config, world_size)
     check_output_path("--output-dir", config.output_dir, directory=True)
     resume = check_resume(args.resume, config, world_size) if args.resume else None
     if resume and args.stop_after_steps is not None:  # else no step ran, and the resumed checkpoint was saved anew
@@ -237,8 +237,12 @@ def check_model(model: str) -> None:
         raise UserError(f"--model {model}: no config.json there (not a saved Hugging Face model directory)")
 
 
-def check_deepspeed(config: TrainConfig) -> None:
-    """--deepspeed names a bundled config (zero2, zero3) or a JSON file that parses."""
+def check_deepspeed(config: TrainConfig, world_size: int | None = None) -> None:
+    """--deepspeed names a bundled config (zero2, zero3) or a JSON DeepSpeed config that agrees with the run on
+    `world_size` processes (not checked where None: the run's batch is not known yet). accelerate fills only its
+    "auto" values: a batch size, accumulation or clipping of its own replaced the run's (the recipe's batch of 128
+    became another, with one log line; the HF Trainer refuses such a mismatch). ZeRO-3 must gather the weights to
+    save them, else the first checkpoint failed after the steps before it."""
     path = config.deepspeed_config_path()
     if path is None:
         return
@@ -246,9 +250,26 @@ def check_deepspeed(config: TrainConfig) -> None:
     if not Path(path).is_file():
         raise UserError(f"--deepspeed {config.deepspeed}: no such file, and not one of {names} or none")
     try:
-        json.loads(Path(path).read_text())
+        settings = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"--deepspeed {config.deepspeed}: not a JSON DeepSpeed config: {error}") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"--deepspeed {config.deepspeed}: not a JSON DeepSpeed config: a {type(settings).__name__}, "
+                        "not an object")
+    zero = settings.get("zero_optimization")
+    if isinstance(zero, dict) and str(zero.get("stage")) == "3" and \
+            zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        raise UserError(f"--deepspeed {config.deepspeed}: ZeRO-3 without stage3_gather_16bit_weights_on_model_save: "
+                        "true, whose checkpoints cannot gather the weights; set it")
+    if world_size is None:
+        return
+    runs = {"train_micro_batch_size_per_gpu": config.per_device_batch_size, "train_batch_size": config.total_batch_size,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps(world_size),
+            "gradient_clipping": float(config.max_grad_norm or 0)}
+    for key, value in runs.items():
+        if settings.get(key, "auto") not in ("auto", value):
+            raise UserError(f"--deepspeed {config.deepspeed}: {key} is {settings[key]!r} where this run's is {value!r} "
+                            f"({world_size} process(es)); set it to \"auto\"")
 
 
 def check_resume(directory: str, config: TrainConfig, world_size: int | None = None) -> str:
