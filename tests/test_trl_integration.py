@@ -479,11 +479,11 @@ def test_fused_head_softcap_of_a_model():
 
 
 def test_fused_head_of_models_that_name_or_skip_their_transforms_otherwise():
-    """RecurrentGemma's softcap is logits_soft_cap (the fused path ignored it: log-probs 0.25 nats off the model's
-    at a cap of 3); Gemma 3's multimodal model keeps final_logit_softcapping in its text config but applies none
-    (its fused log-probs were capped, 0.5 nats off); MPT's forward ignores its config's logit_scale (refused
-    before); ProphetNet takes its logits from its n-gram stream, not the decoder's last hidden states (its fused
-    log-probs were 0.9 nats off): refused, naming the option."""
+    """RecurrentGemma's softcap is logits_soft_cap (the fused path ignored it: log-probs of uncapped logits);
+    Gemma 3's multimodal model keeps final_logit_softcapping in its text config but applies none (its fused
+    log-probs were of capped logits); MPT's forward ignores its config's logit_scale (refused before); ProphetNet
+    takes its logits from its n-gram stream, not the decoder's last hidden states (its fused log-probs were of
+    other logits): refused, naming the option."""
     torch.manual_seed(0)
     recurrent = transformers.RecurrentGemmaForCausalLM(transformers.RecurrentGemmaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
