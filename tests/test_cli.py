@@ -313,8 +313,8 @@ def test_deepspeed_config_and_output_dir_are_checked_first(tmp_path, capsys):
     ([], "not a JSON DeepSpeed config: a list, not an object")])
 def test_a_deepspeed_file_that_disagrees_with_the_run_is_refused(tmp_path, capsys, settings, message):
     """accelerate fills a DeepSpeed file's "auto" values only: its own accumulation, micro-batch or clipping
-    replaced the run's with one log line (llama3-8b-base's batch of 128 on 4 processes became 4 per step, its
-    schedule 32 times longer), and ZeRO-3 without the weights' gather for saving failed at the first checkpoint. Refused, before
+    replaced the run's with one log line (an accumulation of 1 made llama3-8b-base's batch of 128 on 4 processes
+    one of 4), and ZeRO-3 without the weights' gather for saving failed at the first checkpoint. Refused, before
     anything loads; the same numbers as the run's, or "auto", pass."""
     from amapo_train.train import cli
 
